@@ -1,0 +1,3 @@
+from crawler.early import main
+
+main()

@@ -1,0 +1,340 @@
+"""The `mmc4-crawl` command and its subcommands."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from crawler import config as config_mod
+from crawler import monitor, status
+from crawler.config import Config, ConfigError
+from crawler.keys import Keys
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(coro)
+
+
+class State:
+    def __init__(self, config_path: str | None, overrides: list[str]) -> None:
+        self.config_path = config_path
+        self.overrides = overrides
+
+    def load(self) -> Config:
+        try:
+            return config_mod.load(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+
+    def argv(self) -> list[str]:
+        """The group options, to start worker processes with the same configuration."""
+        out: list[str] = []
+        if self.config_path:
+            out += ["--config", self.config_path]
+        for item in self.overrides:
+            out += ["--set", item]
+        return out
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False),
+    help="TOML config file (default: ./config.toml if present, or $MMC4_CONFIG).",
+)  # fmt: skip
+@click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="Override one setting, e.g. --set limits.host_rate=5 (repeatable).",
+)  # fmt: skip
+@click.option("--redis-url", help="Redis URL (redis://, rediss://); same as redis.url.")
+@click.option("--output", help="Output directory; same as paths.output.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.version_option(package_name="mmc4-crawler")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    redis_url: str | None,
+    output: str | None,
+    verbose: int,
+) -> None:
+    """Crawl the images of MMC4 shards into a local corpus, politely and resumably."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(
+        level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    extra = list(overrides)
+    if redis_url:
+        extra.append(f"redis.url={redis_url}")
+    if output:
+        extra.append(f"paths.output={output}")
+    ctx.obj = State(config_path, extra)
+
+
+@main.command()
+@click.argument("shards", nargs=-1)
+@click.option("--workers", type=int, help="Crawl worker processes (worker.processes).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-assign", is_flag=True, help="Do not run the assignment companion.")
+@pass_state
+def run(
+    state: State, shards: tuple[str, ...], workers: int | None, no_progress: bool, no_assign: bool
+) -> None:
+    """All-in-one on this machine: Redis (embedded unless a URL is set), ingest, workers and
+    the assignment companion, until every image of SHARDS has a status.
+
+    SHARDS are .jsonl/.jsonl.gz/.jsonl.zip paths, directories or URLs, with brace patterns
+    ("docs_shard_{0..9}_v2.jsonl.zip"); default: ingest.shards. Restarting the same command
+    after a crash resumes where it stopped.
+    """
+    from crawler.runner import run_all
+
+    cfg = state.load()
+    if shards:
+        cfg.ingest.shards = list(shards)
+    if workers:
+        cfg.worker.processes = workers
+    argv = state.argv()
+    code = _run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("shards", nargs=-1)
+@pass_state
+def enqueue(state: State, shards: tuple[str, ...]) -> None:
+    """Stream SHARDS into the queue (with backpressure), then exit. Needs redis.url.
+
+    Safe to re-run: shards already reported or enqueued are skipped, a partly enqueued
+    shard resumes at its next line.
+    """
+    from crawler.connection import connect
+    from crawler.ingest import Ingest, expand_sources
+    from crawler.queue import WorkQueue
+
+    cfg = state.load()
+    if shards:
+        cfg.ingest.shards = list(shards)
+
+    async def go() -> None:
+        client = connect(cfg)
+        try:
+            await WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue).ensure_group()
+            ingest = Ingest(cfg, client)
+            await ingest.run(expand_sources(cfg.ingest.shards))
+            click.echo(orjson.dumps(ingest.stats.__dict__).decode())
+        finally:
+            await client.aclose()
+
+    _guard(cfg)
+    _run(go())
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Exit 0 if a live worker heartbeat is in Redis.")
+@click.option("--until-idle", is_flag=True, help="Exit when the queue is empty.")
+@pass_state
+def worker(state: State, check: bool, until_idle: bool) -> None:
+    """A crawl worker: lease items, fetch, shrink, store, record. Needs redis.url.
+
+    --check (container health check): exit 0 when a worker on this host (hostname) has a
+    fresh heartbeat in Redis, 1 when it is missing or stale.
+
+    SIGTERM: stop taking work, finish or hand back in-flight items within
+    worker.grace_period_s, flush results, exit 0. A second signal exits at once.
+    """
+    cfg = state.load()
+    _guard(cfg)
+    if check:
+        sys.exit(_run(_check(cfg)))
+    from crawler.worker import run_worker
+
+    _run(run_worker(cfg, until_idle=until_idle))
+    # Results are flushed and leftovers handed back: do not let interpreter-exit joins of
+    # pool threads hold a stopping container past its grace period.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+async def _check(cfg: Config) -> int:
+    from crawler.connection import connect
+
+    client = connect(cfg)
+    try:
+        keys = Keys(cfg.redis.namespace)
+        me = socket.gethostname()
+        limit = 3 * cfg.worker.heartbeat_interval_s
+        async for key in client.scan_iter(match=keys.worker_pattern, count=500):
+            beat: Any = await client.hmget(key, "host", "seen")
+            if beat[0] is not None and beat[0].decode() == me:
+                if time.time() - float(beat[1] or 0) <= limit:
+                    return 0
+                click.echo(f"heartbeat of {key!r} is stale", err=True)
+        click.echo(f"no live worker heartbeat from {me}", err=True)
+        return 1
+    except Exception as exc:
+        click.echo(f"check failed: {exc}", err=True)
+        return 1
+    finally:
+        await client.aclose()
+
+
+@main.command(name="status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_state
+def status_cmd(state: State, as_json: bool) -> None:
+    """Queue depth, leased, done by status, rate, ETA, shards in flight, workers."""
+    from crawler.connection import connect
+
+    cfg = state.load()
+    _guard(cfg)
+
+    async def go() -> monitor.Snapshot:
+        client = connect(cfg)
+        try:
+            return await monitor.snapshot(client, Keys(cfg.redis.namespace))
+        finally:
+            await client.aclose()
+
+    snap = _run(go())
+    if as_json:
+        click.echo(orjson.dumps(snap.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(monitor.render_text(snap))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 in a container).")
+@click.option("--port", type=int, default=8080, help="Port of the status page.")
+@pass_state
+def serve(state: State, host: str, port: int) -> None:
+    """Serve the status page (/), its JSON (/api/status), fleet metrics for Prometheus
+    (/metrics) and /healthz, from the crawl's Redis."""
+    from aiohttp import web
+
+    from crawler.connection import connect
+    from crawler.statuspage import make_app
+
+    cfg = state.load()
+    _guard(cfg)
+
+    async def go() -> None:
+        client = connect(cfg)
+        runner = web.AppRunner(make_app(client, Keys(cfg.redis.namespace)), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        click.echo(f"status page on http://{host}:{port}/")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+            await client.aclose()
+
+    _run(go())
+
+
+@main.command()
+@click.option(
+    "--status", "statuses", required=True,
+    help="Comma-separated statuses to re-queue, e.g. timeout,connection_error,http_503.",
+)  # fmt: skip
+@click.option("--shard", "only", multiple=True, help="Only these shards (repeatable).")
+@pass_state
+def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
+    """Re-queue images of the chosen statuses, from shards in flight and from reports of
+    earlier runs. Workers (or the next `run`) then fetch them again."""
+    from crawler.connection import connect
+    from crawler.embedded import EmbeddedRedis
+    from crawler.queue import WorkQueue
+    from crawler.shards import Shards
+
+    cfg = state.load()
+    wanted = {s.strip() for s in statuses.split(",") if s.strip()}
+    embedded = None
+    if not cfg.redis.url:
+        embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
+        cfg.redis.url = embedded.start()
+
+    async def go() -> dict[str, int]:
+        client = connect(cfg)
+        keys = Keys(cfg.redis.namespace)
+        queue = WorkQueue(client, keys, cfg.queue)
+        shards = Shards(client, keys, queue, cfg.output_dir)
+        moved: dict[str, int] = {}
+        try:
+            await queue.ensure_group()
+            names = set(await shards.open())
+            report_dir = cfg.output_dir / status.STATUS_DIR
+            if report_dir.is_dir():
+                names |= {p.name[: -len(".jsonl.gz")] for p in report_dir.glob("*.jsonl.gz")}
+            for shard in sorted(names):
+                if only and shard not in only:
+                    continue
+                n = await shards.reopen(shard, wanted)
+                if n:
+                    moved[shard] = n
+        finally:
+            await client.aclose()
+        return moved
+
+    try:
+        moved = _run(go())
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    total = sum(moved.values())
+    for shard, n in moved.items():
+        click.echo(f"{shard}: {n} re-queued")
+    click.echo(f"{total} images re-queued from {len(moved)} shards")
+
+
+@main.command()
+@click.option("--port", type=int, default=18650, help="Port of the local image web.")
+@click.option("--output", "out", default="mmc4_output/demo", help="Output directory.")
+@pass_state
+def demo(state: State, port: int, out: str) -> None:
+    """Crawl the shipped sample shard from a local image web on loopback (offline), with
+    the embedded Redis: the README's first command."""
+    from crawler.demo import run_demo
+
+    cfg = state.load()
+    sys.exit(run_demo(cfg, state.argv(), port=port, output=out))
+
+
+def _guard(cfg: Config) -> None:
+    if not cfg.redis.url:
+        raise click.UsageError(
+            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml); "
+            "only `run` starts an embedded Redis"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

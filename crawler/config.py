@@ -1,0 +1,329 @@
+"""All settings in one typed place.
+
+Precedence, lowest to highest: the dataclass defaults (mirrored and documented in the shipped
+``config.toml``), a TOML file, environment variables ``MMC4_<SECTION>__<KEY>`` (for example
+``MMC4_REDIS__URL``), then ``--set section.key=value`` flags and the named CLI flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MMC4_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass
+class RedisConfig:
+    # redis:// or rediss:// URL (password in the URL). Empty: start a private redis-server
+    # with AOF persistence inside paths.data_dir (the `run` command only).
+    url: str = ""
+    # Prefix of every key this project writes, so that several crawls can share one Redis.
+    namespace: str = "mmc4"
+    # Seconds between reconnect attempts while Redis is unreachable (doubles up to 30 s).
+    reconnect_backoff_s: float = 0.5
+
+
+@dataclass
+class PathsConfig:
+    # Images land in OUTPUT/<shard>/<image_name>; per-shard reports in OUTPUT/_status/.
+    output: str = "mmc4_output"
+    # Embedded Redis data (AOF) and other local state.
+    data_dir: str = "mmc4_data"
+
+
+@dataclass
+class IngestConfig:
+    # Shard sources: local .jsonl/.jsonl.gz/.jsonl.zip paths, directories, http(s) URLs,
+    # with bash brace patterns, e.g. "docs_no_face_shard_{0..23098}_v2.jsonl.zip".
+    shards: list[str] = field(default_factory=list)
+    # Backpressure: ingest pauses while this many items wait in the queue.
+    max_queue_depth: int = 100_000
+    # Items enqueued per Redis round trip.
+    batch_size: int = 1000
+    # Seconds to wait before checking the queue depth again while it is full.
+    backpressure_poll_s: float = 0.5
+    # Timeout for downloading one remote shard.
+    download_timeout_s: float = 600.0
+
+
+@dataclass
+class QueueConfig:
+    # A leased item not acknowledged (nor renewed) within this many seconds is reclaimed.
+    lease_timeout_s: float = 120.0
+    # An item delivered this many times without a result goes to the dead letters.
+    max_deliveries: int = 5
+    # Items read per XREADGROUP call.
+    read_batch: int = 500
+    # Seconds between reclaim sweeps of expired leases.
+    reclaim_interval_s: float = 5.0
+    # Dead-letter stream length cap (approximate).
+    dead_letter_maxlen: int = 1_000_000
+
+
+@dataclass
+class WorkerConfig:
+    # Items one worker process holds at once (fetching, waiting for a host, or processing).
+    window: int = 2000
+    # Concurrent HTTP connections per worker process.
+    max_connections: int = 1000
+    # Image processes per worker (0: one per CPU core).
+    image_processes: int = 0
+    # Results are written to Redis in batches: at most this many, at least this often.
+    flush_batch: int = 500
+    flush_interval_s: float = 0.25
+    # Heartbeat key TTL is three times this.
+    heartbeat_interval_s: float = 5.0
+    # SIGTERM: seconds to finish in-flight work before handing the rest back.
+    grace_period_s: float = 30.0
+    # Crawl worker processes started by `run`.
+    processes: int = 1
+
+
+@dataclass
+class FetchConfig:
+    user_agent: str = "Googlebot-Image/1.0"
+    x_forwarded_for: str = "64.18.15.200"
+    # Extra request headers, e.g. {"Accept" = "image/*"}.
+    headers: dict[str, str] = field(default_factory=dict)
+    connect_timeout_s: float = 10.0
+    # Hard deadline for one request, headers and body included (a trickling server ends here).
+    total_timeout_s: float = 30.0
+    max_redirects: int = 5
+    # Bodies larger than this are cut off and recorded as too_large.
+    max_body_bytes: int = 20_000_000
+    # Attempts for transient failures (timeouts, connection errors, 429, 5xx), first included.
+    max_attempts: int = 3
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    # A Retry-After longer than this is capped to it.
+    retry_after_max_s: float = 120.0
+    # Honour X-Robots-Tag noai / noimageai.
+    respect_opt_out: bool = True
+    # Agent names whose `agent: directive` X-Robots-Tag entries apply to us.
+    opt_out_agents: list[str] = field(
+        default_factory=lambda: ["googlebot-image", "googlebot", "mmc4-crawler"]
+    )
+    # Allow loopback/private/link-local destinations (tests and the local demo only).
+    allow_private_addresses: bool = False
+    dns_cache_ttl_s: int = 300
+
+
+@dataclass
+class LimitsConfig:
+    # Requests per second per host across the whole fleet (GCRA in Redis). 0 disables.
+    host_rate: float = 2.0
+    # Requests a host may receive back to back before the rate applies.
+    host_burst: int = 2
+    # Requests per second per host in one worker process. 0 disables.
+    local_host_rate: float = 2.0
+    # Concurrent requests per host in one worker process.
+    host_concurrency: int = 2
+    # Items one worker holds for one host; more are deferred in Redis until the host is free.
+    host_backlog: int = 200
+
+
+@dataclass
+class ImagesConfig:
+    # Longest side of a stored image; larger images are shrunk, smaller never enlarged.
+    max_side: int = 800
+    # Decompression-bomb guard: images with more pixels are refused (too_many_pixels).
+    max_pixels: int = 100_000_000
+    jpeg_quality: int = 90
+    webp_quality: int = 90
+
+
+@dataclass
+class AssignConfig:
+    # "lapjv": the reference algorithm, identical results. "scipy": exact, faster on large
+    # documents, may break ties differently.
+    solver: str = "lapjv"
+    # Rewrite shards so that they name only images the crawler stored.
+    downloaded_only: bool = False
+    # In downloaded-only mode, keep documents left with no image.
+    keep_empty_documents: bool = False
+    # Where rewritten shards go (default: OUTPUT/_shards).
+    output: str = ""
+
+
+@dataclass
+class MetricsConfig:
+    # Port of the Prometheus /metrics and status page server (0: disabled).
+    port: int = 0
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class Config:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    assign: AssignConfig = field(default_factory=AssignConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.paths.output)
+
+    def validate(self) -> None:
+        _check(self.images.max_side > 0, "images.max_side must be positive")
+        _check(0 < self.images.jpeg_quality <= 100, "images.jpeg_quality must be in 1..100")
+        _check(self.worker.window > 0, "worker.window must be positive")
+        _check(self.worker.max_connections > 0, "worker.max_connections must be positive")
+        _check(self.queue.max_deliveries >= 1, "queue.max_deliveries must be at least 1")
+        _check(self.queue.lease_timeout_s > 0, "queue.lease_timeout_s must be positive")
+        _check(self.fetch.max_attempts >= 1, "fetch.max_attempts must be at least 1")
+        _check(self.fetch.max_redirects >= 0, "fetch.max_redirects must not be negative")
+        _check(self.fetch.max_body_bytes > 0, "fetch.max_body_bytes must be positive")
+        _check(self.limits.host_concurrency >= 1, "limits.host_concurrency must be at least 1")
+        _check(self.limits.host_rate >= 0, "limits.host_rate must not be negative")
+        _check(self.limits.local_host_rate >= 0, "limits.local_host_rate must not be negative")
+        _check(self.limits.host_burst >= 1, "limits.host_burst must be at least 1")
+        _check(self.ingest.max_queue_depth > 0, "ingest.max_queue_depth must be positive")
+        _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
+        url = self.redis.url
+        _check(
+            not url or url.startswith(("redis://", "rediss://", "unix://")),
+            f"redis.url must start with redis://, rediss:// or unix:// (got {url!r})",
+        )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _sections() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a TOML or string value to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != number:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(v, item_type, where) for v in value]
+    if origin is dict:
+        if isinstance(value, str):
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"{where}: expected name=value pairs, got {value!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {str(k): _coerce(v, str, where) for k, v in value.items()}
+    if isinstance(annotation, types.UnionType):
+        raise ConfigError(f"{where}: unsupported type")
+    raise ConfigError(f"{where}: unsupported type {annotation!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section [{section}]")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    if key not in hints:
+        known = ", ".join(sorted(hints))
+        raise ConfigError(f"{source}: unknown key {section}.{key} (known: {known})")
+    setattr(obj, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def apply_mapping(cfg: Config, data: Mapping[str, Any], source: str) -> None:
+    for section, table in data.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key, value in table.items():
+            _apply(cfg, section, key, value, source)
+
+
+def apply_env(cfg: Config, environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].partition("__")
+        _apply(cfg, section.lower(), key.lower(), value, f"environment {name}")
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> None:
+    """Apply ``section.key=value`` strings (the --set flag)."""
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _apply(cfg, section, key, value, "--set")
+
+
+def default_config_path() -> Path | None:
+    explicit = os.environ.get("MMC4_CONFIG")
+    if explicit:
+        return Path(explicit)
+    here = Path("config.toml")
+    return here if here.is_file() else None
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Iterable[str] = (),
+) -> Config:
+    """Build the configuration: defaults, then file, then environment, then overrides."""
+    cfg = Config()
+    file = Path(path) if path is not None else default_config_path()
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+        apply_mapping(cfg, data, str(file))
+    apply_env(cfg, os.environ if environ is None else environ)
+    apply_overrides(cfg, overrides)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,55 @@
+"""Redis connections from the configured URL (redis://, rediss://, unix://; password in URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from crawler.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def redis_url(cfg: Config) -> str:
+    if not cfg.redis.url:
+        raise ConfigError(
+            "no redis.url configured: set one (MMC4_REDIS__URL, --redis-url) or use `run`, "
+            "which starts an embedded Redis"
+        )
+    return cfg.redis.url
+
+
+def connect(cfg: Config) -> aioredis.Redis:
+    """A client that retries briefly on connection errors; callers retry longer outages."""
+    return aioredis.Redis.from_url(
+        redis_url(cfg),
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+async def retrying(
+    fn: Callable[[], Awaitable[T]], backoff_s: float = 0.5, *, what: str = "redis"
+) -> T:
+    """Call fn until Redis answers (for idempotent calls only), backing off up to 30 s."""
+    delay = backoff_s
+    while True:
+        try:
+            return await fn()
+        except (RedisError, OSError) as exc:
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)

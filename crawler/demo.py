@@ -1,0 +1,81 @@
+"""The README's first command: crawl the shipped sample shard from a local image web.
+
+The sample's URLs point at 127.0.0.2-9 on one port; the demo starts that web (a separate
+process serving generated images and a few faults), then runs the whole job against the
+embedded Redis. Nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from crawler.config import Config
+
+SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sample_shard.jsonl"
+
+
+def start_web(port: int, hosts: int = 8) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(hosts),
+         "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "READY" in line:
+            return proc
+    proc.kill()
+    raise RuntimeError(f"the local image web did not start on port {port}")
+
+
+def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:
+    from crawler.cli import _run
+    from crawler.runner import run_all
+
+    if not SAMPLE.is_file():
+        print(f"sample shard not found at {SAMPLE}", file=sys.stderr)
+        return 2
+    cfg.ingest.shards = [str(SAMPLE)]
+    cfg.paths.output = output
+    if cfg.paths.data_dir == "mmc4_data":
+        cfg.paths.data_dir = "mmc4_data/demo"
+    cfg.fetch.allow_private_addresses = True  # the sample web lives on loopback
+    cfg.limits.host_rate = max(cfg.limits.host_rate, 20.0)
+    cfg.limits.local_host_rate = max(cfg.limits.local_host_rate, 20.0)
+    cfg.limits.host_concurrency = max(cfg.limits.host_concurrency, 8)
+    cfg.fetch.total_timeout_s = min(cfg.fetch.total_timeout_s, 10.0)
+    cfg.fetch.backoff_base_s = min(cfg.fetch.backoff_base_s, 0.2)
+    overrides = [
+        "fetch.allow_private_addresses=true",
+        f"limits.host_rate={cfg.limits.host_rate}",
+        f"limits.local_host_rate={cfg.limits.local_host_rate}",
+        f"limits.host_concurrency={cfg.limits.host_concurrency}",
+        f"fetch.total_timeout_s={cfg.fetch.total_timeout_s}",
+        f"fetch.backoff_base_s={cfg.fetch.backoff_base_s}",
+        f"paths.output={cfg.paths.output}",
+        f"paths.data_dir={cfg.paths.data_dir}",
+    ]
+    args = [*argv]
+    for item in overrides:
+        args += ["--set", item]
+    web = start_web(port)
+    try:
+        code = _run(run_all(cfg, args))
+    finally:
+        web.send_signal(signal.SIGTERM)
+        try:
+            web.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            web.kill()
+    print(f"images in {Path(output).resolve()}, reports in {Path(output).resolve() / '_status'}")
+    return code

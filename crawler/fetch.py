@@ -1,0 +1,255 @@
+"""HTTP: one attempt at one image URL, with every cap a web-scale crawl needs.
+
+Redirects are followed by hand so that each hop is checked (address policy, hop cap, loops).
+The whole attempt (connect, headers, body) runs under one hard deadline, so a server that
+trickles bytes cannot hold a slot for longer than ``total_timeout_s``. Bodies are read up to
+``max_body_bytes`` and cut off beyond it, never buffered whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+from crawler import status
+from crawler.config import FetchConfig
+
+
+class BlockedAddress(OSError):
+    """The destination resolves only to addresses the crawl may not reach."""
+
+
+def is_public_address(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_global and not addr.is_multicast
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves names, then drops non-public addresses unless they are allowed."""
+
+    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
+        self.allow_private = allow_private
+        self.inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        infos = await self.inner.resolve(host, port, family)
+        if self.allow_private:
+            return infos
+        public = [i for i in infos if is_public_address(i["host"])]
+        if not public:
+            raise BlockedAddress(f"{host} resolves only to non-public addresses")
+        return public
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass(slots=True)
+class FetchResult:
+    status: str  # status.OK when a body was read, else a terminal or transient status
+    http_code: int = 0
+    error: str = ""
+    body: bytes = b""
+    final_url: str = ""
+    retry_after: float | None = None
+    transient: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == status.OK
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+_VALUED_DIRECTIVES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
+
+
+def opted_out(values: list[str], agents: list[str]) -> bool:
+    """Whether X-Robots-Tag values carry noai/noimageai for everyone or for one of agents."""
+    wanted = {"noai", "noimageai"}
+    names = {a.lower() for a in agents}
+    for value in values:
+        agent = ""
+        for part in value.split(","):
+            token = part.strip().lower()
+            if ":" in token:
+                head, _, rest = token.partition(":")
+                head = head.strip()
+                if head not in wanted and head not in _VALUED_DIRECTIVES:
+                    agent, token = head, rest.strip()
+            if token in wanted and (not agent or agent in names):
+                return True
+    return False
+
+
+def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        limit_per_host=0,  # per-host limits are the HostGate's job
+        ttl_dns_cache=cfg.dns_cache_ttl_s,
+        use_dns_cache=True,
+        resolver=GuardedResolver(cfg.allow_private_addresses),
+        enable_cleanup_closed=True,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=cfg.connect_timeout_s,
+        sock_connect=cfg.connect_timeout_s,
+        sock_read=cfg.total_timeout_s,
+    )
+    headers = {"User-Agent": cfg.user_agent}
+    if cfg.x_forwarded_for:
+        headers["X-Forwarded-For"] = cfg.x_forwarded_for
+    headers.update(cfg.headers)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers, auto_decompress=True
+    )
+
+
+class Fetcher:
+    def __init__(self, cfg: FetchConfig, session: aiohttp.ClientSession) -> None:
+        self.cfg = cfg
+        self.session = session
+
+    async def fetch(self, url: str) -> FetchResult:
+        try:
+            async with asyncio.timeout(self.cfg.total_timeout_s):
+                return await self._follow(URL(url, encoded=False))
+        except TimeoutError:
+            return FetchResult(status.TIMEOUT, error="deadline exceeded", transient=True)
+        except aiohttp.ClientConnectorDNSError as exc:
+            if _blocked(exc):
+                return FetchResult(status.BLOCKED_ADDRESS, error=str(exc.os_error))
+            return FetchResult(status.DNS_ERROR, error=str(exc))
+        except aiohttp.ClientConnectorError as exc:
+            if _blocked(exc):
+                return FetchResult(status.BLOCKED_ADDRESS, error=str(exc.os_error))
+            return FetchResult(status.CONNECTION_ERROR, error=str(exc), transient=True)
+        except BlockedAddress as exc:
+            return FetchResult(status.BLOCKED_ADDRESS, error=str(exc))
+        except (aiohttp.InvalidURL, ValueError) as exc:
+            return FetchResult(status.BAD_URL, error=f"invalid URL: {exc}")
+        except aiohttp.ServerTimeoutError as exc:
+            return FetchResult(status.TIMEOUT, error=str(exc) or "read timeout", transient=True)
+        except (aiohttp.ClientError, OSError) as exc:
+            text = str(exc) or type(exc).__name__
+            return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
+
+    async def _follow(self, url: URL) -> FetchResult:
+        seen: set[str] = set()
+        for _hop in range(self.cfg.max_redirects + 1):
+            self._check_literal(url)
+            seen.add(str(url))
+            async with self.session.get(url, allow_redirects=False) as resp:
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = resp.headers.get("Location")
+                    if not location:
+                        return FetchResult(
+                            status.http_status(resp.status),
+                            http_code=resp.status,
+                            error="redirect without Location",
+                        )
+                    nxt = url.join(URL(location))
+                    if nxt.scheme not in ("http", "https"):
+                        return FetchResult(status.BAD_URL, resp.status, f"redirect to {nxt}")
+                    if str(nxt) in seen:
+                        return FetchResult(
+                            status.TOO_MANY_REDIRECTS, resp.status, f"redirect loop at {nxt}"
+                        )
+                    url = nxt
+                    continue
+                return await self._response(resp, url)
+        return FetchResult(
+            status.TOO_MANY_REDIRECTS,
+            error=f"more than {self.cfg.max_redirects} redirects",
+        )
+
+    def _check_literal(self, url: URL) -> None:
+        host = url.host or ""
+        if self.cfg.allow_private_addresses or not host:
+            return
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return  # a name: the resolver checks what it resolves to
+        if not is_public_address(host.strip("[]")):
+            raise BlockedAddress(f"{host} is not a public address")
+
+    async def _response(self, resp: aiohttp.ClientResponse, url: URL) -> FetchResult:
+        code = resp.status
+        if code != 200:
+            transient = code == 429 or code >= 500
+            retry_after = None
+            if code in (429, 503):
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            return FetchResult(
+                status.http_status(code),
+                http_code=code,
+                error=resp.reason or "",
+                transient=transient,
+                retry_after=retry_after,
+                final_url=str(url),
+            )
+        if self.cfg.respect_opt_out:
+            tags = resp.headers.getall("X-Robots-Tag", [])
+            if tags and opted_out(tags, self.cfg.opt_out_agents):
+                return FetchResult(
+                    status.OPTED_OUT, code, "X-Robots-Tag: " + "; ".join(tags), final_url=str(url)
+                )
+        cap = self.cfg.max_body_bytes
+        if resp.content_length is not None and resp.content_length > cap:
+            return FetchResult(
+                status.TOO_LARGE, code, f"Content-Length {resp.content_length} > {cap}"
+            )
+        body = await _read_capped(resp, cap)
+        if body is None:
+            return FetchResult(status.TOO_LARGE, code, f"body larger than {cap} bytes")
+        return FetchResult(status.OK, code, body=body, final_url=str(url))
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > cap:
+            resp.close()
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _blocked(exc: Any) -> bool:
+    seen = {exc.os_error if hasattr(exc, "os_error") else None, exc.__cause__, exc.__context__}
+    return any(isinstance(e, BlockedAddress) for e in seen)

@@ -1,0 +1,419 @@
+"""Validate and shrink downloaded images (the CPU-heavy part of a worker).
+
+`process_image` takes the raw bytes of a response and returns an `ImageResult` saying what to
+store: the input bytes unchanged (``keep_original``) or re-encoded bytes (``data``). It runs in a
+``ProcessPoolExecutor`` whose initializer is `init_worker`; it never raises for bad input.
+
+Rules
+-----
+* The type comes from libmagic on the first 4 KiB (never from the HTTP header). Text (HTML,
+  SVG, ...), empty bodies and other non-``image/*`` types are ``not_an_image`` and are not
+  decoded. ``image/*`` types Pillow is not allowed to read here (HEIC, TGA, EPS, ...) are
+  ``unsupported_image``.
+* More than ``max_pixels`` pixels (from the header, before any decoding) is ``too_many_pixels``.
+* Every image is decoded before it is accepted, so truncated or corrupt files are
+  ``decode_error`` (``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced off).
+* The stored image has its longer side at most ``max_side``, aspect ratio kept, never enlarged
+  (`target_size`). EXIF orientation is applied: an image with orientation != 1 is always
+  re-encoded, upright, without the tag.
+* ``orig_width``/``orig_height`` are the *displayed* dimensions of the original, that is after
+  its EXIF orientation is applied (a 4000×3000 file with orientation 6 reports 3000×4000).
+  ``width``/``height`` are those of the stored image.
+* Re-encoded images carry no EXIF or other metadata; the ICC profile is kept unless the colour
+  space changed (CMYK → RGB, 16-bit → 8-bit).
+
+Kept or re-encoded, per format
+------------------------------
+"Small" means longer side <= ``max_side`` and EXIF orientation 1 (or none).
+
+* JPEG (L, RGB): small → kept, validated by a 1/8-scale DCT decode (libjpeg still reads every
+  entropy-coded byte, so truncation is caught). Larger → decoded at the smallest DCT scale
+  (1/2, 1/4, 1/8) still >= the target, Lanczos-resized to the exact target, JPEG at
+  ``jpeg_quality`` (baseline, not optimized). Grey stays L.
+* JPEG CMYK/YCCK: always re-encoded, as RGB JPEG (Adobe-inverted CMYK is undone by Pillow).
+* PNG: small → kept after a full decode. Larger → PNG (compress_level 3): RGB, RGBA, L, LA kept;
+  P → RGBA if it has transparency, else RGB; 1-bit → L; 16-bit grey → 8-bit L (high byte,
+  65535 → 255; never clipped).
+* WebP: small → kept after a full decode. Larger → lossy WebP at ``webp_quality`` (effort 2),
+  alpha kept.
+* GIF: small → kept after a full decode. Larger → GIF (FASTOCTREE 256-colour palette; alpha
+  becomes 1-bit transparency at 50%).
+* Animated GIF/WebP/PNG: small → kept if every frame decodes (``frames`` = frame count).
+  Larger → first frame only, resized, stored as a still in the same format. An animation whose
+  frames add up to more than ``max_pixels`` is treated the same way (first-frame still).
+* BMP, TIFF, ICO, AVIF, JPEG 2000, PPM, PCX: always re-encoded, first frame: JPEG when there is
+  no alpha (an all-opaque alpha counts as none), PNG with alpha.
+
+Process-global state: `init_worker` sets ``Image.MAX_IMAGE_PIXELS``; `process_image` forces
+``ImageFile.LOAD_TRUNCATED_IMAGES`` off and silences Pillow's warnings for its own duration
+(``warnings.catch_warnings``, so call it from one thread per process, as the pool does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import magic
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+__all__ = ["ImageResult", "ImageSettings", "init_worker", "process_image", "target_size"]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    max_side: int = 800
+    max_pixels: int = 100_000_000  # decompression-bomb guard
+    jpeg_quality: int = 90
+    webp_quality: int = 90
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    # "ok", "not_an_image", "decode_error", "too_many_pixels", "unsupported_image"
+    status: str
+    # Detected by libmagic from the input bytes (never the HTTP header).
+    mimetype: str
+    # Short human-readable reason when status != "ok".
+    error: str = ""
+    # Bytes to store when re-encoded; None when the input is stored as is, or on failure.
+    data: bytes | None = None
+    # True: store the input bytes unchanged.
+    keep_original: bool = False
+    # Mimetype of what is stored.
+    stored_mimetype: str = ""
+    # Stored dimensions.
+    width: int = 0
+    height: int = 0
+    # Original dimensions, as displayed (after EXIF orientation).
+    orig_width: int = 0
+    orig_height: int = 0
+    # Hex sha256 of the stored bytes.
+    sha256: str = ""
+    # Frames in the original (animated GIF/WebP/PNG).
+    frames: int = 1
+
+
+# Pillow formats allowed to open each detected mimetype. Anything else that libmagic calls
+# image/* is "unsupported_image" (HEIC, SVG handled as text, EPS needs Ghostscript, TGA has no
+# magic number so libmagic reports random binary as image/x-tga, ...).
+_OPEN_FORMATS: dict[str, tuple[str, ...]] = {
+    "image/jpeg": ("JPEG",),
+    "image/pjpeg": ("JPEG",),
+    "image/png": ("PNG",),
+    "image/apng": ("PNG",),
+    "image/gif": ("GIF",),
+    "image/webp": ("WEBP",),
+    "image/bmp": ("BMP", "DIB"),
+    "image/x-ms-bmp": ("BMP", "DIB"),
+    "image/tiff": ("TIFF",),
+    "image/vnd.microsoft.icon": ("ICO", "CUR"),
+    "image/x-icon": ("ICO", "CUR"),
+    "image/avif": ("AVIF",),
+    "image/jp2": ("JPEG2000",),
+    "image/jpx": ("JPEG2000",),
+    "image/x-portable-bitmap": ("PPM",),
+    "image/x-portable-greymap": ("PPM",),
+    "image/x-portable-pixmap": ("PPM",),
+    "image/x-portable-anymap": ("PPM",),
+    "image/x-pcx": ("PCX",),
+    "image/vnd.zbrush.pcx": ("PCX",),
+}
+# Formats whose files are stored unchanged when small and valid, and re-encoded to themselves.
+_SAME_FORMAT = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF"}
+_FORMAT_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
+_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION_TAG = 0x0112
+_PNG_COMPRESS_LEVEL = 3
+_WEBP_METHOD = 2  # libwebp effort 0-6: 2 is ~2× faster than the default 4, same size here
+_RESAMPLE = Image.Resampling.LANCZOS
+_REDUCING_GAP = 2.0  # as Image.thumbnail: box-reduce first while the ratio exceeds 2
+
+_magic: magic.Magic | None = None
+
+
+def _get_magic() -> magic.Magic:
+    global _magic
+    if _magic is None:
+        _magic = magic.Magic(mime=True)
+    return _magic
+
+
+def init_worker(settings: ImageSettings) -> None:
+    """Pool initializer: Pillow's global limits, and libmagic loaded once per process."""
+    # Our own check against settings.max_pixels is authoritative; Pillow's is the backstop
+    # (its warning is silenced in process_image, its error above 2× is too_many_pixels).
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    Image.init()  # import every plugin now, not during the first image
+    _get_magic()
+
+
+def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Size with the longer side at most max_side, aspect ratio kept, never enlarged."""
+    if width <= 0 or height <= 0 or max_side <= 0:
+        raise ValueError(f"bad size {width}x{height} (max_side {max_side})")
+    if width <= max_side and height <= max_side:
+        return width, height
+    if width >= height:
+        return max_side, max(1, round(height * max_side / width))
+    return max(1, round(width * max_side / height)), max_side
+
+
+class _Refused(Exception):
+    """A non-ok outcome decided by this module (status, message)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def process_image(data: bytes, settings: ImageSettings) -> ImageResult:
+    """Identify, validate and (if needed) shrink one downloaded image. Never raises."""
+    try:
+        mimetype = str(_get_magic().from_buffer(data[:4096])) if data else "application/x-empty"
+    except Exception as exc:  # libmagic failing on odd bytes
+        return ImageResult("not_an_image", "application/octet-stream", f"libmagic: {exc}")
+    if not mimetype.startswith("image/") or mimetype == "image/svg+xml":
+        return ImageResult("not_an_image", mimetype, f"not an image ({mimetype})")
+    formats = _OPEN_FORMATS.get(mimetype)
+    if formats is None:
+        return ImageResult("unsupported_image", mimetype, f"unsupported image type {mimetype}")
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a stray True elsewhere must never reach us
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns about odd EXIF, palettes, bombs between 1× and 2× MAX_IMAGE_PIXELS...
+            # none of which may escape; the pixel limit is checked here from the header.
+            warnings.simplefilter("ignore")
+            return _process(data, mimetype, formats, settings)
+    except _Refused as exc:
+        return ImageResult(exc.status, mimetype, str(exc))
+    except Image.DecompressionBombError as exc:
+        return ImageResult("too_many_pixels", mimetype, str(exc))
+    except UnidentifiedImageError:
+        return ImageResult("decode_error", mimetype, f"cannot identify {mimetype} data")
+    except MemoryError:
+        return ImageResult("decode_error", mimetype, "out of memory while decoding")
+    except Exception as exc:
+        return ImageResult("decode_error", mimetype, f"{type(exc).__name__}: {exc}"[:300])
+
+
+def _process(
+    data: bytes, mimetype: str, formats: tuple[str, ...], settings: ImageSettings
+) -> ImageResult:
+    img = Image.open(io.BytesIO(data), formats=formats)
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise _Refused("decode_error", f"bad dimensions {w}x{h}")
+    if w * h > settings.max_pixels:
+        raise _Refused("too_many_pixels", f"{w}x{h} exceeds {settings.max_pixels} pixels")
+    fmt = img.format or ""
+    if fmt in ("JPEG", "MPO"):
+        return _process_jpeg(img, data, mimetype, settings)
+    return _process_other(img, data, mimetype, fmt, settings)
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF orientation (1 when absent, unreadable or out of range)."""
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
+def _process_jpeg(
+    img: ImageFile.ImageFile, data: bytes, mimetype: str, settings: ImageSettings
+) -> ImageResult:
+    w, h = img.size
+    orientation = _orientation(img) if "exif" in img.info else 1
+    swapped = orientation in (5, 6, 7, 8)
+    disp_w, disp_h = (h, w) if swapped else (w, h)
+    tw, th = target_size(disp_w, disp_h, settings.max_side)
+    mode = img.mode
+
+    if orientation == 1 and (tw, th) == (w, h) and mode in ("L", "RGB"):
+        # Keep as is; decode at 1/8 scale to validate (libjpeg still reads every
+        # entropy-coded byte, so truncation is caught, but skips most of the IDCT work).
+        img.draft(mode, (max(1, w // 8), max(1, h // 8)))
+        img.load()
+        return _kept(data, mimetype, w, h, 1)
+
+    # Decode at the smallest DCT scale still at least the target, in stored orientation.
+    sw, sh = (th, tw) if swapped else (tw, th)
+    drafted = img.draft(mode, (sw, sh)) if (sw, sh) != (w, h) else None
+    img.load()
+    box = drafted[1] if drafted is not None else None
+    out: Image.Image = img
+    if (sw, sh) != img.size or box is not None:
+        out = img.resize((sw, sh), _RESAMPLE, box=box, reducing_gap=_REDUCING_GAP)
+    icc = img.info.get("icc_profile")
+    if out.mode not in ("L", "RGB"):
+        out = out.convert("RGB")  # CMYK / YCCK (Adobe-inverted CMYK is undone by Pillow)
+        icc = None  # a CMYK profile does not describe RGB data
+    if orientation != 1:
+        out = out.transpose(_TRANSPOSE[orientation])
+    encoded = _encode(out, "JPEG", settings, icc)
+    return _stored(encoded, "JPEG", mimetype, out.size, (disp_w, disp_h), 1)
+
+
+def _process_other(
+    img: ImageFile.ImageFile, data: bytes, mimetype: str, fmt: str, settings: ImageSettings
+) -> ImageResult:
+    w, h = img.size
+    frames = int(getattr(img, "n_frames", 1)) if fmt in ("GIF", "WEBP", "PNG") else 1
+    same = _SAME_FORMAT.get(fmt)
+    within = w <= settings.max_side and h <= settings.max_side
+    img.load()  # first frame, fully decoded: validation and pixels in one go
+    orientation = 1 if fmt == "GIF" else _orientation(img)
+
+    if same is not None and within and orientation == 1:
+        if frames == 1:
+            return _kept(data, mimetype, w, h, 1)
+        if frames * w * h <= settings.max_pixels:
+            for index in range(1, frames):  # every frame must decode too
+                img.seek(index)
+                img.load()
+            return _kept(data, mimetype, w, h, frames)
+        # Too much to validate frame by frame: the first frame is stored as a still.
+        img.seek(0)
+        img.load()
+
+    swapped = orientation in (5, 6, 7, 8)
+    disp_w, disp_h = (h, w) if swapped else (w, h)
+    tw, th = target_size(disp_w, disp_h, settings.max_side)
+    out, colour_kept = _normalize_mode(img)
+    icc = img.info.get("icc_profile") if colour_kept else None
+    sw, sh = (th, tw) if swapped else (tw, th)
+    if out.size != (sw, sh):
+        out = out.resize((sw, sh), _RESAMPLE, reducing_gap=_REDUCING_GAP)
+    if orientation != 1:
+        out = out.transpose(_TRANSPOSE[orientation])
+    if same is None:  # BMP, TIFF, ICO, AVIF, ...: JPEG, or PNG when there is real alpha
+        if out.mode in ("RGBA", "LA"):
+            lo, _hi = out.getchannel("A").getextrema()
+            if isinstance(lo, int) and lo == 255:
+                out = out.convert(out.mode[:-1])
+        same = "PNG" if out.mode in ("RGBA", "LA") else "JPEG"
+    encoded = _encode(out, same, settings, icc)
+    return _stored(encoded, same, mimetype, out.size, (disp_w, disp_h), frames)
+
+
+def _normalize_mode(img: Image.Image) -> tuple[Image.Image, bool]:
+    """Convert to L, LA, RGB or RGBA; also say whether the colour space is unchanged."""
+    mode = img.mode
+    has_trns = "transparency" in img.info
+    if mode in ("RGB", "RGBA", "L", "LA") and not (has_trns and mode in ("RGB", "L")):
+        return img, True
+    if mode in ("RGB", "L", "P", "PA", "1") and (has_trns or mode == "PA"):
+        return img.convert("RGBA"), True
+    if mode == "P":
+        palette_mode = img.palette.mode if img.palette is not None else "RGB"
+        return img.convert("RGBA" if "A" in palette_mode else "RGB"), True
+    if mode == "1":
+        return img.convert("L"), True
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit grey: scale 0..65535 onto 0..255 (Pillow's convert("L") would clip at 255).
+        arr = np.asarray(img)
+        if arr.dtype.itemsize == 2:  # keep the high byte, as libpng's strip_16 does
+            return Image.fromarray((arr >> 8).astype(np.uint8)), False
+        scaled = np.clip(arr.astype(np.float32) / 257.0 + 0.5, 0, 255)  # "I" holding 16-bit
+        return Image.fromarray(scaled.astype(np.uint8)), False
+    if mode in ("La", "RGBa"):
+        return img.convert(mode.upper()), True
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("RGB"), False
+    return img.convert("RGBA" if "A" in mode else "RGB"), False
+
+
+def _encode(img: Image.Image, fmt: str, settings: ImageSettings, icc: object) -> bytes:
+    img.info = {}  # no EXIF (orientation!), comments, durations... leak into the output
+    params: dict[str, object] = {}
+    if isinstance(icc, bytes) and icc:
+        params["icc_profile"] = icc
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        if img.mode not in ("L", "RGB"):
+            img = img.convert("RGB")
+        img.save(
+            buf, "JPEG", quality=settings.jpeg_quality, optimize=False, progressive=False, **params
+        )
+    elif fmt == "PNG":
+        img.save(buf, "PNG", compress_level=_PNG_COMPRESS_LEVEL, **params)
+    elif fmt == "WEBP":
+        if img.mode not in ("RGB", "RGBA"):
+            img = img.convert("RGBA" if img.mode == "LA" else "RGB")
+        img.save(buf, "WEBP", quality=settings.webp_quality, method=_WEBP_METHOD, **params)
+    else:  # GIF
+        pal, transparency = _to_palette(img)
+        if transparency is not None:
+            params["transparency"] = transparency
+        params.pop("icc_profile", None)
+        pal.save(buf, "GIF", optimize=False, **params)
+    return buf.getvalue()
+
+
+def _to_palette(img: Image.Image) -> tuple[Image.Image, int | None]:
+    """A palette image for GIF: 256 colours, or 255 plus a transparent index 255."""
+    if img.mode == "L":
+        return img, None
+    if img.mode in ("RGBA", "LA"):
+        rgba = img.convert("RGBA") if img.mode == "LA" else img
+        mask = rgba.getchannel("A").point(lambda a: 255 if a < 128 else 0)
+        if mask.getextrema()[1] == 0:  # nothing transparent
+            return rgba.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE), None
+        pal = rgba.convert("RGB").quantize(255, method=Image.Quantize.FASTOCTREE)
+        pal.paste(255, mask=mask)
+        return pal, 255
+    return img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE), None
+
+
+def _kept(data: bytes, mimetype: str, w: int, h: int, frames: int) -> ImageResult:
+    return ImageResult(
+        status="ok",
+        mimetype=mimetype,
+        keep_original=True,
+        stored_mimetype=mimetype,
+        width=w,
+        height=h,
+        orig_width=w,
+        orig_height=h,
+        sha256=hashlib.sha256(data).hexdigest(),
+        frames=frames,
+    )
+
+
+def _stored(
+    encoded: bytes,
+    fmt: str,
+    mimetype: str,
+    size: tuple[int, int],
+    orig: tuple[int, int],
+    frames: int,
+) -> ImageResult:
+    return ImageResult(
+        status="ok",
+        mimetype=mimetype,
+        data=encoded,
+        stored_mimetype=_FORMAT_MIME[fmt],
+        width=size[0],
+        height=size[1],
+        orig_width=orig[0],
+        orig_height=orig[1],
+        sha256=hashlib.sha256(encoded).hexdigest(),
+        frames=frames,
+    )

@@ -1,0 +1,106 @@
+"""Every Redis key the project uses, built in one place.
+
+Layout (``ns`` is ``redis.namespace``, default ``mmc4``):
+
+=================================  ======  ==================================================
+key                                type    holds
+=================================  ======  ==================================================
+``ns:q``                           stream  work items {s: shard, n: image_name, u: raw_url};
+                                           consumer group ``crawl``; entries are deleted
+                                           when their result is recorded
+``ns:deferred``                    zset    items held back for a busy host, scored by the
+                                           time (ms) they may run again
+``ns:errors``                      hash    stream id -> last error of an item that failed
+                                           without a result (reason for its dead letter)
+``ns:dead``                        stream  dead letters: items delivered max_deliveries times
+``ns:shard:<shard>:meta``          hash    source, lines, docs, bad_lines, images, total
+                                           (set when the shard is fully enqueued), done,
+                                           ingest_line (resume point)
+``ns:shard:<shard>:records``       hash    image_name -> terminal status record (JSON);
+                                           moved to OUTPUT/_status/<shard>.jsonl.gz when
+                                           the shard completes
+``ns:shards:open``                 set     shards with items in flight
+``ns:shards:complete``             set     shards whose every image has a record, waiting
+                                           for their report to be written
+``ns:shards:done``                 stream  completed shards {shard, source, report} for the
+                                           assignment worker (consumer group ``assign``)
+``ns:counts``                      hash    live counters: status -> images, plus bytes
+``ns:ingest:errors``               hash    ingest error kind -> count
+``ns:limit:<host>``                string  GCRA theoretical arrival time (ms) of a host
+``ns:worker:<id>``                 hash    heartbeat of one worker process (expires)
+``ns:history``                     list    [time, done, queued] samples for rate and ETA
+``ns:hosts:failed``                zset    host -> failed images (top 10,000 kept)
+=================================  ======  ==================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CRAWL_GROUP = "crawl"
+ASSIGN_GROUP = "assign"
+
+
+@dataclass(frozen=True)
+class Keys:
+    ns: str = "mmc4"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.ns}:q"
+
+    @property
+    def deferred(self) -> str:
+        return f"{self.ns}:deferred"
+
+    @property
+    def errors(self) -> str:
+        return f"{self.ns}:errors"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.ns}:dead"
+
+    def shard_meta(self, shard: str) -> str:
+        return f"{self.ns}:shard:{shard}:meta"
+
+    def shard_records(self, shard: str) -> str:
+        return f"{self.ns}:shard:{shard}:records"
+
+    @property
+    def shards_open(self) -> str:
+        return f"{self.ns}:shards:open"
+
+    @property
+    def shards_complete(self) -> str:
+        return f"{self.ns}:shards:complete"
+
+    @property
+    def shards_done(self) -> str:
+        return f"{self.ns}:shards:done"
+
+    @property
+    def counts(self) -> str:
+        return f"{self.ns}:counts"
+
+    @property
+    def ingest_errors(self) -> str:
+        return f"{self.ns}:ingest:errors"
+
+    def host_limit(self, host: str) -> str:
+        return f"{self.ns}:limit:{host}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.ns}:worker:{worker_id}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.ns}:worker:*"
+
+    @property
+    def history(self) -> str:
+        return f"{self.ns}:history"
+
+    @property
+    def hosts_failed(self) -> str:
+        return f"{self.ns}:hosts:failed"

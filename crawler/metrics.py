@@ -1,0 +1,135 @@
+"""Prometheus metrics of one worker process, and the HTTP endpoints that serve them.
+
+Names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``). Hosts never appear
+as labels (unbounded cardinality): the status page lists the top failing hosts instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes
+        self.images = Counter(
+            "mmc4_images_total", "Images given a terminal status, by status", ["status"], registry=r
+        )
+        self.fetched_bytes = Counter(
+            "mmc4_fetched_bytes_total", "Bytes downloaded (decompressed bodies)", registry=r
+        )
+        self.stored_bytes = Counter("mmc4_stored_bytes_total", "Bytes written", registry=r)
+        self.fetch_seconds = Histogram(
+            "mmc4_fetch_duration_seconds",
+            "Time of one HTTP attempt, waiting for the host included",
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.throttled = Counter(
+            "mmc4_host_throttled_total",
+            "Requests that had to wait for their host's rate or concurrency limit",
+            registry=r,
+        )
+        self.retry_after = Counter(
+            "mmc4_host_retry_after_total", "Responses whose Retry-After slowed a host", registry=r
+        )
+        self.reclaimed = Counter(
+            "mmc4_reclaimed_total", "Items claimed after another worker's lease expired", registry=r
+        )
+        self.dead_lettered = Counter(
+            "mmc4_dead_lettered_total", "Items this worker turned into dead letters", registry=r
+        )
+        self.deferred = Counter(
+            "mmc4_deferred_total",
+            "Items deferred because their host's backlog was full",
+            registry=r,
+        )
+        self.redis_calls = Counter(
+            "mmc4_redis_round_trips_total", "Redis round trips on the hot path", registry=r
+        )
+        self.held = Gauge("mmc4_worker_held_items", "Items this worker holds", registry=r)
+        self.rate = Gauge(
+            "mmc4_worker_images_per_second", "Images/s of this worker (last minute)", registry=r
+        )
+        self.queue_depth = Gauge("mmc4_queue_depth", "Items waiting in the queue", registry=r)
+        self.leased = Gauge("mmc4_queue_leased", "Items leased by workers (fleet)", registry=r)
+        self.deferred_depth = Gauge(
+            "mmc4_queue_deferred", "Items deferred for busy hosts (fleet)", registry=r
+        )
+        self.dead_letters = Gauge("mmc4_dead_letters", "Dead letters (fleet)", registry=r)
+        self.last_redis_ok = Gauge(
+            "mmc4_last_redis_success_timestamp_seconds", "Last successful Redis call", registry=r
+        )
+        self.last_redis_ok_at = 0.0
+        self._window: list[tuple[float, int]] = []
+        self._done = 0
+
+    def image(self, status: str, stored_bytes: int, fetched_bytes: int) -> None:
+        self.images.labels(status).inc()
+        if stored_bytes:
+            self.stored_bytes.inc(stored_bytes)
+        if fetched_bytes:
+            self.fetched_bytes.inc(fetched_bytes)
+        self._done += 1
+
+    def tick(self) -> None:
+        """Update the images/s gauge from a one-minute window of samples."""
+        now = time.monotonic()
+        self._window.append((now, self._done))
+        while len(self._window) > 2 and now - self._window[0][0] > 60:
+            self._window.pop(0)
+        t0, d0 = self._window[0]
+        self.rate.set((self._done - d0) / (now - t0) if now > t0 else 0.0)
+
+    def redis_ok(self) -> None:
+        self.last_redis_ok_at = time.time()
+        self.last_redis_ok.set(self.last_redis_ok_at)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
+    """/metrics, /healthz (the process answers) and /readyz (Redis answered recently)."""
+
+    async def get_metrics(_: web.Request) -> web.Response:
+        resp = web.Response(body=metrics.exposition())
+        resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return resp
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: Redis has not answered recently\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,150 @@
+"""Status records: one terminal record per image, live counters, per-shard reports.
+
+A record is a flat JSON object (see :data:`RECORD_FIELDS`). While a shard is in flight its
+records live in the Redis hash ``ns:shard:<shard>:records``; when its last image is recorded,
+the records are written to ``OUTPUT/_status/<shard>.jsonl.gz`` (atomically) with a summary
+beside it, taken out of Redis, and the shard is announced on ``ns:shards:done`` for the
+assignment worker.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+# Terminal statuses. HTTP failures are recorded as http_<code> (http_404, http_503, ...).
+OK = "ok"
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"
+DNS_ERROR = "dns_error"
+BLOCKED_ADDRESS = "blocked_address"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+TOO_LARGE = "too_large"
+OPTED_OUT = "opted_out"
+NOT_AN_IMAGE = "not_an_image"
+DECODE_ERROR = "decode_error"
+TOO_MANY_PIXELS = "too_many_pixels"
+UNSUPPORTED_IMAGE = "unsupported_image"
+BAD_URL = "bad_url"
+BAD_NAME = "bad_name"
+DEAD_LETTER = "dead_letter"
+WRITE_ERROR = "write_error"
+
+RECORD_FIELDS = (
+    "image_name",  # as in the shard
+    "raw_url",  # as in the shard
+    "status",  # one of the statuses above
+    "http_code",  # last HTTP status code (0: no response)
+    "error",  # human-readable reason when status != ok
+    "mimetype",  # of the stored file
+    "source_mimetype",  # of the downloaded bytes, by content (python-magic)
+    "bytes",  # stored file size
+    "source_bytes",  # downloaded size
+    "width",  # stored
+    "height",
+    "orig_width",  # as downloaded (after EXIF orientation)
+    "orig_height",
+    "sha256",  # of the stored file
+    "attempts",  # HTTP attempts made
+    "path",  # stored file, relative to the output directory
+    "time",  # unix time of the record
+)
+
+STATUS_DIR = "_status"
+SHARDS_DIR = "_shards"
+
+
+def http_status(code: int) -> str:
+    return f"http_{code}"
+
+
+def make_record(image_name: str, raw_url: str, status: str, **fields: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "image_name": image_name,
+        "raw_url": raw_url,
+        "status": status,
+        "http_code": 0,
+        "error": "",
+        "mimetype": "",
+        "source_mimetype": "",
+        "bytes": 0,
+        "source_bytes": 0,
+        "width": 0,
+        "height": 0,
+        "orig_width": 0,
+        "orig_height": 0,
+        "sha256": "",
+        "attempts": 0,
+        "path": "",
+        "time": round(time.time(), 3),
+    }
+    rec.update(fields)
+    return rec
+
+
+def encode(rec: dict[str, Any]) -> bytes:
+    return orjson.dumps(rec)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    output: Path
+    shard: str
+
+    @property
+    def directory(self) -> Path:
+        return self.output / STATUS_DIR
+
+    @property
+    def report(self) -> Path:
+        return self.directory / f"{self.shard}.jsonl.gz"
+
+    @property
+    def summary(self) -> Path:
+        return self.directory / f"{self.shard}.summary.json"
+
+
+def shard_is_reported(output: Path, shard: str) -> bool:
+    return ReportPaths(output, shard).report.is_file()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write data under a temporary name, fsync, rename: never a partial file at path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_report(
+    output: Path, shard: str, records: list[bytes], summary: dict[str, Any]
+) -> ReportPaths:
+    """Write a shard's records (sorted by image name) and its summary."""
+    paths = ReportPaths(output, shard)
+    records = sorted(records, key=lambda r: orjson.loads(r)["image_name"])
+    body = b"".join(r + b"\n" for r in records)
+    write_atomic(paths.summary, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    write_atomic(paths.report, gzip.compress(body, compresslevel=6))
+    return paths
+
+
+def read_report(path: Path) -> Iterator[dict[str, Any]]:
+    with gzip.open(path, "rb") as fh:
+        for line in fh:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+def decode(raw: bytes | str) -> dict[str, Any]:
+    out: dict[str, Any] = orjson.loads(raw)
+    return out

@@ -1,0 +1,178 @@
+"""The status page a person opens in a browser, its JSON API and fleet-level metrics.
+
+``mmc4-crawl serve`` runs this app: ``/`` (HTML that polls ``/api/status`` every two seconds:
+queue depth over time, rate, ETA, status mix, shard progress, top failing hosts, workers),
+``/api/status`` (JSON), ``/metrics`` (fleet gauges for Prometheus) and ``/healthz``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from crawler import monitor
+from crawler.keys import Keys
+
+CLIENT_KEY = web.AppKey("client", aioredis.Redis)
+KEYS_KEY = web.AppKey("keys", Keys)
+
+
+async def status_json(client: aioredis.Redis, keys: Keys) -> dict[str, Any]:
+    snap = await monitor.snapshot(client, keys, history=360)
+    out = snap.to_json()
+    top: Any = await client.zrevrange(keys.hosts_failed, 0, 19, withscores=True)
+    out["top_failing_hosts"] = [
+        {"host": h.decode() if isinstance(h, bytes) else str(h), "failed": int(n)} for h, n in top
+    ]
+    out["eta"] = monitor.format_duration(snap.eta_s)
+    return out
+
+
+async def api_status(request: web.Request) -> web.Response:
+    data = await status_json(request.app[CLIENT_KEY], request.app[KEYS_KEY])
+    return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+
+async def fleet_metrics(request: web.Request) -> web.Response:
+    snap = await monitor.snapshot(request.app[CLIENT_KEY], request.app[KEYS_KEY], history=2)
+    lines = [
+        "# HELP mmc4_fleet_queue_depth Items waiting in the queue",
+        "# TYPE mmc4_fleet_queue_depth gauge",
+        f"mmc4_fleet_queue_depth {snap.queued}",
+        "# HELP mmc4_fleet_leased Items leased by workers",
+        "# TYPE mmc4_fleet_leased gauge",
+        f"mmc4_fleet_leased {snap.leased}",
+        "# HELP mmc4_fleet_deferred Items deferred for busy hosts",
+        "# TYPE mmc4_fleet_deferred gauge",
+        f"mmc4_fleet_deferred {snap.deferred}",
+        "# HELP mmc4_fleet_dead_letters Dead letters",
+        "# TYPE mmc4_fleet_dead_letters gauge",
+        f"mmc4_fleet_dead_letters {snap.dead_letters}",
+        "# HELP mmc4_fleet_workers Live worker heartbeats",
+        "# TYPE mmc4_fleet_workers gauge",
+        f"mmc4_fleet_workers {len(snap.workers)}",
+        "# HELP mmc4_fleet_images Images with a terminal status, by status",
+        "# TYPE mmc4_fleet_images gauge",
+    ]
+    lines += [f'mmc4_fleet_images{{status="{k}"}} {v}' for k, v in snap.by_status.items()]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def index(_: web.Request) -> web.Response:
+    return web.Response(text=PAGE, content_type="text/html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    await request.app[CLIENT_KEY].ping()
+    return web.Response(text="ok\n")
+
+
+def make_app(client: aioredis.Redis, keys: Keys) -> web.Application:
+    app = web.Application()
+    app[CLIENT_KEY] = client
+    app[KEYS_KEY] = keys
+    app.router.add_get("/", index)
+    app.router.add_get("/api/status", api_status)
+    app.router.add_get("/metrics", fleet_metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>mmc4-crawler status</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1 { font-size: 20px; margin: 0 0 .6em; } h2 { font-size: 15px; margin: 1.2em 0 .4em; }
+.cards { display: flex; flex-wrap: wrap; gap: .8em; }
+.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .6em 1em;
+        min-width: 8em; }
+.card .v { font-size: 22px; font-weight: 600; } .card .k { color: #666; font-size: 12px; }
+table { border-collapse: collapse; background: #fff; } td, th { padding: .25em .7em;
+        border-bottom: 1px solid #eee; text-align: left; } td.n { text-align: right; }
+.bar { background: #e8eef7; width: 14em; height: .9em; border-radius: 3px; overflow: hidden; }
+.bar > div { background: #3b78d8; height: 100%; }
+svg { background: #fff; border: 1px solid #ddd; border-radius: 6px; }
+#updated { color: #888; font-size: 12px; } .cols { display: flex; flex-wrap: wrap; gap: 2em; }
+</style></head>
+<body>
+<h1>mmc4-crawler <span id="updated">connecting…</span></h1>
+<div class="cards">
+  <div class="card"><div class="v" id="done">–</div><div class="k">images done</div></div>
+  <div class="card"><div class="v" id="rate">–</div><div class="k">images/s</div></div>
+  <div class="card"><div class="v" id="eta">–</div><div class="k">ETA</div></div>
+  <div class="card"><div class="v" id="queued">–</div><div class="k">queued</div></div>
+  <div class="card"><div class="v" id="leased">–</div><div class="k">leased</div></div>
+  <div class="card"><div class="v" id="dead">–</div><div class="k">dead letters</div></div>
+  <div class="card"><div class="v" id="workers">–</div><div class="k">workers</div></div>
+</div>
+<h2>Queue depth over time</h2>
+<svg id="chart" width="720" height="160" viewBox="0 0 720 160"></svg>
+<div class="cols">
+<div><h2>Status mix</h2><table id="statuses"></table></div>
+<div><h2>Top failing hosts</h2><table id="hosts"></table></div>
+</div>
+<h2>Shards in flight</h2><table id="shards"></table>
+<h2>Workers</h2><table id="workerlist"></table>
+<script>
+const fmt = n => Number(n).toLocaleString("en-US");
+const esc = s => String(s).replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",
+  '"':"&quot;"}[c]));
+function rows(id, head, body) {
+  document.getElementById(id).innerHTML = "<tr>" + head.map(h => "<th>" + h + "</th>").join("")
+    + "</tr>" + body.join("");
+}
+function bar(frac) {
+  return '<div class="bar"><div style="width:' + Math.round(100 * Math.min(1, frac))
+    + '%"></div></div>';
+}
+function chart(history) {
+  const svg = document.getElementById("chart");
+  if (history.length < 2) { svg.innerHTML = '<text x="10" y="80">collecting samples…</text>';
+    return; }
+  const t0 = history[0][0], t1 = history[history.length - 1][0];
+  const qmax = Math.max(1, ...history.map(h => h[2]));
+  const pts = history.map(h => ((h[0] - t0) / Math.max(1, t1 - t0) * 700 + 10).toFixed(1)
+    + "," + (150 - h[2] / qmax * 130).toFixed(1)).join(" ");
+  svg.innerHTML = '<polyline fill="none" stroke="#3b78d8" stroke-width="2" points="' + pts
+    + '"/><text x="12" y="16" font-size="11">max ' + fmt(qmax) + '</text>';
+}
+async function refresh() {
+  try {
+    const s = await (await fetch("/api/status")).json();
+    document.getElementById("done").textContent = fmt(s.done);
+    document.getElementById("rate").textContent = s.rate.toFixed(1);
+    document.getElementById("eta").textContent = s.eta;
+    document.getElementById("queued").textContent = fmt(s.queued);
+    document.getElementById("leased").textContent = fmt(s.leased);
+    document.getElementById("dead").textContent = fmt(s.dead_letters);
+    document.getElementById("workers").textContent = fmt(s.workers.length);
+    chart(s.history);
+    const total = Math.max(1, s.done);
+    rows("statuses", ["status", "images", ""], Object.entries(s.by_status).map(([k, v]) =>
+      "<tr><td>" + esc(k) + '</td><td class="n">' + fmt(v) + "</td><td>" + bar(v / total)
+      + "</td></tr>"));
+    rows("hosts", ["host", "failed"], s.top_failing_hosts.map(h =>
+      "<tr><td>" + esc(h.host) + '</td><td class="n">' + fmt(h.failed) + "</td></tr>"));
+    rows("shards", ["shard", "done", "total", ""], s.shards_open.map(sh =>
+      "<tr><td>" + esc(sh.shard) + '</td><td class="n">' + fmt(sh.done) + '</td><td class="n">'
+      + (sh.total === null ? "enqueueing" : fmt(sh.total)) + "</td><td>"
+      + bar(sh.done / Math.max(1, sh.total === null ? sh.images : sh.total)) + "</td></tr>"));
+    rows("workerlist", ["worker", "processed", "held", "images/s"], s.workers.map(w =>
+      "<tr><td>" + esc(w.id) + '</td><td class="n">' + fmt(w.processed || 0)
+      + '</td><td class="n">' + fmt(w.held || 0) + '</td><td class="n">' + esc(w.rate || 0)
+      + "</td></tr>"));
+    document.getElementById("updated").textContent = "updated "
+      + new Date().toLocaleTimeString();
+  } catch (e) {
+    document.getElementById("updated").textContent = "status unavailable: " + e;
+  }
+}
+refresh(); setInterval(refresh, 2000);
+</script>
+</body></html>
+"""

@@ -1,0 +1,550 @@
+"""The crawl worker: lease items, fetch politely, process images off the loop, record results.
+
+Per item the hot path is: host slot -> HTTP -> image process pool -> atomic write -> result
+buffered in memory. Redis sees batches only: XREADGROUP of many items, one RECORD script call
+per flush, lease renewals and fleet permits per tick. Results stay in memory until Redis has
+taken them, so a Redis restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from yarl import URL
+
+from crawler import early, images, status
+from crawler.config import Config
+from crawler.connection import connect
+from crawler.fetch import Fetcher, FetchResult, client_session
+from crawler.keys import Keys
+from crawler.limits import HostGate
+from crawler.metrics import Metrics, metrics_app, start_server
+from crawler.queue import Item, Result, WorkQueue, encode_result
+from crawler.shards import Shards
+from crawler.store import Store, sweep_temporary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.time)
+    processed: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    reclaimed: int = 0
+    dead_lettered: int = 0
+    deferred: int = 0
+    redis_calls: int = 0
+
+    def count(self, st: str, nbytes: int) -> None:
+        self.processed += 1
+        self.by_status[st] = self.by_status.get(st, 0) + 1
+        self.bytes += nbytes
+
+
+def image_settings(cfg: Config) -> images.ImageSettings:
+    return images.ImageSettings(
+        max_side=cfg.images.max_side,
+        max_pixels=cfg.images.max_pixels,
+        jpeg_quality=cfg.images.jpeg_quality,
+        webp_quality=cfg.images.webp_quality,
+    )
+
+
+def make_pool(cfg: Config) -> concurrent.futures.ProcessPoolExecutor:
+    n = cfg.worker.image_processes or os.cpu_count() or 1
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=n,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=images.init_worker,
+        initargs=(image_settings(cfg),),
+    )
+
+
+class Worker:
+    def __init__(self, cfg: Config, worker_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.keys = Keys(cfg.redis.namespace)
+        self.stats = WorkerStats()
+        self.store = Store(cfg.output_dir)
+        self.settings = image_settings(cfg)
+        self.metrics = Metrics()
+        self.failed_hosts: dict[str, int] = {}
+        self.held: dict[str, Item] = {}
+        self.results: list[Result] = []
+        self.stopping = asyncio.Event()  # stop taking work
+        self.force_exit = asyncio.Event()  # second signal: stop now
+        self.room = asyncio.Event()
+        self.flushed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.client: aioredis.Redis
+        self.queue: WorkQueue
+        self.gate: HostGate
+        self.fetcher: Fetcher
+        self.shards: Shards
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Work until stopped (or, with until_idle, until the queue stays empty)."""
+        self.client = connect(self.cfg)
+        self.queue = WorkQueue(self.client, self.keys, self.cfg.queue)
+        self.gate = HostGate(
+            self.cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
+        )
+        self.shards = Shards(self.client, self.keys, self.queue, self.cfg.output_dir)
+        self._pool = make_pool(self.cfg)
+        session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
+        self.fetcher = Fetcher(self.cfg.fetch, session)
+        await self._retrying(self.queue.ensure_group)
+        self.metrics.redis_ok()
+        metrics_runner = None
+        if self.cfg.metrics.port:
+            app = metrics_app(self.metrics, self._ready)
+            metrics_runner = await start_server(app, self.cfg.metrics.host, self.cfg.metrics.port)
+        log.info("worker %s started", self.id)
+        background = [
+            self._loop(self._flush_loop),
+            self._loop(self._maintenance_loop),
+            self._loop(self._heartbeat_loop),
+        ]
+        bg = [asyncio.create_task(c) for c in background]
+        try:
+            await self._read_loop(until_idle)
+            await self._drain()
+        finally:
+            self.stopping.set()
+            await self._final_flush()
+            for t in bg:
+                t.cancel()
+            await asyncio.gather(*bg, return_exceptions=True)
+            await self.gate.close()
+            await session.close()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
+            self._stop_pool()
+            with contextlib.suppress(RedisError, OSError):
+                await self.client.delete(self.keys.worker(self.id))
+            await self.client.aclose()
+            log.info("worker %s stopped: %d processed", self.id, self.stats.processed)
+
+    def _ready(self) -> bool:
+        age = time.time() - self.metrics.last_redis_ok_at
+        return age < 3 * self.cfg.worker.heartbeat_interval_s + 10
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        if early.stop_requested:  # signalled while starting up
+            self.request_stop()
+
+    def request_stop(self) -> None:
+        if self.stopping.is_set():
+            log.warning("second signal: stopping now")
+            self.force_exit.set()
+        else:
+            log.info(
+                "stopping: finishing in-flight work (grace %.0fs)", self.cfg.worker.grace_period_s
+            )
+            self.stopping.set()
+        self.room.set()
+
+    async def _drain(self) -> None:
+        """Give in-flight items the grace period, then hand the rest back to the queue."""
+        deadline = time.monotonic() + self.cfg.worker.grace_period_s
+        while self._tasks and time.monotonic() < deadline and not self.force_exit.is_set():
+            self.room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.room.wait(), 0.2)
+        leftover = list(self.held.values())
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if leftover:
+            await self._final_flush()
+            unrecorded = [i for i in leftover if i.id in self.held]
+            with contextlib.suppress(RedisError, OSError):
+                await self.queue.hand_back(unrecorded)
+                log.info("handed back %d items", len(unrecorded))
+
+    async def _loop(self, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a background loop body forever, surviving Redis outages."""
+        delay = self.cfg.redis.reconnect_backoff_s
+        while True:
+            try:
+                await body()
+                delay = self.cfg.redis.reconnect_backoff_s
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "%s: Redis unavailable (%s); retrying in %.1fs", body.__name__, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except Exception:
+                log.exception("%s failed; restarting it", body.__name__)
+                await asyncio.sleep(1.0)
+
+    async def _retrying(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        delay = self.cfg.redis.reconnect_backoff_s
+        while True:
+            try:
+                return await fn()
+            except (RedisError, OSError) as exc:
+                if self.force_exit.is_set():
+                    raise
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # ---- reading ---------------------------------------------------------------------
+    async def _read_loop(self, until_idle: bool) -> None:
+        window = self.cfg.worker.window
+        idle_since: float | None = None
+        while not self.stopping.is_set():
+            free = window - len(self.held)
+            if free < min(self.cfg.queue.read_batch, window) // 4 + 1:
+                self.room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.room.wait(), 1.0)
+                continue
+            try:
+                items = await self.queue.read(self.id, min(free, self.cfg.queue.read_batch), 500)
+                self._redis_call()
+            except (RedisError, OSError) as exc:
+                log.warning("read: Redis unavailable (%s)", exc)
+                await asyncio.sleep(self.cfg.redis.reconnect_backoff_s)
+                continue
+            if items:
+                idle_since = None
+                await self._take(items)
+            elif until_idle and not self.held:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 1.0 and await self._nothing_left():
+                    return
+
+    async def _nothing_left(self) -> bool:
+        info = await self.client.xinfo_groups(self.keys.queue)
+        pending = sum(int(g["pending"]) for g in info)
+        return pending == 0 and await self.queue.depth() == 0
+
+    async def _take(self, items: list[Item]) -> None:
+        backlog = self.cfg.limits.host_backlog
+        deferred: list[Item] = []
+        for item in items:
+            host = URL(item.url).host or ""
+            if self.gate.backlog(host) >= backlog:
+                deferred.append(item)
+                continue
+            self.held[item.id] = item
+            task = asyncio.create_task(self._process(item, host))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if deferred:
+            rate = self.cfg.limits.local_host_rate or self.cfg.limits.host_rate or 1.0
+            await self.queue.defer(deferred, max(5.0, backlog / rate / 2))
+            self.stats.deferred += len(deferred)
+            self.metrics.deferred.inc(len(deferred))
+
+    # ---- one item --------------------------------------------------------------------
+    async def _process(self, item: Item, host: str) -> None:
+        try:
+            rec = await self._handle(item, host)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Not recorded: the item stays leased and is redelivered; after max_deliveries
+            # it becomes a dead letter carrying this reason.
+            log.exception("item %s/%s failed", item.shard, item.name)
+            reason = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(RedisError, OSError):
+                await self.queue.note_error(item.id, reason)
+            if isinstance(exc, concurrent.futures.BrokenExecutor):
+                self._renew_pool()
+            self.held.pop(item.id, None)
+            self.room.set()
+            return
+        self.stats.count(rec["status"], rec["bytes"])
+        self.metrics.image(rec["status"], rec["bytes"], rec["source_bytes"])
+        if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
+            self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
+        self.results.append(encode_result(item.id, item.shard, item.name, rec))
+        if len(self.results) >= self.cfg.worker.flush_batch:
+            self.flushed.set()
+
+    async def _handle(self, item: Item, host: str) -> dict[str, Any]:
+        if await self.store.exists(item.shard, item.name):
+            existing = await self._existing(item)
+            if existing is not None:
+                return existing
+        attempts = 0
+        res: FetchResult | None = None
+        for attempts in range(1, self.cfg.fetch.max_attempts + 1):
+            started = time.monotonic()
+            async with self.gate.slot(host):
+                res = await self.fetcher.fetch(item.url)
+            self.metrics.fetch_seconds.observe(time.monotonic() - started)
+            if res.retry_after is not None:
+                self.metrics.retry_after.inc()
+                self.gate.penalize(host, min(res.retry_after, self.cfg.fetch.retry_after_max_s))
+            if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
+                break
+            await asyncio.sleep(self._backoff(attempts, res.retry_after))
+        assert res is not None
+        if not res.ok:
+            return status.make_record(
+                item.name,
+                item.url,
+                res.status,
+                http_code=res.http_code,
+                error=res.error,
+                attempts=attempts,
+            )
+        return await self._store_image(item, res.body, res.http_code, attempts)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        f = self.cfg.fetch
+        delay = min(f.backoff_max_s, f.backoff_base_s * 2 ** (attempt - 1))
+        delay = random.uniform(delay / 2, delay)  # jitter
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, f.retry_after_max_s))
+        return delay
+
+    async def _run_image(self, data: bytes) -> images.ImageResult:
+        loop = asyncio.get_running_loop()
+        assert self._pool is not None
+        return await loop.run_in_executor(self._pool, images.process_image, data, self.settings)
+
+    def _stop_pool(self) -> None:
+        """Stop the image processes now: nothing they still hold will be recorded anyway."""
+        pool = self._pool
+        if pool is None:
+            return
+        procs = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                proc.terminate()
+
+    def _renew_pool(self) -> None:
+        old = self._pool
+        self._pool = make_pool(self.cfg)
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+
+    async def _store_image(
+        self, item: Item, body: bytes, http_code: int, attempts: int
+    ) -> dict[str, Any]:
+        img = await self._run_image(body)
+        common = {
+            "http_code": http_code,
+            "attempts": attempts,
+            "source_mimetype": img.mimetype,
+            "source_bytes": len(body),
+            "orig_width": img.orig_width,
+            "orig_height": img.orig_height,
+        }
+        if img.status != status.OK:
+            return status.make_record(item.name, item.url, img.status, error=img.error, **common)
+        data = body if img.keep_original else (img.data or b"")
+        try:
+            path = await self.store.write(item.shard, item.name, data)
+        except OSError as exc:
+            return status.make_record(
+                item.name, item.url, status.WRITE_ERROR, error=str(exc), **common
+            )
+        return status.make_record(
+            item.name, item.url, status.OK,
+            mimetype=img.stored_mimetype, bytes=len(data), width=img.width, height=img.height,
+            sha256=img.sha256, path=path, **common,
+        )  # fmt: skip
+
+    async def _existing(self, item: Item) -> dict[str, Any] | None:
+        """A complete file from an earlier run: record it without fetching again."""
+        try:
+            data = await self.store.read(item.shard, item.name)
+        except OSError:
+            return None
+        img = await self._run_image(data)
+        if img.status != status.OK:
+            return None  # not a valid image after all: fetch again
+        return status.make_record(
+            item.name, item.url, status.OK,
+            mimetype=img.stored_mimetype, bytes=len(data), width=img.width, height=img.height,
+            orig_width=img.orig_width, orig_height=img.orig_height, sha256=img.sha256,
+            path=self.store.relative(item.shard, item.name), error="already on disk",
+            source_mimetype=img.mimetype, source_bytes=len(data),
+        )  # fmt: skip
+
+    # ---- background ------------------------------------------------------------------
+    async def _flush_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flushed.wait(), self.cfg.worker.flush_interval_s)
+            self.flushed.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self.results:
+            batch = self.results[: self.cfg.worker.flush_batch]
+            completed = await self.queue.record(batch)  # raises while Redis is away
+            self._redis_call()
+            del self.results[: len(batch)]
+            for item_id, *_ in batch:
+                self.held.pop(item_id, None)
+            self.room.set()
+            for shard in completed:
+                self._spawn(self.shards.finalize(shard))
+
+    async def _final_flush(self) -> None:
+        deadline = time.monotonic() + max(5.0, self.cfg.worker.grace_period_s)
+        while self.results and time.monotonic() < deadline:
+            try:
+                await self._flush()
+            except (RedisError, OSError) as exc:
+                if self.force_exit.is_set():
+                    break
+                log.warning("final flush: Redis unavailable (%s)", exc)
+                await asyncio.sleep(0.5)
+        if self.results:
+            log.error("%d results not recorded (Redis unreachable); items will be redelivered",
+                      len(self.results))  # fmt: skip
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_task_error)
+
+    async def _maintenance_loop(self) -> None:
+        """Lease renewal, reclaim of expired leases, deferred items, stuck shards."""
+        interval = min(self.cfg.queue.reclaim_interval_s, self.cfg.queue.lease_timeout_s / 3)
+        last_sweep = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self.held)
+            if ids:
+                await self.queue.renew(self.id, ids)
+            if not self.stopping.is_set():
+                free = self.cfg.worker.window - len(self.held)
+                if free > 0:
+                    claimed, buried = await self.queue.reclaim(self.id, min(free, 500))
+                    self.stats.reclaimed += len(claimed)
+                    self.stats.dead_lettered += buried
+                    self.metrics.reclaimed.inc(len(claimed))
+                    self.metrics.dead_lettered.inc(buried)
+                    if claimed:
+                        await self._take(claimed)
+                await self.queue.promote()
+            await self.shards.finalize_all()
+            self.gate.prune()
+            if time.monotonic() - last_sweep > 600:
+                last_sweep = time.monotonic()
+                await asyncio.to_thread(self._sweep)
+
+    def _sweep(self) -> None:
+        out = self.cfg.output_dir
+        if out.is_dir():
+            for shard_dir in out.iterdir():
+                if shard_dir.is_dir() and not shard_dir.name.startswith(("_", ".")):
+                    sweep_temporary(shard_dir)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.cfg.worker.heartbeat_interval_s
+        while True:
+            await self._heartbeat()
+            await asyncio.sleep(interval)
+
+    async def _heartbeat(self) -> None:
+        key = self.keys.worker(self.id)
+        elapsed = max(1e-6, time.time() - self.stats.started)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(
+            key,
+            mapping={
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": self.stats.started,
+                "seen": time.time(),
+                "processed": self.stats.processed,
+                "held": len(self.held),
+                "rate": round(self.stats.processed / elapsed, 2),
+                "stopping": int(self.stopping.is_set()),
+            },
+        )
+        pipe.expire(key, int(self.cfg.worker.heartbeat_interval_s * 3) + 1)
+        pipe.xlen(self.keys.queue)
+        pipe.zcard(self.keys.deferred)
+        pipe.xlen(self.keys.dead)
+        failed, self.failed_hosts = self.failed_hosts, {}
+        for host, n in failed.items():
+            pipe.zincrby(self.keys.hosts_failed, n, host)
+        if failed:
+            pipe.zremrangebyrank(self.keys.hosts_failed, 0, -10_001)
+        try:
+            replies = await pipe.execute()
+        except (RedisError, OSError):
+            for host, n in failed.items():  # keep them for the next beat
+                self.failed_hosts[host] = self.failed_hosts.get(host, 0) + n
+            raise
+        self.metrics.redis_ok()
+        length, deferred, dead = replies[2:5]
+        leased = sum(int(g["pending"]) for g in await self.client.xinfo_groups(self.keys.queue))
+        self.metrics.queue_depth.set(max(0, int(length) - leased))
+        self.metrics.leased.set(leased)
+        self.metrics.deferred_depth.set(int(deferred))
+        self.metrics.dead_letters.set(int(dead))
+        self.metrics.held.set(len(self.held))
+        self.metrics.tick()
+        await self._sample_history()
+
+    async def _sample_history(self) -> None:
+        """One worker in the fleet appends a (time, done, queued) sample every 10 s."""
+        if not await self.client.set(self.keys.history + ":lock", self.id, nx=True, px=9500):
+            return
+        counts = await self.client.hgetall(self.keys.counts)
+        done = sum(int(v) for k, v in counts.items() if k != b"bytes")
+        depth = await self.queue.depth()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lpush(self.keys.history, f"{time.time():.1f} {done} {depth}")
+        pipe.ltrim(self.keys.history, 0, 8639)  # a day of 10 s samples
+        await pipe.execute()
+
+    def _redis_call(self) -> None:
+        self.stats.redis_calls += 1
+        self.metrics.redis_calls.inc()
+        self.metrics.redis_ok()
+
+
+def _log_task_error(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.warning("background task failed: %s", "".join(traceback.format_exception(exc)[-3:]))
+
+
+async def run_worker(
+    cfg: Config, *, until_idle: bool = False, handle_signals: bool = True
+) -> Worker:
+    worker = Worker(cfg)
+    if handle_signals:
+        worker.install_signal_handlers()
+    await worker.run(until_idle=until_idle)
+    return worker
