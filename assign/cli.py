@@ -1,0 +1,156 @@
+"""``mmc4-assign``: rewrite shards' image-to-sentence assignments, by hand or as a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+import orjson
+
+from assign.document import AssignOptions
+from assign.rewrite import ShardReport, describe, rewrite_shard
+from assign.shardio import is_shard_file, output_name
+from assign.solve import SOLVERS, Solver
+from assign.status import load_stored_images
+
+
+@click.group()
+def main() -> None:
+    """Recompute MMC4 image-to-sentence assignments (lapjv, as the reference does)."""
+
+
+@main.command("shard")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for rewritten shards (default: beside each input; a .jsonl input is "
+    "replaced atomically).",
+)
+@click.option("--solver", type=click.Choice(SOLVERS), default="lapjv", show_default=True)
+@click.option(
+    "--report",
+    "status_report",
+    type=click.Path(exists=True, path_type=Path),
+    help="Crawler status report (.jsonl.gz) for downloaded-only mode; with several shards, "
+    "the directory holding <shard>.jsonl.gz reports.",
+)
+@click.option(
+    "--images-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Crawler output directory, prefixed to each stored image's path in local_path.",
+)
+@click.option(
+    "--keep-empty/--drop-empty",
+    default=False,
+    show_default=True,
+    help="Downloaded-only mode: keep documents left with no image.",
+)
+@click.option("--force", is_flag=True, help="Rewrite even shards already complete.")
+def shard_command(
+    paths: tuple[Path, ...],
+    output: Path | None,
+    solver: Solver,
+    status_report: Path | None,
+    images_dir: Path | None,
+    keep_empty: bool,
+    force: bool,
+) -> None:
+    """Rewrite shards (.jsonl, .jsonl.gz, .jsonl.zip files or directories of them)."""
+    plan = _plan(paths, output)
+    if status_report is not None and status_report.is_file() and len(plan) > 1:
+        raise click.UsageError("--report FILE goes with one shard; pass a directory for several")
+    failed = 0
+    for source, target in plan:
+        try:
+            report = _rewrite_one(
+                source, target, solver, status_report, images_dir, keep_empty, force
+            )
+        except (OSError, ValueError) as exc:
+            failed += 1
+            click.echo(f"{source}: {exc}", err=True)
+            continue
+        click.echo(orjson.dumps(report.to_dict()).decode())
+    if failed:
+        sys.exit(1)
+
+
+@main.command("worker")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, help="section.key=value (repeatable).")
+@click.option("--once", is_flag=True, help="Rewrite what is waiting, then exit.")
+def worker_command(config_path: Path | None, overrides: tuple[str, ...], once: bool) -> None:
+    """Rewrite every shard the crawler announces on Redis (consumer group "assign")."""
+    from assign.worker import run_assign_worker
+    from crawler.config import ConfigError, load
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load(config_path, overrides=overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await run_assign_worker(cfg, stop=stop, once=once)
+
+    asyncio.run(run())
+
+
+def _plan(paths: tuple[Path, ...], output: Path | None) -> list[tuple[Path, Path]]:
+    """(source, destination) pairs; two sources may not share a destination."""
+    sources: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            sources.extend(sorted(p for p in path.iterdir() if is_shard_file(p)))
+        else:
+            sources.append(path)
+    plan: list[tuple[Path, Path]] = []
+    seen: dict[Path, Path] = {}
+    for source in sources:
+        target = (output if output is not None else source.parent) / output_name(source.name)
+        key = target.resolve()
+        if key in seen:
+            raise click.UsageError(
+                f"{seen[key]} and {source} would both be written to {target}; pass --output"
+            )
+        seen[key] = source
+        plan.append((source, target))
+    return plan
+
+
+def _rewrite_one(
+    source: Path,
+    target: Path,
+    solver: Solver,
+    status_report: Path | None,
+    images_dir: Path | None,
+    keep_empty: bool,
+    force: bool,
+) -> ShardReport:
+    report_file = _status_report_for(target, status_report)
+    stored = None
+    if report_file is not None:
+        stored = load_stored_images(report_file, images_dir)
+    options = AssignOptions(solver=solver, stored=stored, keep_empty_documents=keep_empty)
+    settings = describe(options, str(report_file) if report_file is not None else None)
+    return rewrite_shard(source, target, options, settings=settings, force=force)
+
+
+def _status_report_for(target: Path, status_report: Path | None) -> Path | None:
+    if status_report is None or status_report.is_file():
+        return status_report
+    candidate = status_report / f"{target.name[: -len('.jsonl')]}.jsonl.gz"
+    if not candidate.is_file():
+        raise ValueError(f"no status report {candidate}")
+    return candidate

@@ -1,0 +1,157 @@
+"""Rewrite one shard: every document's assignment recomputed, everything else as it was.
+
+Documents stay in their order with their keys in their order; lines that are not JSON, and
+documents that cannot be assigned, are copied byte for byte; every output line ends with a
+newline. The shard is streamed, never loaded whole. The output replaces its destination
+atomically (``assign.shardio``); then a report ``<name>.report.json`` is written next to it.
+
+Resume: a destination whose report says it is complete, was made with the same settings and
+matches the output's size is skipped. The old report is removed before the new output is
+renamed into place, so a report on disk always describes the output beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from assign.document import AssignOptions, Outcome, assign_document
+from assign.jsonline import MalformedLine, parse_line
+from assign.jsonline import dump_line as _dump
+from assign.shardio import atomic_writer, discard_leftovers, open_lines, write_atomically
+
+MALFORMED_JSON = "malformed_json"
+
+
+@dataclass
+class ShardReport:
+    source: str
+    output: str
+    settings: dict[str, Any]
+    lines: int = 0
+    docs: int = 0  # lines that are JSON
+    rewritten: int = 0
+    unchanged: int = 0  # documents copied as they were (errors, no image)
+    dropped_docs: int = 0
+    kept_images: int = 0
+    dropped_images: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    output_bytes: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+    skipped: bool = False  # found complete from an earlier run
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def count_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+def report_path(output: Path) -> Path:
+    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(f"{stem}.report.json")
+
+
+def describe(options: AssignOptions, status_report: str | None) -> dict[str, Any]:
+    """What a rewrite means, stored in its report; a complete output is reused only if equal."""
+    return {
+        "solver": options.solver,
+        "downloaded_only": options.stored is not None,
+        "status_report": status_report,
+        "keep_empty_documents": options.keep_empty_documents,
+    }
+
+
+def completed_report(output: Path, settings: Mapping[str, Any]) -> ShardReport | None:
+    """The report of an earlier complete rewrite of ``output`` with these settings, if any."""
+    try:
+        data = orjson.loads(report_path(output).read_bytes())
+        size = output.stat().st_size
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("complete") is not True:
+        return None
+    if data.get("settings") != dict(settings) or data.get("output_bytes") != size:
+        return None
+    try:
+        report = ShardReport(**data)
+    except TypeError:  # written by another version
+        return None
+    report.skipped = True
+    return report
+
+
+def rewrite_shard(
+    source: Path,
+    output: Path,
+    options: AssignOptions,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> ShardReport:
+    """Rewrite ``source`` into ``output`` (may be the same path) and return the report."""
+    settings = dict(settings if settings is not None else describe(options, None))
+    if not force:
+        done = completed_report(output, settings)
+        if done is not None:
+            return done
+    output.parent.mkdir(parents=True, exist_ok=True)
+    discard_leftovers(output)
+    started = time.perf_counter()
+    report = ShardReport(source=str(source), output=str(output), settings=settings)
+    with contextlib.suppress(FileNotFoundError):
+        report_path(output).unlink()
+    with open_lines(source) as lines, atomic_writer(output) as out:
+        _rewrite_lines(lines, out, options, report)
+    report.output_bytes = output.stat().st_size
+    report.seconds = round(time.perf_counter() - started, 3)
+    report.complete = True
+    text = orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    write_atomically(report_path(output), text)
+    return report
+
+
+def _rewrite_lines(
+    lines: IO[bytes], out: IO[bytes], options: AssignOptions, report: ShardReport
+) -> None:
+    write = out.write
+    for raw in lines:
+        report.lines += 1
+        write(_rewrite_line(raw, options, report))
+
+
+def _rewrite_line(raw: bytes, options: AssignOptions, report: ShardReport) -> bytes:
+    original = raw if raw.endswith(b"\n") else raw + b"\n"
+    try:
+        parsed = parse_line(original[:-1])
+    except MalformedLine:
+        report.count_error(MALFORMED_JSON)
+        return original
+    report.docs += 1
+    outcome = assign_document(parsed.doc, options)
+    _count(outcome, report)
+    if outcome.status == "unchanged":
+        return original
+    if outcome.status == "dropped":
+        return b""
+    return _dump(parsed, outcome.matrix_untouched)
+
+
+def _count(outcome: Outcome, report: ShardReport) -> None:
+    if outcome.error is not None:
+        report.count_error(outcome.error)
+    if outcome.status == "rewritten":
+        report.rewritten += 1
+    elif outcome.status == "unchanged":
+        report.unchanged += 1
+    else:
+        report.dropped_docs += 1
+    report.kept_images += outcome.kept_images
+    report.dropped_images += outcome.dropped_images
