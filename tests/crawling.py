@@ -1,0 +1,124 @@
+"""Helpers for tests that crawl: build shards, run ingest + workers, read the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from crawler import status
+from crawler.config import Config
+from crawler.ingest import Ingest, expand_sources
+from crawler.keys import Keys
+from crawler.queue import WorkQueue
+from crawler.shards import Shards
+from crawler.worker import Worker
+
+TEST_REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def image_doc(urls: list[str], names: list[str] | None = None) -> dict[str, Any]:
+    names = names or [hashlib.sha256(u.encode()).hexdigest()[:12] + ".jpg" for u in urls]
+    return {
+        "text_list": ["first sentence", "second sentence"],
+        "url": "http://example.invalid/doc",
+        "image_info": [
+            {
+                "image_name": n,
+                "raw_url": u,
+                "matched_text_index": 0,
+                "matched_sim": 0.2,
+                "face_detections": None,
+            }
+            for n, u in zip(names, urls, strict=True)
+        ],
+        "similarity_matrix": [[0.2, 0.1] for _ in urls],
+        "could_have_url_duplicate": 0,
+    }
+
+
+def write_docs(path: Path, docs: list[dict[str, Any]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in docs))
+    return path
+
+
+async def crawl(cfg: Config, shard_paths: list[str], *, workers: int = 1) -> list[Worker]:
+    """Ingest the shards and run in-process workers until the queue is empty."""
+    client = aioredis.Redis.from_url(cfg.redis.url)
+    keys = Keys(cfg.redis.namespace)
+    try:
+        await WorkQueue(client, keys, cfg.queue).ensure_group()
+        ingest = Ingest(cfg, client)
+        await ingest.run(expand_sources(shard_paths))
+        crew = [Worker(cfg) for _ in range(workers)]
+        await asyncio.gather(*(w.run(until_idle=True) for w in crew))
+        await Shards(
+            client, keys, WorkQueue(client, keys, cfg.queue), cfg.output_dir
+        ).finalize_all()
+        return crew
+    finally:
+        await client.aclose()
+
+
+def report(cfg: Config, shard: str) -> dict[str, dict[str, Any]]:
+    """The shard's report as image_name -> record (asserting one record per name)."""
+    path = status.ReportPaths(cfg.output_dir, shard).report
+    records = list(status.read_report(path))
+    names = [r["image_name"] for r in records]
+    assert len(names) == len(set(names)), "more than one record for an image"
+    return {r["image_name"]: r for r in records}
+
+
+def crawl_config(namespace: str, tmp_path: Path, **sections: dict[str, object]) -> Config:
+    """A configuration for tests: fast timeouts, loopback allowed, its own namespace."""
+    cfg = Config()
+    cfg.redis.url = TEST_REDIS_URL
+    cfg.redis.namespace = namespace
+    cfg.redis.reconnect_backoff_s = 0.1
+    cfg.paths.output = str(tmp_path / "out")
+    cfg.paths.data_dir = str(tmp_path / "data")
+    cfg.fetch.allow_private_addresses = True
+    cfg.fetch.total_timeout_s = 3.0
+    cfg.fetch.connect_timeout_s = 2.0
+    cfg.fetch.backoff_base_s = 0.05
+    cfg.fetch.backoff_max_s = 0.2
+    cfg.fetch.retry_after_max_s = 1.0
+    cfg.fetch.max_body_bytes = 2_000_000
+    cfg.limits.host_rate = 50.0
+    cfg.limits.host_burst = 2
+    cfg.limits.local_host_rate = 50.0
+    cfg.limits.host_concurrency = 2
+    cfg.worker.image_processes = 1
+    cfg.worker.flush_interval_s = 0.05
+    cfg.worker.heartbeat_interval_s = 1.0
+    cfg.queue.reclaim_interval_s = 0.5
+    cfg.ingest.backpressure_poll_s = 0.05
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    cfg.validate()
+    return cfg
+
+
+def start_worker(args: list[str]) -> subprocess.Popen[bytes]:
+    """A `mmc4-crawl worker` process with the given global options."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "crawler", *args, "worker"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def flags(settings: dict[str, object]) -> list[str]:
+    """--set options for a worker process."""
+    out: list[str] = []
+    for key, value in settings.items():
+        out += ["--set", f"{key}={value}"]
+    return out

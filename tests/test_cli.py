@@ -1,0 +1,113 @@
+"""The command line: `run` all-in-one on an embedded Redis, `status`, `worker --check`, help."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from click.testing import CliRunner
+from crawling import TEST_REDIS_URL, crawl, crawl_config, report
+
+from crawler.cli import main
+from crawler.testweb import ImageWeb, make_docs, write_shard
+
+
+def mmc4(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
+    return subprocess.run(
+        [sys.executable, "-m", "crawler", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_run_crawls_shards_to_the_end_on_its_own_embedded_redis(
+    web: ImageWeb, tmp_path: Path
+) -> None:
+    docs = make_docs(web, 40, seed=3, sizes="small", faults=0.1)
+    write_shard(tmp_path / "cli_shard_0.jsonl", docs[:20])
+    write_shard(tmp_path / "cli_shard_1.jsonl.gz", docs[20:])
+    args = [
+        "--set", "fetch.allow_private_addresses=true", "--set", "fetch.total_timeout_s=3",
+        "--set", "fetch.backoff_base_s=0.05", "--set", "fetch.retry_after_max_s=0.5",
+        "--set", "limits.host_rate=50", "--set", "limits.local_host_rate=50",
+        "--set", "worker.image_processes=1", "--set", "worker.processes=2",
+        "--output", "out", "--set", "paths.data_dir=state",
+        "run", "--no-progress", "cli_shard_{0.jsonl,1.jsonl.gz}",
+    ]  # fmt: skip
+    done = mmc4(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for shard, part in (("cli_shard_0", docs[:20]), ("cli_shard_1", docs[20:])):
+        names = {i["image_name"] for d in part for i in d["image_info"]}
+        summary = orjson.loads(
+            (tmp_path / "out" / "_status" / f"{shard}.summary.json").read_bytes()
+        )
+        assert summary["records"] == summary["total"] == len(names)
+    assert (tmp_path / "state" / "redis" / "appendonlydir").is_dir()  # AOF persistence
+    assert "by status:" in done.stderr
+    again = mmc4(*args, cwd=tmp_path)  # everything reported: nothing to do, exits at once
+    assert again.returncode == 0
+    assert "2 skipped" in again.stderr
+
+
+def test_status_reports_counts_and_shards_as_json(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    docs = make_docs(web, 5, seed=9, sizes="small")
+    write_shard(tmp_path / "st_shard.jsonl", docs)
+    cfg = crawl_config(namespace, tmp_path)
+    asyncio.run(crawl(cfg, [str(tmp_path / "st_shard.jsonl")]))
+    n = len(report(cfg, "st_shard"))
+    result = CliRunner().invoke(
+        main, ["--redis-url", TEST_REDIS_URL, "--set", f"redis.namespace={namespace}",
+               "status", "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    snap = orjson.loads(result.output)
+    assert snap["done"] == n and snap["remaining"] == 0
+    assert sum(snap["by_status"].values()) == n
+    text = CliRunner().invoke(
+        main, ["--redis-url", TEST_REDIS_URL, "--set", f"redis.namespace={namespace}", "status"]
+    )
+    assert f"done: {n} images" in text.output
+
+
+def test_worker_check_needs_a_fresh_heartbeat_from_this_host(namespace: str) -> None:
+    base = ["--redis-url", TEST_REDIS_URL, "--set", f"redis.namespace={namespace}"]
+    assert CliRunner().invoke(main, [*base, "worker", "--check"]).exit_code == 1
+    me = socket.gethostname()
+    with redis.Redis.from_url(TEST_REDIS_URL) as client:
+        client.hset(f"{namespace}:worker:w1", mapping={"host": me, "seen": time.time() - 60})
+        client.expire(f"{namespace}:worker:w1", 10)
+        stale = CliRunner().invoke(main, [*base, "worker", "--check"])
+        assert stale.exit_code == 1 and "stale" in stale.output
+        client.hset(f"{namespace}:worker:w2", mapping={"host": "elsewhere", "seen": time.time()})
+        assert CliRunner().invoke(main, [*base, "worker", "--check"]).exit_code == 1
+        client.hset(f"{namespace}:worker:w1", "seen", time.time())
+    assert CliRunner().invoke(main, [*base, "worker", "--check"]).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["run", "enqueue", "worker", "status", "retry", "demo"])
+def test_every_subcommand_says_what_it_does(command: str) -> None:
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert len(result.output.splitlines()) > 4
+
+
+def test_a_bad_config_value_is_a_clear_usage_error() -> None:
+    result = CliRunner().invoke(main, ["--set", "limits.host_rate=fast", "status"])
+    assert result.exit_code == 2
+    assert "limits.host_rate" in result.output
+
+
+def test_commands_that_need_redis_say_so_without_a_url() -> None:
+    env = {"MMC4_REDIS__URL": ""}
+    result = CliRunner().invoke(main, ["worker"], env=env)
+    assert result.exit_code == 2 and "redis.url is not set" in result.output

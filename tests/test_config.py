@@ -1,0 +1,78 @@
+"""Configuration: defaults, file, environment and flags, with clear errors for bad values."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from crawler import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_the_shipped_config_toml() -> None:
+    shipped = tomllib.loads((ROOT / "config.toml").read_text())
+    defaults = config.Config()
+    for section, table in shipped.items():
+        for key, value in table.items():
+            assert getattr(getattr(defaults, section), key) == value, f"{section}.{key}"
+
+
+def test_every_setting_is_documented_in_config_toml() -> None:
+    shipped = tomllib.loads((ROOT / "config.toml").read_text())
+    for name, cls in config._sections().items():
+        for key in cls.__dataclass_fields__:
+            assert key in shipped.get(name, {}), f"{name}.{key} missing from config.toml"
+
+
+def test_environment_overrides_file_and_flags_override_environment(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text('[limits]\nhost_rate = 3.0\n[fetch]\nuser_agent = "file"\n')
+    cfg = config.load(
+        file,
+        environ={"MMC4_LIMITS__HOST_RATE": "7.5", "MMC4_FETCH__USER_AGENT": "env"},
+        overrides=["fetch.user_agent=flag"],
+    )
+    assert cfg.limits.host_rate == 7.5
+    assert cfg.fetch.user_agent == "flag"
+
+
+def test_lists_tables_and_booleans_parse_from_strings() -> None:
+    cfg = config.load(
+        None,
+        environ={
+            "MMC4_INGEST__SHARDS": "a.jsonl, b.jsonl",
+            "MMC4_FETCH__HEADERS": "Accept=image/*,X-A=1",
+            "MMC4_FETCH__RESPECT_OPT_OUT": "false",
+        },
+    )
+    assert cfg.ingest.shards == ["a.jsonl", "b.jsonl"]
+    assert cfg.fetch.headers == {"Accept": "image/*", "X-A": "1"}
+    assert cfg.fetch.respect_opt_out is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("limits.host_rate=fast", "expected float"),
+        ("limits.nope=1", "unknown key limits.nope"),
+        ("nosection.key=1", "unknown section"),
+        ("images.max_side=0", "max_side must be positive"),
+        ("redis.url=http://x", "redis.url must start with"),
+        ("fetch.respect_opt_out=maybe", "expected true or false"),
+        ("justtext", "expected section.key=value"),
+        ("assign.solver=greedy", "assign.solver"),
+    ],
+)
+def test_bad_values_are_reported_clearly(override: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, environ={}, overrides=[override])
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text("[worker]\nwindw = 5\n")
+    with pytest.raises(config.ConfigError, match=r"c\.toml: unknown key worker\.windw"):
+        config.load(file, environ={})

@@ -1,0 +1,183 @@
+"""The queue: leases, reclaim, dead letters, exactly-one records, backpressure, resume, retry."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from crawling import crawl, crawl_config, image_doc, report, write_docs
+
+from crawler import status
+from crawler.ingest import Ingest, expand_sources
+from crawler.keys import CRAWL_GROUP, Keys
+from crawler.queue import WorkQueue, encode_result
+from crawler.shards import Shards
+from crawler.testweb import ImageWeb
+
+
+async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    cfg = crawl_config(namespace, tmp_path, queue={"lease_timeout_s": 0.2})
+    q = WorkQueue(aredis, Keys(namespace), cfg.queue)
+    await q.ensure_group()
+    pipe = aredis.pipeline()
+    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await pipe.execute()
+    await q.read("dead-worker", 10, 10)
+    assert await q.reclaim("other", 10) == ([], 0)  # lease still fresh
+    await asyncio.sleep(0.3)
+    claimed, buried = await q.reclaim("other", 10)
+    assert [c.name for c in claimed] == ["a.jpg"] and buried == 0
+    pending = await aredis.xpending_range(Keys(namespace).queue, CRAWL_GROUP, "-", "+", 10)
+    assert pending[0]["consumer"] == b"other" and pending[0]["times_delivered"] == 2
+
+
+async def test_renewed_leases_are_not_reclaimed(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    cfg = crawl_config(namespace, tmp_path, queue={"lease_timeout_s": 0.3})
+    q = WorkQueue(aredis, Keys(namespace), cfg.queue)
+    await q.ensure_group()
+    pipe = aredis.pipeline()
+    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await pipe.execute()
+    (item,) = await q.read("busy-worker", 10, 10)
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        await q.renew("busy-worker", [item.id])
+    assert await q.reclaim("other", 10) == ([], 0)
+
+
+async def test_an_item_delivered_too_often_becomes_a_dead_letter_with_a_reason(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    cfg = crawl_config(namespace, tmp_path, queue={"lease_timeout_s": 0.05, "max_deliveries": 3})
+    q = WorkQueue(aredis, keys, cfg.queue)
+    await q.ensure_group()
+    pipe = aredis.pipeline()
+    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await pipe.execute()
+    await q.seal("s", 1)
+    (item,) = await q.read("w1", 10, 10)
+    await q.note_error(item.id, "ValueError: decoder crashed")
+    for _ in range(2):  # deliveries 2 and 3
+        await asyncio.sleep(0.1)
+        claimed, buried = await q.reclaim("w2", 10)
+        assert len(claimed) == 1 and buried == 0
+    await asyncio.sleep(0.1)
+    claimed, buried = await q.reclaim("w2", 10)
+    assert claimed == [] and buried == 1
+    rec = status.decode(await aredis.hget(keys.shard_records("s"), "a.jpg"))
+    assert rec["status"] == "dead_letter"
+    assert "3 deliveries" in rec["error"] and "decoder crashed" in rec["error"]
+    assert await aredis.xlen(keys.dead) == 1
+    assert await aredis.xlen(keys.queue) == 0
+    assert await aredis.sismember(keys.shards_complete, "s")
+
+
+async def test_a_second_result_for_the_same_image_is_ignored(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    cfg = crawl_config(namespace, tmp_path)
+    q = WorkQueue(aredis, keys, cfg.queue)
+    await q.seal("s", 1)
+    first = status.make_record("a.jpg", "http://h/a", "ok", bytes=10)
+    second = status.make_record("a.jpg", "http://h/a", "timeout")
+    assert await q.record([encode_result("", "s", "a.jpg", first)]) == ["s"]
+    assert await q.record([encode_result("", "s", "a.jpg", second)]) == []
+    assert status.decode(await aredis.hget(keys.shard_records("s"), "a.jpg"))["status"] == "ok"
+    assert await aredis.hget(keys.shard_meta("s"), "done") == b"1"
+    assert await aredis.hget(keys.counts, "timeout") is None
+
+
+async def test_ingest_waits_while_the_queue_is_full(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    urls = [f"http://h{i % 7}.example/{i}.jpg" for i in range(200)]
+    shard = write_docs(
+        tmp_path / "bp.jsonl", [image_doc(urls[i : i + 4]) for i in range(0, 200, 4)]
+    )
+    cfg = crawl_config(namespace, tmp_path, ingest={"max_queue_depth": 30, "batch_size": 8})
+    ingest = Ingest(cfg, aredis)
+    task = asyncio.create_task(ingest.run(expand_sources([str(shard)])))
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    assert 30 <= await aredis.xlen(keys.queue) < 30 + 8
+    peak, drained = 0, 0
+    while not task.done():  # act as the workers: take everything now and then
+        await asyncio.sleep(0.1)
+        depth = await aredis.xlen(keys.queue)
+        peak = max(peak, depth)
+        drained += depth
+        await aredis.xtrim(keys.queue, maxlen=0)
+    drained += await aredis.xlen(keys.queue)
+    assert peak < 30 + 8
+    assert ingest.stats.items == drained == 200
+
+
+async def test_ingest_resumes_after_the_last_enqueued_batch(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    docs = [image_doc([f"http://h.example/{i}-{k}.jpg" for k in range(2)]) for i in range(20)]
+    docs[3]["image_info"][1]["image_name"] = docs[0]["image_info"][0]["image_name"]  # duplicate
+    shard = write_docs(tmp_path / "resume.jsonl", docs)
+    cfg = crawl_config(namespace, tmp_path, ingest={"batch_size": 6})
+    await aredis.hset(keys.shard_meta("resume"), "ingest_line", 9)  # as if killed after line 9
+    ingest = Ingest(cfg, aredis)
+    await ingest.run(expand_sources([str(shard)]))
+    entries = await aredis.xrange(keys.queue)
+    names = {e[1][b"n"].decode() for e in entries}
+    fresh = {i["image_name"] for d in docs[9:] for i in d["image_info"]}
+    assert names == fresh and len(entries) == 22
+    meta = await aredis.hgetall(keys.shard_meta("resume"))
+    assert meta[b"total"] == b"39"  # 40 images, one duplicate name
+
+
+async def test_a_rerun_fetches_nothing_again(web: ImageWeb, namespace: str, tmp_path: Path) -> None:
+    tag = namespace
+    urls = [web.url(i % 3, f"/img/120x90/{tag}-{i}.png") for i in range(8)]
+    urls.append(web.url(0, f"/fault/status/404/{tag}"))
+    shard = write_docs(tmp_path / "again.jsonl", [image_doc(urls)])
+    cfg = crawl_config(namespace, tmp_path)
+    await crawl(cfg, [str(shard)])
+    first = report(cfg, "again")
+    hits = len([a for a in web.arrivals if tag in a.path])
+    assert hits == 9
+    await crawl(cfg, [str(shard)])  # the report exists: the shard is skipped
+    assert len([a for a in web.arrivals if tag in a.path]) == hits
+    # lose the report and Redis state but keep the files: only the 404 is fetched again
+    (cfg.output_dir / "_status" / "again.jsonl.gz").unlink()
+    await crawl(cfg, [str(shard)])
+    assert len([a for a in web.arrivals if tag in a.path]) == hits + 1
+    second = report(cfg, "again")
+    assert {n: r["sha256"] for n, r in second.items()} == {n: r["sha256"] for n, r in first.items()}
+    assert sum(r["error"] == "already on disk" for r in second.values()) == 8
+
+
+async def test_retry_requeues_chosen_statuses_of_a_reported_shard(
+    web: ImageWeb, aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    tag = namespace
+    web.reset_flaky()
+    urls = [
+        web.url(1, f"/fault/flaky/1/{tag}/100x100/f.jpg?status=404"),
+        web.url(1, f"/img/100x100/{tag}-fine.jpg"),
+    ]
+    shard = write_docs(tmp_path / "rt.jsonl", [image_doc(urls)])
+    cfg = crawl_config(namespace, tmp_path)
+    await crawl(cfg, [str(shard)])
+    assert sorted(r["status"] for r in report(cfg, "rt").values()) == ["http_404", "ok"]
+    keys = Keys(namespace)
+    shards = Shards(aredis, keys, WorkQueue(aredis, keys, cfg.queue), cfg.output_dir)
+    assert await shards.reopen("rt", {"http_404"}) == 1
+    assert not (cfg.output_dir / "_status" / "rt.jsonl.gz").exists()
+    await crawl(cfg, [str(shard)])
+    assert sorted(r["status"] for r in report(cfg, "rt").values()) == ["ok", "ok"]
+    counts = await aredis.hgetall(keys.counts)
+    assert counts[b"ok"] == b"2" and counts.get(b"http_404", b"0") == b"0"
