@@ -1,0 +1,867 @@
+"""End-to-end crawl benchmark: this crawler vs img2dataset vs the bare image cost (issue 4).
+
+Usage::
+
+    .venv/bin/python bench/crawl_bench.py [--images 5000] [--webs clean,realistic] [--profile]
+    .venv/bin/python bench/crawl_bench.py --long [--long-images 200000]
+
+What it does, per web (``clean``: no added latency, CPU-bound; ``realistic``: lognormal latency,
+median 150 ms, plus a few % slow hosts that trickle their bodies so that big images hit the
+timeout):
+
+1. starts ``python -m crawler.testweb serve`` in its own process on ``--hosts`` loopback hosts
+   (its CPU is measured from /proc and excluded from every figure);
+2. builds a pool of ``--pool`` distinct image specs with testweb's realistic size/format mix and
+   spreads ``--images`` URLs over it and over the hosts. Every URL is unique (``?u=<i>``, which
+   testweb ignores), so each image is fetched, processed and stored once, but the web serves a
+   spec's cached bytes, so generating images never limits the run; the cache is warmed (every
+   spec fetched once) before anything is timed;
+3. runs, on the same shards / the same URL list:
+   * this crawler end to end: ``mmc4-crawl run`` as a subprocess against a private
+     ``redis-server`` started by the benchmark with the same flags as the embedded one (AOF,
+     fsync always), so its INFO counters belong to the crawl alone; per-host limits set so they
+     do not bind;
+   * img2dataset (files output, keep_ratio_largest 800, resize only if bigger, opt-out header
+     check off) with ``--i2d-processes`` x ``--i2d-threads``;
+   * (once) the bare cost: ``crawler.images.process_image`` on the same bytes in this process.
+4. prints images/s, CPU ms per image (user+sys of the whole process tree: children are reaped
+   by this process as a subreaper, plus the Redis server for the crawler), Redis round trips
+   per image, peak RSS per process role, and the ratios.
+
+``--long`` crawls ``--long-images`` URLs (the same pool bytes under many URLs) on the clean web
+with the crawler only, and prints throughput and worker/pool RSS every ``--sample-every`` s.
+
+Every image is accounted for: the crawler's status reports must hold exactly one record per
+URL, img2dataset's shard stats must add up to the URL count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _procs import (  # noqa: E402
+    TreeSampler,
+    become_subreaper,
+    children_cpu_s,
+    process_cpu_s,
+    reap_orphans,
+)
+
+from crawler import images as cimages  # noqa: E402
+from crawler import status as cstatus  # noqa: E402
+from crawler import testweb  # noqa: E402
+from crawler.keys import Keys  # noqa: E402
+
+BIN = Path(sys.executable).parent
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", flush=True)
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
+    env.update(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", WANDB_SILENT="true")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# The web
+
+
+@dataclass
+class Web:
+    name: str
+    proc: subprocess.Popen[str]
+    bases: list[str]
+    slow: list[int]
+    cpu_start: float = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return process_cpu_s(self.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_web(name: str, args: argparse.Namespace, first_host: int) -> Web:
+    cmd = [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(args.hosts)]
+    cmd += ["--port", "0", "--first-host", str(first_host), "--seed", str(args.seed)]
+    if name == "realistic":
+        cmd += [
+            "--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5",
+            "--slow-host-share", str(args.slow_share), "--slow-mode", "trickle",
+            "--slow-bytes-per-s", str(args.slow_bps),
+        ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=clean_env())
+    assert proc.stdout is not None
+    bases: list[str] = []
+    slow: list[int] = []
+    deadline = time.monotonic() + 60
+    while True:
+        line = proc.stdout.readline()
+        if not line or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"testweb did not start: {cmd}")
+        line = line.strip()
+        if line == "READY":
+            break
+        if line.startswith("http://"):
+            bases.append(line)
+        elif line.startswith("slow hosts:"):
+            slow = json.loads(line.split(":", 1)[1])
+    return Web(name, proc, bases, slow)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workload: a pool of specs, URLs spread over it and over the hosts, shards
+
+
+def make_pool(n: int, seed: int) -> list[str]:
+    """``n`` distinct image paths with testweb's realistic size/format/variant mix."""
+    paths: list[str] = []
+    seen: set[str] = set()
+    batch = 0
+    while len(paths) < n:
+        docs = testweb.make_docs(["http://pool"], 200, seed=seed * 1000 + batch, sizes="realistic")
+        for d in docs:
+            for info in d["image_info"]:
+                p = info["raw_url"][len("http://pool") :]
+                if p not in seen and len(paths) < n:
+                    seen.add(p)
+                    paths.append(p)
+        batch += 1
+    return paths
+
+
+@dataclass
+class Workload:
+    urls: list[str]
+    spec_of: list[int]  # pool index of each URL
+    shards: list[Path]
+    url_list: Path
+
+
+def make_workload(
+    web: Web, pool: list[str], n: int, seed: int, shard_images: int, out: Path
+) -> Workload:
+    rng = random.Random(seed)
+    order = list(range(len(pool)))
+    urls: list[str] = []
+    spec_of: list[int] = []
+    for i in range(n):
+        if i % len(pool) == 0:
+            rng.shuffle(order)
+        k = order[i % len(pool)]  # every spec equally often: the URL mix is the pool mix
+        path = pool[k]
+        sep = "&" if "?" in path else "?"
+        urls.append(f"{web.bases[rng.randrange(len(web.bases))]}{path}{sep}u={i}")
+        spec_of.append(k)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[Path] = []
+    words = [
+        "garden",
+        "recipe",
+        "travel",
+        "city",
+        "river",
+        "mountain",
+        "photo",
+        "design",
+        "light",
+        "music",
+    ]
+    i = 0
+    shard_no = 0
+    while i < n:
+        docs = []
+        end = min(n, i + shard_images)
+        d = 0
+        while i < end:
+            k = min(end - i, rng.randint(1, 6))
+            texts = [" ".join(rng.choice(words) for _ in range(8)) + "." for _ in range(4)]
+            infos, sims = [], []
+            for url in urls[i : i + k]:
+                m = rng.randrange(len(texts))
+                infos.append({
+                    "image_name": hashlib.sha256(url.encode()).hexdigest()[:12] + ".jpg",
+                    "raw_url": url, "matched_text_index": m, "matched_sim": 0.3,
+                    "face_detections": None,
+                })  # fmt: skip
+                sims.append([0.3 if j == m else 0.1 for j in range(len(texts))])
+            docs.append({
+                "text_list": texts, "url": f"http://example.invalid/doc/{shard_no}/{d}",
+                "image_info": infos, "similarity_matrix": sims, "could_have_url_duplicate": 0,
+            })  # fmt: skip
+            i += k
+            d += 1
+        path = out / f"bench_{shard_no:05d}.jsonl"
+        testweb.write_shard(path, docs)
+        shards.append(path)
+        shard_no += 1
+    url_list = out / "urls.txt"
+    url_list.write_text("".join(u + "\n" for u in urls))
+    return Workload(urls, spec_of, shards, url_list)
+
+
+async def _fetch_all(urls: list[str], concurrency: int) -> list[bytes]:
+    sem = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def one(url: str) -> bytes:
+            async with sem, session.get(url) as r:
+                body = await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"warm-up: {url} -> {r.status}")
+                return body
+
+        return await asyncio.gather(*(one(u) for u in urls))
+
+
+def warm_up(web: Web, pool: list[str], concurrency: int = 8) -> list[bytes]:
+    """Fetch every pool spec once (from a host that is not slow) so the web has it cached."""
+    host = next(i for i in range(len(web.bases)) if i not in web.slow)
+    urls = [web.bases[host] + p for p in pool]
+    return asyncio.run(_fetch_all(urls, concurrency))
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis (private, same flags as crawler/embedded.py)
+
+
+@dataclass
+class PrivateRedis:
+    proc: subprocess.Popen[bytes]
+    url: str
+    client: redis.Redis
+
+    @classmethod
+    def start(cls, workdir: Path, fsync: str) -> PrivateRedis:
+        d = workdir / "redis"
+        d.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        args = [
+            shutil.which("redis-server") or "redis-server",
+            "--bind", "127.0.0.1", "--port", str(port), "--dir", str(d),
+            "--appendonly", "yes" if fsync != "off" else "no",
+            "--appendfsync", fsync if fsync != "off" else "no",
+            "--save", "", "--logfile", str(d / "redis.log"), "--daemonize", "no",
+        ]  # fmt: skip
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        return cls(proc, url, client)
+
+    def counters(self) -> dict[str, int]:
+        st = self.client.info("stats")
+        out = {
+            "commands": int(st["total_commands_processed"]),
+            "reads": int(st.get("total_reads_processed", 0)),
+        }
+        for name, v in self.client.info("commandstats").items():
+            out["cmd:" + name.removeprefix("cmdstat_")] = int(v["calls"])
+        return out
+
+    def cpu(self) -> float:
+        return process_cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass
+class RunResult:
+    name: str
+    images: int
+    wall_s: float
+    cpu_s: float  # the measured system's own processes (tree + Redis for the crawler)
+    web_cpu_s: float
+    ok: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    accounted: int = 0
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, int] = field(default_factory=dict)
+    redis_cpu_s: float = 0.0
+    redis_reads: int = 0
+    redis_commands: int = 0
+    redis_top: list[tuple[str, int]] = field(default_factory=list)
+    series: list[dict[str, float]] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        return 1000 * self.cpu_s / self.images if self.images else 0.0
+
+
+def crawler_role(p: psutil.Process) -> str | None:
+    cmd = p.cmdline()
+    if "crawler" in cmd and "worker" in cmd:
+        return "worker"
+    if any("multiprocessing" in c for c in cmd):
+        return "image-pool"
+    if any("py-spy" in c for c in cmd):
+        return None
+    return "other"
+
+
+def crawler_command(args: argparse.Namespace, rds: PrivateRedis, ns: str, out: Path) -> list[str]:
+    sets = [
+        f"redis.namespace={ns}",
+        f"paths.data_dir={out / '_data'}",
+        "fetch.allow_private_addresses=true",
+        "limits.host_rate=0",
+        "limits.local_host_rate=0",
+        f"limits.host_concurrency={args.host_concurrency}",
+        "limits.host_backlog=100000",
+        f"fetch.total_timeout_s={args.timeout}",
+        f"fetch.connect_timeout_s={args.timeout}",
+        f"fetch.max_attempts={args.attempts}",
+        f"worker.processes={args.workers}",
+        *args.crawler_set,
+    ]
+    cmd = [str(BIN / "mmc4-crawl"), "--redis-url", rds.url, "--output", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run_crawler(
+    name: str,
+    args: argparse.Namespace,
+    web: Web,
+    rds: PrivateRedis,
+    wl: Workload,
+    out: Path,
+    *,
+    keep: list[int],
+    profile: Path | None = None,
+    series_every: float = 0.0,
+) -> RunResult:
+    ns = f"bench-{name}-{os.getpid()}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cmd = crawler_command(args, rds, ns, out)
+    cmd += ["run", *map(str, wl.shards), "--no-progress", "--no-assign"]
+    keys = Keys(ns)
+    n = len(wl.urls)
+    own_cmds = 0
+    prog_last = [time.monotonic(), 0]
+
+    def progress() -> dict[str, float]:
+        nonlocal own_cmds
+        own_cmds += 2
+        counts = rds.client.hgetall(keys.counts)
+        done = sum(int(v) for k, v in counts.items() if k != b"bytes")
+        mem = int(rds.client.info("memory")["used_memory"])
+        now = time.monotonic()
+        rate = (done - prog_last[1]) / max(1e-6, now - prog_last[0])
+        prog_last[:] = [now, done]
+        return {"done": done, "rate": rate, "redis_mem": mem}
+
+    say(f"{name}: crawler run on {n} URLs ({len(wl.shards)} shards)")
+    c0, w0, r0, k0 = children_cpu_s(), web.cpu(), rds.cpu(), rds.counters()
+    t0 = time.monotonic()
+    log = open(out.parent / f"{out.name}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=out, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
+    keep_now = [*keep, proc.pid]
+    sampler = TreeSampler(
+        proc.pid, crawler_role, interval=0.5, series_every=series_every,
+        extra=progress if series_every else None,
+    ).start()  # fmt: skip
+    spy: subprocess.Popen[bytes] | None = None
+    printed = 0
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if profile is not None and spy is None:
+                workers = sampler.pids("worker")
+                if workers and time.monotonic() - t0 > args.profile_delay:
+                    spy = start_py_spy(workers[0], profile, args.profile_seconds)
+                    keep_now.append(spy.pid)
+            while series_every and printed < len(sampler.series):
+                row = sampler.series[printed]
+                printed += 1
+                say(
+                    f"  {name}: {int(row.get('done', 0)):>8}/{n} images, "
+                    f"{row.get('rate', 0):6.1f}/s now, worker RSS {mb(row.get('worker', 0))}, "
+                    f"pool RSS max {mb(row.get('image-pool', 0))}, "
+                    f"redis mem {mb(row.get('redis_mem', 0))}"
+                )
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait()
+        log.close()
+    wall = time.monotonic() - t0
+    sampler.stop()
+    if spy is not None:
+        try:
+            spy.wait(timeout=args.profile_seconds + 60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+    reap_orphans(keep)
+    k1 = rds.counters()
+    cpu_tree = children_cpu_s() - c0
+    redis_cpu = rds.cpu() - r0
+    web_cpu = web.cpu() - w0
+    if proc.returncode != 0:
+        say(f"{name}: mmc4-crawl exited {proc.returncode}; see {out.parent / (out.name + '.log')}")
+    # account for every image
+    by_status: Counter[str] = Counter()
+    names: set[str] = set()
+    records = 0
+    for rep in sorted((out / cstatus.STATUS_DIR).glob("*.jsonl.gz")):
+        for rec in cstatus.read_report(rep):
+            records += 1
+            names.add(rec["image_name"])
+            by_status[rec["status"]] += 1
+    expected = {hashlib.sha256(u.encode()).hexdigest()[:12] + ".jpg" for u in wl.urls}
+    note = ""
+    if records != n or names != expected:
+        note = f"ACCOUNTING MISMATCH: {records} records, {len(names & expected)}/{n} names"
+    delta = {k: k1.get(k, 0) - k0.get(k, 0) for k in k1}
+    top = sorted(
+        ((k[4:], v) for k, v in delta.items() if k.startswith("cmd:") and v > 0),
+        key=lambda kv: -kv[1],
+    )[:8]
+    # delete the namespace's keys (private server, but keep it tidy for the next run)
+    for key in rds.client.scan_iter(match=f"{ns}:*", count=1000):
+        rds.client.delete(key)
+    res = RunResult(
+        name=f"crawler/{name}",
+        images=n,
+        wall_s=wall,
+        cpu_s=cpu_tree + redis_cpu,
+        web_cpu_s=web_cpu,
+        ok=by_status.get("ok", 0),
+        by_status=dict(by_status),
+        accounted=records,
+        peak_rss=sampler.peak_by_role(),
+        procs=sampler.count_by_role(),
+        redis_cpu_s=redis_cpu,
+        redis_reads=max(0, delta.get("reads", 0) - own_cmds - 2),
+        redis_commands=max(0, delta.get("commands", 0) - own_cmds - 4),
+        redis_top=top,
+        series=sampler.series,
+        note=note,
+    )
+    say(f"{name}: crawler done in {wall:.1f}s ({res.rate:.0f} img/s), {records}/{n} records")
+    return res
+
+
+def start_py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    say(f"py-spy: recording worker pid {pid} and its image pool for {seconds:.0f}s -> {out}")
+    cmd = [
+        str(BIN / "py-spy"), "record", "--pid", str(pid), "--subprocesses", "--format", "raw",
+        "--rate", "200", "--duration", str(int(seconds)), "--nonblocking", "-o", str(out),
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_img2dataset(
+    name: str, args: argparse.Namespace, web: Web, wl: Workload, out: Path, *, keep: list[int]
+) -> RunResult:
+    exe = BIN / "img2dataset"
+    n = len(wl.urls)
+    if not exe.exists():
+        say("img2dataset is not installed (.venv/bin/pip install img2dataset): skipped")
+        return RunResult(f"img2dataset/{name}", n, 0, 0, 0, note="not installed")
+    if out.exists():
+        shutil.rmtree(out)
+    per_shard = max(1, -(-n // (args.i2d_processes * args.i2d_shards_per_process)))
+    cmd = [
+        str(exe), "--url_list", str(wl.url_list), "--input_format", "txt",
+        "--output_folder", str(out), "--output_format", "files",
+        "--processes_count", str(args.i2d_processes), "--thread_count", str(args.i2d_threads),
+        "--image_size", "800", "--resize_mode", "keep_ratio_largest",
+        "--resize_only_if_bigger", "True", "--encode_quality", "90",
+        "--timeout", str(int(args.timeout)), "--retries", str(args.attempts - 1),
+        "--number_sample_per_shard", str(per_shard), "--disallowed_header_directives", "[]",
+        "--enable_wandb", "False", "--distributor", "multiprocessing",
+    ]  # fmt: skip
+    say(f"{name}: img2dataset run ({args.i2d_processes} processes x {args.i2d_threads} threads, "
+        f"{per_shard} URLs per shard)")  # fmt: skip
+    c0, w0 = children_cpu_s(), web.cpu()
+    t0 = time.monotonic()
+    log = open(out.parent / f"{out.name}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, cwd=out.parent, env=clean_env(), stdout=log, stderr=subprocess.STDOUT
+    )
+    sampler = TreeSampler(proc.pid, lambda p: "process", interval=0.5).start()
+    try:
+        proc.wait()
+    finally:
+        log.close()
+    wall = time.monotonic() - t0
+    sampler.stop()
+    reap_orphans(keep)
+    cpu = children_cpu_s() - c0
+    web_cpu = web.cpu() - w0
+    stats: Counter[str] = Counter()
+    counted = ok = 0
+    for f in sorted(out.glob("*_stats.json")):
+        s = json.loads(f.read_text())
+        counted += int(s.get("count", 0))
+        ok += int(s.get("successes", 0))
+        for k, v in (s.get("status_dict") or {}).items():
+            stats[k[:60]] += int(v)
+    note = ""
+    if proc.returncode != 0:
+        note = f"img2dataset exited {proc.returncode}"
+    if counted != n:
+        note += f" ACCOUNTING MISMATCH: stats count {counted} != {n}"
+    res = RunResult(
+        name=f"img2dataset/{name}",
+        images=n,
+        wall_s=wall,
+        cpu_s=cpu,
+        web_cpu_s=web_cpu,
+        ok=ok,
+        by_status=dict(stats),
+        accounted=counted,
+        peak_rss=sampler.peak_by_role(),
+        procs=sampler.count_by_role(),
+        note=note.strip(),
+    )
+    say(f"{name}: img2dataset done in {wall:.1f}s ({res.rate:.0f} img/s), {counted}/{n} counted")
+    return res
+
+
+@dataclass
+class Bare:
+    cpu_ms: float  # weighted by the URL mix
+    per_spec_ms: list[float]
+    kept: int
+    reencoded: int
+    failed: int
+
+
+def run_bare(pool_bytes: list[bytes], spec_of: list[int], reps: int) -> Bare:
+    settings = cimages.ImageSettings()
+    cimages.init_worker(settings)
+    per: list[float] = []
+    kept = reenc = failed = 0
+    for data in pool_bytes:
+        times = []
+        for _ in range(reps):
+            t = time.process_time()
+            r = cimages.process_image(data, settings)
+            times.append(time.process_time() - t)
+        per.append(statistics.median(times))
+        if r.status != cstatus.OK:
+            failed += 1
+        elif r.keep_original:
+            kept += 1
+        else:
+            reenc += 1
+    weights = Counter(spec_of)
+    total = sum(per[k] * c for k, c in weights.items())
+    return Bare(1000 * total / len(spec_of), per, kept, reenc, failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def print_table(results: list[RunResult], bare: Bare | None) -> None:
+    print()
+    head = (
+        f"{'run':<22}{'images':>8}{'ok':>8}{'wall s':>8}{'img/s':>8}{'CPU ms/img':>11}"
+        f"{'web CPU %':>10}{'RT/img':>8}{'cmd/img':>8}  peak RSS"
+    )
+    print(head)
+    print("-" * len(head) + "-" * 30)
+    for r in results:
+        web_pct = 100 * r.web_cpu_s / r.wall_s if r.wall_s else 0.0
+        rt = f"{r.redis_reads / r.images:.3f}" if r.redis_reads else "-"
+        cm = f"{r.redis_commands / r.images:.3f}" if r.redis_commands else "-"
+        rss = ", ".join(
+            f"{k} {mb(v)} (x{r.procs.get(k, 1)})" for k, v in sorted(r.peak_rss.items())
+        )
+        print(
+            f"{r.name:<22}{r.images:>8}{r.ok:>8}{r.wall_s:>8.1f}{r.rate:>8.1f}{r.cpu_ms:>11.2f}"
+            f"{web_pct:>9.0f}%{rt:>8}{cm:>8}  {rss}"
+        )
+    if bare is not None:
+        print(
+            f"{'bare process_image':<22}{'':>8}{'':>8}{'':>8}{1000 / bare.cpu_ms:>8.1f}"
+            f"{bare.cpu_ms:>11.2f}   (one process, one core; {bare.kept} specs kept, "
+            f"{bare.reencoded} re-encoded, {bare.failed} failed)"
+        )
+    print()
+    for r in results:
+        extra = f"  [{r.note}]" if r.note else ""
+        st = ", ".join(f"{k}={v}" for k, v in sorted(r.by_status.items(), key=lambda kv: -kv[1]))
+        print(f"{r.name}: accounted {r.accounted}/{r.images}; {st}{extra}")
+        if r.redis_top:
+            rc = f"Redis CPU {r.redis_cpu_s:.1f}s; "
+            print(f"  {rc}commands: " + ", ".join(f"{k}={v}" for k, v in r.redis_top))
+    print()
+    by = {r.name: r for r in results}
+    for web in ("clean", "realistic"):
+        c, i = by.get(f"crawler/{web}"), by.get(f"img2dataset/{web}")
+        if c is None:
+            continue
+        line = f"{web}: "
+        if i is not None and i.rate:
+            line += f"crawler/img2dataset images/s = {c.rate / i.rate:.2f}x; "
+            line += f"CPU/img crawler/img2dataset = {c.cpu_ms / i.cpu_ms:.2f}x; "
+        if bare is not None:
+            line += f"crawler CPU/img / bare = {c.cpu_ms / bare.cpu_ms:.2f}x; "
+        line += f"Redis round trips/img = {c.redis_reads / c.images:.3f}"
+        print(line)
+    print()
+
+
+def dump_json(
+    path: Path, results: list[RunResult], bare: Bare | None, meta: dict[str, Any]
+) -> None:
+    data = {
+        "meta": meta,
+        "runs": [{**r.__dict__, "rate": r.rate, "cpu_ms": r.cpu_ms} for r in results],
+        "bare_cpu_ms": bare.cpu_ms if bare else None,
+    }
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": os.cpu_count(), "cpu": model, "python": sys.version.split()[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", type=int, default=5000, help="URLs per run (default mode)")
+    p.add_argument("--webs", default="clean,realistic", help="comma list: clean, realistic")
+    p.add_argument("--hosts", type=int, default=32)
+    p.add_argument("--pool", type=int, default=400, help="distinct image specs")
+    p.add_argument("--shard-images", type=int, default=2000, help="images per shard file")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workdir", type=Path, default=None, help="default: a fresh temp dir")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--skip-img2dataset", action="store_true")
+    p.add_argument("--skip-bare", action="store_true")
+    p.add_argument("--bare-reps", type=int, default=3)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="per-request timeout, both crawlers (img2dataset's default)",
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=1,
+        help="attempts per URL, both crawlers (img2dataset default: retries=0)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="crawler worker processes")
+    p.add_argument("--host-concurrency", type=int, default=256)
+    p.add_argument(
+        "--crawler-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra --set for the crawler (repeatable)",
+    )
+    p.add_argument(
+        "--redis-fsync",
+        default="always",
+        choices=["always", "everysec", "no", "off"],
+        help="private Redis AOF fsync policy (embedded Redis uses always)",
+    )
+    p.add_argument("--i2d-processes", type=int, default=2)
+    p.add_argument("--i2d-threads", type=int, default=64)
+    p.add_argument("--i2d-shards-per-process", type=int, default=4)
+    p.add_argument("--latency-ms", type=float, default=150.0)
+    p.add_argument("--slow-share", type=float, default=0.03)
+    p.add_argument("--slow-bps", type=int, default=50_000)
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the clean runs, one more crawler run under py-spy",
+    )
+    p.add_argument("--profile-seconds", type=float, default=25.0)
+    p.add_argument("--profile-delay", type=float, default=3.0)
+    p.add_argument("--long", action="store_true", help="long run: crawler only, clean web")
+    p.add_argument("--long-images", type=int, default=200_000)
+    p.add_argument("--sample-every", type=float, default=15.0)
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if not become_subreaper():
+        say("warning: could not become a child subreaper; orphaned pool CPU may be missed")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="crawl_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    meta = {**machine(), "args": {k: str(v) for k, v in vars(args).items()}}
+    say(f"machine: {meta['nproc']} CPUs, {meta['cpu']}; work dir {workdir}")
+    webs = ["clean"] if args.long else [w.strip() for w in args.webs.split(",") if w.strip()]
+    n = args.long_images if args.long else args.images
+    shard_images = max(args.shard_images, 10_000) if args.long else args.shard_images
+    pool = make_pool(args.pool, args.seed)
+    rds = PrivateRedis.start(workdir, args.redis_fsync)
+    results: list[RunResult] = []
+    bare: Bare | None = None
+    web: Web | None = None
+    try:
+        for i, name in enumerate(webs):
+            web = start_web(name, args, first_host=2 + i * 64)
+            keep = [web.pid, rds.proc.pid]
+            say(f"{name} web: {len(web.bases)} hosts, pid {web.pid}, slow hosts {web.slow}")
+            t = time.monotonic()
+            w0 = web.cpu()
+            pool_bytes = warm_up(web, pool)
+            say(f"{name}: warmed {len(pool)} specs ({mb(sum(map(len, pool_bytes)))}) in "
+                f"{time.monotonic() - t:.1f}s (web CPU {web.cpu() - w0:.1f}s)")  # fmt: skip
+            wl = make_workload(web, pool, n, args.seed, shard_images, workdir / f"in-{name}")
+            if bare is None and not args.skip_bare and not args.long:
+                say("bare: process_image on the pool bytes in this process")
+                bare = run_bare(pool_bytes, wl.spec_of, args.bare_reps)
+                say(f"bare: {bare.cpu_ms:.2f} CPU ms/image (URL-weighted)")
+            res = run_crawler(
+                name, args, web, rds, wl, workdir / f"out-crawler-{name}", keep=keep,
+                series_every=args.sample_every if args.long else 0.0,
+            )  # fmt: skip
+            results.append(res)
+            if not args.long and not args.skip_img2dataset:
+                results.append(
+                    run_img2dataset(name, args, web, wl, workdir / f"out-i2d-{name}", keep=keep)
+                )
+            if args.profile and name == "clean" and not args.long:
+                prof = workdir / "profile-clean.txt"
+                run_crawler(
+                    "clean-profiled", args, web, rds, wl, workdir / "out-crawler-profiled",
+                    keep=keep, profile=prof,
+                )  # fmt: skip
+                if prof.exists():
+                    from _profile import summarize
+
+                    print(summarize(prof, top=25))
+            web.stop()
+            web = None
+            if args.long:
+                print_long(res)
+    finally:
+        if web is not None:
+            web.stop()
+        rds.stop()
+    print_table(results, bare)
+    if args.json:
+        dump_json(args.json, results, bare, meta)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        say(f"kept {workdir}")
+    return 1 if any("MISMATCH" in r.note for r in results) else 0
+
+
+def print_long(res: RunResult) -> None:
+    rows = res.series
+    if not rows:
+        return
+    print("\nlong run: worker/pool RSS over time")
+    print(f"{'t s':>8}{'done':>10}{'img/s':>8}{'worker RSS':>12}{'pool RSS':>10}{'redis':>9}")
+    step = max(1, len(rows) // 25)
+    for row in rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else []):
+        print(
+            f"{row['t']:>8.0f}{int(row.get('done', 0)):>10}{row.get('rate', 0):>8.0f}"
+            f"{mb(row.get('worker', 0)):>12}{mb(row.get('image-pool', 0)):>10}"
+            f"{mb(row.get('redis_mem', 0)):>9}"
+        )
+    k = max(1, len(rows) // 10)
+    first = [r.get("worker", 0) for r in rows[k : 2 * k]] or [rows[0].get("worker", 0)]
+    last = [r.get("worker", 0) for r in rows[-k:]]
+    print(
+        f"worker RSS: {mb(statistics.mean(first))} early (10-20%) vs {mb(statistics.mean(last))} "
+        f"late (last 10%); overall {res.rate:.0f} img/s, {res.cpu_ms:.2f} CPU ms/img"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
