@@ -1,0 +1,39 @@
+# The targets a person looks for. `make demo` and `make test` each install what they need.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo run test lint format bench clean
+
+$(STAMP): pyproject.toml
+	@bash scripts/system-deps.sh
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the shipped sample: a local image web on loopback, embedded Redis, crawl.
+demo: $(STAMP)
+	$(BIN)/mmc4-crawl demo
+
+test: $(STAMP)
+	@bash scripts/system-deps.sh test
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check crawler assign tests bench
+	$(BIN)/ruff format --check crawler assign tests bench
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format crawler assign tests bench
+	$(BIN)/ruff check --fix crawler assign tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/crawl_bench.py
+
+clean:
+	rm -rf $(VENV) mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache
