@@ -33,6 +33,9 @@ class RedisConfig:
     namespace: str = "mmc4"
     # Seconds between reconnect attempts while Redis is unreachable (doubles up to 30 s).
     reconnect_backoff_s: float = 0.5
+    # A Redis reply that takes longer than this counts as a lost connection (the call is
+    # retried): no process waits forever on a half-open connection.
+    socket_timeout_s: float = 15.0
 
 
 @dataclass
@@ -195,6 +198,7 @@ class Config:
         _check(self.limits.host_rate >= 0, "limits.host_rate must not be negative")
         _check(self.limits.local_host_rate >= 0, "limits.local_host_rate must not be negative")
         _check(self.limits.host_burst >= 1, "limits.host_burst must be at least 1")
+        _check(self.redis.socket_timeout_s >= 2, "redis.socket_timeout_s must be at least 2")
         _check(self.ingest.max_queue_depth > 0, "ingest.max_queue_depth must be positive")
         _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
         url = self.redis.url

@@ -35,6 +35,7 @@ def connect(cfg: Config) -> aioredis.Redis:
         redis_url(cfg),
         health_check_interval=30,
         socket_connect_timeout=5,
+        socket_timeout=cfg.redis.socket_timeout_s,  # > every BLOCK the crawler uses (0.5 s)
         socket_keepalive=True,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import faulthandler
 import logging
 import multiprocessing
 import os
 import random
 import signal
 import socket
+import sys
+import threading
 import time
 import traceback
 import uuid
@@ -31,6 +34,7 @@ from yarl import URL
 from crawler import early, images, status
 from crawler.config import Config
 from crawler.connection import connect
+from crawler.diagnostics import task_stacks
 from crawler.fetch import Fetcher, FetchResult, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
@@ -151,11 +155,23 @@ class Worker:
         return age < 3 * self.cfg.worker.heartbeat_interval_s + 10
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the worker gracefully; the process is also given a hard
+        deadline (see `_exit_watchdog`), so a stopping worker always ends."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+            loop.add_signal_handler(sig, self._on_signal)
         if early.stop_requested:  # signalled while starting up
-            self.request_stop()
+            self._on_signal()
+
+    def _on_signal(self) -> None:
+        if not self.stopping.is_set():
+            _exit_watchdog(self.stop_deadline_s())
+        self.request_stop()
+
+    def stop_deadline_s(self) -> float:
+        """The longest a graceful stop may take: grace, final flush, closing, and a margin."""
+        grace = self.cfg.worker.grace_period_s
+        return grace + max(5.0, grace) + 10.0
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
@@ -163,7 +179,7 @@ class Worker:
             self.force_exit.set()
         else:
             log.info(
-                "stopping: finishing in-flight work (grace %.0fs)", self.cfg.worker.grace_period_s
+                "stopping: finishing in-flight work (grace %gs)", self.cfg.worker.grace_period_s
             )
             self.stopping.set()
         self.room.set()
@@ -532,6 +548,24 @@ class Worker:
         self.stats.redis_calls += 1
         self.metrics.redis_calls.inc()
         self.metrics.redis_ok()
+
+
+def _exit_watchdog(after_s: float) -> None:
+    """End the process after `after_s` seconds if it is still alive, with every thread's and
+    every task's stack in the log: unrecorded items are redelivered after their lease anyway."""
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        log.error("graceful stop took longer than %gs: exiting now; stacks follow", after_s)
+        faulthandler.dump_traceback(all_threads=True)
+        with contextlib.suppress(Exception):  # another thread's loop: best effort
+            sys.stderr.write(task_stacks(loop) + "\n")
+        logging.shutdown()
+        os._exit(3)
+
+    timer = threading.Timer(after_s, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _log_task_error(task: asyncio.Future[Any]) -> None:

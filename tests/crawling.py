@@ -7,14 +7,16 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
 
 from crawler import status
 from crawler.config import Config
+from crawler.diagnostics import task_stacks
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
@@ -22,6 +24,8 @@ from crawler.shards import Shards
 from crawler.worker import Worker
 
 TEST_REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CRAWL_TIMEOUT_S = 90.0  # far beyond any test crawl; a hang fails with every task's stack
+T = TypeVar("T")
 
 
 def image_doc(urls: list[str], names: list[str] | None = None) -> dict[str, Any]:
@@ -58,13 +62,24 @@ async def crawl(cfg: Config, shard_paths: list[str], *, workers: int = 1) -> lis
         ingest = Ingest(cfg, client)
         await ingest.run(expand_sources(shard_paths))
         crew = [Worker(cfg) for _ in range(workers)]
-        await asyncio.gather(*(w.run(until_idle=True) for w in crew))
+        await within(CRAWL_TIMEOUT_S, asyncio.gather(*(w.run(until_idle=True) for w in crew)))
         await Shards(
             client, keys, WorkQueue(client, keys, cfg.queue), cfg.output_dir
         ).finalize_all()
         return crew
     finally:
         await client.aclose()
+
+
+async def within(seconds: float, aw: Awaitable[T]) -> T:
+    """Await `aw`, failing after `seconds` with the stack of every task still running."""
+    fut = asyncio.ensure_future(aw)
+    await asyncio.wait({fut}, timeout=seconds)
+    if not fut.done():
+        stacks = task_stacks()
+        fut.cancel()
+        raise AssertionError(f"not done after {seconds}s; tasks:\n{stacks}")
+    return fut.result()
 
 
 def report(cfg: Config, shard: str) -> dict[str, dict[str, Any]]:
@@ -107,13 +122,15 @@ def crawl_config(namespace: str, tmp_path: Path, **sections: dict[str, object]) 
     return cfg
 
 
-def start_worker(args: list[str]) -> subprocess.Popen[bytes]:
-    """A `mmc4-crawl worker` process with the given global options."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "crawler", *args, "worker"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def start_worker(args: list[str], log: Path | None = None) -> subprocess.Popen[bytes]:
+    """A `mmc4-crawl worker` process with the given global options; its log is appended to
+    `log` when given (read it when a test fails)."""
+    with open(log or os.devnull, "ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "crawler", "-v", *args, "worker"],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
 
 
 def flags(settings: dict[str, object]) -> list[str]:

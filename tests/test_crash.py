@@ -52,7 +52,8 @@ async def test_kill_9_workers_and_redis_mid_run_loses_nothing_and_duplicates_not
         await WorkQueue(client, keys, cfg.queue).ensure_group()
         ingest = Ingest(cfg, client)
         ingest_task = asyncio.create_task(ingest.run(expand_sources([str(shard)])))
-        procs = [start_worker(args) for _ in range(3)]
+        logs = tmp_path / "workers.log"
+        procs = [start_worker(args, logs) for _ in range(3)]
         kills, redis_restarted = 0, False
         deadline = time.monotonic() + 150
         try:
@@ -62,7 +63,7 @@ async def test_kill_9_workers_and_redis_mid_run_loses_nothing_and_duplicates_not
                     victim = rng.randrange(len(procs))
                     procs[victim].send_signal(signal.SIGKILL)
                     procs[victim].wait()
-                    procs[victim] = start_worker(args)
+                    procs[victim] = start_worker(args, logs)
                     kills += 1
                 if kills == 3 and not redis_restarted:
                     server.kill()

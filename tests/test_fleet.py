@@ -141,3 +141,41 @@ async def test_sigterm_finishes_within_the_grace_period_and_hands_back_the_rest(
     assert sorted(e[1][b"n"].decode() for e in handed_back) == sorted(
         u.rsplit("/", 1)[1] for u in stuck
     )
+
+
+async def test_a_worker_that_cannot_stop_gracefully_still_exits_by_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """A Redis that accepts connections and never answers: the worker hangs on its first
+    call; SIGTERM must still end it (exit code 3) with every thread's stack in its log."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        silent.append(w)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    log = tmp_path / "worker.log"
+    proc = start_worker(
+        flags({
+            "redis.url": f"redis://127.0.0.1:{port}/0", "redis.socket_timeout_s": 600,
+            "paths.output": tmp_path / "out", "worker.grace_period_s": 0.5,
+        }),
+        log,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not silent and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert silent, "the worker never connected"
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
+    assert code == 3
+    text = log.read_text()
+    assert "graceful stop took longer than" in text
+    assert "Thread 0x" in text and "File " in text  # the stacks, for the operator
