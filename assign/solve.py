@@ -6,10 +6,13 @@ the pairs that fall inside the real matrix and, when there are more images than 
 sends every image left without a sentence to its most similar sentence (``argmax`` on the
 original float64 row, first index on ties).
 
-``solver="lapjv"`` reproduces that result exactly, ties included. Because lapjv on the padded
-matrix costs O(d^3) for d = max(images, sentences) and a few documents have hundreds of
-sentences, large matrices first try a certified shortcut (``assign.certify``) that returns the
-same answer without calling lapjv whenever that answer is not decided by float32 rounding.
+``solver="lapjv"`` reproduces that result exactly, ties included. Matrices up to 63 x 63 (nearly
+every document) go through ``assign.jv``, a step-for-step port of lapjv's own float32 solver
+compiled with numba: the same answer by construction, without lapjv's per-call overheads.
+Because lapjv on the padded matrix costs O(d^3) for d = max(images, sentences) and a few
+documents have hundreds of sentences, larger matrices first try a certified shortcut
+(``assign.certify``) that returns the same answer without calling lapjv whenever that answer
+is not decided by float32 rounding, and call lapjv itself otherwise.
 
 ``solver="scipy"`` solves the rectangular problem exactly in float64 with
 ``scipy.optimize.linear_sum_assignment``: same optimum, but ties (and near-ties below float32
@@ -25,16 +28,14 @@ from lapjv import lapjv
 from numpy.typing import NDArray
 
 from assign.certify import certified_assignment
+from assign.jv import MAX_DIM as JV_MAX_DIM
+from assign.jv import jv_assign
 
 Solver = Literal["lapjv", "scipy"]
 SOLVERS: tuple[Solver, ...] = ("lapjv", "scipy")
 
 # The reference's padding cost (its `max_dummy_cost_value`).
 DUMMY_COST = 1000.0
-
-# Up to this size lapjv on the padded matrix costs about what the certified shortcut does
-# (measured: ~3 us at 20x20, ~30 us at 50x50, ~4 ms at 300x300; bench/assign_bench.py).
-LAPJV_DIRECT_MAX_DIM = 32
 
 
 def assign(sim: NDArray[np.float64], solver: Solver = "lapjv") -> list[int]:
@@ -49,10 +50,11 @@ def assign(sim: NDArray[np.float64], solver: Solver = "lapjv") -> list[int]:
         return _scipy_assign(sim)
     if solver != "lapjv":
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-    if max(n_images, n_sentences) > LAPJV_DIRECT_MAX_DIM:
-        shortcut = certified_assignment(sim)
-        if shortcut is not None:
-            return shortcut
+    if max(n_images, n_sentences) <= JV_MAX_DIM:
+        return jv_assign(sim)
+    shortcut = certified_assignment(sim)
+    if shortcut is not None:
+        return shortcut
     return lapjv_assign(sim)
 
 
