@@ -1,38 +1,125 @@
-"""lapjv's own algorithm, compiled with numba: the reference's answer without its overheads.
+"""lapjv's own algorithm, compiled with numba: the reference's answer, faster.
 
 The ``lapjv`` package (src-d/lapjv, ``lap.h``) solves the padded square problem in float32 with
-the Jonker-Volgenant algorithm. For matrices smaller than its ``FLOAT_MIN_DIM`` (64) it always
-uses the scalar minimum search (``find_umins_regular``), never its AVX2 kernel, so the whole
-solve is a fixed sequence of float32 subtractions and comparisons. ``_lap`` below performs
-that sequence step for step (same loops, same order of operations, same tie rules, same
-aliasing of the free-row list onto ``matches``), so on the same float32 matrix it returns the
-same row solution: the same answer by construction, not by a margin. The tests compare it with
-lapjv itself on hundreds of thousands of matrices, ties and near-ties included.
+the Jonker-Volgenant algorithm. ``_lap`` below performs the same sequence of float32
+subtractions and comparisons step for step (same loops, same order of operations, same tie
+rules, same aliasing of the free-row list onto ``matches``), so on the same float32 matrix it
+returns the same row solution: the same answer by construction, not by a margin.
 
-What it saves is everything around the solve: building the padded matrix in numpy, lapjv's
-argument parsing and its four output arrays, and the Python loop that keeps the real pairs and
-fills the images left over with their argmax. For a typical MMC4 document that overhead is most
-of the cost.
+One part of lapjv depends on the machine: the search for a row's two smallest reduced costs.
+Below 64 columns it is always the scalar loop (``find_umins_regular``); from 64 on, a lapjv built
+for AVX2 running on a CPU that has it uses an eight-lane vector search (``find_umins_avx2``)
+whose tie-breaking differs. Both are reproduced here; which one this machine's lapjv uses is
+asked of lapjv itself at import (``_detect_kernel``), and if neither matches, matrices of 64 or
+more are left to lapjv. The tests compare the port with lapjv on many thousands of matrices,
+ties and near-ties included.
+
+What it saves: building the padded matrix in numpy, lapjv's argument parsing and its four
+output arrays, the Python loop that keeps the real pairs and fills the images left over with
+their argmax; and, on the padding rows, two loops whose outcome is known (see the comments in
+``_lap``). On a typical padded MMC4 matrix that is most of the cost.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from lapjv import lapjv
 from numba import njit
 from numpy.typing import NDArray
 
-# lapjv switches to its AVX2 minimum search from this size on: beyond it, call lapjv itself.
+# Up to this size lapjv never uses its vector search: jv_assign needs no kernel detection.
 MAX_DIM = 63
 
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
+# lap.h's FLOAT_MIN_DIM: from this size on, lapjv built with AVX2 uses its vector kernel.
+AVX2_MIN_DIM = 64
 _DUMMY = np.float32(1000.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _find_umins_regular(
+    dim: int, row: NDArray[np.float32], v: NDArray[np.float32]
+) -> tuple[np.float32, np.float32, int, int]:
+    """lap.h ``find_umins_regular``: smallest and second smallest ``row - v``, first indices."""
+    umin = row[0] - v[0]
+    j1 = 0
+    j2 = -1
+    usubmin = _FLT_MAX
+    for j in range(1, dim):
+        h = row[j] - v[j]
+        if h < usubmin:
+            if h >= umin:
+                usubmin = h
+                j2 = j
+            else:
+                usubmin = umin
+                umin = h
+                j2 = j1
+                j1 = j
+    return umin, usubmin, j1, j2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _find_umins_avx2(
+    dim: int, row: NDArray[np.float32], v: NDArray[np.float32]
+) -> tuple[np.float32, np.float32, int, int]:
+    """lap.h ``find_umins_avx2`` (float): eight lanes of minima, merged, then the tail."""
+    lane_umin = np.full(8, _FLT_MAX, np.float32)
+    lane_usubmin = np.full(8, _FLT_MAX, np.float32)
+    lane_j1 = np.full(8, -1, np.int64)
+    lane_j2 = np.full(8, -1, np.int64)
+    for start in range(0, dim - 7, 8):
+        for lane in range(8):
+            j = start + lane
+            h = row[j] - v[j]
+            if h <= lane_umin[lane]:  # _CMP_LE_OQ
+                lane_usubmin[lane] = lane_umin[lane]
+                lane_j2[lane] = lane_j1[lane]
+                lane_umin[lane] = h
+                lane_j1[lane] = j
+            elif h < lane_usubmin[lane]:  # _CMP_LT_OQ, in lanes not taken above
+                lane_usubmin[lane] = h
+                lane_j2[lane] = j
+    j1 = -1
+    j2 = -1
+    umin = _FLT_MAX
+    usubmin = _FLT_MAX
+    for lane in range(8):
+        h = lane_umin[lane]
+        if h < usubmin:
+            jnew = lane_j1[lane]
+            if h >= umin:
+                usubmin = h
+                j2 = jnew
+            else:
+                usubmin = umin
+                umin = h
+                j2 = j1
+                j1 = jnew
+    for lane in range(8):
+        h = lane_usubmin[lane]
+        if h < usubmin:
+            usubmin = h
+            j2 = lane_j2[lane]
+    for j in range(dim & ~7, dim):
+        h = row[j] - v[j]
+        if h < usubmin:
+            if h >= umin:
+                usubmin = h
+                j2 = j
+            else:
+                usubmin = umin
+                umin = h
+                j2 = j1
+                j1 = j
+    return umin, usubmin, j1, j2
 
 
 # Explicit signatures: compiled (or loaded from numba's cache) when this module is imported,
 # not inside the first shard.
-@njit("int64[::1](int64, float32[:, ::1], int64)", cache=True, nogil=True)
-def _lap(dim: int, cost: NDArray[np.float32], real_rows: int) -> NDArray[np.int64]:
-    """Row solution of lap.h ``lap<avx2=false>`` on a square float32 ``cost`` (dim < 64).
+@njit("int64[::1](int64, float32[:, ::1], int64, boolean)", cache=True, nogil=True)
+def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDArray[np.int64]:
+    """Row solution of lap.h ``lap<avx2>`` on a square float32 ``cost``.
 
     Rows from ``real_rows`` on must be padding (all 1000) and every cost at most 1000; two loops
     then skip work whose outcome is known (see the comments), which changes no result.
@@ -88,22 +175,10 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int) -> NDArray[np.int6
         while k < prevnumfree:
             i = free[k]
             k += 1
-            # find_umins_regular
-            umin = cost[i, 0] - v[0]
-            j1 = 0
-            j2 = -1
-            usubmin = _FLT_MAX
-            for j in range(1, dim):
-                h = cost[i, j] - v[j]
-                if h < usubmin:
-                    if h >= umin:
-                        usubmin = h
-                        j2 = j
-                    else:
-                        usubmin = umin
-                        umin = h
-                        j2 = j1
-                        j1 = j
+            if avx2 and dim >= AVX2_MIN_DIM:
+                umin, usubmin, j1, j2 = _find_umins_avx2(dim, cost[i], v)
+            else:
+                umin, usubmin, j1, j2 = _find_umins_regular(dim, cost[i], v)
             i0 = colsol[j1]
             vj1_new = v[j1] - (usubmin - umin)
             vj1_lowers = vj1_new < v[j1]
@@ -198,8 +273,8 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int) -> NDArray[np.int6
     return rowsol
 
 
-@njit("int64[::1](float64[:, ::1])", cache=True, nogil=True)
-def _assign(sim: NDArray[np.float64]) -> NDArray[np.int64]:
+@njit("int64[::1](float64[:, ::1], boolean)", cache=True, nogil=True)
+def _assign(sim: NDArray[np.float64], avx2: bool) -> NDArray[np.int64]:
     n_images, n_sentences = sim.shape
     dim = max(n_images, n_sentences)
     cost = np.full((dim, dim), _DUMMY, np.float32)
@@ -209,7 +284,7 @@ def _assign(sim: NDArray[np.float64]) -> NDArray[np.int64]:
             cost[i, j] = np.float32(-sim[i, j])  # float64 -> float32, as lapjv casts it
             if not cost[i, j] <= _DUMMY:
                 bounded = False
-    rowsol = _lap(dim, cost, n_images if bounded else dim)
+    rowsol = _lap(dim, cost, n_images if bounded else dim, avx2)
     out = np.empty(n_images, np.int64)
     for i in range(n_images):
         j = rowsol[i]
@@ -224,18 +299,95 @@ def _assign(sim: NDArray[np.float64]) -> NDArray[np.int64]:
     return out
 
 
-def lapjv_rowsol(cost: NDArray[np.float32]) -> NDArray[np.int64]:
-    """lapjv's row solution of a square float32 matrix smaller than 64 x 64 (for tests)."""
+@njit("float64(float64[:, ::1])", cache=True, nogil=True)
+def _max_abs(sim: NDArray[np.float64]) -> float:
+    largest = 0.0
+    for value in sim.ravel():
+        magnitude = abs(value)
+        if magnitude != magnitude:
+            return magnitude  # NaN
+        largest = max(largest, magnitude)
+    return largest
+
+
+def max_abs(sim: NDArray[np.float64]) -> float:
+    """Largest magnitude in a C-contiguous float64 matrix (NaN if there is one)."""
+    return float(_max_abs(sim))
+
+
+def _probe_costs(seed: int) -> NDArray[np.float32]:
+    """A 64 x 64 matrix full of ties, on which the two minimum searches disagree."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 4, (AVX2_MIN_DIM, AVX2_MIN_DIM)).astype(np.float32)
+
+
+def _detect_kernel() -> bool | None:
+    """Whether this machine's lapjv uses its AVX2 search from 64 columns on (None: neither fits).
+
+    lapjv picks its kernel from the CPU at run time, so ask it: on matrices where the scalar and
+    the AVX2 search lead to different solutions, see which one lapjv returns.
+    """
+    answers = set()
+    for seed in _PROBE_SEEDS:
+        cost = _probe_costs(seed)
+        expected = lapjv(cost)[0].tolist()
+        scalar = _lap(AVX2_MIN_DIM, cost, AVX2_MIN_DIM, False).tolist()
+        vector = _lap(AVX2_MIN_DIM, cost, AVX2_MIN_DIM, True).tolist()
+        if scalar == vector:
+            return None  # not a probe after all: make no claim
+        if expected == vector:
+            answers.add(True)
+        elif expected == scalar:
+            answers.add(False)
+        else:
+            return None
+    return answers.pop() if len(answers) == 1 else None
+
+
+_PROBE_SEEDS = (1, 2, 3)
+_KERNEL_AVX2 = _detect_kernel()
+
+
+def kernel_known() -> bool:
+    """Whether ``exact_assign`` can reproduce lapjv on this machine for every size."""
+    return _KERNEL_AVX2 is not None
+
+
+def exact_assign(sim: NDArray[np.float64]) -> list[int] | None:
+    """The reference's assignment for a finite, non-empty similarity matrix of any size.
+
+    ``None`` when the matrix has 64 or more rows or columns and this machine's lapjv kernel
+    could not be identified (see ``_detect_kernel``): the caller then runs lapjv.
+    """
+    n_images, n_sentences = sim.shape
+    if n_images < 1 or n_sentences < 1:
+        raise ValueError(f"similarity matrix must not be empty, got shape {sim.shape}")
+    avx2 = False
+    if max(n_images, n_sentences) >= AVX2_MIN_DIM:
+        if _KERNEL_AVX2 is None:
+            return None
+        avx2 = _KERNEL_AVX2
+    if not (sim.flags.c_contiguous and sim.dtype == np.float64):
+        sim = np.ascontiguousarray(sim, dtype=np.float64)
+    result: list[int] = _assign(sim, avx2).tolist()
+    return result
+
+
+def lapjv_rowsol(cost: NDArray[np.float32], avx2: bool = False) -> NDArray[np.int64]:
+    """lapjv's row solution of a square float32 matrix, with the scalar or the AVX2 search."""
     dim = cost.shape[0]
-    if cost.shape != (dim, dim) or not 0 < dim <= MAX_DIM:
-        raise ValueError(f"need a square matrix of at most {MAX_DIM} rows, got {cost.shape}")
-    result: NDArray[np.int64] = _lap(dim, np.ascontiguousarray(cost, dtype=np.float32), dim)
+    if cost.shape != (dim, dim) or dim < 1:
+        raise ValueError(f"need a non-empty square matrix, got {cost.shape}")
+    result: NDArray[np.int64] = _lap(dim, np.ascontiguousarray(cost, dtype=np.float32), dim, avx2)
     return result
 
 
 def jv_assign(sim: NDArray[np.float64]) -> list[int]:
     """The reference's assignment for a finite similarity matrix with max(shape) <= MAX_DIM."""
-    if not 0 < max(sim.shape) <= MAX_DIM or min(sim.shape) < 1:
+    n_images, n_sentences = sim.shape
+    if not (0 < n_images <= MAX_DIM and 0 < n_sentences <= MAX_DIM):
         raise ValueError(f"need a non-empty matrix of at most {MAX_DIM} rows/columns")
-    result: list[int] = _assign(np.ascontiguousarray(sim, dtype=np.float64)).tolist()
+    if not (sim.flags.c_contiguous and sim.dtype == np.float64):
+        sim = np.ascontiguousarray(sim, dtype=np.float64)
+    result: list[int] = _assign(sim, False).tolist()
     return result

@@ -2,8 +2,11 @@
 
 Documents stay in their order with their keys in their order; lines that are not JSON, and
 documents that cannot be assigned, are copied byte for byte; every output line ends with a
-newline. The shard is streamed, never loaded whole. The output replaces its destination
-atomically (``assign.shardio``); then a report ``<name>.report.json`` is written next to it.
+newline. A plain reassignment takes most lines through ``assign.fastline``, which writes every
+top-level field but ``image_info`` back as the bytes it was read as; the rest go through
+``assign.jsonline`` and ``assign.document``. The shard is streamed, never loaded whole. The
+output replaces its destination atomically (``assign.shardio``); then a report
+``<name>.report.json`` is written next to it.
 
 Resume: a destination whose report says it is complete, was made with the same settings and
 matches the output's size is skipped. The old report is removed before the new output is
@@ -22,6 +25,7 @@ from typing import IO, Any
 import orjson
 
 from assign.document import AssignOptions, Outcome, assign_document
+from assign.fastline import rewrite_plain
 from assign.jsonline import MalformedLine, parse_line
 from assign.jsonline import dump_line as _dump
 from assign.shardio import atomic_writer, discard_leftovers, open_lines, write_atomically
@@ -129,6 +133,13 @@ def _rewrite_lines(
 
 def _rewrite_line(raw: bytes, options: AssignOptions, report: ShardReport) -> bytes:
     original = raw if raw.endswith(b"\n") else raw + b"\n"
+    if options.stored is None:  # plain reassignment: the common line takes the fast path
+        fast = rewrite_plain(original[:-1], options.solver)
+        if fast is not None:
+            report.docs += 1
+            report.rewritten += 1
+            report.kept_images += fast[1]
+            return fast[0]
     try:
         parsed = parse_line(original[:-1])
     except MalformedLine:

@@ -6,13 +6,14 @@ the pairs that fall inside the real matrix and, when there are more images than 
 sends every image left without a sentence to its most similar sentence (``argmax`` on the
 original float64 row, first index on ties).
 
-``solver="lapjv"`` reproduces that result exactly, ties included. Matrices up to 63 x 63 (nearly
-every document) go through ``assign.jv``, a step-for-step port of lapjv's own float32 solver
-compiled with numba: the same answer by construction, without lapjv's per-call overheads.
-Because lapjv on the padded matrix costs O(d^3) for d = max(images, sentences) and a few
-documents have hundreds of sentences, larger matrices first try a certified shortcut
-(``assign.certify``) that returns the same answer without calling lapjv whenever that answer
-is not decided by float32 rounding, and call lapjv itself otherwise.
+``solver="lapjv"`` reproduces that result exactly, ties included. ``assign.jv`` is a step-for-step
+port of lapjv's own float32 solver compiled with numba: the same answer by construction,
+without lapjv's per-call overheads, and several times faster on the padded matrices. Matrices
+up to 63 x 63 (nearly every document) go straight to it. Because the padded problem costs
+O(d^3) for d = max(images, sentences) and a few documents have hundreds of sentences, larger
+matrices first try a certified shortcut (``assign.certify``) that returns the same answer
+whenever that answer is not decided by float32 rounding, and otherwise go to the port (or to
+lapjv itself, on a machine whose lapjv kernel the port could not identify).
 
 ``solver="scipy"`` solves the rectangular problem exactly in float64 with
 ``scipy.optimize.linear_sum_assignment``: same optimum, but ties (and near-ties below float32
@@ -29,7 +30,7 @@ from numpy.typing import NDArray
 
 from assign.certify import certified_assignment
 from assign.jv import MAX_DIM as JV_MAX_DIM
-from assign.jv import jv_assign
+from assign.jv import exact_assign, jv_assign
 
 Solver = Literal["lapjv", "scipy"]
 SOLVERS: tuple[Solver, ...] = ("lapjv", "scipy")
@@ -55,7 +56,8 @@ def assign(sim: NDArray[np.float64], solver: Solver = "lapjv") -> list[int]:
     shortcut = certified_assignment(sim)
     if shortcut is not None:
         return shortcut
-    return lapjv_assign(sim)
+    exact = exact_assign(sim)
+    return exact if exact is not None else lapjv_assign(sim)
 
 
 def lapjv_assign(sim: NDArray[np.float64]) -> list[int]:

@@ -15,7 +15,8 @@ from lapjv import lapjv
 from numpy.typing import NDArray
 from test_assign_solve import random_similarities, reference_assignment
 
-from assign.jv import MAX_DIM, jv_assign, lapjv_rowsol
+from assign import jv
+from assign.jv import MAX_DIM, exact_assign, jv_assign, lapjv_rowsol
 
 ULP_AT_1000 = 6.1e-5
 
@@ -80,8 +81,40 @@ def test_one_image_ties_break_as_lapjv_breaks_them() -> None:
         assert jv_assign(matrix) == reference_assignment(matrix)
 
 
-def test_matrices_beyond_the_limit_are_refused() -> None:
+def test_matrices_beyond_the_scalar_limit_are_refused_by_jv_assign() -> None:
     with pytest.raises(ValueError):
         jv_assign(np.zeros((2, MAX_DIM + 1)))
     with pytest.raises(ValueError):
-        lapjv_rowsol(np.zeros((MAX_DIM + 1, MAX_DIM + 1), np.float32))
+        exact_assign(np.zeros((0, 3)))
+
+
+def test_this_machines_lapjv_kernel_is_identified() -> None:
+    # The development and CI machines have AVX2; a machine without it would use the scalar one.
+    assert jv.kernel_known()
+
+
+def test_from_64_columns_the_row_solution_follows_this_machines_lapjv_kernel() -> None:
+    rng = np.random.default_rng(14)
+    avx2 = jv._KERNEL_AVX2
+    assert avx2 is not None
+    for trial in range(600):
+        dim = int(rng.integers(64, 140))
+        cost = random_costs(rng, dim, kind=trial % 5)
+        assert lapjv_rowsol(cost, avx2).tolist() == lapjv(cost)[0].tolist(), (dim, trial)
+
+
+def test_the_two_minimum_searches_really_differ_on_ties() -> None:
+    # Otherwise the kernel test above would prove nothing.
+    cost = jv._probe_costs(1)
+    assert lapjv_rowsol(cost, True).tolist() != lapjv_rowsol(cost, False).tolist()
+
+
+def test_large_matrices_equal_the_reference() -> None:
+    rng = np.random.default_rng(15)
+    for trial in range(300):
+        n = int(rng.integers(1, 70))
+        m = int(rng.integers(64, 260)) if trial % 2 else max(1, int(rng.integers(1, 40)))
+        if trial % 3 == 0:
+            n, m = m, n
+        sim = random_similarities(rng, (n, m), kind=trial % 6)
+        assert exact_assign(sim) == reference_assignment(sim), ((n, m), trial)
