@@ -34,7 +34,8 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from assign.jv import max_abs
+from assign.jv import MAX_DIM as JV_MAX_DIM
+from assign.jv import max_abs, small_assign_within
 from assign.solve import Solver, assign
 
 
@@ -68,7 +69,7 @@ class PlainDoc:
 
 
 def parse_plain(line: bytes) -> PlainDoc | None:
-    """``line`` (without its newline) read for the fast path, or None: use the general path."""
+    """``line`` (its newline optional) read for the fast path, or None: use the general path."""
     if not line.isascii():
         try:
             line.decode()  # msgspec does not check the UTF-8 inside strings it skips
@@ -83,13 +84,14 @@ def parse_plain(line: bytes) -> PlainDoc | None:
     rows, n_texts = fields.similarity_matrix, len(fields.text_list)
     if not images or not n_texts or len(rows) != len(images):
         return None
-    if not all(len(row) == n_texts for row in rows):
+    try:
+        sim = np.array(rows, dtype=np.float64)
+    except ValueError:  # rows of different lengths
+        return None
+    if sim.shape[1] != n_texts:
         return None
     start = _unique_position(line, images_text)
     if start < 0:
-        return None
-    sim = np.array(rows, dtype=np.float64)
-    if not max_abs(sim) < _LIMIT:
         return None
     return PlainDoc(line, start, start + len(images_text), images, rows, sim)
 
@@ -105,23 +107,35 @@ def _unique_position(line: bytes, text: bytes) -> int:
     return start
 
 
-def solve_plain(doc: PlainDoc, solver: Solver) -> None:
-    """Set every image's ``matched_text_index`` and ``matched_sim``, as the reference does."""
-    for entry, row, index in zip(doc.images, doc.rows, assign(doc.sim, solver), strict=True):
+def solve_plain(doc: PlainDoc, solver: Solver) -> bool:
+    """Set every image's ``matched_text_index`` and ``matched_sim`` as the reference does;
+    False (and nothing changed) if a similarity is out of the fast path's range."""
+    sim = doc.sim
+    n_images, n_sentences = sim.shape
+    if solver == "lapjv" and n_images <= JV_MAX_DIM and n_sentences <= JV_MAX_DIM:
+        assignment = small_assign_within(sim, _LIMIT)  # the range check and jv_assign, in one
+        if assignment is None:
+            return False
+    else:
+        if not max_abs(sim) < _LIMIT:
+            return False
+        assignment = assign(sim, solver)
+    for entry, row, index in zip(doc.images, doc.rows, assignment, strict=True):
         entry["matched_text_index"] = index
         entry["matched_sim"] = row[index]
+    return True
 
 
 def dump_plain(doc: PlainDoc) -> bytes:
-    """The line with its new ``image_info`` text, and a trailing newline."""
-    line = doc.line
-    return b"".join((line[: doc.start], _ENCODE(doc.images), line[doc.end :], b"\n"))
+    """The line with its new ``image_info`` text, ending with a newline."""
+    line = memoryview(doc.line)
+    newline = b"" if doc.line.endswith(b"\n") else b"\n"
+    return b"".join((line[: doc.start], _ENCODE(doc.images), line[doc.end :], newline))
 
 
 def rewrite_plain(line: bytes, solver: Solver) -> tuple[bytes, int] | None:
     """The rewritten line and its number of images, or None: use the general path."""
     doc = parse_plain(line)
-    if doc is None:
+    if doc is None or not solve_plain(doc, solver):
         return None
-    solve_plain(doc, solver)
     return dump_plain(doc), len(doc.images)

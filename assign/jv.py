@@ -299,6 +299,14 @@ def _assign(sim: NDArray[np.float64], avx2: bool) -> NDArray[np.int64]:
     return out
 
 
+@njit("int64[::1](float64[:, ::1], float64)", cache=True, nogil=True)
+def _assign_within(sim: NDArray[np.float64], limit: float) -> NDArray[np.int64]:
+    for value in sim.ravel():
+        if not abs(value) < limit:
+            return np.empty(0, np.int64)
+    return _assign(sim, False)
+
+
 @njit("float64(float64[:, ::1])", cache=True, nogil=True)
 def _max_abs(sim: NDArray[np.float64]) -> float:
     largest = 0.0
@@ -308,6 +316,13 @@ def _max_abs(sim: NDArray[np.float64]) -> float:
             return magnitude  # NaN
         largest = max(largest, magnitude)
     return largest
+
+
+def small_assign_within(sim: NDArray[np.float64], limit: float) -> list[int] | None:
+    """``jv_assign`` for a C-contiguous float64 matrix of 1..MAX_DIM rows and columns, or
+    ``None`` if some similarity is not below ``limit`` in magnitude (NaN included)."""
+    result: list[int] = _assign_within(sim, limit).tolist()
+    return result or None
 
 
 def max_abs(sim: NDArray[np.float64]) -> float:

@@ -126,20 +126,22 @@ def _rewrite_lines(
     lines: IO[bytes], out: IO[bytes], options: AssignOptions, report: ShardReport
 ) -> None:
     write = out.write
+    plain, solver = options.stored is None, options.solver
     for raw in lines:
         report.lines += 1
-        write(_rewrite_line(raw, options, report))
-
-
-def _rewrite_line(raw: bytes, options: AssignOptions, report: ShardReport) -> bytes:
-    original = raw if raw.endswith(b"\n") else raw + b"\n"
-    if options.stored is None:  # plain reassignment: the common line takes the fast path
-        fast = rewrite_plain(original[:-1], options.solver)
+        # A plain reassignment: the common line takes the fast path.
+        fast = rewrite_plain(raw, solver) if plain else None
         if fast is not None:
             report.docs += 1
             report.rewritten += 1
             report.kept_images += fast[1]
-            return fast[0]
+            write(fast[0])
+        else:
+            write(_rewrite_line(raw, options, report))
+
+
+def _rewrite_line(raw: bytes, options: AssignOptions, report: ShardReport) -> bytes:
+    original = raw if raw.endswith(b"\n") else raw + b"\n"
     try:
         parsed = parse_line(original[:-1])
     except MalformedLine:
