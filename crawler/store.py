@@ -3,18 +3,26 @@
 A reader never sees a truncated image under its final name: bytes go to a hidden temporary
 file in the same directory, which is renamed over the final name once complete. Leftover
 temporary files of a killed worker start with '.' and are removed by :func:`sweep_temporary`.
+
+The image work and the write happen in the same pool process (:func:`shrink_and_store`,
+:func:`verify_stored`): image bytes cross between processes once (the response body, to the
+pool) and only the record's fields come back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
-import aiofiles
-import aiofiles.os
+from crawler import images
+from crawler.images import ImageResult, ImageSettings
+from crawler.status import WRITE_ERROR
 
 TMP_PREFIX = ".tmp-"
 
@@ -22,7 +30,6 @@ TMP_PREFIX = ".tmp-"
 class Store:
     def __init__(self, output: Path) -> None:
         self.output = output
-        self._made: set[str] = set()
 
     def relative(self, shard: str, name: str) -> str:
         return f"{shard}/{name}"
@@ -30,30 +37,60 @@ class Store:
     def path(self, shard: str, name: str) -> Path:
         return self.output / shard / name
 
-    async def exists(self, shard: str, name: str) -> bool:
-        return await aiofiles.os.path.isfile(self.path(shard, name))
+    def on_disk(self, items: Iterable[tuple[str, str]]) -> list[bool]:
+        """For each (shard, name): is a file there? (Blocking: call it in a thread, once
+        for a whole batch of items.)"""
+        return [self.path(shard, name).is_file() for shard, name in items]
 
-    async def read(self, shard: str, name: str) -> bytes:
-        async with aiofiles.open(self.path(shard, name), "rb") as fh:
-            return await fh.read()
 
-    async def write(self, shard: str, name: str, data: bytes) -> str:
-        """Write atomically; returns the path relative to the output directory."""
-        directory = self.output / shard
-        if shard not in self._made:
-            await aiofiles.os.makedirs(directory, exist_ok=True)
-            self._made.add(shard)
-        final = directory / name
-        tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            async with aiofiles.open(tmp, "wb") as fh:
-                await fh.write(data)
-            await aiofiles.os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return self.relative(shard, name)
+def write_atomic(final: Path, data: bytes) -> None:
+    """Write `data` under `final` via a temporary file in the same directory and a rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def shrink_and_store(data: bytes, settings: ImageSettings, final: str) -> ImageResult:
+    """Pool job: check and shrink a downloaded image, then write what is kept to `final`.
+
+    The result carries no image bytes (`stored_bytes` says how many were written); a failed
+    write is status "write_error" with the OS error.
+    """
+    img = images.process_image(data, settings)
+    if img.status != "ok":
+        return img
+    out = data if img.keep_original else (img.data or b"")
+    try:
+        write_atomic(Path(final), out)
+    except OSError as exc:
+        return dataclasses.replace(img, status=WRITE_ERROR, error=str(exc), data=None)
+    return dataclasses.replace(img, data=None, stored_bytes=len(out))
+
+
+def verify_stored(final: str, settings: ImageSettings) -> ImageResult | None:
+    """Pool job: the result for a file an earlier run stored, or None when it is missing or
+    not a valid image (then it is fetched again)."""
+    try:
+        data = Path(final).read_bytes()
+    except OSError:
+        return None
+    img = images.process_image(data, settings)
+    if img.status != "ok":
+        return None
+    if img.keep_original:
+        return dataclasses.replace(img, stored_bytes=len(data))
+    # Valid, but this pipeline would store it differently (say, 16-bit): describe the file.
+    return dataclasses.replace(
+        img, data=None, stored_bytes=len(data), stored_mimetype=img.mimetype,
+        sha256=hashlib.sha256(data).hexdigest(), keep_original=True,
+    )  # fmt: skip
 
 
 def sweep_temporary(directory: Path, older_than_s: float = 600.0) -> int:

@@ -25,7 +25,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -41,9 +41,10 @@ from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import Shards
-from crawler.store import Store, sweep_temporary
+from crawler.store import Store, shrink_and_store, sweep_temporary, verify_stored
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -267,13 +268,18 @@ class Worker:
     async def _take(self, items: list[Item]) -> None:
         backlog = self.cfg.limits.host_backlog
         deferred: list[Item] = []
+        taken: list[tuple[Item, str]] = []
         for item in items:
             host = URL(item.url).host or ""
             if self.gate.backlog(host) >= backlog:
                 deferred.append(item)
                 continue
             self.held[item.id] = item
-            task = asyncio.create_task(self._process(item, host))
+            taken.append((item, host))
+        # One thread hop per batch: which of these a previous run already stored.
+        on_disk = await asyncio.to_thread(self.store.on_disk, [(i.shard, i.name) for i, _ in taken])
+        for (item, host), stored in zip(taken, on_disk, strict=True):
+            task = asyncio.create_task(self._process(item, host, stored))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if deferred:
@@ -283,9 +289,9 @@ class Worker:
             self.metrics.deferred.inc(len(deferred))
 
     # ---- one item --------------------------------------------------------------------
-    async def _process(self, item: Item, host: str) -> None:
+    async def _process(self, item: Item, host: str, on_disk: bool) -> None:
         try:
-            rec = await self._handle(item, host)
+            rec = await self._handle(item, host, on_disk)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -308,8 +314,8 @@ class Worker:
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
 
-    async def _handle(self, item: Item, host: str) -> dict[str, Any]:
-        if await self.store.exists(item.shard, item.name):
+    async def _handle(self, item: Item, host: str, on_disk: bool) -> dict[str, Any]:
+        if on_disk:
             existing = await self._existing(item)
             if existing is not None:
                 return existing
@@ -346,10 +352,9 @@ class Worker:
             delay = max(delay, min(retry_after, f.retry_after_max_s))
         return delay
 
-    async def _run_image(self, data: bytes) -> images.ImageResult:
-        loop = asyncio.get_running_loop()
+    async def _in_pool(self, fn: Callable[..., _R], *args: Any) -> _R:
         assert self._pool is not None
-        return await loop.run_in_executor(self._pool, images.process_image, data, self.settings)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _stop_pool(self) -> None:
         """Stop the image processes now: nothing they still hold will be recorded anyway."""
@@ -371,7 +376,8 @@ class Worker:
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
-        img = await self._run_image(body)
+        final = str(self.store.path(item.shard, item.name))
+        img = await self._in_pool(shrink_and_store, body, self.settings, final)
         common = {
             "http_code": http_code,
             "attempts": attempts,
@@ -382,34 +388,25 @@ class Worker:
         }
         if img.status != status.OK:
             return status.make_record(item.name, item.url, img.status, error=img.error, **common)
-        data = body if img.keep_original else (img.data or b"")
-        try:
-            path = await self.store.write(item.shard, item.name, data)
-        except OSError as exc:
-            return status.make_record(
-                item.name, item.url, status.WRITE_ERROR, error=str(exc), **common
-            )
         return status.make_record(
             item.name, item.url, status.OK,
-            mimetype=img.stored_mimetype, bytes=len(data), width=img.width, height=img.height,
-            sha256=img.sha256, path=path, **common,
+            mimetype=img.stored_mimetype, bytes=img.stored_bytes, width=img.width,
+            height=img.height, sha256=img.sha256, path=self.store.relative(item.shard, item.name),
+            **common,
         )  # fmt: skip
 
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
-        try:
-            data = await self.store.read(item.shard, item.name)
-        except OSError:
-            return None
-        img = await self._run_image(data)
-        if img.status != status.OK:
-            return None  # not a valid image after all: fetch again
+        final = str(self.store.path(item.shard, item.name))
+        img = await self._in_pool(verify_stored, final, self.settings)
+        if img is None:
+            return None  # gone, or not a valid image after all: fetch again
         return status.make_record(
             item.name, item.url, status.OK,
-            mimetype=img.stored_mimetype, bytes=len(data), width=img.width, height=img.height,
-            orig_width=img.orig_width, orig_height=img.orig_height, sha256=img.sha256,
-            path=self.store.relative(item.shard, item.name), error="already on disk",
-            source_mimetype=img.mimetype, source_bytes=len(data),
+            mimetype=img.stored_mimetype, bytes=img.stored_bytes, width=img.width,
+            height=img.height, orig_width=img.orig_width, orig_height=img.orig_height,
+            sha256=img.sha256, path=self.store.relative(item.shard, item.name),
+            error="already on disk", source_mimetype=img.mimetype, source_bytes=img.stored_bytes,
         )  # fmt: skip
 
     # ---- background ------------------------------------------------------------------
