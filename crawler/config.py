@@ -83,6 +83,9 @@ class WorkerConfig:
     max_connections: int = 1000
     # Image processes per worker (0: one per CPU core).
     image_processes: int = 0
+    # Downloaded bodies waiting for an image process, in MB: while more than this waits, no
+    # new request starts (bounds memory when image work, not the network, is the limit).
+    max_waiting_image_mb: int = 128
     # Results are written to Redis in batches: at most this many, at least this often.
     flush_batch: int = 500
     flush_interval_s: float = 0.25
@@ -189,6 +192,9 @@ class Config:
         _check(0 < self.images.jpeg_quality <= 100, "images.jpeg_quality must be in 1..100")
         _check(self.worker.window > 0, "worker.window must be positive")
         _check(self.worker.max_connections > 0, "worker.max_connections must be positive")
+        _check(
+            self.worker.max_waiting_image_mb >= 1, "worker.max_waiting_image_mb must be at least 1"
+        )
         _check(self.queue.max_deliveries >= 1, "queue.max_deliveries must be at least 1")
         _check(self.queue.lease_timeout_s > 0, "queue.lease_timeout_s must be positive")
         _check(self.fetch.max_attempts >= 1, "fetch.max_attempts must be at least 1")

@@ -57,6 +57,8 @@ class WorkerStats:
     dead_lettered: int = 0
     deferred: int = 0
     redis_calls: int = 0
+    # Most bytes of downloaded bodies waiting for (or in) an image process at once.
+    peak_waiting_bytes: int = 0
 
     def count(self, st: str, nbytes: int) -> None:
         self.processed += 1
@@ -100,6 +102,9 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._waiting_bytes = 0  # bodies handed to the image pool and not yet done
+        self._image_room = asyncio.Event()
+        self._image_room.set()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.client: aioredis.Redis
         self.queue: WorkQueue
@@ -324,6 +329,7 @@ class Worker:
         for attempts in range(1, self.cfg.fetch.max_attempts + 1):
             started = time.monotonic()
             async with self.gate.slot(host):
+                await self._room_for_images()
                 res = await self.fetcher.fetch(item.url)
             self.metrics.fetch_seconds.observe(time.monotonic() - started)
             if res.retry_after is not None:
@@ -352,6 +358,13 @@ class Worker:
             delay = max(delay, min(retry_after, f.retry_after_max_s))
         return delay
 
+    async def _room_for_images(self) -> None:
+        """Wait while the image pool already has its fill of downloaded bodies."""
+        budget = self.cfg.worker.max_waiting_image_mb << 20
+        while self._waiting_bytes > budget:
+            self._image_room.clear()
+            await self._image_room.wait()
+
     async def _in_pool(self, fn: Callable[..., _R], *args: Any) -> _R:
         assert self._pool is not None
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -377,7 +390,14 @@ class Worker:
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
         final = str(self.store.path(item.shard, item.name))
-        img = await self._in_pool(shrink_and_store, body, self.settings, final)
+        self._waiting_bytes += len(body)
+        self.stats.peak_waiting_bytes = max(self.stats.peak_waiting_bytes, self._waiting_bytes)
+        try:
+            img = await self._in_pool(shrink_and_store, body, self.settings, final)
+        finally:
+            self._waiting_bytes -= len(body)
+            if self._waiting_bytes <= self.cfg.worker.max_waiting_image_mb << 20:
+                self._image_room.set()
         common = {
             "http_code": http_code,
             "attempts": attempts,

@@ -223,3 +223,27 @@ async def test_retry_after_slows_the_host_down(
     later = [a for a in arrivals if a.start > first_429.start]
     assert later and min(a.start for a in later) >= first_429.end + 0.9
     assert {r["status"] for r in report(cfg, "ra_shard").values()} == {"ok"}
+
+
+async def test_bodies_waiting_for_image_work_stay_within_the_budget(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    """Unlimited hosts on loopback: fetching outruns the one image process. Once the waiting
+    bodies pass the budget no new request starts, so at most the budget plus the requests
+    already in flight (six hosts, one each) ever wait, not the whole window."""
+    tag = namespace
+    urls = [web.url(i % 6, f"/img/1600x1200/{tag}-{i}.png") for i in range(60)]
+    docs = [image_doc(urls[i : i + 6]) for i in range(0, len(urls), 6)]
+    shard = write_docs(tmp_path / "budget_shard.jsonl", docs)
+    cfg = crawl_config(
+        namespace, tmp_path,
+        worker={"max_waiting_image_mb": 1},
+        limits={"host_rate": 0, "local_host_rate": 0, "host_concurrency": 1},
+    )  # fmt: skip
+    [worker] = await crawl(cfg, [str(shard)])
+    records = report(cfg, "budget_shard").values()
+    assert {r["status"] for r in records} == {"ok"}
+    largest = max(r["source_bytes"] for r in records)
+    bound = (1 << 20) + 6 * largest  # six hosts, one request each
+    assert sum(r["source_bytes"] for r in records) > 4 * bound
+    assert worker.stats.peak_waiting_bytes <= bound
