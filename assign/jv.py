@@ -61,13 +61,19 @@ def _find_umins_regular(
 
 @njit(cache=True, nogil=True, inline="always")
 def _find_umins_avx2(
-    dim: int, row: NDArray[np.float32], v: NDArray[np.float32]
+    dim: int,
+    row: NDArray[np.float32],
+    v: NDArray[np.float32],
+    lane_umin: NDArray[np.float32],
+    lane_usubmin: NDArray[np.float32],
+    lane_j1: NDArray[np.int64],
+    lane_j2: NDArray[np.int64],
 ) -> tuple[np.float32, np.float32, int, int]:
     """lap.h ``find_umins_avx2`` (float): eight lanes of minima, merged, then the tail."""
-    lane_umin = np.full(8, _FLT_MAX, np.float32)
-    lane_usubmin = np.full(8, _FLT_MAX, np.float32)
-    lane_j1 = np.full(8, -1, np.int64)
-    lane_j2 = np.full(8, -1, np.int64)
+    lane_umin[:] = _FLT_MAX
+    lane_usubmin[:] = _FLT_MAX
+    lane_j1[:] = -1
+    lane_j2[:] = -1
     for start in range(0, dim - 7, 8):
         for lane in range(8):
             j = start + lane
@@ -131,6 +137,10 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
     rowsol = np.full(dim, -1, np.int64)
     colsol = np.full(dim, -1, np.int64)
     v = np.empty(dim, np.float32)
+    lane_umin = np.empty(8, np.float32)  # the AVX2 search's registers
+    lane_usubmin = np.empty(8, np.float32)
+    lane_j1 = np.empty(8, np.int64)
+    lane_j2 = np.empty(8, np.int64)
 
     # COLUMN REDUCTION, last column first.
     for j in range(dim - 1, -1, -1):
@@ -176,7 +186,9 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
             i = free[k]
             k += 1
             if avx2 and dim >= AVX2_MIN_DIM:
-                umin, usubmin, j1, j2 = _find_umins_avx2(dim, cost[i], v)
+                umin, usubmin, j1, j2 = _find_umins_avx2(
+                    dim, cost[i], v, lane_umin, lane_usubmin, lane_j1, lane_j2
+                )
             else:
                 umin, usubmin, j1, j2 = _find_umins_regular(dim, cost[i], v)
             i0 = colsol[j1]
