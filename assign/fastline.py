@@ -126,11 +126,16 @@ def solve_plain(doc: PlainDoc, solver: Solver) -> bool:
     return True
 
 
-def dump_plain(doc: PlainDoc) -> bytes:
-    """The line with its new ``image_info`` text, ending with a newline."""
+def plain_pieces(doc: PlainDoc) -> tuple[memoryview, bytes, memoryview, bytes]:
+    """The rewritten line in pieces (written one by one: no copy of the whole line)."""
     line = memoryview(doc.line)
     newline = b"" if doc.line.endswith(b"\n") else b"\n"
-    return b"".join((line[: doc.start], _ENCODE(doc.images), line[doc.end :], newline))
+    return line[: doc.start], _ENCODE(doc.images), line[doc.end :], newline
+
+
+def dump_plain(doc: PlainDoc) -> bytes:
+    """The line with its new ``image_info`` text, ending with a newline."""
+    return b"".join(plain_pieces(doc))
 
 
 def rewrite_plain(line: bytes, solver: Solver) -> tuple[bytes, int] | None:

@@ -25,7 +25,7 @@ from typing import IO, Any
 import orjson
 
 from assign.document import AssignOptions, Outcome, assign_document
-from assign.fastline import rewrite_plain
+from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import MalformedLine, parse_line
 from assign.jsonline import dump_line as _dump
 from assign.shardio import atomic_writer, discard_leftovers, open_lines, write_atomically
@@ -130,12 +130,13 @@ def _rewrite_lines(
     for raw in lines:
         report.lines += 1
         # A plain reassignment: the common line takes the fast path.
-        fast = rewrite_plain(raw, solver) if plain else None
-        if fast is not None:
+        doc = parse_plain(raw) if plain else None
+        if doc is not None and solve_plain(doc, solver):
             report.docs += 1
             report.rewritten += 1
-            report.kept_images += fast[1]
-            write(fast[0])
+            report.kept_images += len(doc.images)
+            for piece in plain_pieces(doc):
+                write(piece)
         else:
             write(_rewrite_line(raw, options, report))
 

@@ -30,7 +30,7 @@ import orjson
 from lapjv import lapjv
 
 from assign.document import AssignOptions, assign_document
-from assign.fastline import dump_plain, parse_plain, solve_plain
+from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import dump_line, parse_line
 from assign.rewrite import rewrite_shard
 
@@ -212,7 +212,7 @@ def profile_ours(source: Path, clock: Clock) -> None:
         for raw in lines:
             plain = clock.timed("parse", parse_plain, raw)
             if plain is not None and clock.timed("solve", solve_plain, plain, options.solver):
-                clock.timed("serialise", dump_plain, plain)
+                clock.timed("serialise", plain_pieces, plain)
                 continue
             parsed = clock.timed("parse", parse_line, raw[:-1])  # the general path
             outcome = clock.timed("solve", assign_document, parsed.doc, options)
