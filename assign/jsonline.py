@@ -6,9 +6,9 @@ text is cut out of the line before parsing and written back verbatim (``orjson.F
 instead of being re-formatted from floats. The cut is verified: the rest of the line must parse
 with a sentinel in the top-level ``similarity_matrix`` slot, or the line is parsed whole.
 
-Lines orjson refuses but Python's json accepts (NaN, integers beyond 64 bits, lone surrogates)
-are parsed and written with the standard library instead, so they are not mistaken for
-malformed JSON.
+Lines orjson refuses but Python's json accepts (NaN, lone surrogates) are parsed and written
+with the standard library instead, so they are not mistaken for malformed JSON; so are lines
+with 20 digits in a row, since orjson would turn an integer beyond 64 bits into a float.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ _MATRIX_OPENING = re.compile(rb'"similarity_matrix"\s*:\s*\[')
 # "[]" or "[" rows "]" where rows are "[...]" separated by commas, no "]" inside a row.
 _MATRIX_CLOSING = re.compile(rb"\[\s*\]|\[\s*(?:\[[^\]]*\]\s*,\s*)*\[[^\]]*\]\s*\]")
 _SENTINEL = "\x00mmc4-assign:similarity_matrix"
+# 20 digits in a row: possibly an integer beyond 64 bits (or digits in a string: harmless).
+_LONG_DIGITS = re.compile(rb"[0-9]{20}")
 _SENTINEL_JSON = orjson.dumps(_SENTINEL)
 
 
@@ -42,13 +44,15 @@ class ParsedLine:
 
 def parse_line(line: bytes) -> ParsedLine:
     """Parse one line (without its newline); raises MalformedLine."""
-    cut = _parse_with_matrix_cut(line)
-    if cut is not None:
-        return cut
-    try:
-        return ParsedLine(orjson.loads(line))
-    except orjson.JSONDecodeError:
-        pass
+    # orjson reads integers beyond 64 bits as floats, silently: such lines go to json.
+    if _LONG_DIGITS.search(line) is None:
+        cut = _parse_with_matrix_cut(line)
+        if cut is not None:
+            return cut
+        try:
+            return ParsedLine(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            pass
     try:
         return ParsedLine(json.loads(line), stdlib=True)
     except (ValueError, RecursionError):

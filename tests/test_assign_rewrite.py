@@ -20,7 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from assign.cli import main
-from assign.document import AssignOptions
+from assign.document import AssignOptions, assign_document
+from assign.jsonline import dump_line, parse_line
 from assign.rewrite import describe, report_path, rewrite_shard
 from assign.solve import assign
 from assign.status import StoredImage
@@ -147,6 +148,18 @@ def test_valid_json_that_orjson_refuses_is_still_rewritten(tmp_path: Path) -> No
     report = rewrite_shard(source, out, AssignOptions())
     after = json.loads(out.read_bytes())
     assert report.rewritten == 1 and after["big"] == 2**70
+    check_assignments(after)
+
+
+def test_integers_beyond_64_bits_stay_exact_on_the_general_path_too() -> None:
+    big = 123456789012345678901234567890  # orjson alone would make it a float
+    doc = random_doc(np.random.default_rng(3), 0)
+    doc["big"] = big
+    doc["image_info"][0]["id"] = -big
+    parsed = parse_line(json.dumps(doc).encode())
+    outcome = assign_document(parsed.doc, AssignOptions())
+    after = json.loads(dump_line(parsed, outcome.matrix_untouched))
+    assert after["big"] == big and after["image_info"][0]["id"] == -big
     check_assignments(after)
 
 
