@@ -130,17 +130,23 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
     Rows from ``real_rows`` on must be padding (all 1000) and every cost at most 1000; two loops
     then skip work whose outcome is known (see the comments), which changes no result.
     """
-    collist = np.empty(dim, np.int64)
-    matches = np.zeros(dim, np.int64)
-    d = np.empty(dim, np.float32)
-    pred = np.empty(dim, np.int64)
-    rowsol = np.full(dim, -1, np.int64)
-    colsol = np.full(dim, -1, np.int64)
-    v = np.empty(dim, np.float32)
-    lane_umin = np.empty(8, np.float32)  # the AVX2 search's registers
-    lane_usubmin = np.empty(8, np.float32)
-    lane_j1 = np.empty(8, np.int64)
-    lane_j2 = np.empty(8, np.int64)
+    # Two allocations instead of eleven: on small matrices they cost more than the solve.
+    ints = np.empty(5 * dim + 16, np.int64)
+    floats = np.empty(2 * dim + 16, np.float32)
+    collist = ints[:dim]
+    matches = ints[dim : 2 * dim]
+    matches[:] = 0
+    pred = ints[2 * dim : 3 * dim]
+    rowsol = ints[3 * dim : 4 * dim]
+    rowsol[:] = -1
+    colsol = ints[4 * dim : 5 * dim]
+    colsol[:] = -1
+    lane_j1 = ints[5 * dim : 5 * dim + 8]  # the AVX2 search's registers
+    lane_j2 = ints[5 * dim + 8 :]
+    d = floats[:dim]
+    v = floats[dim : 2 * dim]
+    lane_umin = floats[2 * dim : 2 * dim + 8]
+    lane_usubmin = floats[2 * dim + 8 :]
 
     # COLUMN REDUCTION, last column first.
     for j in range(dim - 1, -1, -1):
