@@ -134,6 +134,8 @@ class Web:
 def start_web(name: str, args: argparse.Namespace, first_host: int) -> Web:
     cmd = [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(args.hosts)]
     cmd += ["--port", "0", "--first-host", str(first_host), "--seed", str(args.seed)]
+    if os.environ.get("BENCH_WEB_LOG"):
+        cmd += ["--log", f"{os.environ['BENCH_WEB_LOG']}-{name}.jsonl"]
     if name == "realistic":
         cmd += [
             "--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5",

@@ -138,16 +138,32 @@ def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSess
 
 
 class Fetcher:
-    def __init__(self, cfg: FetchConfig, session: aiohttp.ClientSession) -> None:
+    """One request at a time per call, redirects followed by hand, under a hard deadline.
+
+    At most `max_connections` requests run at once. The wait for one of those slots happens
+    before the deadline starts (FIFO, in this process): a request is timed from the moment it
+    can go out, so a busy worker never turns its own queue into `timeout` records.
+    """
+
+    def __init__(
+        self, cfg: FetchConfig, session: aiohttp.ClientSession, max_connections: int
+    ) -> None:
         self.cfg = cfg
         self.session = session
+        self._slots = asyncio.Semaphore(max_connections)
 
     async def fetch(self, url: str) -> FetchResult:
+        async with self._slots:
+            return await self._fetch(url)
+
+    async def _fetch(self, url: str) -> FetchResult:
+        progress = _Progress()
         try:
             async with asyncio.timeout(self.cfg.total_timeout_s):
-                return await self._follow(URL(url, encoded=False))
+                return await self._follow(URL(url, encoded=False), progress)
         except TimeoutError:
-            return FetchResult(status.TIMEOUT, error="deadline exceeded", transient=True)
+            error = f"deadline exceeded ({progress.describe()})"
+            return FetchResult(status.TIMEOUT, error=error, transient=True)
         except aiohttp.ClientConnectorDNSError as exc:
             if _blocked(exc):
                 return FetchResult(status.BLOCKED_ADDRESS, error=str(exc.os_error))
@@ -166,12 +182,15 @@ class Fetcher:
             text = str(exc) or type(exc).__name__
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
 
-    async def _follow(self, url: URL) -> FetchResult:
+    async def _follow(self, url: URL, progress: _Progress) -> FetchResult:
         seen: set[str] = set()
         for _hop in range(self.cfg.max_redirects + 1):
             self._check_literal(url)
             seen.add(str(url))
+            progress.hops += 1
+            progress.headers = False
             async with self.session.get(url, allow_redirects=False) as resp:
+                progress.headers = True
                 if resp.status in (301, 302, 303, 307, 308):
                     location = resp.headers.get("Location")
                     if not location:
@@ -189,7 +208,7 @@ class Fetcher:
                         )
                     url = nxt
                     continue
-                return await self._response(resp, url)
+                return await self._response(resp, url, progress)
         return FetchResult(
             status.TOO_MANY_REDIRECTS,
             error=f"more than {self.cfg.max_redirects} redirects",
@@ -206,7 +225,9 @@ class Fetcher:
         if not is_public_address(host.strip("[]")):
             raise BlockedAddress(f"{host} is not a public address")
 
-    async def _response(self, resp: aiohttp.ClientResponse, url: URL) -> FetchResult:
+    async def _response(
+        self, resp: aiohttp.ClientResponse, url: URL, progress: _Progress
+    ) -> FetchResult:
         code = resp.status
         if code != 200:
             transient = code == 429 or code >= 500
@@ -232,17 +253,35 @@ class Fetcher:
             return FetchResult(
                 status.TOO_LARGE, code, f"Content-Length {resp.content_length} > {cap}"
             )
-        body = await _read_capped(resp, cap)
+        body = await _read_capped(resp, cap, progress)
         if body is None:
             return FetchResult(status.TOO_LARGE, code, f"body larger than {cap} bytes")
         return FetchResult(status.OK, code, body=body, final_url=str(url))
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
+class _Progress:
+    """How far a request got: what a deadline error reports."""
+
+    __slots__ = ("body_bytes", "headers", "hops")
+
+    def __init__(self) -> None:
+        self.hops = 0
+        self.headers = False
+        self.body_bytes = 0
+
+    def describe(self) -> str:
+        hop = f" (hop {self.hops})" if self.hops > 1 else ""
+        if not self.headers:
+            return f"no response headers{hop}"
+        return f"{self.body_bytes} body bytes read{hop}"
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int, progress: _Progress) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(1 << 16):
         size += len(chunk)
+        progress.body_bytes = size
         if size > cap:
             resp.close()
             return None

@@ -63,6 +63,12 @@ class Metrics:
         self.redis_calls = Counter(
             "mmc4_redis_round_trips_total", "Redis round trips on the hot path", registry=r
         )
+        self.loop_lag = Histogram(
+            "mmc4_event_loop_lag_seconds",
+            "How late the worker's event loop ran a timer (a blocked loop delays every request)",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+            registry=r,
+        )
         self.held = Gauge("mmc4_worker_held_items", "Items this worker holds", registry=r)
         self.rate = Gauge(
             "mmc4_worker_images_per_second", "Images/s of this worker (last minute)", registry=r

@@ -59,6 +59,8 @@ class WorkerStats:
     redis_calls: int = 0
     # Most bytes of downloaded bodies waiting for (or in) an image process at once.
     peak_waiting_bytes: int = 0
+    # Longest the event loop was late for a timer (seconds).
+    max_loop_lag_s: float = 0.0
 
     def count(self, st: str, nbytes: int) -> None:
         self.processed += 1
@@ -123,7 +125,7 @@ class Worker:
         self.shards = Shards(self.client, self.keys, self.queue, self.cfg.output_dir)
         self._pool = make_pool(self.cfg)
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
-        self.fetcher = Fetcher(self.cfg.fetch, session)
+        self.fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections)
         await self._retrying(self.queue.ensure_group)
         self.metrics.redis_ok()
         metrics_runner = None
@@ -135,6 +137,7 @@ class Worker:
             self._loop(self._flush_loop),
             self._loop(self._maintenance_loop),
             self._loop(self._heartbeat_loop),
+            self._loop(self._lag_loop),
         ]
         bg = [asyncio.create_task(c) for c in background]
         try:
@@ -499,6 +502,19 @@ class Worker:
             for shard_dir in out.iterdir():
                 if shard_dir.is_dir() and not shard_dir.name.startswith(("_", ".")):
                     sweep_temporary(shard_dir)
+
+    async def _lag_loop(self) -> None:
+        """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""
+        tick = 0.1
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            lag = max(0.0, time.monotonic() - before - tick)
+            self.metrics.loop_lag.observe(lag)
+            if lag > self.stats.max_loop_lag_s:
+                self.stats.max_loop_lag_s = lag
+            if lag > 1.0:
+                log.warning("event loop was blocked for %.1fs", lag)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.cfg.worker.heartbeat_interval_s

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 
 import pytest
 
 from crawler import fetch
+from crawler.config import FetchConfig
+from crawler.testweb import ImageWeb
 
 AGENTS = ["googlebot-image", "googlebot", "mmc4-crawler"]
 
@@ -62,3 +65,33 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
 )
 def test_x_robots_tag_opt_outs(values: list[str], out: bool) -> None:
     assert fetch.opted_out(values, AGENTS) is out
+
+
+async def test_waiting_for_a_free_connection_does_not_count_against_the_deadline(
+    web: ImageWeb,
+) -> None:
+    """One connection, six 0.4 s responses, a 1 s deadline: the last request waits ~2 s for
+    the connection, but its own deadline starts only when it can go out."""
+    cfg = FetchConfig(total_timeout_s=1.0, allow_private_addresses=True)
+    session = fetch.client_session(cfg, max_connections=1)
+    fetcher = fetch.Fetcher(cfg, session, max_connections=1)
+    try:
+        urls = [web.url(i, f"/fault/slow/400/32x32/queue-{i}.jpg") for i in range(6)]
+        results = await asyncio.gather(*(fetcher.fetch(u) for u in urls))
+    finally:
+        await session.close()
+    assert [r.status for r in results] == ["ok"] * 6
+
+
+async def test_a_deadline_error_says_how_far_the_request_got(web: ImageWeb) -> None:
+    cfg = FetchConfig(total_timeout_s=0.5, allow_private_addresses=True)
+    session = fetch.client_session(cfg, max_connections=4)
+    fetcher = fetch.Fetcher(cfg, session, max_connections=4)
+    try:
+        silent = await fetcher.fetch(web.url(0, "/fault/slow/3000/32x32/silent.jpg"))
+        trickle = await fetcher.fetch(web.url(1, "/fault/trickle/2000/1200x900/slow.jpg"))
+    finally:
+        await session.close()
+    assert silent.status == trickle.status == "timeout"
+    assert silent.error == "deadline exceeded (no response headers)"
+    assert trickle.error.startswith("deadline exceeded (") and "body bytes read" in trickle.error
