@@ -75,6 +75,15 @@ def test_costs_above_the_padding_cost_take_the_unshortened_path() -> None:
         assert jv_assign(sim) == reference_assignment(sim), trial
 
 
+def test_one_image_is_not_simply_sent_to_its_best_sentence() -> None:
+    # Sentence 1 is better by 4.9e-5, under one float32 ulp at 1000 (the padding cost):
+    # lapjv's rounding on the padding rows makes it pick sentence 0. No argmax shortcut is
+    # exact for 1 x N; the port follows lapjv.
+    sim = np.array([[0.2000489, 0.2000977, 0.1999023]])
+    assert reference_assignment(sim) == [0]
+    assert jv_assign(sim) == [0]
+
+
 def test_one_image_ties_break_as_lapjv_breaks_them() -> None:
     for sim in ([[0.3, 0.1, 0.3]], [[0.3, 0.3, 0.3, 0.3]], [[0.2, 0.2 + 1e-5, 0.2 - 1e-5]]):
         matrix = np.array(sim)
