@@ -5,7 +5,7 @@ margin, lapjv finds it; only near-ties (alternatives within about one float32 ul
 padding cost, i.e. ~6e-5) can come out differently. So: compute the exact optimum of the
 float32-rounded costs in float64, measure by how much every other assignment is worse, and
 accept the optimum only when that margin is at least ``MARGIN``. Otherwise return ``None`` and
-let the caller run lapjv.
+let the caller solve exactly (``assign.jv``, the port of lapjv, or lapjv itself).
 
 The margin is the smallest cost increase of any alternative assignment. Relative to the optimum
 sigma, an alternative is a set of disjoint moves, each either a cycle (rows exchanging their
@@ -44,7 +44,7 @@ _linear_sum_assignment: Any = _load_scipy_solver()
 
 MARGIN = 1e-3
 MAX_ABS_SIMILARITY = 1.0
-# All-pairs shortest paths cost O(rows^3); above this, lapjv is the cheaper check.
+# All-pairs shortest paths cost O(rows^3); above this, the exact solve is the cheaper check.
 MAX_CERTIFIED_ROWS = 64
 
 IntArray = NDArray[np.intp]
