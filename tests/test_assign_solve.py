@@ -94,6 +94,30 @@ def test_certified_shortcut_never_disagrees_with_lapjv_around_its_margin() -> No
     assert accepted > 300  # the test exercises the shortcut, not only its refusals
 
 
+def test_compiled_certificate_decides_exactly_as_the_numpy_one() -> None:
+    rng = np.random.default_rng(98)
+    decided = 0
+    for trial in range(3000):
+        n = min(int(rng.geometric(1 / 3)), 12)
+        m = int(rng.integers(n, 200))
+        if trial % 3 == 0:  # gaps around the margin
+            step = certify.MARGIN * rng.uniform(0.5, 4.0)
+            sim = 0.2 + rng.integers(-5, 6, (n, m)) * step + rng.normal(0, 1e-6, (n, m))
+        else:
+            sim = random_similarities(rng, (n, m), kind=trial % 6)
+        if trial % 50 == 0:
+            sim[0, 0] = 1.5  # beyond cosine range: refused
+        status, cols = certify._rows_on_distinct_columns(sim)
+        expected = certify.certified_in_numpy(sim)
+        if status == certify._CERTIFIED:
+            assert cols.tolist() == expected, trial
+        elif status == certify._REFUSED:
+            assert expected is None, trial
+        decided += status != certify._UNDECIDED
+        assert certify.certified_assignment(sim) == expected, trial
+    assert decided > 1500
+
+
 def test_certified_shortcut_refuses_exact_ties() -> None:
     assert certify.certified_assignment(np.array([[0.3, 0.1, 0.3]])) is None
     # Two optimal assignments: (0->0, 1->1) and (0->1, 1->0) both total 0.5.
