@@ -125,7 +125,7 @@ def rewrite_shard(
 def _rewrite_lines(
     lines: IO[bytes], out: IO[bytes], options: AssignOptions, report: ShardReport
 ) -> None:
-    write = out.write
+    write, writelines = out.write, out.writelines
     plain, solver = options.stored is None, options.solver
     for raw in lines:
         report.lines += 1
@@ -135,8 +135,7 @@ def _rewrite_lines(
             report.docs += 1
             report.rewritten += 1
             report.kept_images += len(doc.images)
-            for piece in plain_pieces(doc):
-                write(piece)
+            writelines(plain_pieces(doc))
         else:
             write(_rewrite_line(raw, options, report))
 
