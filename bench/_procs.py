@@ -84,6 +84,9 @@ class TreeSampler:
     series_every: float = 0.0
     extra: Callable[[], dict[str, float]] | None = None
     peak: dict[tuple[str, int], int] = field(default_factory=dict)
+    # user+sys CPU seconds of each process at its last sample (a process that exits between
+    # samples loses at most one interval)
+    cpu: dict[tuple[str, int], float] = field(default_factory=dict)
     series: list[dict[str, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -118,9 +121,11 @@ class TreeSampler:
                 if role is None:
                     continue
                 rss = p.memory_info().rss
+                times = p.cpu_times()
             except psutil.Error:
                 continue
             key = (role, p.pid)
+            self.cpu[key] = times.user + times.system
             self.peak[key] = max(self.peak.get(key, 0), rss)
             now[role] = max(now.get(role, 0), rss)
         return now
@@ -143,6 +148,12 @@ class TreeSampler:
         out: dict[str, int] = {}
         for (role, _), rss in self.peak.items():
             out[role] = max(out.get(role, 0), rss)
+        return out
+
+    def cpu_by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (role, _), seconds in self.cpu.items():
+            out[role] = out.get(role, 0.0) + seconds
         return out
 
     def count_by_role(self) -> dict[str, int]:

@@ -351,6 +351,7 @@ class RunResult:
     by_status: dict[str, int] = field(default_factory=dict)
     accounted: int = 0
     peak_rss: dict[str, int] = field(default_factory=dict)
+    cpu_by_role: dict[str, float] = field(default_factory=dict)  # sampled, see TreeSampler
     procs: dict[str, int] = field(default_factory=dict)
     redis_cpu_s: float = 0.0
     redis_reads: int = 0
@@ -514,6 +515,7 @@ def run_crawler(
         by_status=dict(by_status),
         accounted=records,
         peak_rss=sampler.peak_by_role(),
+        cpu_by_role=sampler.cpu_by_role(),
         procs=sampler.count_by_role(),
         redis_cpu_s=redis_cpu,
         redis_reads=max(0, delta.get("reads", 0) - own_cmds - 2),
@@ -597,6 +599,7 @@ def run_img2dataset(
         by_status=dict(stats),
         accounted=counted,
         peak_rss=sampler.peak_by_role(),
+        cpu_by_role=sampler.cpu_by_role(),
         procs=sampler.count_by_role(),
         note=note.strip(),
     )
@@ -670,6 +673,12 @@ def print_table(results: list[RunResult], bare: Bare | None) -> None:
         extra = f"  [{r.note}]" if r.note else ""
         st = ", ".join(f"{k}={v}" for k, v in sorted(r.by_status.items(), key=lambda kv: -kv[1]))
         print(f"{r.name}: accounted {r.accounted}/{r.images}; {st}{extra}")
+        if r.cpu_by_role and r.images:
+            roles = dict(r.cpu_by_role)
+            if r.redis_cpu_s:
+                roles["redis"] = r.redis_cpu_s
+            per = ", ".join(f"{k} {1000 * v / r.images:.2f}" for k, v in sorted(roles.items()))
+            print(f"  CPU ms/img by role: {per}")
         if r.redis_top:
             rc = f"Redis CPU {r.redis_cpu_s:.1f}s; "
             print(f"  {rc}commands: " + ", ".join(f"{k}={v}" for k, v in r.redis_top))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 import aiohttp
 import braceexpand
 import orjson
@@ -234,9 +235,9 @@ async def _download(url: str, dest: Path, cfg: Config) -> None:
         if resp.status == 404:
             raise ShardMissing(f"{url}: HTTP 404")
         resp.raise_for_status()
-        with open(dest, "wb") as fh:
+        async with aiofiles.open(dest, "wb") as fh:  # a shard is 100s of MB: keep the loop free
             async for chunk in resp.content.iter_chunked(1 << 20):
-                fh.write(chunk)
+                await fh.write(chunk)
 
 
 @dataclass

@@ -8,6 +8,7 @@ command) loads its report back into Redis and re-queues the chosen images.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -61,7 +62,10 @@ class Shards:
                 return False
             records = [v async for _k, v in self.client.hscan_iter(records_key, count=2000)]
             summary = self._summary(shard, meta, records)
-            paths = status.write_report(self.output, shard, records, summary)
+            # gzip of thousands of records: off the event loop
+            paths = await asyncio.to_thread(
+                status.write_report, self.output, shard, records, summary
+            )
             # Every image has its record: nobody writes here any more, so leftovers of
             # killed writers can go now.
             sweep_temporary(self.output / shard, older_than_s=0)

@@ -82,6 +82,18 @@ async def within(seconds: float, aw: Awaitable[T]) -> T:
     return fut.result()
 
 
+async def stuck_state(client: aioredis.Redis, keys: Keys, shard: str, log: Path) -> str:
+    """What a crawl that did not finish left behind: for the failure message."""
+    lines = [f"shard meta: {await client.hgetall(keys.shard_meta(shard))}"]
+    lines.append(f"queue length: {await client.xlen(keys.queue)}")
+    lines.append(f"groups: {await client.xinfo_groups(keys.queue)}")
+    lines.append(f"deferred: {await client.zcard(keys.deferred)}")
+    lines.append(f"complete: {await client.smembers(keys.shards_complete)}")
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines.append("worker log (last 60 lines):\n" + "\n".join(text.splitlines()[-60:]))
+    return "\n".join(lines)
+
+
 def report(cfg: Config, shard: str) -> dict[str, dict[str, Any]]:
     """The shard's report as image_name -> record (asserting one record per name)."""
     path = status.ReportPaths(cfg.output_dir, shard).report

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from crawling import crawl_config, flags, report, start_worker
+from crawling import crawl_config, flags, report, start_worker, stuck_state
 from PIL import Image
 from redis_server import RedisProcess
 
@@ -78,7 +78,8 @@ async def test_kill_9_workers_and_redis_mid_run_loses_nothing_and_duplicates_not
                     if not meta:
                         break
             else:
-                raise AssertionError("the run did not finish")
+                state = await stuck_state(client, keys, "crash_shard_0", logs)
+                raise AssertionError(f"the run did not finish\n{state}")
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from crawling import crawl_config, flags, report, start_worker
+from crawling import crawl_config, flags, report, start_worker, stuck_state
 from redis_server import RedisProcess
 
 from crawler.ingest import Ingest, expand_sources
@@ -50,7 +50,8 @@ async def test_a_fleet_keeps_host_limits_and_accounts_for_every_image_through_ch
     try:
         await WorkQueue(client, keys, cfg.queue).ensure_group()
         ingest_task = asyncio.create_task(Ingest(cfg, client).run(expand_sources([str(shard)])))
-        procs = [start_worker(args) for _ in range(4)]
+        logs = tmp_path / "workers.log"
+        procs = [start_worker(args, logs) for _ in range(4)]
         events: list[str] = []
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -65,7 +66,7 @@ async def test_a_fleet_keeps_host_limits_and_accounts_for_every_image_through_ch
                     procs[i].send_signal(signal.SIGKILL)
                     await asyncio.to_thread(procs[i].wait)
                     events.append("kill")
-                procs[i] = start_worker(args)
+                procs[i] = start_worker(args, logs)
                 if len(events) == 3:
                     server.kill()
                     await asyncio.sleep(0.5)
@@ -78,7 +79,8 @@ async def test_a_fleet_keeps_host_limits_and_accounts_for_every_image_through_ch
                 except (OSError, aioredis.RedisError):
                     continue
         else:
-            raise AssertionError("the fleet did not finish")
+            state = await stuck_state(client, keys, "fleet_shard_0", logs)
+            raise AssertionError(f"the fleet did not finish\n{state}")
         for p in procs:
             p.send_signal(signal.SIGTERM)
         codes = [await asyncio.to_thread(p.wait, 30) for p in procs]
