@@ -87,6 +87,7 @@ class TreeSampler:
     # user+sys CPU seconds of each process at its last sample (a process that exits between
     # samples loses at most one interval)
     cpu: dict[tuple[str, int], float] = field(default_factory=dict)
+    sys_cpu: dict[tuple[str, int], float] = field(default_factory=dict)  # the kernel's part
     series: list[dict[str, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -126,6 +127,7 @@ class TreeSampler:
                 continue
             key = (role, p.pid)
             self.cpu[key] = times.user + times.system
+            self.sys_cpu[key] = times.system
             self.peak[key] = max(self.peak.get(key, 0), rss)
             now[role] = max(now.get(role, 0), rss)
         return now
@@ -150,9 +152,9 @@ class TreeSampler:
             out[role] = max(out.get(role, 0), rss)
         return out
 
-    def cpu_by_role(self) -> dict[str, float]:
+    def cpu_by_role(self, kernel_only: bool = False) -> dict[str, float]:
         out: dict[str, float] = {}
-        for (role, _), seconds in self.cpu.items():
+        for (role, _), seconds in (self.sys_cpu if kernel_only else self.cpu).items():
             out[role] = out.get(role, 0.0) + seconds
         return out
 

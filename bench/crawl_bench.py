@@ -352,6 +352,7 @@ class RunResult:
     accounted: int = 0
     peak_rss: dict[str, int] = field(default_factory=dict)
     cpu_by_role: dict[str, float] = field(default_factory=dict)  # sampled, see TreeSampler
+    sys_by_role: dict[str, float] = field(default_factory=dict)  # its kernel part
     procs: dict[str, int] = field(default_factory=dict)
     redis_cpu_s: float = 0.0
     redis_reads: int = 0
@@ -516,6 +517,7 @@ def run_crawler(
         accounted=records,
         peak_rss=sampler.peak_by_role(),
         cpu_by_role=sampler.cpu_by_role(),
+        sys_by_role=sampler.cpu_by_role(kernel_only=True),
         procs=sampler.count_by_role(),
         redis_cpu_s=redis_cpu,
         redis_reads=max(0, delta.get("reads", 0) - own_cmds - 2),
@@ -600,6 +602,7 @@ def run_img2dataset(
         accounted=counted,
         peak_rss=sampler.peak_by_role(),
         cpu_by_role=sampler.cpu_by_role(),
+        sys_by_role=sampler.cpu_by_role(kernel_only=True),
         procs=sampler.count_by_role(),
         note=note.strip(),
     )
@@ -677,7 +680,15 @@ def print_table(results: list[RunResult], bare: Bare | None) -> None:
             roles = dict(r.cpu_by_role)
             if r.redis_cpu_s:
                 roles["redis"] = r.redis_cpu_s
-            per = ", ".join(f"{k} {1000 * v / r.images:.2f}" for k, v in sorted(roles.items()))
+            per = ", ".join(
+                f"{k} {1000 * v / r.images:.2f}"
+                + (
+                    f" (kernel {1000 * r.sys_by_role[k] / r.images:.2f})"
+                    if k in r.sys_by_role
+                    else ""
+                )
+                for k, v in sorted(roles.items())
+            )
             print(f"  CPU ms/img by role: {per}")
         if r.redis_top:
             rc = f"Redis CPU {r.redis_cpu_s:.1f}s; "
