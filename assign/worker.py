@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure
 from crawler.config import Config
+from crawler.connection import connect
 from crawler.keys import ASSIGN_GROUP, Keys
 
 log = logging.getLogger("assign.worker")
@@ -56,7 +57,7 @@ async def run_assign_worker(
     """Rewrite announced shards until ``stop`` is set (``once``: until none is waiting)."""
     if not cfg.redis.url:
         raise ValueError("redis.url is empty: the assign worker needs the crawl's Redis")
-    client = aioredis.Redis.from_url(cfg.redis.url)
+    client = connect(cfg)  # the crawler's client settings: timeouts, retries
     try:
         worker = AssignWorker(cfg, client)
         await worker.run(stop if stop is not None else asyncio.Event(), once=once)
