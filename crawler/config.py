@@ -81,7 +81,8 @@ class WorkerConfig:
     window: int = 2000
     # Concurrent HTTP connections per worker process.
     max_connections: int = 1000
-    # Image processes per worker (0: one per CPU core).
+    # Image processes per worker (0: one per CPU this process may use, a container's CPU
+    # quota included).
     image_processes: int = 0
     # Downloaded bodies waiting for an image process, in MB: while more than this waits, no
     # new request starts (bounds memory when image work, not the network, is the limit).

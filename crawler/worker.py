@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import faulthandler
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -25,6 +26,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -77,11 +79,28 @@ def image_settings(cfg: Config) -> images.ImageSettings:
     )
 
 
+def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container started with --cpus=2 on a 64-core host gets 2)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota != "max" and int(period) > 0:
+        cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
+
+
 def make_pool(cfg: Config) -> concurrent.futures.ProcessPoolExecutor:
-    n = cfg.worker.image_processes or os.cpu_count() or 1
+    ctx = multiprocessing.get_context("forkserver")
+    # The fork server imports Pillow, libmagic and numpy once; every image process forked from
+    # it starts with them loaded instead of importing them itself.
+    ctx.set_forkserver_preload(["crawler.store"])
     return concurrent.futures.ProcessPoolExecutor(
-        max_workers=n,
-        mp_context=multiprocessing.get_context("forkserver"),
+        max_workers=cfg.worker.image_processes or available_cpus(),
+        mp_context=ctx,
         initializer=images.init_worker,
         initargs=(image_settings(cfg),),
     )

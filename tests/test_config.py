@@ -76,3 +76,18 @@ def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
     file.write_text("[worker]\nwindw = 5\n")
     with pytest.raises(config.ConfigError, match=r"c\.toml: unknown key worker\.windw"):
         config.load(file, environ={})
+
+
+def test_image_processes_follow_the_container_cpu_quota(tmp_path: Path) -> None:
+    from crawler.worker import available_cpus
+
+    host = available_cpus(str(tmp_path / "absent"))
+    limited = tmp_path / "cpu.max"
+    limited.write_text("150000 100000\n")  # --cpus=1.5
+    assert available_cpus(str(limited)) == min(host, 2)
+    limited.write_text("max 100000\n")
+    assert available_cpus(str(limited)) == host
+    limited.write_text("50000 100000\n")
+    assert available_cpus(str(limited)) == 1
+    limited.write_text("garbage\n")
+    assert available_cpus(str(limited)) == host
