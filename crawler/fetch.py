@@ -13,7 +13,7 @@ import email.utils
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -61,6 +61,19 @@ class GuardedResolver(AbstractResolver):
         await self.inner.close()
 
 
+# Not a terminal status: the response redirects to another host (`final_url`), whose own
+# limits the caller must respect before calling `fetch` again with the result's `hops`.
+OTHER_HOST = "redirect_to_other_host"
+
+
+@dataclass(slots=True)
+class Hops:
+    """Redirects followed so far for one item, across hosts (loop detection, the cap)."""
+
+    seen: set[str] = field(default_factory=set)
+    count: int = 0
+
+
 @dataclass(slots=True)
 class FetchResult:
     status: str  # status.OK when a body was read, else a terminal or transient status
@@ -70,6 +83,7 @@ class FetchResult:
     final_url: str = ""
     retry_after: float | None = None
     transient: bool = False
+    hops: Hops | None = None  # with OTHER_HOST: the chain so far
 
     @property
     def ok(self) -> bool:
@@ -152,15 +166,17 @@ class Fetcher:
         self.session = session
         self._slots = asyncio.Semaphore(max_connections)
 
-    async def fetch(self, url: str) -> FetchResult:
+    async def fetch(self, url: str, hops: Hops | None = None) -> FetchResult:
+        """Fetch `url`, following redirects on the same host. A redirect to another host ends
+        with status OTHER_HOST; pass its `hops` back with the next URL to go on."""
         async with self._slots:
-            return await self._fetch(url)
+            return await self._fetch(url, hops or Hops())
 
-    async def _fetch(self, url: str) -> FetchResult:
+    async def _fetch(self, url: str, hops: Hops) -> FetchResult:
         progress = _Progress()
         try:
             async with asyncio.timeout(self.cfg.total_timeout_s):
-                return await self._follow(URL(url, encoded=False), progress)
+                return await self._follow(URL(url, encoded=False), progress, hops)
         except TimeoutError:
             error = f"deadline exceeded ({progress.describe()})"
             return FetchResult(status.TIMEOUT, error=error, transient=True)
@@ -182,11 +198,10 @@ class Fetcher:
             text = str(exc) or type(exc).__name__
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
 
-    async def _follow(self, url: URL, progress: _Progress) -> FetchResult:
-        seen: set[str] = set()
-        for _hop in range(self.cfg.max_redirects + 1):
+    async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
+        while hops.count <= self.cfg.max_redirects:
             self._check_literal(url)
-            seen.add(str(url))
+            hops.seen.add(str(url))
             progress.hops += 1
             progress.headers = False
             async with self.session.get(url, allow_redirects=False) as resp:
@@ -202,10 +217,13 @@ class Fetcher:
                     nxt = url.join(URL(location))
                     if nxt.scheme not in ("http", "https"):
                         return FetchResult(status.BAD_URL, resp.status, f"redirect to {nxt}")
-                    if str(nxt) in seen:
+                    if str(nxt) in hops.seen:
                         return FetchResult(
                             status.TOO_MANY_REDIRECTS, resp.status, f"redirect loop at {nxt}"
                         )
+                    hops.count += 1
+                    if nxt.host != url.host and hops.count <= self.cfg.max_redirects:
+                        return FetchResult(OTHER_HOST, resp.status, final_url=str(nxt), hops=hops)
                     url = nxt
                     continue
                 return await self._response(resp, url, progress)

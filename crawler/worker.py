@@ -37,7 +37,7 @@ from crawler import early, images, status
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.diagnostics import task_stacks
-from crawler.fetch import Fetcher, FetchResult, client_session
+from crawler.fetch import OTHER_HOST, Fetcher, FetchResult, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
@@ -123,6 +123,7 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False  # background loops end
         self._waiting_bytes = 0  # bodies handed to the image pool and not yet done
         self._image_room = asyncio.Event()
         self._image_room.set()
@@ -165,9 +166,7 @@ class Worker:
         finally:
             self.stopping.set()
             await self._final_flush()
-            for t in bg:
-                t.cancel()
-            await asyncio.gather(*bg, return_exceptions=True)
+            await self._close_background(bg)
             await self.gate.close()
             await session.close()
             if metrics_runner is not None:
@@ -230,16 +229,32 @@ class Worker:
                 await self.queue.hand_back(unrecorded)
                 log.info("handed back %d items", len(unrecorded))
 
+    async def _close_background(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Cancel the background loops; cancel again any that swallowed the first cancel."""
+        self._closing = True
+        pending = set(tasks)
+        for _ in range(20):
+            for t in pending:
+                t.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=0.5)
+            if not pending:
+                return
+        log.error("%d background loops would not stop", len(pending))
+
     async def _loop(self, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run a background loop body forever, surviving Redis outages."""
+        """Run a background loop body until the worker closes, surviving Redis outages."""
         delay = self.cfg.redis.reconnect_backoff_s
-        while True:
+        while not self._closing:
             try:
                 await body()
                 delay = self.cfg.redis.reconnect_backoff_s
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                if self._closing:
+                    # Python 3.11's asyncio.timeout can turn our cancel into TimeoutError (an
+                    # OSError) when its own deadline fires at the same moment.
+                    return
                 log.warning(
                     "%s: Redis unavailable (%s); retrying in %.1fs", body.__name__, exc, delay
                 )
@@ -304,7 +319,8 @@ class Worker:
             self.held[item.id] = item
             taken.append((item, host))
         # One thread hop per batch: which of these a previous run already stored.
-        on_disk = await asyncio.to_thread(self.store.on_disk, [(i.shard, i.name) for i, _ in taken])
+        wanted = [(i.shard, i.name) for i, _ in taken]
+        on_disk = await asyncio.to_thread(self.store.on_disk, wanted) if wanted else []
         for (item, host), stored in zip(taken, on_disk, strict=True):
             task = asyncio.create_task(self._process(item, host, stored))
             self._tasks.add(task)
@@ -350,13 +366,12 @@ class Worker:
         res: FetchResult | None = None
         for attempts in range(1, self.cfg.fetch.max_attempts + 1):
             started = time.monotonic()
-            async with self.gate.slot(host):
-                await self._room_for_images()
-                res = await self.fetcher.fetch(item.url)
+            res, answered_by = await self._fetch_politely(item.url, host)
             self.metrics.fetch_seconds.observe(time.monotonic() - started)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
-                self.gate.penalize(host, min(res.retry_after, self.cfg.fetch.retry_after_max_s))
+                limit = self.cfg.fetch.retry_after_max_s
+                self.gate.penalize(answered_by, min(res.retry_after, limit))
             if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
                 break
             await asyncio.sleep(self._backoff(attempts, res.retry_after))
@@ -379,6 +394,18 @@ class Worker:
         if retry_after is not None:
             delay = max(delay, min(retry_after, f.retry_after_max_s))
         return delay
+
+    async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
+        """Fetch within `host`'s limits; a redirect to another host waits for that host's
+        limits before it is followed. Returns the result and the host that gave it."""
+        async with self.gate.slot(host):
+            await self._room_for_images()
+            res = await self.fetcher.fetch(url)
+        while res.status == OTHER_HOST:
+            host = URL(res.final_url).host or ""
+            async with self.gate.slot(host):
+                res = await self.fetcher.fetch(res.final_url, res.hops)
+        return res, host
 
     async def _room_for_images(self) -> None:
         """Wait while the image pool already has its fill of downloaded bodies."""

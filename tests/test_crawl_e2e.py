@@ -247,3 +247,28 @@ async def test_bodies_waiting_for_image_work_stay_within_the_budget(
     bound = (1 << 20) + 6 * largest  # six hosts, one request each
     assert sum(r["source_bytes"] for r in records) > 4 * bound
     assert worker.stats.peak_waiting_bytes <= bound
+
+
+async def test_a_redirect_to_another_host_is_held_to_that_hosts_limits(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    """Ten images on five hosts all redirect to a sixth: the sixth host's rate holds, although
+    each origin host alone would allow its requests at once."""
+    rate, burst = 4.0, 1
+    tag = namespace
+    targets = [web.url(5, f"/img/64x64/{tag}-target-{i}.jpg") for i in range(10)]
+    urls = [
+        web.url(i % 5, "/fault/redirect-to/" + quote(t, safe="")) for i, t in enumerate(targets)
+    ]
+    shard = write_docs(tmp_path / "hop_shard.jsonl", [image_doc(urls[:5]), image_doc(urls[5:])])
+    cfg = crawl_config(
+        namespace, tmp_path,
+        limits={"host_rate": rate, "host_burst": burst, "local_host_rate": rate,
+                "host_concurrency": 4},
+    )  # fmt: skip
+    await crawl(cfg, [str(shard)])
+    records = report(cfg, "hop_shard").values()
+    assert {r["status"] for r in records} == {"ok"}
+    at_target = [a for a in web.arrivals if a.path.startswith(f"/img/64x64/{tag}-target-")]
+    assert len(at_target) == 10
+    assert check_rate(at_target, rate, burst) == []
