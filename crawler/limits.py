@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from crawler.config import LimitsConfig
 from crawler.keys import Keys
 from crawler.scripts import Scripts
+from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class HostGate:
         self._permit_wanted: set[HostState] = set()
         self._permit_event = asyncio.Event()
         self._permit_task: asyncio.Task[None] | None = None
+        self._closed = False
         self.round_trips = 0
 
     # ---- public ----------------------------------------------------------------------
@@ -127,10 +129,9 @@ class HostGate:
                 del self.hosts[host]
 
     async def close(self) -> None:
+        self._closed = True
         if self._permit_task is not None:
-            self._permit_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._permit_task
+            await cancel_and_wait([self._permit_task])
         for st in self.hosts.values():
             if st.timer is not None:
                 st.timer.cancel()
@@ -200,6 +201,8 @@ class HostGate:
                     await self._fetch_permits(batch[start : start + 500])
                 backoff = 0.1
             except (RedisError, OSError) as exc:
+                if self._closed:
+                    return  # a cancel seen as TimeoutError (see crawler.tasks)
                 log.warning("fleet rate limiter unavailable (%s); retrying", exc)
                 for st in batch:
                     st.permit_requested = False

@@ -44,6 +44,7 @@ from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import Shards
 from crawler.store import Store, shrink_and_store, sweep_temporary, verify_stored
+from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -232,14 +233,9 @@ class Worker:
     async def _close_background(self, tasks: list[asyncio.Task[None]]) -> None:
         """Cancel the background loops; cancel again any that swallowed the first cancel."""
         self._closing = True
-        pending = set(tasks)
-        for _ in range(20):
-            for t in pending:
-                t.cancel()
-            _done, pending = await asyncio.wait(pending, timeout=0.5)
-            if not pending:
-                return
-        log.error("%d background loops would not stop", len(pending))
+        pending = await cancel_and_wait(tasks)
+        if pending:
+            log.error("%d background loops would not stop", len(pending))
 
     async def _loop(self, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run a background loop body until the worker closes, surviving Redis outages."""

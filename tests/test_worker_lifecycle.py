@@ -9,6 +9,7 @@ from pathlib import Path
 
 from crawling import crawl_config
 
+from crawler.tasks import cancel_and_wait
 from crawler.worker import Worker
 
 
@@ -32,3 +33,22 @@ async def test_a_loop_that_swallows_its_cancel_still_stops(tmp_path: Path) -> No
     await asyncio.wait_for(worker._close_background(loops), 10)
     assert all(t.done() for t in loops)
     assert swallowed == 1
+
+
+async def test_cancel_and_wait_cancels_until_the_task_ends() -> None:
+    cancels = 0
+
+    async def stubborn() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels == 3:
+                    raise
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0.01)
+    assert await cancel_and_wait([task], each_s=0.05) == set()
+    assert task.cancelled() and cancels == 3
