@@ -212,13 +212,10 @@ class WorkQueue:
         """Move items out of the stream until due_s seconds from now (busy host)."""
         if not items:
             return
-        due_ms = int((time.time() + due_s) * 1000)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(self.keys.deferred, {f"{i.shard}\n{i.name}\n{i.url}": due_ms for i in items})
-        ids = [i.id for i in items]
-        pipe.xack(self.keys.queue, CRAWL_GROUP, *ids)
-        pipe.xdel(self.keys.queue, *ids)
-        await pipe.execute()
+        args: list[Any] = [CRAWL_GROUP, int(due_s * 1000)]
+        for i in items:
+            args += [i.id, f"{i.shard}\n{i.name}\n{i.url}"]
+        await self.scripts.defer(keys=[self.keys.deferred, self.keys.queue], args=args)
 
     async def promote(self, limit: int = 1000) -> int:
         moved = await self.scripts.promote(keys=[self.keys.deferred, self.keys.queue], args=[limit])

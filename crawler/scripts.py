@@ -114,6 +114,21 @@ end
 return #due
 """
 
+# Defer leased items (busy host): into the deferred set, due `delay` ms from now by Redis's
+# clock (the one PROMOTE reads), and out of the stream.
+# KEYS: 1 deferred zset, 2 queue stream
+# ARGV: 1 consumer group, 2 delay ms, then per item: stream id, member (2 each)
+DEFER = """
+local t = redis.call('TIME')
+local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], due, ARGV[i + 1])
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[i])
+  redis.call('XDEL', KEYS[2], ARGV[i])
+end
+return (#ARGV - 2) / 2
+"""
+
 # Hand items back to the queue (graceful shutdown, deferral): re-add, then release the lease.
 # KEYS: 1 queue stream
 # ARGV: 1 consumer group, then per item: stream id, shard, image_name, raw_url (4 each)
@@ -159,6 +174,7 @@ class Scripts:
         self.gcra_reserve = client.register_script(GCRA_RESERVE)
         self.gcra_penalize = client.register_script(GCRA_PENALIZE)
         self.promote = client.register_script(PROMOTE)
+        self.defer = client.register_script(DEFER)
         self.hand_back = client.register_script(HAND_BACK)
         self.requeue = client.register_script(REQUEUE)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 from crawling import crawl, crawl_config, image_doc, report, write_docs
 
@@ -181,3 +182,28 @@ async def test_retry_requeues_chosen_statuses_of_a_reported_shard(
     assert sorted(r["status"] for r in report(cfg, "rt").values()) == ["ok", "ok"]
     counts = await aredis.hgetall(keys.counts)
     assert counts[b"ok"] == b"2" and counts.get(b"http_404", b"0") == b"0"
+
+
+async def test_deferred_items_come_back_by_redis_time_whatever_the_workers_clock(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose clock runs an hour ahead defers an item for 0.3 s: it is back in the
+    queue after 0.3 s of Redis time, not after an hour."""
+    import time as real_time
+
+    monkeypatch.setattr("crawler.queue.time.time", lambda: real_time.monotonic() + 1e9)
+    keys = Keys(namespace)
+    q = WorkQueue(aredis, keys, crawl_config(namespace, tmp_path).queue)
+    await q.ensure_group()
+    pipe = aredis.pipeline()
+    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await pipe.execute()
+    [item] = await q.read("w", 10, 10)
+    await q.defer([item], 0.3)
+    assert await aredis.xlen(keys.queue) == 0 and await aredis.zcard(keys.deferred) == 1
+    assert (await aredis.xpending(keys.queue, CRAWL_GROUP))["pending"] == 0
+    assert await q.promote() == 0  # not due yet
+    await asyncio.sleep(0.4)
+    assert await q.promote() == 1
+    [back] = await q.read("w", 10, 10)
+    assert (back.shard, back.name, back.url) == ("s", "a.jpg", "http://h.example/a.jpg")
