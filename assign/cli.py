@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from assign.rewrite import ShardReport, describe, rewrite_shard
 from assign.shardio import is_shard_file, output_name
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
+from crawler.config import Config
 
 
 @click.group()
@@ -85,8 +87,17 @@ def shard_command(
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, help="section.key=value (repeatable).")
 @click.option("--once", is_flag=True, help="Rewrite what is waiting, then exit.")
-def worker_command(config_path: Path | None, overrides: tuple[str, ...], once: bool) -> None:
-    """Rewrite every shard the crawler announces on Redis (consumer group "assign")."""
+@click.option(
+    "--check", is_flag=True, help="Health check: exit 0 if an assign worker on this host is alive."
+)
+def worker_command(
+    config_path: Path | None, overrides: tuple[str, ...], once: bool, check: bool
+) -> None:
+    """Rewrite every shard the crawler announces on Redis (consumer group "assign").
+
+    --check (container health check): exit 0 when an assign worker on this host (hostname)
+    has a fresh heartbeat in Redis, 1 when it is missing or stale.
+    """
     from assign.worker import run_assign_worker
     from crawler.config import ConfigError, load
 
@@ -95,6 +106,8 @@ def worker_command(config_path: Path | None, overrides: tuple[str, ...], once: b
         cfg = load(config_path, overrides=overrides)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if check:
+        sys.exit(asyncio.run(_check(cfg)))
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -105,6 +118,25 @@ def worker_command(config_path: Path | None, overrides: tuple[str, ...], once: b
         await run_assign_worker(cfg, stop=stop, once=once)
 
     asyncio.run(run())
+
+
+async def _check(cfg: Config) -> int:
+    from crawler.connection import connect
+    from crawler.keys import Keys
+    from crawler.monitor import fresh_heartbeat
+
+    client = connect(cfg)
+    try:
+        pattern = Keys(cfg.redis.namespace).assign_worker_pattern
+        limit = 3 * cfg.worker.heartbeat_interval_s
+        ok, why = await fresh_heartbeat(client, pattern, socket.gethostname(), limit)
+    except Exception as exc:
+        ok, why = False, f"check failed: {exc}"
+    finally:
+        await client.aclose()
+    if not ok:
+        click.echo(why, err=True)
+    return 0 if ok else 1
 
 
 def _plan(paths: tuple[Path, ...], output: Path | None) -> list[tuple[Path, Path]]:

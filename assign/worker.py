@@ -11,20 +11,23 @@ that fails ``queue.max_deliveries`` times is acknowledged and left as ``<shard>.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.keys import ASSIGN_GROUP, Keys
+from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger("assign.worker")
 
@@ -73,16 +76,42 @@ class AssignWorker:
         self.settings = settings_from(cfg)
         self.lease_ms = max(1, int(cfg.queue.lease_timeout_s * 1000))
         self.consumer = consumer or _consumer_name()
+        self.keys = Keys(cfg.redis.namespace)
+        self.current_shard = ""
 
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
         await self.ensure_group()
-        while not stop.is_set():
-            entry = await self.next_entry(block=not once)
-            if entry is None:
-                if once:
-                    return
-                continue
-            await self.handle(entry)
+        beats = asyncio.create_task(self._heartbeat_loop())
+        try:
+            while not stop.is_set():
+                entry = await self.next_entry(block=not once)
+                if entry is None:
+                    if once:
+                        return
+                    continue
+                await self.handle(entry)
+        finally:
+            await cancel_and_wait([beats])
+            with contextlib.suppress(RedisError, OSError):
+                await self.client.delete(self.keys.assign_worker(self.consumer))
+
+    async def _heartbeat_loop(self) -> None:
+        """A heartbeat key with a TTL, also while a shard is being rewritten (in a thread):
+        `mmc4-assign worker --check` reads it."""
+        interval = self.cfg.worker.heartbeat_interval_s
+        key = self.keys.assign_worker(self.consumer)
+        while True:
+            try:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.hset(key, mapping={
+                    "host": socket.gethostname(), "pid": os.getpid(), "seen": time.time(),
+                    "shard": self.current_shard,
+                })  # fmt: skip
+                pipe.expire(key, int(3 * interval) + 1)
+                await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("assign: heartbeat failed (%s)", exc)
+            await asyncio.sleep(interval)
 
     async def ensure_group(self) -> None:
         try:
@@ -126,6 +155,7 @@ class AssignWorker:
             await self.ack(entry_id)
             return
         renewer = asyncio.create_task(self._keep_lease(entry_id))
+        self.current_shard = task.shard
         try:
             report = await asyncio.to_thread(process, task, self.settings)
         except Exception as exc:
@@ -133,6 +163,7 @@ class AssignWorker:
             return
         finally:
             renewer.cancel()
+            self.current_shard = ""
         await self.ack(entry_id)
         log.info("assign: shard %s -> %s %s", task.shard, report.output, _summary(report))
 

@@ -7,7 +7,6 @@ import logging
 import os
 import socket
 import sys
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -183,16 +182,13 @@ async def _check(cfg: Config) -> int:
     client = connect(cfg)
     try:
         keys = Keys(cfg.redis.namespace)
-        me = socket.gethostname()
         limit = 3 * cfg.worker.heartbeat_interval_s
-        async for key in client.scan_iter(match=keys.worker_pattern, count=500):
-            beat: Any = await client.hmget(key, "host", "seen")
-            if beat[0] is not None and beat[0].decode() == me:
-                if time.time() - float(beat[1] or 0) <= limit:
-                    return 0
-                click.echo(f"heartbeat of {key!r} is stale", err=True)
-        click.echo(f"no live worker heartbeat from {me}", err=True)
-        return 1
+        ok, why = await monitor.fresh_heartbeat(
+            client, keys.worker_pattern, socket.gethostname(), limit
+        )
+        if not ok:
+            click.echo(why, err=True)
+        return 0 if ok else 1
     except Exception as exc:
         click.echo(f"check failed: {exc}", err=True)
         return 1

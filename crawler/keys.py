@@ -97,6 +97,14 @@ class Keys:
     def worker_pattern(self) -> str:
         return f"{self.ns}:worker:*"
 
+    def assign_worker(self, worker_id: str) -> str:
+        """Heartbeat of an assignment worker (hash: host, pid, seen, shard; with a TTL)."""
+        return f"{self.ns}:assign-worker:{worker_id}"
+
+    @property
+    def assign_worker_pattern(self) -> str:
+        return f"{self.ns}:assign-worker:*"
+
     @property
     def history(self) -> str:
         return f"{self.ns}:history"

@@ -158,6 +158,21 @@ async def _workers(client: aioredis.Redis, keys: Keys) -> list[dict[str, str]]:
     return sorted(out, key=lambda w: w["id"])
 
 
+async def fresh_heartbeat(
+    client: aioredis.Redis, pattern: str, host: str, max_age_s: float
+) -> tuple[bool, str]:
+    """Is there a heartbeat key matching `pattern` from `host` seen within `max_age_s`?
+    (The container health checks.) Returns the answer and a reason when it is no."""
+    stale = ""
+    async for key in client.scan_iter(match=pattern, count=500):
+        beat: Any = await client.hmget(key, "host", "seen")
+        if beat[0] is not None and _s(beat[0]) == host:
+            if time.time() - float(beat[1] or 0) <= max_age_s:
+                return True, ""
+            stale = f"heartbeat of {_s(key)} is stale"
+    return False, stale or f"no live heartbeat from {host}"
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"

@@ -193,3 +193,32 @@ async def test_worker_stops_when_asked(tmp_path: Path, namespace: str) -> None:
     await asyncio.sleep(0.1)
     stop.set()
     await asyncio.wait_for(task, timeout=5)
+
+
+async def test_a_running_worker_passes_its_health_check_and_a_stopped_one_does_not(
+    tmp_path: Path, namespace: str, aredis: aioredis.Redis
+) -> None:
+    from click.testing import CliRunner
+
+    from assign.cli import main
+
+    cfg = make_config(namespace, tmp_path / "crawl")
+    check = [
+        "worker", "--check", "--set", f"redis.url={cfg.redis.url}",
+        "--set", f"redis.namespace={namespace}",
+    ]  # fmt: skip
+    assert CliRunner().invoke(main, check).exit_code == 1  # nobody running
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_assign_worker(cfg, stop=stop))
+    try:
+        for _ in range(50):
+            if await aredis.keys(f"{namespace}:assign-worker:*"):
+                break
+            await asyncio.sleep(0.05)
+        passed = await asyncio.to_thread(CliRunner().invoke, main, check)
+        assert passed.exit_code == 0, passed.output
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    assert await aredis.keys(f"{namespace}:assign-worker:*") == []
+    assert CliRunner().invoke(main, check).exit_code == 1

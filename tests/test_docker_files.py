@@ -652,3 +652,9 @@ def test_prometheus_static_targets_are_services_on_their_ports() -> None:
                         .make_context("serve", service_invocation("status")[2:])
                     )
                     assert int(port) == ctx.params["port"]
+
+
+def test_the_assign_worker_health_check_is_its_own_heartbeat_check() -> None:
+    check = healthcheck_argv("assign")
+    assert check is not None and check[:3] == ["mmc4-assign", "worker", "--check"]
+    check_invocation(check, "assign healthcheck")
