@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -121,19 +120,10 @@ def worker_command(
 
 
 async def _check(cfg: Config) -> int:
-    from crawler.connection import connect
     from crawler.keys import Keys
-    from crawler.monitor import fresh_heartbeat
+    from crawler.monitor import check_heartbeat
 
-    client = connect(cfg)
-    try:
-        pattern = Keys(cfg.redis.namespace).assign_worker_pattern
-        limit = 3 * cfg.worker.heartbeat_interval_s
-        ok, why = await fresh_heartbeat(client, pattern, socket.gethostname(), limit)
-    except Exception as exc:
-        ok, why = False, f"check failed: {exc}"
-    finally:
-        await client.aclose()
+    ok, why = await check_heartbeat(cfg, Keys(cfg.redis.namespace).assign_worker_pattern)
     if not ok:
         click.echo(why, err=True)
     return 0 if ok else 1

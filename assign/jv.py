@@ -37,6 +37,19 @@ _DUMMY = np.float32(1000.0)
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _offer(
+    h: np.float32, j: int, umin: np.float32, usubmin: np.float32, j1: int, j2: int
+) -> tuple[np.float32, np.float32, int, int]:
+    """lap.h's update of (smallest, second smallest) and their columns with value h at j:
+    a tie with the smallest goes to second place; the first of equal seconds stays."""
+    if h < usubmin:
+        if h >= umin:
+            return umin, h, j1, j
+        return h, umin, j, j1
+    return umin, usubmin, j1, j2
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _find_umins_regular(
     dim: int, row: NDArray[np.float32], v: NDArray[np.float32]
 ) -> tuple[np.float32, np.float32, int, int]:
@@ -46,16 +59,7 @@ def _find_umins_regular(
     j2 = -1
     usubmin = _FLT_MAX
     for j in range(1, dim):
-        h = row[j] - v[j]
-        if h < usubmin:
-            if h >= umin:
-                usubmin = h
-                j2 = j
-            else:
-                usubmin = umin
-                umin = h
-                j2 = j1
-                j1 = j
+        umin, usubmin, j1, j2 = _offer(row[j] - v[j], j, umin, usubmin, j1, j2)
     return umin, usubmin, j1, j2
 
 
@@ -91,33 +95,14 @@ def _find_umins_avx2(
     umin = _FLT_MAX
     usubmin = _FLT_MAX
     for lane in range(8):
-        h = lane_umin[lane]
-        if h < usubmin:
-            jnew = lane_j1[lane]
-            if h >= umin:
-                usubmin = h
-                j2 = jnew
-            else:
-                usubmin = umin
-                umin = h
-                j2 = j1
-                j1 = jnew
+        umin, usubmin, j1, j2 = _offer(lane_umin[lane], lane_j1[lane], umin, usubmin, j1, j2)
     for lane in range(8):
         h = lane_usubmin[lane]
         if h < usubmin:
             usubmin = h
             j2 = lane_j2[lane]
     for j in range(dim & ~7, dim):
-        h = row[j] - v[j]
-        if h < usubmin:
-            if h >= umin:
-                usubmin = h
-                j2 = j
-            else:
-                usubmin = umin
-                umin = h
-                j2 = j1
-                j1 = j
+        umin, usubmin, j1, j2 = _offer(row[j] - v[j], j, umin, usubmin, j1, j2)
     return umin, usubmin, j1, j2
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -177,23 +176,10 @@ def worker(state: State, check: bool, until_idle: bool) -> None:
 
 
 async def _check(cfg: Config) -> int:
-    from crawler.connection import connect
-
-    client = connect(cfg)
-    try:
-        keys = Keys(cfg.redis.namespace)
-        limit = 3 * cfg.worker.heartbeat_interval_s
-        ok, why = await monitor.fresh_heartbeat(
-            client, keys.worker_pattern, socket.gethostname(), limit
-        )
-        if not ok:
-            click.echo(why, err=True)
-        return 0 if ok else 1
-    except Exception as exc:
-        click.echo(f"check failed: {exc}", err=True)
-        return 1
-    finally:
-        await client.aclose()
+    ok, why = await monitor.check_heartbeat(cfg, Keys(cfg.redis.namespace).worker_pattern)
+    if not ok:
+        click.echo(why, err=True)
+    return 0 if ok else 1
 
 
 @main.command(name="status")

@@ -178,7 +178,7 @@ class Fetcher:
             async with asyncio.timeout(self.cfg.total_timeout_s):
                 return await self._follow(URL(url, encoded=False), progress, hops)
         except TimeoutError:
-            error = f"deadline exceeded ({progress.describe()})"
+            error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
             return FetchResult(status.TIMEOUT, error=error, transient=True)
         except aiohttp.ClientConnectorDNSError as exc:
             if _blocked(exc):
@@ -202,7 +202,6 @@ class Fetcher:
         while hops.count <= self.cfg.max_redirects:
             self._check_literal(url)
             hops.seen.add(str(url))
-            progress.hops += 1
             progress.headers = False
             async with self.session.get(url, allow_redirects=False) as resp:
                 progress.headers = True
@@ -280,15 +279,15 @@ class Fetcher:
 class _Progress:
     """How far a request got: what a deadline error reports."""
 
-    __slots__ = ("body_bytes", "headers", "hops")
+    __slots__ = ("body_bytes", "headers")
 
     def __init__(self) -> None:
-        self.hops = 0
         self.headers = False
         self.body_bytes = 0
 
-    def describe(self) -> str:
-        hop = f" (hop {self.hops})" if self.hops > 1 else ""
+    def describe(self, request_number: int) -> str:
+        """`request_number`: 1 for the item's URL, 2 after the first redirect, ..."""
+        hop = f" (hop {request_number})" if request_number > 1 else ""
         if not self.headers:
             return f"no response headers{hop}"
         return f"{self.body_bytes} body bytes read{hop}"

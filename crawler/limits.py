@@ -62,7 +62,6 @@ class HostGate:
         self._permit_wanted: set[HostState] = set()
         self._permit_event = asyncio.Event()
         self._permit_task: asyncio.Task[None] | None = None
-        self._closed = False
         self.round_trips = 0
 
     # ---- public ----------------------------------------------------------------------
@@ -129,7 +128,6 @@ class HostGate:
                 del self.hosts[host]
 
     async def close(self) -> None:
-        self._closed = True
         if self._permit_task is not None:
             await cancel_and_wait([self._permit_task])
         for st in self.hosts.values():
@@ -201,8 +199,6 @@ class HostGate:
                     await self._fetch_permits(batch[start : start + 500])
                 backoff = 0.1
             except (RedisError, OSError) as exc:
-                if self._closed:
-                    return  # a cancel seen as TimeoutError (see crawler.tasks)
                 log.warning("fleet rate limiter unavailable (%s); retrying", exc)
                 for st in batch:
                     st.permit_requested = False

@@ -5,6 +5,7 @@ Used by the ``status`` command, the progress bar of ``run`` and the status page.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from crawler.config import Config
+from crawler.connection import connect
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import text as _s
 
@@ -158,11 +161,24 @@ async def _workers(client: aioredis.Redis, keys: Keys) -> list[dict[str, str]]:
     return sorted(out, key=lambda w: w["id"])
 
 
-async def fresh_heartbeat(
+async def check_heartbeat(cfg: Config, pattern: str) -> tuple[bool, str]:
+    """The container health checks: is a heartbeat key matching `pattern` from this host
+    (hostname) younger than three heartbeat intervals? Returns the answer and, when it is
+    no, the reason."""
+    client = connect(cfg)
+    try:
+        return await _fresh_heartbeat(
+            client, pattern, socket.gethostname(), 3 * cfg.worker.heartbeat_interval_s
+        )
+    except Exception as exc:
+        return False, f"check failed: {exc}"
+    finally:
+        await client.aclose()
+
+
+async def _fresh_heartbeat(
     client: aioredis.Redis, pattern: str, host: str, max_age_s: float
 ) -> tuple[bool, str]:
-    """Is there a heartbeat key matching `pattern` from `host` seen within `max_age_s`?
-    (The container health checks.) Returns the answer and a reason when it is no."""
     stale = ""
     async for key in client.scan_iter(match=pattern, count=500):
         beat: Any = await client.hmget(key, "host", "seen")

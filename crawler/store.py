@@ -43,9 +43,14 @@ class Store:
         return [self.path(shard, name).is_file() for shard, name in items]
 
 
+_made_dirs: set[Path] = set()  # per process: shard directories already created
+
+
 def write_atomic(final: Path, data: bytes) -> None:
     """Write `data` under `final` via a temporary file in the same directory and a rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.parent not in _made_dirs:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _made_dirs.add(final.parent)
     tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as fh:

@@ -62,8 +62,6 @@ class WorkerStats:
     redis_calls: int = 0
     # Most bytes of downloaded bodies waiting for (or in) an image process at once.
     peak_waiting_bytes: int = 0
-    # Longest the event loop was late for a timer (seconds).
-    max_loop_lag_s: float = 0.0
 
     def count(self, st: str, nbytes: int) -> None:
         self.processed += 1
@@ -124,8 +122,8 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closing = False  # background loops end
         self._waiting_bytes = 0  # bodies handed to the image pool and not yet done
+        self._waiting_budget = cfg.worker.max_waiting_image_mb << 20
         self._image_room = asyncio.Event()
         self._image_room.set()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
@@ -167,7 +165,8 @@ class Worker:
         finally:
             self.stopping.set()
             await self._final_flush()
-            await self._close_background(bg)
+            if await cancel_and_wait(bg):
+                log.error("background loops would not stop")
             await self.gate.close()
             await session.close()
             if metrics_runner is not None:
@@ -198,8 +197,10 @@ class Worker:
 
     def stop_deadline_s(self) -> float:
         """The longest a graceful stop may take: grace, final flush, closing, and a margin."""
-        grace = self.cfg.worker.grace_period_s
-        return grace + max(5.0, grace) + 10.0
+        return self.cfg.worker.grace_period_s + self._final_flush_s() + 10.0
+
+    def _final_flush_s(self) -> float:
+        return max(5.0, self.cfg.worker.grace_period_s)
 
     def request_stop(self) -> None:
         if self.stopping.is_set():
@@ -230,27 +231,17 @@ class Worker:
                 await self.queue.hand_back(unrecorded)
                 log.info("handed back %d items", len(unrecorded))
 
-    async def _close_background(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Cancel the background loops; cancel again any that swallowed the first cancel."""
-        self._closing = True
-        pending = await cancel_and_wait(tasks)
-        if pending:
-            log.error("%d background loops would not stop", len(pending))
-
     async def _loop(self, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run a background loop body until the worker closes, surviving Redis outages."""
+        """Run a background loop body until cancelled (see crawler.tasks), surviving Redis
+        outages."""
         delay = self.cfg.redis.reconnect_backoff_s
-        while not self._closing:
+        while True:
             try:
                 await body()
                 delay = self.cfg.redis.reconnect_backoff_s
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                if self._closing:
-                    # Python 3.11's asyncio.timeout can turn our cancel into TimeoutError (an
-                    # OSError) when its own deadline fires at the same moment.
-                    return
                 log.warning(
                     "%s: Redis unavailable (%s); retrying in %.1fs", body.__name__, exc, delay
                 )
@@ -405,8 +396,7 @@ class Worker:
 
     async def _room_for_images(self) -> None:
         """Wait while the image pool already has its fill of downloaded bodies."""
-        budget = self.cfg.worker.max_waiting_image_mb << 20
-        while self._waiting_bytes > budget:
+        while self._waiting_bytes > self._waiting_budget:
             self._image_room.clear()
             await self._image_room.wait()
 
@@ -441,7 +431,7 @@ class Worker:
             img = await self._in_pool(shrink_and_store, body, self.settings, final)
         finally:
             self._waiting_bytes -= len(body)
-            if self._waiting_bytes <= self.cfg.worker.max_waiting_image_mb << 20:
+            if self._waiting_bytes <= self._waiting_budget:
                 self._image_room.set()
         common = {
             "http_code": http_code,
@@ -495,7 +485,7 @@ class Worker:
                 self._spawn(self.shards.finalize(shard))
 
     async def _final_flush(self) -> None:
-        deadline = time.monotonic() + max(5.0, self.cfg.worker.grace_period_s)
+        deadline = time.monotonic() + self._final_flush_s()
         while self.results and time.monotonic() < deadline:
             try:
                 await self._flush()
@@ -553,8 +543,6 @@ class Worker:
             await asyncio.sleep(tick)
             lag = max(0.0, time.monotonic() - before - tick)
             self.metrics.loop_lag.observe(lag)
-            if lag > self.stats.max_loop_lag_s:
-                self.stats.max_loop_lag_s = lag
             if lag > 1.0:
                 log.warning("event loop was blocked for %.1fs", lag)
 
