@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MMC4_"
+RESAMPLE_FILTERS = ("bilinear", "box", "bicubic", "lanczos")
 
 
 class ConfigError(ValueError):
@@ -149,6 +150,10 @@ class ImagesConfig:
     max_pixels: int = 100_000_000
     jpeg_quality: int = 90
     webp_quality: int = 90
+    # Filter of the final shrinking step: "bilinear" (antialiased, as torchvision), "box"
+    # (area average, as img2dataset's INTER_AREA; cheapest), "bicubic", "lanczos" (sharpest,
+    # slowest). Larger images are first reduced by whole factors (JPEG at a smaller DCT scale).
+    resample: str = "bilinear"
 
 
 @dataclass
@@ -191,6 +196,11 @@ class Config:
     def validate(self) -> None:
         _check(self.images.max_side > 0, "images.max_side must be positive")
         _check(0 < self.images.jpeg_quality <= 100, "images.jpeg_quality must be in 1..100")
+        _check(0 < self.images.webp_quality <= 100, "images.webp_quality must be in 1..100")
+        _check(
+            self.images.resample in RESAMPLE_FILTERS,
+            f"images.resample must be one of {', '.join(RESAMPLE_FILTERS)}",
+        )
         _check(self.worker.window > 0, "worker.window must be positive")
         _check(self.worker.max_connections > 0, "worker.max_connections must be positive")
         _check(

@@ -75,6 +75,7 @@ def image_settings(cfg: Config) -> images.ImageSettings:
         max_pixels=cfg.images.max_pixels,
         jpeg_quality=cfg.images.jpeg_quality,
         webp_quality=cfg.images.webp_quality,
+        resample=cfg.images.resample,
     )
 
 

@@ -64,6 +64,8 @@ def test_lists_tables_and_booleans_parse_from_strings() -> None:
         ("fetch.respect_opt_out=maybe", "expected true or false"),
         ("justtext", "expected section.key=value"),
         ("assign.solver=greedy", "assign.solver"),
+        ("images.resample=nearest", "images.resample must be one of bilinear, box"),
+        ("images.webp_quality=0", "webp_quality must be in 1..100"),
     ],
 )
 def test_bad_values_are_reported_clearly(override: str, message: str) -> None:

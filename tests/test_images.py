@@ -174,11 +174,14 @@ def test_large_jpeg_is_shrunk_to_max_side_as_jpeg(
     assert img.mode == "RGB"
 
 
-def test_shrunk_jpeg_looks_like_the_original() -> None:
-    original = picture(3000, 2000)
+@pytest.mark.parametrize("resample", ["bilinear", "box", "bicubic", "lanczos"])
+@pytest.mark.parametrize("size", [(3000, 2000), (1000, 750)])
+def test_shrunk_jpeg_looks_like_the_original(resample: str, size: tuple[int, int]) -> None:
+    original = picture(*size)
     data = encode(original, "JPEG", quality=95)
-    result = process_image(data, SETTINGS)
+    result = process_image(data, ImageSettings(resample=resample))
     out = check_ok(result, data)
+    assert out.size == target_size(*size, 800)
     reference = original.resize(out.size, Image.Resampling.LANCZOS)
     diff = np.abs(np.asarray(out, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
     assert diff.mean() < 4
@@ -189,6 +192,18 @@ def test_progressive_large_jpeg_is_shrunk() -> None:
     result = process_image(data, SETTINGS)
     check_ok(result, data)
     assert (result.width, result.height) == (800, 533)
+
+
+def test_resample_filter_decides_the_shrunk_pixels() -> None:
+    data = encode(picture(1000, 750), "PNG")
+    pixels = {
+        resample: np.asarray(check_ok(process_image(data, ImageSettings(resample=resample)), data))
+        for resample in ("bilinear", "box", "bicubic")
+    }
+    expected = np.asarray(Image.open(io.BytesIO(data)).resize((800, 600), Image.Resampling.BOX))
+    assert np.array_equal(pixels["box"], expected)  # lossless PNG: exactly Pillow's filter
+    assert not np.array_equal(pixels["box"], pixels["bilinear"])
+    assert not np.array_equal(pixels["bilinear"], pixels["bicubic"])
 
 
 def test_custom_max_side_is_honoured() -> None:
