@@ -16,14 +16,17 @@ renamed into place, so a report on disk always describes the output beside it.
 from __future__ import annotations
 
 import contextlib
+import io
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
+from assign.batch import ChunkReader, ChunkRewriter
 from assign.document import AssignOptions, Outcome, assign_document
 from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import MalformedLine, parse_line
@@ -123,21 +126,34 @@ def rewrite_shard(
 
 
 def _rewrite_lines(
-    lines: IO[bytes], out: IO[bytes], options: AssignOptions, report: ShardReport
+    lines: io.BufferedIOBase, out: IO[bytes], options: AssignOptions, report: ShardReport
 ) -> None:
-    write, writelines = out.write, out.writelines
-    plain, solver = options.stored is None, options.solver
-    for raw in lines:
-        report.lines += 1
-        # A plain reassignment: the common line takes the fast path.
-        doc = parse_plain(raw) if plain else None
-        if doc is not None and solve_plain(doc, solver):
-            report.docs += 1
-            report.rewritten += 1
-            report.kept_images += len(doc.images)
-            writelines(plain_pieces(doc))
-        else:
-            write(_rewrite_line(raw, options, report))
+    one_line = partial(_rewrite_one, out=out, options=options, report=report)
+    if options.stored is not None or options.solver != "lapjv":
+        for raw in lines:
+            one_line(raw)
+        return
+    # A plain reassignment: whole chunks in one compiled call, the lines it declines one by one.
+    rewriter = ChunkRewriter()
+    for chunk in ChunkReader(lines).chunks():
+        _, rewritten, images = rewriter.rewrite(chunk, out.write, one_line)
+        report.lines += rewritten
+        report.docs += rewritten
+        report.rewritten += rewritten
+        report.kept_images += images
+
+
+def _rewrite_one(raw: bytes, out: IO[bytes], options: AssignOptions, report: ShardReport) -> None:
+    """One line (its newline optional): the per-line fast path, else the general path."""
+    report.lines += 1
+    doc = parse_plain(raw) if options.stored is None else None
+    if doc is not None and solve_plain(doc, options.solver):
+        report.docs += 1
+        report.rewritten += 1
+        report.kept_images += len(doc.images)
+        out.writelines(plain_pieces(doc))
+    else:
+        out.write(_rewrite_line(raw, options, report))
 
 
 def _rewrite_line(raw: bytes, options: AssignOptions, report: ShardReport) -> bytes:

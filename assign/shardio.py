@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import secrets
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, cast
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -37,24 +38,24 @@ def output_name(source: str) -> str:
 
 
 @contextlib.contextmanager
-def open_lines(path: Path) -> Iterator[BinaryIO]:
+def open_lines(path: Path) -> Iterator[io.BufferedIOBase]:
     """A binary stream of the shard's jsonl text, whatever its compression (sniffed)."""
     with open(path, "rb") as probe:
         magic = probe.read(4)
     if magic.startswith(_GZIP_MAGIC):
-        with gzip.open(path, "rb") as stream:
-            yield cast(BinaryIO, stream)
+        with gzip.GzipFile(path, "rb") as gz:
+            yield gz
     elif magic == _ZIP_MAGIC:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
             if not members:
                 raise ValueError(f"{path}: empty zip archive")
             # MMC4's zipped shards hold one jsonl; like the reference, read the first member.
-            with archive.open(members[0]) as stream:
-                yield cast(BinaryIO, stream)
+            with archive.open(members[0]) as member:
+                yield cast(io.BufferedIOBase, member)  # a ZipExtFile
     else:
-        with open(path, "rb", buffering=WRITE_BUFFER) as stream:
-            yield stream
+        with open(path, "rb", buffering=WRITE_BUFFER) as plain:
+            yield cast(io.BufferedReader, plain)
 
 
 def temp_path(destination: Path) -> Path:
