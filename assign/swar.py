@@ -1,0 +1,92 @@
+"""Eight bytes at a time ("SIMD within a register") for the compiled JSON readers.
+
+A byte loop costs a compare and a branch per byte; reading a 64-bit word and testing all eight
+bytes with a few integer operations is several times faster on strings and digits. Words are
+little-endian: the byte at ``i`` is the word's lowest, so the first matching byte in text order
+is the word's lowest flagged byte (``trailing_zeros // 8``). The byte tests below may flag a
+wrong byte only above (after) a correctly flagged one, so the lowest flag is always exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+_ONES = np.uint64(0x0101010101010101)
+_HIGHS = np.uint64(0x8080808080808080)
+_QUOTES = np.uint64(0x2222222222222222)
+_BACKSLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
+_ZEROS = np.uint64(0x3030303030303030)  # eight '0' characters
+_ABOVE_NINE = np.uint64(0x7676767676767676)  # 0x76 + 10 = 0x80
+_POW10 = np.array([10**k for k in range(9)], np.uint64)
+
+
+def _load_word(typingctx: Any, array: Any, index: Any) -> Any:
+    """The 8 bytes ``array[index:index + 8]`` of a uint8 array as a little-endian uint64
+    (the caller checks they are inside the array)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [args[1]])
+        return builder.load(builder.bitcast(pointer, ir.IntType(64).as_pointer()), align=1)
+
+    return types.uint64(array, types.intp), codegen
+
+
+def _trailing_zeros(typingctx: Any, word: Any) -> Any:
+    """Number of zero bits below the lowest set bit; 64 for 0."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
+
+
+# Typed as Any: an intrinsic's Python signature (typingctx first) is not how it is called.
+load_word: Any = intrinsic(_load_word)
+trailing_zeros: Any = intrinsic(_trailing_zeros)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _zero_bytes(word: np.uint64) -> np.uint64:
+    """High bit set in each zero byte of ``word`` (exact up to the lowest one)."""
+    return (word - _ONES) & ~word & _HIGHS
+
+
+@njit(cache=True, nogil=True, inline="always")
+def quote_or_backslash(word: np.uint64) -> int:
+    """Index (0-7) of the first '"' or '\\' byte of ``word``; 8 if there is none."""
+    flags = _zero_bytes(word ^ _QUOTES) | _zero_bytes(word ^ _BACKSLASHES)
+    return int(trailing_zeros(flags)) >> 3
+
+
+@njit(cache=True, nogil=True, inline="always")
+def leading_digits(word: np.uint64) -> int:
+    """Number (0-8) of decimal digit bytes at the start of ``word``."""
+    t = word ^ _ZEROS  # digits become 0..9; every other byte something else
+    flags = ((t + _ABOVE_NINE) | t) & _HIGHS  # high bit: the byte is not 0..9
+    return int(trailing_zeros(flags)) >> 3
+
+
+@njit(cache=True, nogil=True, inline="always")
+def digits_value(word: np.uint64, count: int) -> np.uint64:
+    """The number written by the first ``count`` (1-8) bytes of ``word``, all digits."""
+    t = word ^ _ZEROS
+    if count < 8:
+        t = t << np.uint64(64 - 8 * count)  # the digits on top, zero bytes (0) below
+    # fast_float's parse_eight_digits_unrolled, on values 0..9 per byte.
+    t = t * np.uint64(10) + (t >> np.uint64(8))
+    low = t & np.uint64(0x000000FF000000FF)
+    high = (t >> np.uint64(16)) & np.uint64(0x000000FF000000FF)
+    total = low * np.uint64(0x000F424000000064) + high * np.uint64(0x0000271000000001)
+    return (total >> np.uint64(32)) & np.uint64(0xFFFFFFFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def power_of_ten(count: int) -> np.uint64:
+    power: np.uint64 = _POW10[count]
+    return power
