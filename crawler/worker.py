@@ -9,12 +9,10 @@ taken them, so a Redis restart loses nothing.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import faulthandler
 import logging
 import math
-import multiprocessing
 import os
 import random
 import signal
@@ -41,6 +39,7 @@ from crawler.fetch import OTHER_HOST, Fetcher, FetchResult, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
+from crawler.pool import ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import Shards
 from crawler.store import Store, shrink_and_store, sweep_temporary, verify_stored
@@ -93,16 +92,14 @@ def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return cpus
 
 
-def make_pool(cfg: Config) -> concurrent.futures.ProcessPoolExecutor:
-    ctx = multiprocessing.get_context("forkserver")
+def make_pool(cfg: Config) -> ImagePool:
     # The fork server imports Pillow, libmagic and numpy once; every image process forked from
     # it starts with them loaded instead of importing them itself.
-    ctx.set_forkserver_preload(["crawler.store"])
-    return concurrent.futures.ProcessPoolExecutor(
-        max_workers=cfg.worker.image_processes or available_cpus(),
-        mp_context=ctx,
+    return ImagePool(
+        cfg.worker.image_processes or available_cpus(),
         initializer=images.init_worker,
         initargs=(image_settings(cfg),),
+        preload=["crawler.store"],
     )
 
 
@@ -127,7 +124,7 @@ class Worker:
         self._waiting_budget = cfg.worker.max_waiting_image_mb << 20
         self._image_room = asyncio.Event()
         self._image_room.set()
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pool: ImagePool | None = None
         self.client: aioredis.Redis
         self.queue: WorkQueue
         self.gate: HostGate
@@ -144,6 +141,7 @@ class Worker:
         )
         self.shards = Shards(self.client, self.keys, self.queue, self.cfg.output_dir)
         self._pool = make_pool(self.cfg)
+        await self._pool.start()
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
         self.fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections)
         await self._retrying(self.queue.ensure_group)
@@ -172,7 +170,7 @@ class Worker:
             await session.close()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
-            self._stop_pool()
+            await self._pool.close()
             with contextlib.suppress(RedisError, OSError):
                 await self.client.delete(self.keys.worker(self.id))
             await self.client.aclose()
@@ -332,8 +330,6 @@ class Worker:
             reason = f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(RedisError, OSError):
                 await self.queue.note_error(item.id, reason)
-            if isinstance(exc, concurrent.futures.BrokenExecutor):
-                self._renew_pool()
             self.held.pop(item.id, None)
             self.room.set()
             return
@@ -403,24 +399,7 @@ class Worker:
 
     async def _in_pool(self, fn: Callable[..., _R], *args: Any) -> _R:
         assert self._pool is not None
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def _stop_pool(self) -> None:
-        """Stop the image processes now: nothing they still hold will be recorded anyway."""
-        pool = self._pool
-        if pool is None:
-            return
-        procs = list(getattr(pool, "_processes", {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:
-            with contextlib.suppress(Exception):
-                proc.terminate()
-
-    def _renew_pool(self) -> None:
-        old = self._pool
-        self._pool = make_pool(self.cfg)
-        if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
+        return await self._pool.run(fn, *args)
 
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int

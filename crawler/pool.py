@@ -1,0 +1,312 @@
+"""The image processes: CPU-heavy jobs run off the event loop, fed by the loop itself.
+
+`ImagePool` keeps one socket pair per child process. The event loop writes each job (a
+module-level function and its arguments, pickled: the response body travels inside) to a
+child's socket and reads the results through a protocol on the same socket, so no thread
+stands between the loop and the children. (`concurrent.futures.ProcessPoolExecutor` moves
+every job through a feeder thread, a shared queue under a lock and a manager thread; on the
+crawl's hot path those threads cost more of the worker's CPU than its HTTP.)
+
+* Each child holds at most `depth` jobs (one running, the next already in its socket), so a
+  child never waits for the loop and one slow image delays at most one other job.
+* Jobs wait in FIFO order for a child. Cancelling the awaiting task drops a job that has not
+  been sent; a job already sent runs to its end and its result is discarded.
+* A child that dies (killed, out of memory, a crash in a decoder) fails the jobs it held with
+  `ImageProcessDied` and is replaced; the other children and the waiting jobs carry on.
+* A child whose parent dies sees its socket close and exits.
+
+Children come from a fork server that has imported `preload` once, and run `initializer`
+before their first job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.process
+import pickle
+import signal
+import socket
+import struct
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+_R = TypeVar("_R")
+_HEAD = struct.Struct("!I")
+_SOCKET_BUFFER = 1 << 20  # a whole typical body per send: fewer wake-ups on both sides
+_READY = -1  # the job number of a child's first message: initialised, or why not
+
+
+class ImageProcessDied(RuntimeError):
+    """The process running a job exited before answering."""
+
+
+class ImageJobError(RuntimeError):
+    """A job raised in its process; the message names the exception."""
+
+
+class _Child:
+    """One image process (replaced when it dies) and the jobs it holds."""
+
+    def __init__(self, pool: ImagePool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.transport: asyncio.Transport | None = None
+        self.held: dict[int, asyncio.Future[Any]] = {}
+        self.alive = False  # connected and initialised: jobs may be sent
+        self.ready: asyncio.Future[None] | None = None
+
+    def answer(self, message: tuple[int, bool, Any]) -> None:
+        job, ok, value = message
+        if job == _READY:
+            assert self.ready is not None
+            if ok:
+                self.alive = True
+                self.ready.set_result(None)
+            else:
+                self.ready.set_exception(ImageJobError(f"image process could not start: {value}"))
+            return
+        fut = self.held.pop(job, None)
+        if fut is not None and not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(ImageJobError(value))
+        self.pool._dispatch(self)
+
+    def lost(self) -> None:
+        self.alive = False
+        self.transport = None
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_exception(ImageProcessDied("image process exited while starting"))
+            return  # the one starting it reports this
+        self.pool._child_lost(self)
+
+
+class _Link(asyncio.Protocol):
+    """The worker's end of one process's socket: framed results in, `lost` when it closes.
+    A full socket needs no pausing: `depth` bounds what the transport buffers per child."""
+
+    def __init__(self, child: _Child) -> None:
+        self.child: _Child | None = child
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.child is not None:  # uvloop's transports do not subclass asyncio.Transport
+            self.child.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        start = 0
+        while self.child is not None and len(buf) - start >= _HEAD.size:
+            (size,) = _HEAD.unpack_from(buf, start)
+            end = start + _HEAD.size + size
+            if len(buf) < end:
+                break
+            self.child.answer(pickle.loads(buf[start + _HEAD.size : end]))
+            start = end
+        del buf[:start]
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.child is not None:
+            self.child.lost()
+            self.child = None
+
+
+class ImagePool:
+    """`size` image processes fed by the running event loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: Sequence[object] = (),
+        preload: Sequence[str] = (),
+        depth: int = 2,
+    ) -> None:
+        if size < 1 or depth < 1:
+            raise ValueError("an image pool needs at least one process and a depth of one")
+        self.size = size
+        self.depth = depth
+        self.restarts = 0
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self._ctx = multiprocessing.get_context("forkserver")
+        if preload:
+            self._ctx.set_forkserver_preload(list(preload))
+        self._children: list[_Child] = []
+        self._waiting: collections.deque[tuple[int, bytes, asyncio.Future[Any]]] = (
+            collections.deque()
+        )
+        self._jobs = itertools.count()
+        self._closing = False
+        self._restarting: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Start every process and wait until each has run the initializer; raises
+        ImageJobError (or ImageProcessDied) when one cannot start."""
+        for index in range(self.size):
+            child = _Child(self, index)
+            self._children.append(child)
+            await self._spawn(child)
+
+    @property
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self._children if c.proc is not None and c.proc.pid]
+
+    async def run(self, fn: Callable[..., _R], *args: Any) -> _R:
+        """Run fn(*args) in an image process; fn must be importable by module and name."""
+        if self._closing:
+            raise RuntimeError("the image pool is closed")
+        job = next(self._jobs)
+        payload = pickle.dumps((job, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        fut: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((job, payload, fut))
+        child = min(self._children, key=lambda c: len(c.held) if c.alive else self.depth)
+        self._dispatch(child)
+        return await fut
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every process now: jobs still held or waiting fail with ImageProcessDied."""
+        self._closing = True
+        for task in list(self._restarting):
+            task.cancel()
+        for child in self._children:
+            if child.transport is not None:
+                child.transport.close()
+            if child.proc is not None and child.proc.is_alive():
+                child.proc.terminate()
+        procs = [c.proc for c in self._children if c.proc is not None]
+        await asyncio.to_thread(_reap, procs, timeout_s)
+        self._fail_waiting()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _dispatch(self, child: _Child) -> None:
+        """Send waiting jobs to `child` while it has room."""
+        while child.alive and len(child.held) < self.depth and self._waiting:
+            job, payload, fut = self._waiting.popleft()
+            if fut.done():  # cancelled while waiting
+                continue
+            child.held[job] = fut
+            assert child.transport is not None
+            child.transport.writelines((_HEAD.pack(len(payload)), payload))
+
+    async def _spawn(self, child: _Child) -> None:
+        parent_end, child_end = socket.socketpair()
+        for end in (parent_end, child_end):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        proc = self._ctx.Process(
+            target=_child_main,
+            args=(child_end, self._initializer, self._initargs),
+            name=f"image-{child.index}",
+            daemon=True,
+        )
+        try:
+            await asyncio.to_thread(proc.start)
+        finally:
+            child_end.close()
+        child.proc = proc
+        parent_end.setblocking(False)
+        loop = asyncio.get_running_loop()
+        child.ready = loop.create_future()
+        link = _Link(child)
+        await loop.create_unix_connection(lambda: link, sock=parent_end)
+        try:
+            await child.ready
+        except BaseException:
+            link.child = None  # this start failed: the caller decides what comes next
+            if child.transport is not None:
+                child.transport.close()
+                child.transport = None
+            await asyncio.to_thread(_reap, [proc], 5.0)
+            raise
+        self._dispatch(child)
+
+    def _child_lost(self, child: _Child) -> None:
+        held, child.held = child.held, {}
+        code = child.proc.exitcode if child.proc is not None else None
+        why = "the image pool closed" if self._closing else f"image process {child.index} died"
+        for fut in held.values():
+            if not fut.done():
+                fut.set_exception(ImageProcessDied(f"{why} (exit code {code})"))
+        if self._closing:
+            return
+        log.warning("image process %d exited (code %s); starting another", child.index, code)
+        task = asyncio.ensure_future(self._replace(child))
+        self._restarting.add(task)
+        task.add_done_callback(self._restarting.discard)
+
+    async def _replace(self, child: _Child) -> None:
+        if child.proc is not None:
+            await asyncio.to_thread(_reap, [child.proc], 5.0)
+        delay = 0.1
+        while not self._closing:
+            try:
+                await self._spawn(child)
+            except (OSError, ImageJobError, ImageProcessDied) as exc:  # retry, slower each time
+                log.error("cannot start an image process (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            self.restarts += 1
+            return
+
+    def _fail_waiting(self) -> None:
+        while self._waiting:
+            _job, _payload, fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(ImageProcessDied("the image pool closed"))
+
+
+def _reap(procs: list[multiprocessing.process.BaseProcess], timeout_s: float) -> None:
+    """Join processes (blocking): after timeout_s, kill what is left."""
+    for proc in procs:
+        proc.join(timeout_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def _child_main(
+    sock: socket.socket, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+) -> None:
+    """An image process: answer jobs from `sock` until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
+    try:
+        if initializer is not None:
+            initializer(*initargs)
+    except Exception as exc:
+        _send(sock, (_READY, False, f"{type(exc).__name__}: {exc}"[:500]))
+        return
+    _send(sock, (_READY, True, None))
+    reader = sock.makefile("rb", buffering=_SOCKET_BUFFER)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        while True:
+            head = reader.read(_HEAD.size)
+            if len(head) < _HEAD.size:
+                return  # the worker closed the pool, or died
+            (size,) = _HEAD.unpack(head)
+            job, fn, args = pickle.loads(reader.read(size))
+            try:
+                answer = (job, True, fn(*args))
+            except Exception as exc:
+                answer = (job, False, f"{type(exc).__name__}: {exc}"[:500])
+            _send(sock, answer)
+
+
+def _send(sock: socket.socket, message: tuple[int, bool, Any]) -> None:
+    out = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_HEAD.pack(len(out)) + out)
