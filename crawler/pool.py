@@ -147,9 +147,10 @@ class ImagePool:
         if preload:
             self._ctx.set_forkserver_preload(list(preload))
         self._children: list[_Child] = []
-        self._waiting: collections.deque[tuple[int, bytes, asyncio.Future[Any]]] = (
-            collections.deque()
-        )
+        # Jobs not yet sent: pickled only when sent, so a waiting body exists once in memory.
+        self._waiting: collections.deque[
+            tuple[int, Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]
+        ] = collections.deque()
         self._jobs = itertools.count()
         self._closing = False
         self._restarting: set[asyncio.Task[None]] = set()
@@ -170,10 +171,8 @@ class ImagePool:
         """Run fn(*args) in an image process; fn must be importable by module and name."""
         if self._closing:
             raise RuntimeError("the image pool is closed")
-        job = next(self._jobs)
-        payload = pickle.dumps((job, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
         fut: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job, payload, fut))
+        self._waiting.append((next(self._jobs), fn, args, fut))
         child = min(self._children, key=lambda c: len(c.held) if c.alive else self.depth)
         self._dispatch(child)
         return await fut
@@ -196,8 +195,13 @@ class ImagePool:
     def _dispatch(self, child: _Child) -> None:
         """Send waiting jobs to `child` while it has room."""
         while child.alive and len(child.held) < self.depth and self._waiting:
-            job, payload, fut = self._waiting.popleft()
+            job, fn, args, fut = self._waiting.popleft()
             if fut.done():  # cancelled while waiting
+                continue
+            try:
+                payload = pickle.dumps((job, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:  # an argument that cannot cross processes
+                fut.set_exception(ImageJobError(f"cannot send the job: {exc}"))
                 continue
             child.held[job] = fut
             assert child.transport is not None
@@ -266,7 +270,7 @@ class ImagePool:
 
     def _fail_waiting(self) -> None:
         while self._waiting:
-            _job, _payload, fut = self._waiting.popleft()
+            *_job, fut = self._waiting.popleft()
             if not fut.done():
                 fut.set_exception(ImageProcessDied("the image pool closed"))
 

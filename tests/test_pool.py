@@ -187,3 +187,9 @@ def test_the_pool_works_on_uvloop_as_in_the_worker() -> None:
     products, processes = uvloop.run(scenario())
     assert products == [2 * i for i in range(50)]
     assert processes == 2
+
+
+async def test_a_job_whose_arguments_cannot_be_sent_fails_alone(pool: ImagePool) -> None:
+    with pytest.raises(ImageJobError, match="cannot send the job"):
+        await pool.run(operator.add, lambda: 1, 2)
+    assert await pool.run(operator.add, 2, 3) == 5
