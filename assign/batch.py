@@ -35,6 +35,7 @@ from numpy.typing import NDArray
 from assign.certify import _CERTIFIED, _rows_on_distinct_columns
 from assign.jsonscan import find_fields, image_fields, read_matrix, string_list_length
 from assign.jv import _KERNEL_AVX2, MAX_DIM, _assign
+from assign.swar import copy_bytes, find_newline
 
 CHUNK_BYTES = 1 << 22
 # The fast path's range: magnitudes at or above this go the general way (see assign.fastline).
@@ -100,7 +101,7 @@ def _write_int(out: NDArray[np.uint8], at: int, value: int) -> int:
 
 @njit(cache=True, nogil=True, inline="always")
 def _copy(out: NDArray[np.uint8], at: int, buf: NDArray[np.uint8], start: int, stop: int) -> int:
-    out[at : at + stop - start] = buf[start:stop]
+    copy_bytes(out, at, buf, start, stop - start)
     return at + stop - start
 
 
@@ -257,20 +258,17 @@ class ChunkReader:
 @njit(types.int64[::1](types.uint8[::1]), cache=True, nogil=True)
 def _line_stops(buf: NDArray[np.uint8]) -> NDArray[np.int64]:
     """Where each line of ``buf`` ends (its newline, or the end of ``buf``)."""
+    stops = np.empty(buf.size // 256 + 16, np.int64)
     count = 0
-    for c in buf:
-        count += c == 10
-    if buf.size and buf[buf.size - 1] != 10:
+    i = 0
+    while i < buf.size:
+        i = find_newline(buf, i, buf.size)
+        if count == stops.size:
+            stops = np.concatenate((stops, np.empty(stops.size, np.int64)))
+        stops[count] = i  # a newline, or the end of a last line without one
         count += 1
-    stops = np.empty(count, np.int64)
-    k = 0
-    for i in range(buf.size):
-        if buf[i] == 10:
-            stops[k] = i
-            k += 1
-    if k < count:
-        stops[k] = buf.size
-    return stops
+        i += 1
+    return stops[:count].copy()
 
 
 @njit(types.boolean(types.uint8[::1]), cache=True, nogil=True)

@@ -13,7 +13,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from assign.numparse import parse_number
-from assign.swar import load_word, quote_or_backslash
+from assign.swar import find_quote_or_backslash
 
 Bytes = NDArray[np.uint8]
 _QUOTE, _BACKSLASH, _COMMA, _COLON = 34, 92, 44, 58
@@ -31,17 +31,13 @@ def skip_space(buf: Bytes, i: int, end: int) -> int:
 def string_end(buf: Bytes, i: int, end: int) -> int:
     """Index after the string opening at ``buf[i]`` (a quote), or -1 if it does not close."""
     i += 1
-    while i < end:
-        if i + 8 <= end:
-            ahead = quote_or_backslash(load_word(buf, i))
-            i += ahead
-            if ahead == 8:
-                continue
-        c = buf[i]
-        if c == _QUOTE:
+    while True:
+        i = find_quote_or_backslash(buf, i, end)
+        if i >= end:
+            return -1
+        if buf[i] == _QUOTE:
             return i + 1
-        i += 2 if c == _BACKSLASH else 1
-    return -1
+        i += 2  # an escape: the next byte is part of it
 
 
 @njit(cache=True, nogil=True)

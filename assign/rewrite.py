@@ -31,7 +31,13 @@ from assign.document import AssignOptions, Outcome, assign_document
 from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import MalformedLine, parse_line
 from assign.jsonline import dump_line as _dump
-from assign.shardio import atomic_writer, discard_leftovers, open_lines, write_atomically
+from assign.shardio import (
+    atomic_writer,
+    discard_leftovers,
+    open_lines,
+    write_atomically,
+    write_behind,
+)
 
 MALFORMED_JSON = "malformed_json"
 
@@ -137,6 +143,7 @@ def _rewrite_lines(
     rewriter = ChunkRewriter()
     for chunk in ChunkReader(lines).chunks():
         _, rewritten, images = rewriter.rewrite(chunk, out.write, one_line)
+        write_behind(out)
         report.lines += rewritten
         report.docs += rewritten
         report.rewritten += rewritten

@@ -14,11 +14,14 @@ from typing import Any
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
+from numpy.typing import NDArray
 
 _ONES = np.uint64(0x0101010101010101)
 _HIGHS = np.uint64(0x8080808080808080)
 _QUOTES = np.uint64(0x2222222222222222)
+_NEWLINES = np.uint64(0x0A0A0A0A0A0A0A0A)
 _BACKSLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
 _ZEROS = np.uint64(0x3030303030303030)  # eight '0' characters
 _ABOVE_NINE = np.uint64(0x7676767676767676)  # 0x76 + 10 = 0x80
@@ -46,9 +49,26 @@ def _trailing_zeros(typingctx: Any, word: Any) -> Any:
     return types.uint64(types.uint64), codegen
 
 
+def _copy_bytes(
+    typingctx: Any, target: Any, target_at: Any, source: Any, source_at: Any, count: Any
+) -> Any:
+    """memcpy of ``count`` bytes from ``source[source_at:]`` to ``target[target_at:]`` (uint8
+    arrays, not overlapping; the caller checks the bounds)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        to = context.make_array(signature.args[0])(context, builder, args[0]).data
+        frm = context.make_array(signature.args[2])(context, builder, args[2]).data
+        memcpy: Any = cgutils.raw_memcpy
+        memcpy(builder, builder.gep(to, [args[1]]), builder.gep(frm, [args[3]]), args[4], 1)
+        return context.get_dummy_value()
+
+    return types.void(target, types.intp, source, types.intp, types.intp), codegen
+
+
 # Typed as Any: an intrinsic's Python signature (typingctx first) is not how it is called.
 load_word: Any = intrinsic(_load_word)
 trailing_zeros: Any = intrinsic(_trailing_zeros)
+copy_bytes: Any = intrinsic(_copy_bytes)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -58,10 +78,31 @@ def _zero_bytes(word: np.uint64) -> np.uint64:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def quote_or_backslash(word: np.uint64) -> int:
-    """Index (0-7) of the first '"' or '\\' byte of ``word``; 8 if there is none."""
-    flags = _zero_bytes(word ^ _QUOTES) | _zero_bytes(word ^ _BACKSLASHES)
-    return int(trailing_zeros(flags)) >> 3
+def find_quote_or_backslash(buf: NDArray[np.uint8], i: int, end: int) -> int:
+    """Index of the first '"' or '\\' of ``buf[i:end]``, or ``end``."""
+    # A fixed stride while nothing is found: the next load never waits for this word's test.
+    while i + 8 <= end:
+        word = load_word(buf, i)
+        flags = _zero_bytes(word ^ _QUOTES) | _zero_bytes(word ^ _BACKSLASHES)
+        if flags:
+            return i + (int(trailing_zeros(flags)) >> 3)
+        i += 8
+    while i < end and buf[i] != 34 and buf[i] != 92:
+        i += 1
+    return i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def find_newline(buf: NDArray[np.uint8], i: int, end: int) -> int:
+    """Index of the first newline of ``buf[i:end]``, or ``end``."""
+    while i + 8 <= end:
+        flags = _zero_bytes(load_word(buf, i) ^ _NEWLINES)
+        if flags:
+            return i + (int(trailing_zeros(flags)) >> 3)
+        i += 8
+    while i < end and buf[i] != 10:
+        i += 1
+    return i
 
 
 @njit(cache=True, nogil=True, inline="always")
