@@ -41,6 +41,7 @@ _R = TypeVar("_R")
 _HEAD = struct.Struct("!I")
 _SOCKET_BUFFER = 1 << 20  # a whole typical body per send: fewer wake-ups on both sides
 _READY = -1  # the job number of a child's first message: initialised, or why not
+_START_TIMEOUT_S = 60.0  # a process that has not initialised by then is killed (and retried)
 
 
 class ImageProcessDied(RuntimeError):
@@ -229,7 +230,8 @@ class ImagePool:
         link = _Link(child)
         await loop.create_unix_connection(lambda: link, sock=parent_end)
         try:
-            await child.ready
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await child.ready
         except BaseException:
             link.child = None  # this start failed: the caller decides what comes next
             if child.transport is not None:
@@ -261,6 +263,7 @@ class ImagePool:
             try:
                 await self._spawn(child)
             except (OSError, ImageJobError, ImageProcessDied) as exc:  # retry, slower each time
+                # (TimeoutError, from a process that never initialised, is an OSError)
                 log.error("cannot start an image process (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
