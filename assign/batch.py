@@ -50,18 +50,46 @@ DECLINED = -1
 _KERNEL = -1 if _KERNEL_AVX2 is None else int(_KERNEL_AVX2)
 
 
-class _Fields(msgspec.Struct):
+class _Fields(msgspec.Struct, rename={"matrix": "similarity_matrix"}):
     image_info: msgspec.Raw
     text_list: msgspec.Raw
-    similarity_matrix: msgspec.Raw
+    matrix: msgspec.Raw
 
 
-_DECODE = msgspec.json.Decoder(_Fields).decode
+_DECODER = msgspec.json.Decoder(_Fields)
+_DECODE, _DECODE_LINES = _DECODER.decode, _DECODER.decode_lines
 
 
-def field_lengths(lines: list[memoryview], ascii_only: bool) -> NDArray[np.int64]:
-    """Per line, the text lengths of its ``image_info``, ``text_list``, ``similarity_matrix``
-    values; -1s for a line msgspec refuses (or that is not UTF-8)."""
+def field_lengths(
+    chunk: memoryview, lines: Callable[[], list[memoryview]], count: int, ascii_only: bool
+) -> NDArray[np.int64]:
+    """Per line of ``chunk`` (``count`` of them, sliced by ``lines()``), the text lengths of
+    its ``image_info``, ``text_list``, ``similarity_matrix`` values; -1s for a line msgspec
+    refuses, or that is not UTF-8.
+
+    msgspec reads the chunk in one call when every line is valid. It reads whitespace-separated
+    values, not lines, so one value per line is not certain even when the counts agree; it
+    does not need to be. A string cannot hold a newline, so each line starts between tokens,
+    and a line that ``_rewrite_chunk`` takes (an object from its first byte to its last, whose
+    three values it has read to exactly these lengths) is then one complete value of what
+    msgspec checked: lengths paired with the wrong line can only make a line be declined.
+    """
+    try:
+        fields = _DECODE_LINES(chunk)
+    except (msgspec.DecodeError, RecursionError):
+        fields = None
+    if fields is not None and len(fields) == count:
+        flat = [n for f in fields for n in (len(f.image_info), len(f.text_list), len(f.matrix))]
+        lengths = np.array(flat, np.int64).reshape(count, 3)
+        if not ascii_only:
+            for k, line in enumerate(lines()):
+                if not _is_utf8(line):
+                    lengths[k] = DECLINED
+        return lengths
+    return _lengths_line_by_line(lines(), ascii_only)
+
+
+def _lengths_line_by_line(lines: list[memoryview], ascii_only: bool) -> NDArray[np.int64]:
     flat: list[int] = []
     extend = flat.extend
     declined = (DECLINED, DECLINED, DECLINED)
@@ -71,14 +99,14 @@ def field_lengths(lines: list[memoryview], ascii_only: bool) -> NDArray[np.int64
         except (msgspec.DecodeError, RecursionError):
             extend(declined)
             continue
-        if not ascii_only and not _is_utf8(line):  # (ASCII is valid UTF-8)
+        if not ascii_only and not _is_utf8(line):
             extend(declined)
             continue
-        extend((len(fields.image_info), len(fields.text_list), len(fields.similarity_matrix)))
+        extend((len(fields.image_info), len(fields.text_list), len(fields.matrix)))
     return np.array(flat, np.int64).reshape(len(lines), 3)
 
 
-def _is_utf8(line: memoryview) -> bool:
+def _is_utf8(line: memoryview) -> bool:  # (msgspec does not look inside skipped strings)
     try:
         str(line, "utf-8")
     except UnicodeDecodeError:
@@ -299,13 +327,21 @@ class ChunkRewriter:
         starts = np.empty_like(stops)
         starts[0:1] = 0
         starts[1:] = stops[:-1] + 1
-        lines = [chunk[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
-        lengths = field_lengths(lines, _all_ascii(buf))
+        sliced: list[memoryview] = []
+
+        def lines() -> list[memoryview]:
+            if not sliced:
+                bounds = zip(starts.tolist(), stops.tolist(), strict=True)
+                sliced.extend(chunk[a:b] for a, b in bounds)
+            return sliced
+
+        count = len(stops)
+        lengths = field_lengths(chunk, lines, count, _all_ascii(buf))
         capacity = 2 * len(chunk) + 4096
         if self._out.size < capacity:
             self._out = np.empty(capacity, np.uint8)
-        out_stops = np.empty(len(lines), np.int64)
-        images = np.empty(len(lines), np.int64)
+        out_stops = np.empty(count, np.int64)
+        images = np.empty(count, np.int64)
         written = _rewrite_chunk(buf, starts, stops, lengths, self._out, out_stops, images, _KERNEL)
         view = memoryview(self._out.data)
         done = 0
@@ -313,8 +349,8 @@ class ChunkRewriter:
             if out_stops[k] > done:
                 write(view[done : out_stops[k]])
                 done = int(out_stops[k])
-            other(bytes(lines[k]))
+            other(bytes(chunk[starts[k] : stops[k]]))
         if written > done:
             write(view[done:written])
         taken = images[images >= 0]
-        return len(lines), int(taken.size), int(taken.sum())
+        return count, int(taken.size), int(taken.sum())

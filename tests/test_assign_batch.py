@@ -158,6 +158,17 @@ def test_lines_it_cannot_vouch_for_are_handed_on_as_read_and_in_order(line: byte
     assert written[0] == written[2] and json.loads(written[0]) == json.loads(general_path(good))
 
 
+def test_lines_holding_several_values_or_part_of_one_are_handed_on() -> None:
+    # msgspec reads a chunk as whitespace-separated values: here as many values as lines,
+    # but not one per line. Every line is still judged on its own.
+    good = json.dumps(mmc4_doc(np.random.default_rng(36), 2, 3)).encode()
+    lines = [good, good + b" " + good, good[:40], good[40:], b"", good]
+    written, handed_on = run_batch(lines)
+    assert handed_on == lines[1:5]
+    assert written[1:5] == [b"<0>", b"<1>", b"<2>", b"<3>"]
+    assert written[0] == written[5] and json.loads(written[0]) == json.loads(general_path(good))
+
+
 def test_rewrite_shard_equals_the_per_line_paths_on_a_mixed_shard(tmp_path: Path) -> None:
     rng = np.random.default_rng(35)
     lines = []
