@@ -17,7 +17,8 @@ ties and near-ties included.
 What it saves: building the padded matrix in numpy, lapjv's argument parsing and its four
 output arrays, the Python loop that keeps the real pairs and fills the images left over with
 their argmax; and, on the padding rows, two loops whose outcome is known (see the comments in
-``_lap``). On a typical padded MMC4 matrix that is most of the cost.
+``_lap``) and most of their minimum searches. On a typical padded MMC4 matrix that is most of
+the cost.
 """
 
 from __future__ import annotations
@@ -106,6 +107,72 @@ def _find_umins_avx2(
     return umin, usubmin, j1, j2
 
 
+# Padding rows in the augmenting row reduction. Every padding row costs 1000 everywhere, so
+# its reduced costs are the same for all of them: h[j] = 1000 - v[j] (float32), and the scalar
+# search's answer is the two smallest (h[j], j) in lexicographic order (its first minimum, then
+# the next value or the next index of a tie). During that phase v only ever decreases, so h
+# only increases. ``lowest`` keeps, sorted, the columns at or below a boundary (the K-th
+# smallest when it was built): a column whose h rises above the boundary leaves it, one outside
+# can never come back below it, so its first two are always the two smallest. When fewer than
+# two remain it is built again by one scan.
+_LOWEST = 16
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _before(h_a: np.float32, a: int, h_b: np.float32, b: int) -> bool:
+    return bool(h_a < h_b or (h_a == h_b and a < b))
+
+
+@njit(cache=True, nogil=True)
+def _build_lowest(
+    dim: int, v: NDArray[np.float32], heights: NDArray[np.float32], order: NDArray[np.int64]
+) -> int:
+    """Fill ``order`` with the ``len(order)`` smallest (h, j), sorted; returns their number."""
+    size = 0
+    capacity = order.size
+    for j in range(dim):
+        h = _DUMMY - v[j]
+        heights[j] = h
+        if size == capacity and not _before(h, j, heights[order[size - 1]], order[size - 1]):
+            continue
+        at = size if size < capacity else capacity - 1
+        while at > 0 and _before(h, j, heights[order[at - 1]], order[at - 1]):
+            order[at] = order[at - 1]
+            at -= 1
+        order[at] = j
+        size = min(size + 1, capacity)
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _raise_column(
+    j: int,
+    h: np.float32,
+    heights: NDArray[np.float32],
+    order: NDArray[np.int64],
+    size: int,
+    bound_h: np.float32,
+    bound_j: int,
+) -> int:
+    """Column ``j``'s h has risen to ``h``: move it right in ``order`` or drop it past the
+    boundary. Returns the new size."""
+    at = 0
+    while at < size and order[at] != j:
+        at += 1
+    if at == size:
+        return size  # outside: it stays outside
+    heights[j] = h
+    if not _before(h, j, bound_h, bound_j) and not (h == bound_h and j == bound_j):
+        for k in range(at, size - 1):
+            order[k] = order[k + 1]
+        return size - 1
+    while at + 1 < size and _before(heights[order[at + 1]], order[at + 1], h, j):
+        order[at] = order[at + 1]
+        at += 1
+    order[at] = j
+    return size
+
+
 # Explicit signatures: compiled (or loaded from numba's cache) when this module is imported,
 # not inside the first shard.
 @njit("int64[::1](int64, float32[:, ::1], int64, boolean)", cache=True, nogil=True)
@@ -113,11 +180,13 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
     """Row solution of lap.h ``lap<avx2>`` on a square float32 ``cost``.
 
     Rows from ``real_rows`` on must be padding (all 1000) and every cost at most 1000; two loops
-    then skip work whose outcome is known (see the comments), which changes no result.
+    then skip work whose outcome is known (see the comments), and the padding rows' minimum
+    search in the augmenting row reduction is kept sorted instead of redone (see
+    ``_build_lowest``; scalar search only), which changes no result.
     """
     # Two allocations instead of eleven: on small matrices they cost more than the solve.
-    ints = np.empty(5 * dim + 16, np.int64)
-    floats = np.empty(2 * dim + 16, np.float32)
+    ints = np.empty(5 * dim + 16 + _LOWEST, np.int64)
+    floats = np.empty(3 * dim + 16, np.float32)
     collist = ints[:dim]
     matches = ints[dim : 2 * dim]
     matches[:] = 0
@@ -127,11 +196,13 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
     colsol = ints[4 * dim : 5 * dim]
     colsol[:] = -1
     lane_j1 = ints[5 * dim : 5 * dim + 8]  # the AVX2 search's registers
-    lane_j2 = ints[5 * dim + 8 :]
+    lane_j2 = ints[5 * dim + 8 : 5 * dim + 16]
+    lowest = ints[5 * dim + 16 : 5 * dim + 16 + min(dim, _LOWEST)]
     d = floats[:dim]
     v = floats[dim : 2 * dim]
     lane_umin = floats[2 * dim : 2 * dim + 8]
-    lane_usubmin = floats[2 * dim + 8 :]
+    lane_usubmin = floats[2 * dim + 8 : 2 * dim + 16]
+    heights = floats[2 * dim + 16 :]
 
     # COLUMN REDUCTION, last column first.
     for j in range(dim - 1, -1, -1):
@@ -169,6 +240,11 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
             v[j1] = v[j1] - low_cost
 
     # AUGMENTING ROW REDUCTION, twice.
+    vector = avx2 and dim >= AVX2_MIN_DIM
+    padding_known = real_rows < dim and not vector  # the padding rows' search, kept (above)
+    in_lowest = 0
+    bound_h = _FLT_MAX
+    bound_j = dim
     for _loop in range(2):
         k = 0
         prevnumfree = numfree
@@ -176,7 +252,16 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
         while k < prevnumfree:
             i = free[k]
             k += 1
-            if avx2 and dim >= AVX2_MIN_DIM:
+            if padding_known and i >= real_rows:
+                if in_lowest < 2:
+                    in_lowest = _build_lowest(dim, v, heights, lowest)
+                    bound_j = lowest[in_lowest - 1]
+                    bound_h = heights[bound_j]
+                j1 = lowest[0]
+                j2 = lowest[1]
+                umin = heights[j1]
+                usubmin = heights[j2]
+            elif vector:
                 umin, usubmin, j1, j2 = _find_umins_avx2(
                     dim, cost[i], v, lane_umin, lane_usubmin, lane_j1, lane_j2
                 )
@@ -187,6 +272,10 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
             vj1_lowers = vj1_new < v[j1]
             if vj1_lowers:
                 v[j1] = vj1_new
+                if in_lowest:
+                    in_lowest = _raise_column(
+                        j1, _DUMMY - vj1_new, heights, lowest, in_lowest, bound_h, bound_j
+                    )
             elif i0 >= 0:
                 j1 = j2
                 i0 = colsol[j2]
