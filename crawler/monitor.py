@@ -75,17 +75,17 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
         complete,
         hist,
     ) = await pipe.execute()
-    leased = await _pending(client, keys)
+    in_flight = await leased(client, keys)
     by_status = {_s(k): int(v) for k, v in counts.items() if _s(k) != "bytes" and int(v)}
     done = sum(by_status.values())
     samples = _parse_history(hist)
     rate = _rate(samples)
-    queued = max(0, int(length) - leased)
-    remaining = queued + leased + int(deferred)
+    queued = max(0, int(length) - in_flight)
+    remaining = queued + in_flight + int(deferred)
     snap = Snapshot(
         time=time.time(),
         queued=queued,
-        leased=leased,
+        leased=in_flight,
         deferred=int(deferred),
         done=done,
         by_status=dict(sorted(by_status.items(), key=lambda kv: -kv[1])),
@@ -102,7 +102,8 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
     return snap
 
 
-async def _pending(client: aioredis.Redis, keys: Keys) -> int:
+async def leased(client: aioredis.Redis, keys: Keys) -> int:
+    """Items delivered to a crawl worker and not yet recorded."""
     try:
         groups = await client.xinfo_groups(keys.queue)
     except ResponseError:  # no stream yet

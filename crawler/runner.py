@@ -70,9 +70,17 @@ class Supervisor:
                 proc.wait()
 
 
-async def finished(cfg: Config, keys: Keys, client: Any) -> bool:
-    snap = await monitor.snapshot(client, keys, history=2)
-    return snap.remaining == 0 and not snap.shards_open and snap.shards_complete_pending == 0
+async def finished(keys: Keys, client: Any) -> bool:
+    """Nothing queued, leased or deferred, and every shard finalized: two round trips, not a
+    full `monitor.snapshot`."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xlen(keys.queue)
+    pipe.zcard(keys.deferred)
+    pipe.scard(keys.shards_open)
+    pipe.scard(keys.shards_complete)
+    if any(int(n) for n in await pipe.execute()):
+        return False
+    return await monitor.leased(client, keys) == 0
 
 
 async def run_all(
@@ -115,18 +123,12 @@ async def run_all(
             while not stop.is_set():
                 await asyncio.sleep(0.5)
                 supervisor.check()
-                snap = await monitor.snapshot(client, keys, history=2)
-                bar.total = snap.done + snap.remaining
-                bar.n = snap.done
-                bar.set_postfix(
-                    queued=snap.queued, leased=snap.leased, ok=snap.by_status.get("ok", 0),
-                    failed=snap.done - snap.by_status.get("ok", 0), refresh=False,
-                )  # fmt: skip
-                bar.refresh()
+                if progress:
+                    await _show(bar, await monitor.snapshot(client, keys, history=2))
                 if ingest_task.done():
                     ingest_task.result()  # re-raise a crash of ingest
                     await shards.finalize_all()
-                    if await finished(cfg, keys, client):
+                    if await finished(keys, client):
                         break
         finally:
             bar.close()
@@ -153,6 +155,16 @@ async def run_all(
         await client.aclose()
         if embedded is not None:
             embedded.stop()
+
+
+async def _show(bar: Any, snap: monitor.Snapshot) -> None:
+    bar.total = snap.done + snap.remaining
+    bar.n = snap.done
+    bar.set_postfix(
+        queued=snap.queued, leased=snap.leased, ok=snap.by_status.get("ok", 0),
+        failed=snap.done - snap.by_status.get("ok", 0), refresh=False,
+    )  # fmt: skip
+    bar.refresh()
 
 
 def _start_assign(cfg: Config, stop: asyncio.Event) -> asyncio.Task[None] | None:

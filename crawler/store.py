@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import time
 import uuid
@@ -44,6 +45,8 @@ class Store:
 
 
 _made_dirs: set[Path] = set()  # per process: shard directories already created
+_tmp_names = itertools.count()  # with the pid and a per-process random part: unique names
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def write_atomic(final: Path, data: bytes) -> None:
@@ -51,15 +54,31 @@ def write_atomic(final: Path, data: bytes) -> None:
     if final.parent not in _made_dirs:
         final.parent.mkdir(parents=True, exist_ok=True)
         _made_dirs.add(final.parent)
-    tmp = final.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    tmp = f"{final.parent}/{TMP_PREFIX}{_process_tag()}-{next(_tmp_names)}"
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        fd = os.open(tmp, _TMP_FLAGS, 0o644)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked (signals, odd file systems)
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+_tag: tuple[int, str] | None = None
+
+
+def _process_tag() -> str:
+    """The pid and a random part, fixed per process (a forked child gets its own)."""
+    global _tag
+    if _tag is None or _tag[0] != os.getpid():
+        _tag = (os.getpid(), uuid.uuid4().hex[:8])
+    return f"{_tag[0]}-{_tag[1]}"
 
 
 def shrink_and_store(data: bytes, settings: ImageSettings, final: str) -> ImageResult:
