@@ -21,7 +21,14 @@ import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
-from assign.swar import digits_value, leading_digits, load_word, power_of_ten
+from assign.swar import (
+    digits_value,
+    leading_digits,
+    leading_zeros,
+    load_word,
+    multiply_high,
+    power_of_ten,
+)
 
 SMALLEST_POWER = -342
 LARGEST_POWER = 308
@@ -57,7 +64,6 @@ def _power_of_five_table() -> NDArray[np.uint64]:
 _POWERS = _power_of_five_table()
 # 2**(p - 1075) for every biased exponent p: a 53-bit mantissa times one of these is exact.
 _SCALES = np.ldexp(1.0, np.arange(_INFINITE_POWER + 1) - 1075)
-_U32 = np.uint64(0xFFFFFFFF)
 _U64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _PRECISION_MASK = np.uint64(0xFFFFFFFFFFFFFFFF >> (_MANTISSA_BITS + 3))
 
@@ -65,27 +71,7 @@ _PRECISION_MASK = np.uint64(0xFFFFFFFFFFFFFFFF >> (_MANTISSA_BITS + 3))
 @njit(cache=True, nogil=True, inline="always")
 def _multiply(a: np.uint64, b: np.uint64) -> tuple[np.uint64, np.uint64]:
     """The 128-bit product of two 64-bit words: (high, low)."""
-    shift = np.uint64(32)
-    a_lo, a_hi = a & _U32, a >> shift
-    b_lo, b_hi = b & _U32, b >> shift
-    p0 = a_lo * b_lo
-    p1 = a_lo * b_hi
-    p2 = a_hi * b_lo
-    p3 = a_hi * b_hi
-    middle = (p0 >> shift) + (p1 & _U32) + (p2 & _U32)
-    low = (p0 & _U32) | (middle << shift)
-    high = p3 + (p1 >> shift) + (p2 >> shift) + (middle >> shift)
-    return high, low
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _leading_zeros(w: np.uint64) -> int:
-    count = 0
-    for bits in (32, 16, 8, 4, 2, 1):
-        if w >> np.uint64(64 - bits) == np.uint64(0):
-            w = w << np.uint64(bits)
-            count += bits
-    return count
+    return multiply_high(a, b), a * b
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -94,7 +80,7 @@ def decimal_to_double(w: np.uint64, q: int) -> tuple[float, bool]:
     False when the result would be subnormal, zero or infinite (declined)."""
     if q < SMALLEST_POWER or q > LARGEST_POWER or w == np.uint64(0):
         return 0.0, False
-    lz = _leading_zeros(w)
+    lz = int(leading_zeros(w))
     w = w << np.uint64(lz)
     index = 2 * (q - SMALLEST_POWER)
     high, low = _multiply(w, _POWERS[index])
@@ -168,7 +154,10 @@ def parse_number(buf: NDArray[np.uint8], i: int, end: int) -> tuple[float, int, 
     if i >= end or not _is_digit(buf[i]):
         return 0.0, i, False
     first = i
-    w, i = _digits(buf, i, end, np.uint64(0))
+    if buf[i] == 48:  # JSON's integer part is "0" or has no leading zero: similarities' case
+        w, i = np.uint64(0), i + 1
+    else:
+        w, i = _digits(buf, i, end, np.uint64(0))
     digits = i - first
     exponent = 0
     fraction = False

@@ -65,10 +65,32 @@ def _copy_bytes(
     return types.void(target, types.intp, source, types.intp, types.intp), codegen
 
 
+def _leading_zeros(typingctx: Any, word: Any) -> Any:
+    """Number of zero bits above the highest set bit; 64 for 0."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.uint64(types.uint64), codegen
+
+
+def _multiply_high(typingctx: Any, a: Any, b: Any) -> Any:
+    """The high 64 bits of the 128-bit product of two uint64 (the low ones: ``a * b``)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        wide = ir.IntType(128)
+        product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
+        return builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), ir.IntType(64))
+
+    return types.uint64(types.uint64, types.uint64), codegen
+
+
 # Typed as Any: an intrinsic's Python signature (typingctx first) is not how it is called.
 load_word: Any = intrinsic(_load_word)
 trailing_zeros: Any = intrinsic(_trailing_zeros)
 copy_bytes: Any = intrinsic(_copy_bytes)
+leading_zeros: Any = intrinsic(_leading_zeros)
+multiply_high: Any = intrinsic(_multiply_high)
 
 
 @njit(cache=True, nogil=True, inline="always")
