@@ -140,7 +140,9 @@ def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSess
         total=None,
         connect=cfg.connect_timeout_s,
         sock_connect=cfg.connect_timeout_s,
-        sock_read=cfg.total_timeout_s,
+        # No read timeout: the attempt's own deadline (Fetcher) bounds every read, and an
+        # aiohttp read timeout would re-arm a timer on every chunk received.
+        sock_read=None,
     )
     headers = {"User-Agent": cfg.user_agent}
     if cfg.x_forwarded_for:
