@@ -194,9 +194,24 @@ def test_rewrite_shard_equals_the_per_line_paths_on_a_mixed_shard(tmp_path: Path
 
 
 @pytest.mark.parametrize("size", [1, 7, 100, 1 << 16])
-def test_chunks_hold_whole_lines_whatever_the_chunk_size(size: int) -> None:
-    data = b"a\n\nbb\n" + b"c" * 500 + b"\n{}\nlast without newline"
-    chunks = [bytes(chunk) for chunk in ChunkReader(io.BytesIO(data), size).chunks()]
-    assert b"".join(chunks) == data
-    assert all(chunk.endswith(b"\n") for chunk in chunks[:-1])
-    assert all(chunks)
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_chunks_hold_whole_lines_whatever_the_chunk_size(
+    size: int, final_newline: bool, tmp_path: Path
+) -> None:
+    data = b"a\n\nbb\n" + b"c" * 500 + b"\n{}\nlast line" + (b"\n" if final_newline else b"")
+    path = tmp_path / "shard.jsonl"
+    path.write_bytes(data)
+    with open(path, "rb") as mapped:  # a plain file is mapped, other streams are read
+        for stream in (io.BytesIO(data), mapped):
+            chunks = [bytes(chunk) for chunk in ChunkReader(stream, size).chunks()]
+            assert b"".join(chunks) == data
+            assert all(chunk.endswith(b"\n") for chunk in chunks[:-1])
+            assert all(chunks)
+
+
+def test_an_empty_shard_has_no_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    with open(path, "rb") as stream:
+        assert list(ChunkReader(stream).chunks()) == []
+    assert list(ChunkReader(io.BytesIO(b"")).chunks()) == []
