@@ -13,7 +13,7 @@ from numba import njit
 from numpy.typing import NDArray
 
 from assign.numparse import parse_number
-from assign.swar import find_quote_or_backslash
+from assign.swar import find_number_end, find_quote_or_backslash
 
 Bytes = NDArray[np.uint8]
 _QUOTE, _BACKSLASH, _COMMA, _COLON = 34, 92, 44, 58
@@ -83,11 +83,10 @@ def key_is(buf: Bytes, start: int, stop: int, name: Bytes) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def key_has_escape(buf: Bytes, start: int, stop: int) -> bool:
-    k = start
-    while k < stop and buf[k] != _BACKSLASH:
-        k += 1
-    return k < stop
+def plain_string_end(buf: Bytes, i: int, end: int) -> int:
+    """``string_end`` for a string without escapes; -1 if it has one (or does not close)."""
+    i = find_quote_or_backslash(buf, i + 1, end)
+    return i + 1 if i < end and buf[i] == _QUOTE else -1
 
 
 @njit(cache=True, nogil=True)
@@ -145,8 +144,11 @@ def read_matrix(
                 if i >= end or buf[i] != _COMMA:
                     return False
                 i = skip_space(buf, i + 1, end)
-            value, after, ok = parse_number(buf, i, end)
-            if not ok:
+            # The number's end first (a quick scan), then its value: the next number's scan
+            # need not wait for this one's arithmetic.
+            after = find_number_end(buf, i, end)
+            value, parsed_to, ok = parse_number(buf, i, after)
+            if not ok or parsed_to != after:
                 return False
             values[k] = value
             token_start[k] = i
@@ -185,8 +187,8 @@ def find_fields(
     while i < end:
         if buf[i] != _QUOTE:
             return False
-        key_stop = string_end(buf, i, end)
-        if key_stop < 0 or key_has_escape(buf, i + 1, key_stop - 1):
+        key_stop = plain_string_end(buf, i, end)
+        if key_stop < 0:
             return False
         field = -1
         for f in range(lengths.size):
@@ -238,8 +240,8 @@ def image_fields(buf: Bytes, i: int, stop: int, spans: NDArray[np.int64]) -> int
         while True:
             if i >= stop or buf[i] != _QUOTE:
                 return -1
-            key_stop = string_end(buf, i, stop)
-            if key_stop < 0 or key_has_escape(buf, i + 1, key_stop - 1):
+            key_stop = plain_string_end(buf, i, stop)
+            if key_stop < 0:
                 return -1
             which = -1
             if key_is(buf, i + 1, key_stop - 1, _MATCHED_TEXT_INDEX):

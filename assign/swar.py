@@ -22,6 +22,9 @@ _ONES = np.uint64(0x0101010101010101)
 _HIGHS = np.uint64(0x8080808080808080)
 _QUOTES = np.uint64(0x2222222222222222)
 _NEWLINES = np.uint64(0x0A0A0A0A0A0A0A0A)
+_COMMAS = np.uint64(0x2C2C2C2C2C2C2C2C)
+_CLOSING = np.uint64(0x5D5D5D5D5D5D5D5D)  # ']'
+_BELOW_SPACE = np.uint64(0x2121212121212121)  # space and every control character are below
 _BACKSLASHES = np.uint64(0x5C5C5C5C5C5C5C5C)
 _ZEROS = np.uint64(0x3030303030303030)  # eight '0' characters
 _ABOVE_NINE = np.uint64(0x7676767676767676)  # 0x76 + 10 = 0x80
@@ -110,6 +113,22 @@ def find_quote_or_backslash(buf: NDArray[np.uint8], i: int, end: int) -> int:
             return i + (int(trailing_zeros(flags)) >> 3)
         i += 8
     while i < end and buf[i] != 34 and buf[i] != 92:
+        i += 1
+    return i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def find_number_end(buf: NDArray[np.uint8], i: int, end: int) -> int:
+    """Index of the first ',', ']' or whitespace of ``buf[i:end]`` (where a JSON number in a
+    list ends: none of them can be part of it), or ``end``."""
+    while i + 8 <= end:
+        word = load_word(buf, i)
+        below = (word - _BELOW_SPACE) & ~word & _HIGHS  # bytes below '!' (exact up to the first)
+        flags = below | _zero_bytes(word ^ _COMMAS) | _zero_bytes(word ^ _CLOSING)
+        if flags:
+            return i + (int(trailing_zeros(flags)) >> 3)
+        i += 8
+    while i < end and buf[i] > 32 and buf[i] != 44 and buf[i] != 93:
         i += 1
     return i
 
