@@ -1,13 +1,15 @@
 """A worker's background loops always end when it closes, even one whose first cancellation
 is turned into an error (Python 3.11's asyncio.timeout does that when its own deadline fires
-at the moment of the cancel)."""
+at the moment of the cancel); and what a worker changes in its process is undone."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
-from crawling import crawl_config
+import pytest
+from crawling import crawl, crawl_config
 
 from crawler.tasks import cancel_and_wait
 from crawler.worker import Worker
@@ -54,3 +56,23 @@ async def test_cancel_and_wait_cancels_until_the_task_ends() -> None:
     await asyncio.sleep(0.01)
     assert await cancel_and_wait([task], each_s=0.05) == set()
     assert task.cancelled() and cancels == 3
+
+
+async def test_the_garbage_collector_is_restored_when_in_process_workers_stop(
+    namespace: str, tmp_path: Path
+) -> None:
+    before = gc.get_threshold()
+    seen: list[tuple[int, int, int]] = []
+    real_read = Worker._read_loop
+
+    async def read_loop(self: Worker, until_idle: bool) -> None:
+        seen.append(gc.get_threshold())  # while the workers run
+        await real_read(self, until_idle)
+
+    cfg = crawl_config(namespace, tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Worker, "_read_loop", read_loop)
+        await crawl(cfg, [], workers=2)
+    assert len(seen) == 2 and all(t[0] > before[0] for t in seen)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
