@@ -7,8 +7,9 @@ then times:
 * reference: allenai/mmc4 ``compute_assignments.py`` and ``linear_assignment.base_solve``,
   restated -- json.loads every line, np.array, the sum(|W|) check, np.pad to square with 1000,
   lapjv, argsort, drop padding, the cost sum, argmax fill, json.dumps;
-* ours: ``assign.rewrite.rewrite_shard`` (msgspec fast path splicing image_info into the line,
-  the numba port of lapjv, the certified shortcut for matrices of 64 and more).
+* ours: ``assign.rewrite.rewrite_shard`` (chunks of lines checked by msgspec, then read,
+  solved with the numba port of lapjv and rewritten in place in one compiled pass each:
+  ``assign.batch``).
 
 Each side runs ``--repeat`` times (best run kept: the machine is shared and noisy) after one
 warm-up rewrite of a small shard; both outputs must hold the same documents.
@@ -22,16 +23,22 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 from lapjv import lapjv
+from numba import njit
 
-from assign.document import AssignOptions, assign_document
-from assign.fastline import parse_plain, plain_pieces, solve_plain
-from assign.jsonline import dump_line, parse_line
+from assign import batch
+from assign.batch import _KERNEL as KERNEL
+from assign.batch import _NAME_BOUNDS as NAME_BOUNDS
+from assign.batch import _NAMES as NAMES
+from assign.batch import _solve as batch_solve
+from assign.document import AssignOptions
+from assign.jsonscan import find_fields, image_fields, read_matrix, string_list_length
 from assign.rewrite import rewrite_shard
 
 IMAGES_PER_DOC = 5.6  # 571M / 101.2M
@@ -205,18 +212,76 @@ def run_reference(source: Path, target: Path, clock: Clock) -> int:
     return warnings
 
 
-def profile_ours(source: Path, clock: Clock) -> None:
-    """The rewriter's per-line steps timed one by one (the calls assign.rewrite makes)."""
-    options = AssignOptions()
-    with open(source, "rb") as lines:
-        for raw in lines:
-            plain = clock.timed("parse", parse_plain, raw)
-            if plain is not None and clock.timed("solve", solve_plain, plain, options.solver):
-                clock.timed("serialise", plain_pieces, plain)
-                continue
-            parsed = clock.timed("parse", parse_line, raw[:-1])  # the general path
-            outcome = clock.timed("solve", assign_document, parsed.doc, options)
-            clock.timed("serialise", dump_line, parsed, outcome.matrix_untouched)
+def profile_ours(source: Path, output: Path, clock: Clock) -> float:
+    """The rewrite once more, its steps timed: msgspec's check of each chunk (and its split
+    into lines) is parsing; the compiled pass over the chunk (reading the three values and
+    the numbers, solving, writing the rewritten lines) is split in the proportions that the
+    same compiled steps, timed one after another in ``_staged``, take; the rest is I/O+other."""
+    patches = {"_line_stops": "check", "field_lengths": "check", "_rewrite_chunk": "compiled"}
+    originals = {name: getattr(batch, name) for name in patches}
+    for name, step in patches.items():
+        setattr(batch, name, partial(clock.timed, step, originals[name]))
+    started = time.perf_counter()
+    try:
+        rewrite_shard(source, output, AssignOptions(), force=True)
+        profiled = time.perf_counter() - started
+    finally:
+        for name, original in originals.items():
+            setattr(batch, name, original)
+    read, solve = _compiled_shares(source)
+    compiled = clock.seconds.pop("compiled")
+    clock.seconds["parse"] = clock.seconds.pop("check") + compiled * read
+    clock.seconds["solve"] = compiled * solve
+    clock.seconds["serialise"] = compiled * (1 - read - solve)
+    return profiled
+
+
+def _compiled_shares(source: Path) -> tuple[float, float]:
+    """Shares of reading and of solving in the compiled pass, from ``_staged``'s timings."""
+    data = np.frombuffer(source.read_bytes(), np.uint8)
+    data.flags.writeable = False
+    stops = np.flatnonzero(data == 10)
+    starts = np.concatenate(([0], stops[:-1] + 1))
+    lines = [memoryview(data)[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+    lengths = batch.field_lengths(memoryview(data), lambda: lines, len(lines), True)
+    out, out_stops, images = np.empty(2 * data.size, np.uint8), np.empty_like(stops), starts.copy()
+    steps: list[Callable[[], object]] = [
+        partial(_staged, data, starts, stops, lengths, 1),  # reading
+        partial(_staged, data, starts, stops, lengths, 2),  # reading and solving
+        partial(batch._rewrite_chunk, data, starts, stops, lengths, out, out_stops, images, KERNEL),
+    ]
+    times = [min(_seconds(step) for _ in range(3)) for step in steps]
+    whole = max(times)
+    return times[0] / whole, (times[1] - times[0]) / whole
+
+
+def _seconds(step: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+@njit
+def _staged(buf: Any, starts: Any, stops: Any, lengths: Any, stage: int) -> int:
+    """``batch._rewrite_chunk``'s compiled steps up to reading (1) or solving (2)."""
+    values = np.empty(lengths[:, 2].max() // 2 + 1, np.float64)
+    token_start = np.empty(values.size, np.int64)
+    token_stop = np.empty(values.size, np.int64)
+    spans = np.empty((lengths[:, 0].max() // 32 + 1, 4), np.int64)
+    positions = np.empty(3, np.int64)
+    solved = 0
+    for k in range(starts.size):
+        if not find_fields(buf, starts[k], stops[k], NAMES, NAME_BOUNDS, lengths[k], positions):
+            continue
+        info, text, matrix = positions[0], positions[1], positions[2]
+        n = image_fields(buf, info, info + lengths[k, 0], spans)
+        m = string_list_length(buf, text, text + lengths[k, 1])
+        matrix_stop = matrix + lengths[k, 2]
+        if not read_matrix(buf, matrix, matrix_stop, n, m, values, token_start, token_stop):
+            continue
+        if stage == 2:
+            solved += batch_solve(values[: n * m].reshape((n, m)), KERNEL).size
+    return solved
 
 
 def shares(clock: Clock, total: float) -> str:
@@ -265,9 +330,7 @@ def main() -> None:
             report = rewrite_shard(source, output, AssignOptions(), force=True)
             ours_seconds = min(ours_seconds, time.perf_counter() - started)
         our_clock = Clock()
-        started = time.perf_counter()
-        profile_ours(source, our_clock)
-        profiled = time.perf_counter() - started
+        profiled = profile_ours(source, work / "out" / "profiled.jsonl", our_clock)
 
         identical = same_documents(work / "reference.jsonl", Path(report.output))
         ref_rate, our_rate = args.docs / ref_seconds, args.docs / ours_seconds
