@@ -1,7 +1,7 @@
 """The image processes: CPU-heavy jobs run off the event loop, fed by the loop itself.
 
 `ImagePool` keeps one socket pair per child process. The event loop writes each job (a
-module-level function and its arguments, pickled: the response body travels inside) to a
+module-level function and its arguments, pickled, then the response body as raw bytes) to a
 child's socket and reads the results through a protocol on the same socket, so no thread
 stands between the loop and the children. (`concurrent.futures.ProcessPoolExecutor` moves
 every job through a feeder thread, a shared queue under a lock and a manager thread; on the
@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
-_HEAD = struct.Struct("!I")
+_HEAD = struct.Struct("!I")  # a result: its pickle's length
+_JOB_HEAD = struct.Struct("!IQ")  # a job: its pickle's length, then its data's
 _SOCKET_BUFFER = 1 << 20  # a whole typical body per send: fewer wake-ups on both sides
 _READY = -1  # the job number of a child's first message: initialised, or why not
 _START_TIMEOUT_S = 60.0  # a process that has not initialised by then is killed (and retried)
@@ -150,7 +151,7 @@ class ImagePool:
         self._children: list[_Child] = []
         # Jobs not yet sent: pickled only when sent, so a waiting body exists once in memory.
         self._waiting: collections.deque[
-            tuple[int, Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]
+            tuple[int, Callable[..., Any], tuple[Any, ...], bytes | None, asyncio.Future[Any]]
         ] = collections.deque()
         self._jobs = itertools.count()
         self._closing = False
@@ -168,12 +169,14 @@ class ImagePool:
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self._children if c.proc is not None and c.proc.pid]
 
-    async def run(self, fn: Callable[..., _R], *args: Any) -> _R:
-        """Run fn(*args) in an image process; fn must be importable by module and name."""
+    async def run(self, fn: Callable[..., _R], *args: Any, data: bytes | None = None) -> _R:
+        """Run fn(*args) in an image process, or fn(data, *args) when `data` is given (sent as
+        raw bytes, not pickled: the way for a response body). fn must be importable by module
+        and name."""
         if self._closing:
             raise RuntimeError("the image pool is closed")
         fut: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
-        self._waiting.append((next(self._jobs), fn, args, fut))
+        self._waiting.append((next(self._jobs), fn, args, data, fut))
         child = min(self._children, key=lambda c: len(c.held) if c.alive else self.depth)
         self._dispatch(child)
         return await fut
@@ -196,17 +199,18 @@ class ImagePool:
     def _dispatch(self, child: _Child) -> None:
         """Send waiting jobs to `child` while it has room."""
         while child.alive and len(child.held) < self.depth and self._waiting:
-            job, fn, args, fut = self._waiting.popleft()
+            job, fn, args, data, fut = self._waiting.popleft()
             if fut.done():  # cancelled while waiting
                 continue
             try:
-                payload = pickle.dumps((job, fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+                meta = pickle.dumps((job, fn, args, data is not None), pickle.HIGHEST_PROTOCOL)
             except Exception as exc:  # an argument that cannot cross processes
                 fut.set_exception(ImageJobError(f"cannot send the job: {exc}"))
                 continue
             child.held[job] = fut
             assert child.transport is not None
-            child.transport.writelines((_HEAD.pack(len(payload)), payload))
+            size = 0 if data is None else len(data)
+            child.transport.writelines((_JOB_HEAD.pack(len(meta), size), meta, data or b""))
 
     async def _spawn(self, child: _Child) -> None:
         parent_end, child_end = socket.socketpair()
@@ -302,11 +306,13 @@ def _child_main(
     reader = sock.makefile("rb", buffering=_SOCKET_BUFFER)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         while True:
-            head = reader.read(_HEAD.size)
-            if len(head) < _HEAD.size:
+            head = reader.read(_JOB_HEAD.size)
+            if len(head) < _JOB_HEAD.size:
                 return  # the worker closed the pool, or died
-            (size,) = _HEAD.unpack(head)
-            job, fn, args = pickle.loads(reader.read(size))
+            meta_size, data_size = _JOB_HEAD.unpack(head)
+            job, fn, args, with_data = pickle.loads(reader.read(meta_size))
+            if with_data:
+                args = (reader.read(data_size), *args)
             try:
                 answer = (job, True, fn(*args))
             except Exception as exc:

@@ -126,7 +126,7 @@ class Worker:
         self._waiting_budget = cfg.worker.max_waiting_image_mb << 20
         self._image_room = asyncio.Event()
         self._image_room.set()
-        self._pool: ImagePool | None = None
+        self._pool: ImagePool
         self.client: aioredis.Redis
         self.queue: WorkQueue
         self.gate: HostGate
@@ -401,10 +401,6 @@ class Worker:
             self._image_room.clear()
             await self._image_room.wait()
 
-    async def _in_pool(self, fn: Callable[..., _R], *args: Any) -> _R:
-        assert self._pool is not None
-        return await self._pool.run(fn, *args)
-
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
@@ -412,7 +408,7 @@ class Worker:
         self._waiting_bytes += len(body)
         self.stats.peak_waiting_bytes = max(self.stats.peak_waiting_bytes, self._waiting_bytes)
         try:
-            img = await self._in_pool(shrink_and_store, body, self.settings, final)
+            img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
         finally:
             self._waiting_bytes -= len(body)
             if self._waiting_bytes <= self._waiting_budget:
@@ -437,7 +433,7 @@ class Worker:
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
         final = str(self.store.path(item.shard, item.name))
-        img = await self._in_pool(verify_stored, final, self.settings)
+        img = await self._pool.run(verify_stored, final, self.settings)
         if img is None:
             return None  # gone, or not a valid image after all: fetch again
         return status.make_record(

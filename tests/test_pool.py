@@ -81,8 +81,12 @@ async def test_both_processes_work_at_once(pool: ImagePool, tmp_path: Path) -> N
 
 async def test_large_bodies_travel_whole(pool: ImagePool) -> None:
     body = os.urandom(5 << 20)
-    assert await pool.run(bytes.__len__, body) == len(body)
-    assert await pool.run(operator.getitem, body, slice(-3, None)) == body[-3:]
+    assert await pool.run(bytes.__len__, body) == len(body)  # pickled with the arguments
+    assert await pool.run(bytes.__len__, data=body) == len(body)  # sent as raw bytes
+    assert await pool.run(operator.getitem, slice(-3, None), data=body) == body[-3:]
+    assert await pool.run(bytes.__len__, data=b"") == 0
+    sizes = await asyncio.gather(*(pool.run(len, data=os.urandom(n)) for n in range(0, 300, 7)))
+    assert sizes == list(range(0, 300, 7))
 
 
 async def test_a_job_that_raises_fails_alone(pool: ImagePool) -> None:
@@ -150,7 +154,7 @@ async def test_shrink_and_store_runs_in_the_pool(pool: ImagePool, tmp_path: Path
     buf = io.BytesIO()
     Image.new("RGB", (1600, 1200), (10, 200, 30)).save(buf, "JPEG")
     final = tmp_path / "shard" / "a.jpg"
-    result = await pool.run(shrink_and_store, buf.getvalue(), ImageSettings(), str(final))
+    result = await pool.run(shrink_and_store, ImageSettings(), str(final), data=buf.getvalue())
     assert result.status == "ok" and result.data is None
     assert (result.width, result.height) == (800, 600)
     assert final.stat().st_size == result.stored_bytes
