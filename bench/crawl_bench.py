@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/crawl_bench.py [--images 5000] [--webs clean,realistic] [--profile]
+    .venv/bin/python bench/crawl_bench.py [--images 10000] [--webs clean,realistic] [--profile]
     .venv/bin/python bench/crawl_bench.py --long [--long-images 200000]
 
 What it does, per web (``clean``: no added latency, CPU-bound; ``realistic``: lognormal latency,
@@ -689,7 +689,8 @@ def print_table(results: list[RunResult], bare: Bare | None) -> None:
                 )
                 for k, v in sorted(roles.items())
             )
-            print(f"  CPU ms/img by role: {per}")
+            rest = max(0.0, r.cpu_s - sum(roles.values()))
+            print(f"  CPU ms/img by role: {per}, rest {1000 * rest / r.images:.2f}")
         if r.redis_top:
             rc = f"Redis CPU {r.redis_cpu_s:.1f}s; "
             print(f"  {rc}commands: " + ", ".join(f"{k}={v}" for k, v in r.redis_top))
@@ -764,7 +765,7 @@ def machine() -> dict[str, Any]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, default=5000, help="URLs per run (default mode)")
+    p.add_argument("--images", type=int, default=10_000, help="URLs per run (default mode)")
     p.add_argument("--webs", default="clean,realistic", help="comma list: clean, realistic")
     p.add_argument("--hosts", type=int, default=32)
     p.add_argument("--pool", type=int, default=400, help="distinct image specs")
