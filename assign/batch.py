@@ -8,7 +8,7 @@ call per document. Here a chunk of whole lines (a few MB) is handled as one byte
    ``similarity_matrix``, and reports the length of each of these values' text (``Raw``); a
    chunk that is not all ASCII has its other lines checked for UTF-8 here, since msgspec
    does not look inside the strings it skips;
-2. one compiled call (``_rewrite_chunk``) then, for each line, finds the three values
+2. one compiled call (``rewrite_chunk``) then, for each line, finds the three values
    (``assign.jsonscan``), reads the matrix's numbers (``assign.numparse``, rounded as
    ``float()`` does), counts the sentences, solves exactly as ``assign.fastline`` does (the
    lapjv port up to 63 x 63; above, one sentence, or the certified shortcut's compiled case)
@@ -34,22 +34,21 @@ import numpy as np
 from numba import njit, types
 from numpy.typing import NDArray
 
-from assign.certify import _CERTIFIED, _rows_on_distinct_columns
+from assign.certify import CERTIFIED, rows_on_distinct_columns
 from assign.jsonscan import find_fields, image_fields, read_matrix, string_list_length
-from assign.jv import _KERNEL_AVX2, MAX_DIM, _assign
+from assign.jv import KERNEL_CODE, MAX_DIM, compiled_assign
 from assign.swar import copy_bytes, find_newline
 
 CHUNK_BYTES = 1 << 22
 # The fast path's range: magnitudes at or above this go the general way (see assign.fastline).
 _LIMIT = float(2**63)
 _IMAGE_INFO, _TEXT_LIST, _MATRIX = 0, 1, 2
-_NAMES = np.frombuffer(b"image_infotext_listsimilarity_matrix", np.uint8)
-_NAME_BOUNDS = np.array([0, 10, 19, 36], np.int64)
+FIELD_NAMES = np.frombuffer(b"image_infotext_listsimilarity_matrix", np.uint8)
+FIELD_NAME_BOUNDS = np.array([0, 10, 19, 36], np.int64)
 # Shortest text of an image_info entry holding both keys: {"matched_text_index":0,...}.
 _MIN_ENTRY_BYTES = 32
 _INDEX_DIGITS = 20
 DECLINED = -1
-_KERNEL = -1 if _KERNEL_AVX2 is None else int(_KERNEL_AVX2)
 
 
 # Chunks are read-only: a mapped file, or a buffer marked so (one compiled version for both).
@@ -76,7 +75,7 @@ def field_lengths(
     msgspec reads the chunk in one call when every line is valid. It reads whitespace-separated
     values, not lines, so one value per line is not certain even when the counts agree; it
     does not need to be. A string cannot hold a newline, so each line starts between tokens,
-    and a line that ``_rewrite_chunk`` takes (an object from its first byte to its last, whose
+    and a line that ``rewrite_chunk`` takes (an object from its first byte to its last, whose
     three values it has read to exactly these lengths) is then one complete value of what
     msgspec checked: lengths paired with the wrong line can only make a line be declined.
     """
@@ -140,7 +139,7 @@ def _copy(out: NDArray[np.uint8], at: int, buf: NDArray[np.uint8], start: int, s
 
 
 @njit(cache=True, nogil=True)
-def _solve(sim: NDArray[np.float64], kernel: int) -> NDArray[np.int64]:
+def solve_matrix(sim: NDArray[np.float64], kernel: int) -> NDArray[np.int64]:
     """``assign.solve.assign``'s answer (lapjv's), or an empty array where it needs Python.
 
     The port up to 63 x 63; above, one sentence, the certified shortcut's compiled case, else
@@ -150,16 +149,16 @@ def _solve(sim: NDArray[np.float64], kernel: int) -> NDArray[np.int64]:
     """
     n_images, n_sentences = sim.shape
     if max(n_images, n_sentences) <= MAX_DIM:
-        return _assign(sim, False)
+        return compiled_assign(sim, False)
     if n_sentences == 1:
         return np.zeros(n_images, np.int64)
     if n_images <= n_sentences:
-        status, best = _rows_on_distinct_columns(sim)
-        if status == _CERTIFIED:
+        status, best = rows_on_distinct_columns(sim)
+        if status == CERTIFIED:
             return best
     if kernel < 0:
         return np.empty(0, np.int64)
-    return _assign(sim, kernel == 1)
+    return compiled_assign(sim, kernel == 1)
 
 
 @njit(
@@ -176,7 +175,7 @@ def _solve(sim: NDArray[np.float64], kernel: int) -> NDArray[np.int64]:
     cache=True,
     nogil=True,
 )
-def _rewrite_chunk(
+def rewrite_chunk(
     buf: NDArray[np.uint8],
     starts: NDArray[np.int64],
     stops: NDArray[np.int64],
@@ -205,7 +204,9 @@ def _rewrite_chunk(
         out_stops[k] = at
         if lengths[k, _IMAGE_INFO] < 0:
             continue
-        if not find_fields(buf, starts[k], stops[k], _NAMES, _NAME_BOUNDS, lengths[k], positions):
+        if not find_fields(
+            buf, starts[k], stops[k], FIELD_NAMES, FIELD_NAME_BOUNDS, lengths[k], positions
+        ):
             continue
         info = positions[_IMAGE_INFO]
         info_stop = info + lengths[k, _IMAGE_INFO]
@@ -224,7 +225,7 @@ def _rewrite_chunk(
                 within = False
         if not within:
             continue
-        assignment = _solve(values[: n * m].reshape((n, m)), kernel)
+        assignment = solve_matrix(values[: n * m].reshape((n, m)), kernel)
         if assignment.size != n:
             continue
         # Room: the line, less the old values, plus the new ones and a newline.
@@ -329,7 +330,7 @@ def _whole_lines(mapped: mmap.mmap, size: int) -> Iterator[memoryview]:
 
 
 @njit(types.int64[::1](_Bytes), cache=True, nogil=True)
-def _line_stops(buf: NDArray[np.uint8]) -> NDArray[np.int64]:
+def line_stops(buf: NDArray[np.uint8]) -> NDArray[np.int64]:
     """Where each line of ``buf`` ends (its newline, or the end of ``buf``)."""
     stops = np.empty(buf.size // 256 + 16, np.int64)
     count = 0
@@ -369,7 +370,7 @@ class ChunkRewriter:
         rewritten here, their images)."""
         buf = np.frombuffer(chunk, np.uint8)
         buf.flags.writeable = False
-        stops = _line_stops(buf)
+        stops = line_stops(buf)
         starts = np.empty_like(stops)
         starts[0:1] = 0
         starts[1:] = stops[:-1] + 1
@@ -388,7 +389,9 @@ class ChunkRewriter:
             self._out = np.empty(capacity, np.uint8)
         out_stops = np.empty(count, np.int64)
         images = np.empty(count, np.int64)
-        written = _rewrite_chunk(buf, starts, stops, lengths, self._out, out_stops, images, _KERNEL)
+        written = rewrite_chunk(
+            buf, starts, stops, lengths, self._out, out_stops, images, KERNEL_CODE
+        )
         view = memoryview(self._out.data)
         done = 0
         for k in np.flatnonzero(images < 0).tolist():

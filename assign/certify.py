@@ -56,11 +56,11 @@ def certified_assignment(sim: FloatArray) -> list[int] | None:
     """lapjv's assignment if the shortcut can vouch for it, else ``None``."""
     if sim.shape[0] <= sim.shape[1] and sim.dtype == np.float64 and sim.flags.c_contiguous:
         # The commonest case, decided in compiled code exactly as below.
-        status, fast = _rows_on_distinct_columns(sim)
-        if status == _CERTIFIED:
+        status, fast = rows_on_distinct_columns(sim)
+        if status == CERTIFIED:
             result: list[int] = fast.tolist()
             return result
-        if status == _REFUSED:
+        if status == REFUSED:
             return None
     return certified_in_numpy(sim)
 
@@ -86,14 +86,14 @@ def certified_in_numpy(sim: FloatArray) -> list[int] | None:
     return [j if j >= 0 else int(np.argmax(sim[i])) for i, j in enumerate(out)]
 
 
-_CERTIFIED, _REFUSED, _UNDECIDED = 1, 0, -1
+CERTIFIED, REFUSED, UNDECIDED = 1, 0, -1
 
 
 @njit("Tuple((int64, int64[::1]))(float64[:, ::1])", cache=True, nogil=True)
-def _rows_on_distinct_columns(sim: FloatArray) -> tuple[int, NDArray[np.int64]]:
+def rows_on_distinct_columns(sim: FloatArray) -> tuple[int, NDArray[np.int64]]:
     """``certified_assignment`` for images <= sentences when every image's cheapest sentence
     is its own (or there is one image): the same float64 operations as ``_certified_optimum``
-    and ``_row_gap``. Otherwise ``_UNDECIDED``: the general code decides."""
+    and ``_row_gap``. Otherwise ``UNDECIDED``: the general code decides."""
     rows, cols = sim.shape
     best = np.empty(rows, np.int64)
     taken = np.zeros(cols, np.bool_)
@@ -106,7 +106,7 @@ def _rows_on_distinct_columns(sim: FloatArray) -> tuple[int, NDArray[np.int64]]:
         for j in range(cols):
             value = sim[i, j]
             if not abs(value) <= MAX_ABS_SIMILARITY:
-                return _REFUSED, best
+                return REFUSED, best
             c = -np.float64(np.float32(value))
             if c < lowest:
                 second = lowest
@@ -120,10 +120,10 @@ def _rows_on_distinct_columns(sim: FloatArray) -> tuple[int, NDArray[np.int64]]:
         taken[at] = True
         gap = min(gap, second - lowest)
     if cols == 1:
-        return _CERTIFIED, best
+        return CERTIFIED, best
     if rows == 1 or distinct:
-        return (_CERTIFIED if gap >= MARGIN else _REFUSED), best
-    return _UNDECIDED, best
+        return (CERTIFIED if gap >= MARGIN else REFUSED), best
+    return UNDECIDED, best
 
 
 def _certified_optimum(cost: FloatArray) -> IntArray | None:

@@ -366,7 +366,7 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
 
 
 @njit("int64[::1](float64[:, ::1], boolean)", cache=True, nogil=True)
-def _assign(sim: NDArray[np.float64], avx2: bool) -> NDArray[np.int64]:
+def compiled_assign(sim: NDArray[np.float64], avx2: bool) -> NDArray[np.int64]:
     n_images, n_sentences = sim.shape
     dim = max(n_images, n_sentences)
     cost = np.full((dim, dim), _DUMMY, np.float32)
@@ -396,7 +396,7 @@ def _assign_within(sim: NDArray[np.float64], limit: float) -> NDArray[np.int64]:
     for value in sim.ravel():
         if not abs(value) < limit:
             return np.empty(0, np.int64)
-    return _assign(sim, False)
+    return compiled_assign(sim, False)
 
 
 @njit("float64(float64[:, ::1])", cache=True, nogil=True)
@@ -453,6 +453,8 @@ def _detect_kernel() -> bool | None:
 
 _PROBE_SEEDS = (1, 2, 3)
 _KERNEL_AVX2 = _detect_kernel()
+# The same for compiled callers: 1 AVX2, 0 scalar, -1 unknown (lapjv itself must decide).
+KERNEL_CODE = -1 if _KERNEL_AVX2 is None else int(_KERNEL_AVX2)
 
 
 def kernel_known() -> bool:
@@ -476,7 +478,7 @@ def exact_assign(sim: NDArray[np.float64]) -> list[int] | None:
         avx2 = _KERNEL_AVX2
     if not (sim.flags.c_contiguous and sim.dtype == np.float64):
         sim = np.ascontiguousarray(sim, dtype=np.float64)
-    result: list[int] = _assign(sim, avx2).tolist()
+    result: list[int] = compiled_assign(sim, avx2).tolist()
     return result
 
 
@@ -496,5 +498,5 @@ def jv_assign(sim: NDArray[np.float64]) -> list[int]:
         raise ValueError(f"need a non-empty matrix of at most {MAX_DIM} rows/columns")
     if not (sim.flags.c_contiguous and sim.dtype == np.float64):
         sim = np.ascontiguousarray(sim, dtype=np.float64)
-    result: list[int] = _assign(sim, False).tolist()
+    result: list[int] = compiled_assign(sim, False).tolist()
     return result

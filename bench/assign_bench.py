@@ -33,12 +33,10 @@ from lapjv import lapjv
 from numba import njit
 
 from assign import batch
-from assign.batch import _KERNEL as KERNEL
-from assign.batch import _NAME_BOUNDS as NAME_BOUNDS
-from assign.batch import _NAMES as NAMES
-from assign.batch import _solve as batch_solve
+from assign.batch import FIELD_NAME_BOUNDS, FIELD_NAMES, solve_matrix
 from assign.document import AssignOptions
 from assign.jsonscan import find_fields, image_fields, read_matrix, string_list_length
+from assign.jv import KERNEL_CODE
 from assign.rewrite import rewrite_shard
 
 IMAGES_PER_DOC = 5.6  # 571M / 101.2M
@@ -217,7 +215,7 @@ def profile_ours(source: Path, output: Path, clock: Clock) -> float:
     into lines) is parsing; the compiled pass over the chunk (reading the three values and
     the numbers, solving, writing the rewritten lines) is split in the proportions that the
     same compiled steps, timed one after another in ``_staged``, take; the rest is I/O+other."""
-    patches = {"_line_stops": "check", "field_lengths": "check", "_rewrite_chunk": "compiled"}
+    patches = {"line_stops": "check", "field_lengths": "check", "rewrite_chunk": "compiled"}
     originals = {name: getattr(batch, name) for name in patches}
     for name, step in patches.items():
         setattr(batch, name, partial(clock.timed, step, originals[name]))
@@ -248,7 +246,9 @@ def _compiled_shares(source: Path) -> tuple[float, float]:
     steps: list[Callable[[], object]] = [
         partial(_staged, data, starts, stops, lengths, 1),  # reading
         partial(_staged, data, starts, stops, lengths, 2),  # reading and solving
-        partial(batch._rewrite_chunk, data, starts, stops, lengths, out, out_stops, images, KERNEL),
+        partial(
+            batch.rewrite_chunk, data, starts, stops, lengths, out, out_stops, images, KERNEL_CODE
+        ),
     ]
     times = [min(_seconds(step) for _ in range(3)) for step in steps]
     whole = max(times)
@@ -263,7 +263,7 @@ def _seconds(step: Callable[[], object]) -> float:
 
 @njit
 def _staged(buf: Any, starts: Any, stops: Any, lengths: Any, stage: int) -> int:
-    """``batch._rewrite_chunk``'s compiled steps up to reading (1) or solving (2)."""
+    """``batch.rewrite_chunk``'s compiled steps up to reading (1) or solving (2)."""
     values = np.empty(lengths[:, 2].max() // 2 + 1, np.float64)
     token_start = np.empty(values.size, np.int64)
     token_stop = np.empty(values.size, np.int64)
@@ -271,7 +271,9 @@ def _staged(buf: Any, starts: Any, stops: Any, lengths: Any, stage: int) -> int:
     positions = np.empty(3, np.int64)
     solved = 0
     for k in range(starts.size):
-        if not find_fields(buf, starts[k], stops[k], NAMES, NAME_BOUNDS, lengths[k], positions):
+        if not find_fields(
+            buf, starts[k], stops[k], FIELD_NAMES, FIELD_NAME_BOUNDS, lengths[k], positions
+        ):
             continue
         info, text, matrix = positions[0], positions[1], positions[2]
         n = image_fields(buf, info, info + lengths[k, 0], spans)
@@ -280,7 +282,7 @@ def _staged(buf: Any, starts: Any, stops: Any, lengths: Any, stage: int) -> int:
         if not read_matrix(buf, matrix, matrix_stop, n, m, values, token_start, token_stop):
             continue
         if stage == 2:
-            solved += batch_solve(values[: n * m].reshape((n, m)), KERNEL).size
+            solved += solve_matrix(values[: n * m].reshape((n, m)), KERNEL_CODE).size
     return solved
 
 
