@@ -14,7 +14,7 @@ import click
 import orjson
 
 from crawler import config as config_mod
-from crawler import monitor, status
+from crawler import early, monitor, status
 from crawler.config import Config, ConfigError
 from crawler.keys import Keys
 
@@ -151,8 +151,12 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
 @main.command()
 @click.option("--check", is_flag=True, help="Exit 0 if a live worker heartbeat is in Redis.")
 @click.option("--until-idle", is_flag=True, help="Exit when the queue is empty.")
+@click.option(
+    "--parent-pid", type=int, default=0, hidden=True,
+    help="Stop (gracefully) when this process, the worker's parent, dies (set by `run`).",
+)  # fmt: skip
 @pass_state
-def worker(state: State, check: bool, until_idle: bool) -> None:
+def worker(state: State, check: bool, until_idle: bool, parent_pid: int) -> None:
     """A crawl worker: lease items, fetch, shrink, store, record. Needs redis.url.
 
     --check (container health check): exit 0 when a worker on this host (hostname) has a
@@ -161,6 +165,8 @@ def worker(state: State, check: bool, until_idle: bool) -> None:
     SIGTERM: stop taking work, finish or hand back in-flight items within
     worker.grace_period_s, flush results, exit 0. A second signal exits at once.
     """
+    if parent_pid:
+        early.stop_with_parent(parent_pid)
     cfg = state.load()
     _guard(cfg)
     if check:

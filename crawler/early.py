@@ -6,7 +6,10 @@ here and honoured (graceful stop) as soon as the worker's loop installs its own 
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 from types import FrameType
 
 stop_requested: list[int] = []
@@ -19,6 +22,24 @@ def _remember(signum: int, _frame: FrameType | None) -> None:
 def install() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _remember)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """SIGTERM (a graceful stop) for this process when `parent_pid`, its parent, dies: a
+    worker started by `run` does not outlive a killed `run`. Linux only (prctl); elsewhere a
+    no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> None:

@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 
 def worker_command(config_args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "crawler", *config_args, "worker"]
+    """A worker that stops when this process dies (a killed `run` leaves no workers behind)."""
+    return [
+        sys.executable, "-m", "crawler", *config_args, "worker", "--parent-pid", str(os.getpid())
+    ]  # fmt: skip
 
 
 class Supervisor:

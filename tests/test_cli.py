@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +57,59 @@ def test_run_crawls_shards_to_the_end_on_its_own_embedded_redis(
     again = mmc4(*args, cwd=tmp_path)  # everything reported: nothing to do, exits at once
     assert again.returncode == 0
     assert "2 skipped" in again.stderr
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(c) for c in fh.read().split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_of_a_killed_run_stop_instead_of_living_on(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    slow = [  # every image waits 2 s for its headers: the crawl is still going when killed
+        {"image_info": [{"image_name": f"s{i}.jpg",
+                         "raw_url": web.url(i % 6, f"/fault/slow/2000/x{i}.jpg")}],
+         "text_list": ["t"], "similarity_matrix": [[0.5]]}
+        for i in range(40)
+    ]  # fmt: skip
+    write_shard(tmp_path / "slow_shard.jsonl", slow)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "crawler", "--redis-url", TEST_REDIS_URL,
+         "--set", f"redis.namespace={namespace}", "--set", "fetch.allow_private_addresses=true",
+         "--set", "worker.processes=2", "--set", "worker.image_processes=1",
+         "--set", "worker.grace_period_s=3", "--output", "out",
+         "run", "--no-progress", "--no-assign", "slow_shard.jsonl"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(run.pid)) < 2:
+            assert time.monotonic() < deadline, "run started no workers"
+            time.sleep(0.1)
+        time.sleep(3)  # the workers are crawling
+        assert all(_running(w) for w in workers)
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 40  # grace period, final flush, and a margin
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(w) for w in workers), "workers outlived their run"
+    finally:
+        run.kill()
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
 
 
 def test_status_reports_counts_and_shards_as_json(
