@@ -11,14 +11,14 @@ call per document. Here a chunk of whole lines (a few MB) is handled as one byte
 2. one compiled call (``rewrite_chunk``) then, for each line, finds the three values
    (``assign.jsonscan``), reads the matrix's numbers (``assign.numparse``, rounded as
    ``float()`` does), counts the sentences, solves exactly as ``assign.fastline`` does (the
-   lapjv port up to 63 x 63; above, one sentence, or the certified shortcut's compiled case)
+   lapjv port, whatever the size; one sentence needs no solving)
    and writes the line to an output buffer with each image's ``matched_text_index`` and
    ``matched_sim`` values replaced, every other byte as read. ``matched_sim`` is written as
    the text of the similarity it is, which reads back as the same float64 the reference
    writes.
 
 A line this path cannot take whole (see ``jsonscan``, ``numparse``: integers in the matrix,
-unusual keys, a missing field, 64 or more rows or columns the shortcut cannot vouch for...)
+unusual keys, a missing field, 64 or more columns on a machine whose lapjv kernel is unknown...)
 is marked and left to the caller, which hands it to the per-line paths, in order.
 """
 
@@ -34,7 +34,6 @@ import numpy as np
 from numba import njit, types
 from numpy.typing import NDArray
 
-from assign.certify import CERTIFIED, rows_on_distinct_columns
 from assign.jsonscan import find_fields, image_fields, read_matrix, string_list_length
 from assign.jv import KERNEL_CODE, MAX_DIM, compiled_assign
 from assign.swar import copy_bytes, find_newline
@@ -142,20 +141,14 @@ def _copy(out: NDArray[np.uint8], at: int, buf: NDArray[np.uint8], start: int, s
 def solve_matrix(sim: NDArray[np.float64], kernel: int) -> NDArray[np.int64]:
     """``assign.solve.assign``'s answer (lapjv's), or an empty array where it needs Python.
 
-    The port up to 63 x 63; above, one sentence, the certified shortcut's compiled case, else
-    the port with this machine's lapjv kernel (``kernel``: 1 AVX2, 0 scalar, -1 unknown:
-    Python decides). Where ``assign`` would try the certificate's numpy case first, this goes
-    straight to the port, which is lapjv step for step (and faster there).
+    The port up to 63 x 63; above, one sentence, else the port with this machine's lapjv
+    kernel (``kernel``: 1 AVX2, 0 scalar, -1 unknown: Python decides).
     """
     n_images, n_sentences = sim.shape
     if max(n_images, n_sentences) <= MAX_DIM:
         return compiled_assign(sim, False)
     if n_sentences == 1:
         return np.zeros(n_images, np.int64)
-    if n_images <= n_sentences:
-        status, best = rows_on_distinct_columns(sim)
-        if status == CERTIFIED:
-            return best
     if kernel < 0:
         return np.empty(0, np.int64)
     return compiled_assign(sim, kernel == 1)

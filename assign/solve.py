@@ -9,11 +9,12 @@ original float64 row, first index on ties).
 ``solver="lapjv"`` reproduces that result exactly, ties included. ``assign.jv`` is a step-for-step
 port of lapjv's own float32 solver compiled with numba: the same answer by construction,
 without lapjv's per-call overheads, and several times faster on the padded matrices. Matrices
-up to 63 x 63 (nearly every document) go straight to it. Because the padded problem costs
-O(d^3) for d = max(images, sentences) and a few documents have hundreds of sentences, larger
-matrices first try a certified shortcut (``assign.certify``) that returns the same answer
-whenever that answer is not decided by float32 rounding, and otherwise go to the port (or to
-lapjv itself, on a machine whose lapjv kernel the port could not identify).
+up to 63 x 63 (nearly every document) go straight to it; larger ones too (the padded problem
+costs O(d^3), d = max(images, sentences), so a document with hundreds of sentences is slow),
+or to lapjv itself on a machine whose lapjv kernel the port could not identify. No shortcut
+that is not lapjv step for step is taken: a certificate of optimality with a safety margin
+was tried, but the margin that makes lapjv's float32 rounding harmless was measured, not
+proven.
 
 ``solver="scipy"`` solves the rectangular problem exactly in float64 with
 ``scipy.optimize.linear_sum_assignment``: same optimum, but ties (and near-ties below float32
@@ -28,7 +29,6 @@ import numpy as np
 from lapjv import lapjv
 from numpy.typing import NDArray
 
-from assign.certify import certified_assignment
 from assign.jv import MAX_DIM as JV_MAX_DIM
 from assign.jv import exact_assign, jv_assign
 
@@ -53,9 +53,6 @@ def assign(sim: NDArray[np.float64], solver: Solver = "lapjv") -> list[int]:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     if max(n_images, n_sentences) <= JV_MAX_DIM:
         return jv_assign(sim)
-    shortcut = certified_assignment(sim)
-    if shortcut is not None:
-        return shortcut
     exact = exact_assign(sim)
     return exact if exact is not None else lapjv_assign(sim)
 
