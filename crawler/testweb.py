@@ -690,6 +690,9 @@ class ImageWeb:
         finally:
             try:
                 asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=60)
+                # Handlers still running (a slow or trickling response whose client left)
+                # end here, not as "Task was destroyed but it is pending" at loop.close().
+                asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(timeout=10)
             finally:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join(timeout=10)
@@ -1085,6 +1088,14 @@ def running_in_subprocess(
 
 # --------------------------------------------------------------------------------------------
 # MMC4-shaped shards
+
+
+async def _cancel_others() -> None:
+    """Cancel every other task of the running loop and wait for them to end."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 def _fault_path(kind: str, rng: random.Random, name: str, other_base: str) -> str:
