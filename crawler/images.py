@@ -1,8 +1,9 @@
 """Validate and shrink downloaded images (the CPU-heavy part of a worker).
 
 `process_image` takes the raw bytes of a response and returns an `ImageResult` saying what to
-store: the input bytes unchanged (``keep_original``) or re-encoded bytes (``data``). It runs in a
-``ProcessPoolExecutor`` whose initializer is `init_worker`; it never raises for bad input.
+store: the input bytes unchanged (``keep_original``) or re-encoded bytes (``data``). It runs in
+the worker's image processes (`crawler.pool`), whose initializer is `init_worker`; it never
+raises for bad input.
 
 Rules
 -----
