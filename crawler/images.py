@@ -64,6 +64,8 @@ import magic
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from crawler.config import RESAMPLE_FILTERS
+
 __all__ = ["ImageResult", "ImageSettings", "init_worker", "process_image", "target_size"]
 
 
@@ -159,14 +161,9 @@ _PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~9% less CPU per image than 3, ~4% larg
 # strategy at level 1, and smaller files on photographic content (larger on flat gradients).
 _PNG_STRATEGY = zlib.Z_RLE
 _WEBP_METHOD = 2  # libwebp effort 0-6: 2 is ~2× faster than the default 4, same size here
-# The resize is most of the work of shrinking: on a 1000x750 RGB image Pillow's bilinear
-# costs ~60% and box ~40% of what bicubic does; decoding and encoding cost far less.
-_RESAMPLE = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "box": Image.Resampling.BOX,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+# The resize is most of the work of shrinking (see docs/performance.md): bilinear and box cost
+# well under bicubic; the names are the `images.resample` setting's.
+_RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}
 _REDUCING_GAP = 2.0  # as Image.thumbnail: box-reduce first while the ratio exceeds 2
 
 _magic: magic.Magic | None = None

@@ -127,7 +127,7 @@ async def run_all(
                 await asyncio.sleep(0.5)
                 supervisor.check()
                 if progress:
-                    await _show(bar, await monitor.snapshot(client, keys, history=2))
+                    _show(bar, await monitor.snapshot(client, keys, history=2))
                 if ingest_task.done():
                     ingest_task.result()  # re-raise a crash of ingest
                     await shards.finalize_all()
@@ -160,7 +160,7 @@ async def run_all(
             embedded.stop()
 
 
-async def _show(bar: Any, snap: monitor.Snapshot) -> None:
+def _show(bar: Any, snap: monitor.Snapshot) -> None:
     bar.total = snap.done + snap.remaining
     bar.n = snap.done
     bar.set_postfix(
