@@ -17,8 +17,8 @@ ties and near-ties included.
 What it saves: building the padded matrix in numpy, lapjv's argument parsing and its four
 output arrays, the Python loop that keeps the real pairs and fills the images left over with
 their argmax; and, on the padding rows, two loops whose outcome is known (see the comments in
-``_lap``) and most of their minimum searches. On a typical padded MMC4 matrix that is most of
-the cost.
+``_lap``) and most of their minimum searches (with either search: only what changed since the
+last padding row is searched again). On a typical padded MMC4 matrix that is most of the cost.
 """
 
 from __future__ import annotations
@@ -91,6 +91,20 @@ def _find_umins_avx2(
             elif h < lane_usubmin[lane]:  # _CMP_LT_OQ, in lanes not taken above
                 lane_usubmin[lane] = h
                 lane_j2[lane] = j
+    return _merge_lanes(dim, row, v, lane_umin, lane_usubmin, lane_j1, lane_j2)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _merge_lanes(
+    dim: int,
+    row: NDArray[np.float32],
+    v: NDArray[np.float32],
+    lane_umin: NDArray[np.float32],
+    lane_usubmin: NDArray[np.float32],
+    lane_j1: NDArray[np.int64],
+    lane_j2: NDArray[np.int64],
+) -> tuple[np.float32, np.float32, int, int]:
+    """The end of lap.h ``find_umins_avx2``: the eight lanes merged, then the last columns."""
     j1 = -1
     j2 = -1
     umin = _FLT_MAX
@@ -105,6 +119,44 @@ def _find_umins_avx2(
     for j in range(dim & ~7, dim):
         umin, usubmin, j1, j2 = _offer(row[j] - v[j], j, umin, usubmin, j1, j2)
     return umin, usubmin, j1, j2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _find_umins_avx2_kept(
+    dim: int,
+    row: NDArray[np.float32],
+    v: NDArray[np.float32],
+    lane_umin: NDArray[np.float32],
+    lane_usubmin: NDArray[np.float32],
+    lane_j1: NDArray[np.int64],
+    lane_j2: NDArray[np.int64],
+    stale: int,
+) -> tuple[np.float32, np.float32, int, int]:
+    """``_find_umins_avx2`` for a row searched before, whose lanes' state was kept: only the
+    lanes set in the bit mask ``stale`` (those with a column whose ``row - v`` changed since)
+    are scanned again, each over all its columns in order as the full search does; the others
+    would end as they are. The merge and the last columns are done in full."""
+    for lane in range(8):
+        if stale >> lane & 1:
+            umin = _FLT_MAX
+            usubmin = _FLT_MAX
+            j1 = -1
+            j2 = -1
+            for j in range(lane, dim & ~7, 8):
+                h = row[j] - v[j]
+                if h <= umin:  # _CMP_LE_OQ
+                    usubmin = umin
+                    j2 = j1
+                    umin = h
+                    j1 = j
+                elif h < usubmin:  # _CMP_LT_OQ
+                    usubmin = h
+                    j2 = j
+            lane_umin[lane] = umin
+            lane_usubmin[lane] = usubmin
+            lane_j1[lane] = j1
+            lane_j2[lane] = j2
+    return _merge_lanes(dim, row, v, lane_umin, lane_usubmin, lane_j1, lane_j2)
 
 
 # Padding rows in the augmenting row reduction. Every padding row costs 1000 everywhere, so
@@ -181,12 +233,13 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
 
     Rows from ``real_rows`` on must be padding (all 1000) and every cost at most 1000; two loops
     then skip work whose outcome is known (see the comments), and the padding rows' minimum
-    search in the augmenting row reduction is kept sorted instead of redone (see
-    ``_build_lowest``; scalar search only), which changes no result.
+    search in the augmenting row reduction is kept instead of redone: sorted with the scalar
+    search (see ``_build_lowest``), as the eight lanes' state with the AVX2 search (see
+    ``_find_umins_avx2_kept``). None of this changes a result.
     """
     # Two allocations instead of eleven: on small matrices they cost more than the solve.
-    ints = np.empty(5 * dim + 16 + _LOWEST, np.int64)
-    floats = np.empty(3 * dim + 16, np.float32)
+    ints = np.empty(5 * dim + 32 + _LOWEST, np.int64)
+    floats = np.empty(3 * dim + 32, np.float32)
     collist = ints[:dim]
     matches = ints[dim : 2 * dim]
     matches[:] = 0
@@ -197,12 +250,16 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
     colsol[:] = -1
     lane_j1 = ints[5 * dim : 5 * dim + 8]  # the AVX2 search's registers
     lane_j2 = ints[5 * dim + 8 : 5 * dim + 16]
-    lowest = ints[5 * dim + 16 : 5 * dim + 16 + min(dim, _LOWEST)]
+    kept_j1 = ints[5 * dim + 16 : 5 * dim + 24]  # the padding rows' search, kept
+    kept_j2 = ints[5 * dim + 24 : 5 * dim + 32]
+    lowest = ints[5 * dim + 32 : 5 * dim + 32 + min(dim, _LOWEST)]
     d = floats[:dim]
     v = floats[dim : 2 * dim]
     lane_umin = floats[2 * dim : 2 * dim + 8]
     lane_usubmin = floats[2 * dim + 8 : 2 * dim + 16]
-    heights = floats[2 * dim + 16 :]
+    kept_umin = floats[2 * dim + 16 : 2 * dim + 24]
+    kept_usubmin = floats[2 * dim + 24 : 2 * dim + 32]
+    heights = floats[2 * dim + 32 :]
 
     # COLUMN REDUCTION, last column first.
     for j in range(dim - 1, -1, -1):
@@ -242,6 +299,12 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
     # AUGMENTING ROW REDUCTION, twice.
     vector = avx2 and dim >= AVX2_MIN_DIM
     padding_known = real_rows < dim and not vector  # the padding rows' search, kept (above)
+    # With the AVX2 search, the padding rows' lanes are kept instead: all padding rows have the
+    # same row, and between two of their searches only the columns whose v changed can change
+    # a lane (bit ``lane`` of ``stale``, all of them before the first search).
+    padding_lanes = real_rows < dim and vector
+    stale = 0xFF
+    lane_columns = dim & ~7
     in_lowest = 0
     bound_h = _FLT_MAX
     bound_j = dim
@@ -261,6 +324,11 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
                 j2 = lowest[1]
                 umin = heights[j1]
                 usubmin = heights[j2]
+            elif padding_lanes and i >= real_rows:
+                umin, usubmin, j1, j2 = _find_umins_avx2_kept(
+                    dim, cost[i], v, kept_umin, kept_usubmin, kept_j1, kept_j2, stale
+                )
+                stale = 0
             elif vector:
                 umin, usubmin, j1, j2 = _find_umins_avx2(
                     dim, cost[i], v, lane_umin, lane_usubmin, lane_j1, lane_j2
@@ -272,6 +340,8 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
             vj1_lowers = vj1_new < v[j1]
             if vj1_lowers:
                 v[j1] = vj1_new
+                if j1 < lane_columns:
+                    stale |= 1 << (j1 & 7)
                 if in_lowest:
                     in_lowest = _raise_column(
                         j1, _DUMMY - vj1_new, heights, lowest, in_lowest, bound_h, bound_j
