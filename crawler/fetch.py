@@ -127,6 +127,9 @@ def opted_out(values: list[str], agents: list[str]) -> bool:
     return False
 
 
+_READ_BUFFER = 1 << 18
+
+
 def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=max_connections,
@@ -149,7 +152,15 @@ def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSess
         headers["X-Forwarded-For"] = cfg.x_forwarded_for
     headers.update(cfg.headers)
     return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, headers=headers, auto_decompress=True
+        connector=connector,
+        timeout=timeout,
+        headers=headers,
+        auto_decompress=True,
+        # A crawl keeps no cookies: a jar would grow with every host of the corpus, be
+        # searched on every request and tie one image's request to another's.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Bodies are read whole: a larger buffer pauses and resumes the socket less often.
+        read_bufsize=_READ_BUFFER,
     )
 
 
@@ -298,7 +309,7 @@ class _Progress:
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int, progress: _Progress) -> bytes | None:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in resp.content.iter_chunked(1 << 16):
+    async for chunk in resp.content.iter_any():  # what has arrived, not cut into pieces
         size += len(chunk)
         progress.body_bytes = size
         if size > cap:

@@ -41,7 +41,15 @@ class Store:
     def on_disk(self, items: Iterable[tuple[str, str]]) -> list[bool]:
         """For each (shard, name): is a file there? (Blocking: call it in a thread, once
         for a whole batch of items.)"""
-        return [self.path(shard, name).is_file() for shard, name in items]
+        out: list[bool] = []
+        dirs: dict[str, str | None] = {}  # shard -> its directory, None when it does not exist
+        for shard, name in items:
+            if shard not in dirs:
+                shard_dir = f"{self.output}/{shard}"
+                dirs[shard] = shard_dir if os.path.isdir(shard_dir) else None
+            where = dirs[shard]
+            out.append(where is not None and os.path.isfile(f"{where}/{name}"))
+        return out
 
 
 _made_dirs: set[Path] = set()  # per process: shard directories already created

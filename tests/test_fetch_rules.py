@@ -6,6 +6,8 @@ import asyncio
 import email.utils
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from crawler import fetch
 from crawler.config import FetchConfig
@@ -95,3 +97,30 @@ async def test_a_deadline_error_says_how_far_the_request_got(web: ImageWeb) -> N
     assert silent.status == trickle.status == "timeout"
     assert silent.error == "deadline exceeded (no response headers)"
     assert trickle.error.startswith("deadline exceeded (") and "body bytes read" in trickle.error
+
+
+async def test_no_cookie_set_by_a_response_is_sent_with_a_later_request() -> None:
+    """A crawl keeps no cookie jar (named host: aiohttp's jar ignores cookies of IP hosts)."""
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        resp = web.Response(body=b"x")
+        resp.set_cookie("session", "abc")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{name}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    cfg = FetchConfig(allow_private_addresses=True)
+    session = fetch.client_session(cfg, max_connections=2)
+    fetcher = fetch.Fetcher(cfg, session, max_connections=2)
+    try:
+        for name in ("a", "b"):
+            res = await fetcher.fetch(f"http://localhost:{server.port}/{name}")
+            assert res.ok and res.body == b"x"
+    finally:
+        await session.close()
+        await server.close()
+    assert seen == [None, None]
