@@ -78,6 +78,10 @@ class ImageSettings:
     # Filter of the final shrinking step: "bilinear", "box", "bicubic" or "lanczos".
     resample: str = "bilinear"
 
+    def __reduce__(self) -> tuple[type[ImageSettings], tuple[object, ...]]:
+        # Sent with every pool job: positional, as ImageResult (see there).
+        return ImageSettings, tuple(getattr(self, name) for name in _SETTINGS_FIELDS)
+
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
@@ -115,6 +119,7 @@ class ImageResult:
 
 
 _RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(ImageResult))
+_SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(ImageSettings))
 
 # Pillow formats allowed to open each detected mimetype. Anything else that libmagic calls
 # image/* is "unsupported_image" (HEIC, SVG handled as text, EPS needs Ghostscript, TGA has no

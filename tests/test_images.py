@@ -621,6 +621,10 @@ def test_results_and_settings_cross_a_process_pool() -> None:
     assert [r.status for r in results] == ["ok", "not_an_image", "too_many_pixels"]
     assert (results[0].width, results[0].height) == (300, 200)
     assert pickle.loads(pickle.dumps(results[0])) == results[0]
+    odd = ImageSettings(
+        max_side=640, max_pixels=5, jpeg_quality=70, webp_quality=60, resample="box"
+    )
+    assert pickle.loads(pickle.dumps(odd)) == odd
 
 
 def test_jpeg_frame_header_claiming_a_huge_size_is_refused_before_decoding() -> None:
