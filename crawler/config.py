@@ -85,6 +85,10 @@ class WorkerConfig:
     # Image processes per worker (0: one per CPU this process may use, a container's CPU
     # quota included).
     image_processes: int = 0
+    # Pin image process i to the i-th CPU this process may use (round robin), when the image
+    # processes cover all of those CPUs (never under a CPU quota narrower than the mask:
+    # there, pinning would stack every container's processes on the same few CPUs).
+    pin_image_processes: bool = False
     # Downloaded bodies waiting for an image process, in MB: while more than this waits, no
     # new request starts (bounds memory when image work, not the network, is the limit).
     max_waiting_image_mb: int = 128

@@ -28,6 +28,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
 import pickle
 import signal
 import socket
@@ -137,7 +138,9 @@ class ImagePool:
         initargs: Sequence[object] = (),
         preload: Sequence[str] = (),
         depth: int = 2,
+        cpus: Sequence[int] = (),
     ) -> None:
+        """`cpus`: pin process i to CPU cpus[i % len(cpus)] (none given: no pinning)."""
         if size < 1 or depth < 1:
             raise ValueError("an image pool needs at least one process and a depth of one")
         self.size = size
@@ -145,6 +148,7 @@ class ImagePool:
         self.restarts = 0
         self._initializer = initializer
         self._initargs = tuple(initargs)
+        self._cpus = tuple(cpus)
         self._ctx = multiprocessing.get_context("forkserver")
         if preload:
             self._ctx.set_forkserver_preload(list(preload))
@@ -219,7 +223,7 @@ class ImagePool:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         proc = self._ctx.Process(
             target=_child_main,
-            args=(child_end, self._initializer, self._initargs),
+            args=(child_end, self._initializer, self._initargs, self._cpu_of(child)),
             name=f"image-{child.index}",
             daemon=True,
         )
@@ -244,6 +248,9 @@ class ImagePool:
             await asyncio.to_thread(_reap, [proc], 5.0)
             raise
         self._dispatch(child)
+
+    def _cpu_of(self, child: _Child) -> int | None:
+        return self._cpus[child.index % len(self._cpus)] if self._cpus else None
 
     def _child_lost(self, child: _Child) -> None:
         held, child.held = child.held, {}
@@ -292,11 +299,16 @@ def _reap(procs: list[multiprocessing.process.BaseProcess], timeout_s: float) ->
 
 
 def _child_main(
-    sock: socket.socket, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]
+    sock: socket.socket,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+    cpu: int | None,
 ) -> None:
     """An image process: answer jobs from `sock` until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the worker's to handle
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         if initializer is not None:
             initializer(*initargs)
     except Exception as exc:

@@ -93,14 +93,27 @@ def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return cpus
 
 
+def pinned_cpus(processes: int, allowed: set[int], quota_cpus: int) -> list[int]:
+    """CPUs to pin image processes to, round robin: the allowed ones, when the processes cover
+    them all and no CPU quota narrower than the mask applies; else none (no pinning)."""
+    if processes < len(allowed) or quota_cpus < len(allowed):
+        return []
+    return sorted(allowed)
+
+
 def make_pool(cfg: Config) -> ImagePool:
+    size = cfg.worker.image_processes or available_cpus()
+    cpus: list[int] = []
+    if cfg.worker.pin_image_processes and hasattr(os, "sched_getaffinity"):
+        cpus = pinned_cpus(size, os.sched_getaffinity(0), available_cpus())
     # The fork server imports Pillow, libmagic and numpy once; every image process forked from
     # it starts with them loaded instead of importing them itself.
     return ImagePool(
-        cfg.worker.image_processes or available_cpus(),
+        size,
         initializer=images.init_worker,
         initargs=(image_settings(cfg),),
         preload=["crawler.store"],
+        cpus=cpus,
     )
 
 

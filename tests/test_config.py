@@ -93,3 +93,12 @@ def test_image_processes_follow_the_container_cpu_quota(tmp_path: Path) -> None:
     assert available_cpus(str(limited)) == 1
     limited.write_text("garbage\n")
     assert available_cpus(str(limited)) == host
+
+
+def test_image_processes_are_pinned_only_when_they_cover_the_cpus_they_may_use() -> None:
+    from crawler.worker import pinned_cpus
+
+    assert pinned_cpus(2, {0, 1}, quota_cpus=2) == [0, 1]
+    assert pinned_cpus(4, {4, 5}, quota_cpus=2) == [4, 5]  # a cpuset: round robin over it
+    assert pinned_cpus(1, {0, 1}, quota_cpus=2) == []  # fewer processes than CPUs
+    assert pinned_cpus(2, set(range(64)), quota_cpus=2) == []  # --cpus=2 on a 64-CPU host

@@ -197,3 +197,24 @@ async def test_a_job_whose_arguments_cannot_be_sent_fails_alone(pool: ImagePool)
     with pytest.raises(ImageJobError, match="cannot send the job"):
         await pool.run(operator.add, lambda: 1, 2)
     assert await pool.run(operator.add, 2, 3) == 5
+
+
+async def test_processes_are_pinned_round_robin_to_the_cpus_given_and_stay_so() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    pool = ImagePool(2, cpus=[cpu])
+    await pool.start()
+    try:
+        first = pool.pids
+        assert {frozenset(os.sched_getaffinity(pid)) for pid in first} == {frozenset({cpu})}
+        os.kill(first[0], signal.SIGKILL)
+        await _until(lambda: len(pool.pids) == 2 and first[0] not in pool.pids)
+        await _until(lambda: pool.restarts == 1)
+        assert all(os.sched_getaffinity(pid) == {cpu} for pid in pool.pids)
+    finally:
+        await pool.close()
+    unpinned = ImagePool(1)
+    await unpinned.start()
+    try:
+        assert os.sched_getaffinity(unpinned.pids[0]) == os.sched_getaffinity(0)
+    finally:
+        await unpinned.close()
