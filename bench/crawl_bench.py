@@ -109,57 +109,42 @@ def clean_env() -> dict[str, str]:
 @dataclass
 class Web:
     name: str
-    proc: subprocess.Popen[str]
-    bases: list[str]
-    slow: list[int]
+    served: testweb.WebProcess
     cpu_start: float = 0.0
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.served.proc.pid
+
+    @property
+    def bases(self) -> list[str]:
+        return self.served.urls
+
+    @property
+    def slow(self) -> list[int]:
+        return self.served.slow_hosts
 
     def cpu(self) -> float:
         return process_cpu_s(self.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.served.stop(timeout=15)
 
 
 def start_web(name: str, args: argparse.Namespace, first_host: int) -> Web:
-    cmd = [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(args.hosts)]
-    cmd += ["--port", "0", "--first-host", str(first_host), "--seed", str(args.seed)]
-    if os.environ.get("BENCH_WEB_LOG"):
-        cmd += ["--log", f"{os.environ['BENCH_WEB_LOG']}-{name}.jsonl"]
+    extra = ["--seed", str(args.seed)]
     if name == "realistic":
-        cmd += [
+        extra += [
             "--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5",
             "--slow-host-share", str(args.slow_share), "--slow-mode", "trickle",
             "--slow-bytes-per-s", str(args.slow_bps),
         ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=clean_env())
-    assert proc.stdout is not None
-    bases: list[str] = []
-    slow: list[int] = []
-    deadline = time.monotonic() + 60
-    while True:
-        line = proc.stdout.readline()
-        if not line or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"testweb did not start: {cmd}")
-        line = line.strip()
-        if line == "READY":
-            break
-        if line.startswith("http://"):
-            bases.append(line)
-        elif line.startswith("slow hosts:"):
-            slow = json.loads(line.split(":", 1)[1])
-    return Web(name, proc, bases, slow)
+    log = os.environ.get("BENCH_WEB_LOG")
+    served = testweb.start_subprocess(
+        args.hosts, 0, first_host=first_host, log_path=f"{log}-{name}.jsonl" if log else None,
+        extra_args=extra, timeout=60, cwd=ROOT, env=clean_env(),
+    )  # fmt: skip
+    return Web(name, served)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ import hashlib
 import io
 import ipaddress
 import itertools
+import json
 import math
 import os
 import random
@@ -92,6 +93,7 @@ __all__ = [
     "ImageWeb",
     "Latency",
     "SpecError",
+    "WebProcess",
     "check_concurrency",
     "check_rate",
     "make_docs",
@@ -100,6 +102,7 @@ __all__ = [
     "read_arrivals",
     "render_image",
     "running_in_subprocess",
+    "start_subprocess",
     "write_shard",
 ]
 
@@ -1043,6 +1046,65 @@ class ImageWeb:
 # Subprocess mode
 
 
+@dataclass
+class WebProcess:
+    """A ``python -m crawler.testweb serve`` child process, ready to serve."""
+
+    proc: subprocess.Popen[str]
+    urls: list[str]  # one base URL per host
+    slow_hosts: list[int]  # indexes into urls
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` seconds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_subprocess(
+    hosts: int = 8,
+    port: int = 0,
+    *,
+    first_host: int = 2,
+    log_path: str | os.PathLike[str] | None = None,
+    extra_args: Sequence[str] = (),
+    timeout: float = 30.0,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> WebProcess:
+    """Start ``python -m crawler.testweb serve`` in a child process and wait until it serves."""
+    cmd = [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(hosts)]
+    cmd += ["--port", str(port), "--first-host", str(first_host)]
+    if log_path is not None:
+        cmd += ["--log", os.fspath(log_path)]
+    cmd += list(extra_args)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    web = WebProcess(proc, [], [])
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            line = proc.stdout.readline()
+            if not line or time.monotonic() > deadline:
+                raise RuntimeError(f"testweb serve did not become ready: {cmd}")
+            line = line.strip()
+            if line == "READY":
+                return web
+            if line.startswith("http://"):
+                web.urls.append(line)
+            elif line.startswith("slow hosts:"):
+                web.slow_hosts = json.loads(line.split(":", 1)[1])
+    except BaseException:
+        web.stop()
+        raise
+
+
 @contextlib.contextmanager
 def running_in_subprocess(
     hosts: int = 8,
@@ -1053,37 +1115,15 @@ def running_in_subprocess(
     extra_args: Sequence[str] = (),
     timeout: float = 30.0,
 ) -> Iterator[list[str]]:
-    """Run ``python -m crawler.testweb serve`` in a child process; yields its base URLs."""
-    cmd = [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(hosts)]
-    cmd += ["--port", str(port), "--first-host", str(first_host)]
-    if log_path is not None:
-        cmd += ["--log", os.fspath(log_path)]
-    cmd += list(extra_args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    """`start_subprocess` for the duration of the block; yields its base URLs."""
+    web = start_subprocess(
+        hosts, port, first_host=first_host, log_path=log_path, extra_args=extra_args,
+        timeout=timeout,
+    )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        urls: list[str] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            line = proc.stdout.readline()
-            if not line or time.monotonic() > deadline:
-                raise RuntimeError(f"testweb serve did not become ready: {cmd}")
-            line = line.strip()
-            if line == "READY":
-                break
-            if line.startswith("http://"):
-                urls.append(line)
-        yield urls
+        yield web.urls
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        web.stop()
 
 
 # --------------------------------------------------------------------------------------------
