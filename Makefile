@@ -32,8 +32,17 @@ format: $(STAMP)
 	$(BIN)/ruff format crawler assign tests bench
 	$(BIN)/ruff check --fix crawler assign tests bench
 
-bench: $(STAMP)
+# Bench-only extras: psutil and py-spy in the project's venv; img2dataset in a venv of its own
+# (its dependencies would otherwise slow the crawler's start-up, see bench/crawl_bench.py).
+BENCH_STAMP := .venv-bench/.installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet psutil py-spy
+	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install --quiet img2dataset
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/crawl_bench.py
 
 clean:
-	rm -rf $(VENV) mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bench mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache

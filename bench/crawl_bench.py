@@ -524,13 +524,27 @@ def start_py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+# img2dataset lives in a venv of its own: installed into the project's venv, its dependency
+# tree (wandb brings OpenTelemetry's SDK, which redis-py 8 imports whenever it is present)
+# would add ~0.1 s of CPU to the start-up of every crawler process (timed separately).
+I2D_VENV = ROOT / ".venv-bench"
+I2D_INSTALL = "python3 -m venv .venv-bench && .venv-bench/bin/pip install img2dataset"
+
+
+def img2dataset_command(args: argparse.Namespace) -> Path | None:
+    for exe in (args.img2dataset, I2D_VENV / "bin" / "img2dataset", BIN / "img2dataset"):
+        if exe is not None and Path(exe).exists():
+            return Path(exe)
+    return None
+
+
 def run_img2dataset(
     name: str, args: argparse.Namespace, web: Web, wl: Workload, out: Path, *, keep: list[int]
 ) -> RunResult:
-    exe = BIN / "img2dataset"
+    exe = img2dataset_command(args)
     n = len(wl.urls)
-    if not exe.exists():
-        say("img2dataset is not installed (.venv/bin/pip install img2dataset): skipped")
+    if exe is None:
+        say(f"img2dataset is not installed ({I2D_INSTALL}): skipped")
         return RunResult(f"img2dataset/{name}", n, 0, 0, 0, note="not installed")
     if out.exists():
         shutil.rmtree(out)
@@ -760,6 +774,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--skip-img2dataset", action="store_true")
+    p.add_argument(
+        "--img2dataset",
+        type=Path,
+        default=None,
+        help=f"img2dataset executable (default: .venv-bench/bin/img2dataset: {I2D_INSTALL})",
+    )
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--bare-reps", type=int, default=3)
     p.add_argument(
