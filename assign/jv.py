@@ -363,16 +363,35 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
     for f in range(numfree):
         freerow = free[f]
         endofpath = -1
-        for j in range(dim):
-            d[j] = cost[freerow, j] - v[j]
+        # lap.h sets d, pred and collist (to 0, 1, 2, ...), then its first pass below (up ==
+        # low == 0) scans collist from position 1: done here in the same loop. Each position
+        # is scanned before any swap reaches it, so it still holds its own column then.
+        low_cost = cost[freerow, 0] - v[0]
+        d[0] = low_cost
+        pred[0] = freerow
+        collist[0] = 0
+        up = 1
+        for j in range(1, dim):
+            h = cost[freerow, j] - v[j]
+            d[j] = h
             pred[j] = freerow
             collist[j] = j
+            if h <= low_cost:
+                if h < low_cost:
+                    up = 0
+                    low_cost = h
+                collist[j] = collist[up]
+                collist[up] = j
+                up += 1
         low = 0
-        up = 0
+        last = -1
         unassigned_found = False
-        last = 0
-        low_cost = np.float32(0.0)
-        while True:
+        for k in range(up):
+            if colsol[collist[k]] < 0:
+                endofpath = collist[k]
+                unassigned_found = True
+                break
+        while not unassigned_found:
             if up == low:
                 last = low - 1
                 low_cost = d[collist[up]]
@@ -417,8 +436,6 @@ def _lap(dim: int, cost: NDArray[np.float32], real_rows: int, avx2: bool) -> NDA
                             collist[up] = j
                             up += 1
                         d[j] = v2
-            if unassigned_found:
-                break
 
         for k in range(last + 1):
             j1 = collist[k]
