@@ -256,7 +256,7 @@ class ChunkReader:
     def __init__(self, stream: io.BufferedIOBase, size: int = CHUNK_BYTES) -> None:
         self._stream = stream
         self._size = size
-        self._buffer = bytearray(size)
+        self._buffer = bytearray()  # allocated when needed: a mapped file is read in place
         self._filled = 0  # bytes in the buffer; those after the last chunk's end are kept
 
     def chunks(self) -> Iterator[memoryview]:
@@ -267,6 +267,8 @@ class ChunkReader:
         if mapped is not None:
             yield from _whole_lines(mapped, self._size)
             return
+        if len(self._buffer) < self._size:
+            self._buffer = bytearray(self._size)
         start = 0  # where the bytes not yet handed out begin
         while True:
             if start:
