@@ -61,7 +61,6 @@ import zlib
 from dataclasses import dataclass
 
 import magic
-import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from crawler.config import RESAMPLE_FILTERS
@@ -359,6 +358,10 @@ def _normalize_mode(img: Image.Image) -> tuple[Image.Image, bool]:
         return img.convert("L"), True
     if mode.startswith("I;16") or mode in ("I", "F"):
         # 16-bit grey: scale 0..65535 onto 0..255 (Pillow's convert("L") would clip at 255).
+        # numpy is imported here, by the first such image: every process that imports this
+        # module (the crawl worker, `run`, the CLI) would otherwise pay ~0.1 s of CPU for it.
+        import numpy as np
+
         arr = np.asarray(img)
         if arr.dtype.itemsize == 2:  # keep the high byte, as libpng's strip_16 does
             return Image.fromarray((arr >> 8).astype(np.uint8)), False

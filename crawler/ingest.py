@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import aiofiles
-import aiohttp
 import braceexpand
 import orjson
 import redis.asyncio as aioredis
@@ -226,18 +225,29 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+class ShardDownloadError(OSError):
+    """A shard named by URL could not be downloaded (the HTTP client's error, as an OSError)."""
+
+
 async def _download(url: str, dest: Path, cfg: Config) -> None:
+    # aiohttp is imported only for shards named by URL: `run` and `ingest` on local shards
+    # start without it (~0.1-0.2 s of CPU).
+    import aiohttp
+
     timeout = aiohttp.ClientTimeout(total=cfg.ingest.download_timeout_s)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(url) as resp,
-    ):
-        if resp.status == 404:
-            raise ShardMissing(f"{url}: HTTP 404")
-        resp.raise_for_status()
-        async with aiofiles.open(dest, "wb") as fh:  # a shard is 100s of MB: keep the loop free
-            async for chunk in resp.content.iter_chunked(1 << 20):
-                await fh.write(chunk)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url) as resp,
+        ):
+            if resp.status == 404:
+                raise ShardMissing(f"{url}: HTTP 404")
+            resp.raise_for_status()
+            async with aiofiles.open(dest, "wb") as fh:  # 100s of MB: keep the loop free
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    await fh.write(chunk)
+    except aiohttp.ClientError as exc:
+        raise ShardDownloadError(f"{url}: {exc}") from exc
 
 
 @dataclass
@@ -306,7 +316,7 @@ class Ingest:
             log.warning("shard missing, skipped: %s", exc)
             self.stats.shards_missing += 1
             await self._count_error("missing_shard")
-        except (OSError, zipfile.BadZipFile, EOFError, aiohttp.ClientError) as exc:
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:  # ShardDownloadError included
             log.error("shard %s unreadable, skipped: %s", source.location, exc)
             await self._count_error("unreadable_shard")
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import socket
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -75,3 +76,21 @@ async def test_remote_shards_are_streamed_and_a_missing_one_is_recorded_and_skip
     assert errors[b"missing_shard"] == b"4" and errors[b"unreadable_shard"] == b"1"
     assert await aredis.xlen(keys.queue) == 24
     assert not list((tmp_path / "data" / "downloads").iterdir())  # temporary copies removed
+
+
+async def test_a_shard_whose_download_fails_is_recorded_as_unreadable_and_skipped(
+    shard_server: str, aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    cfg = crawl_config(namespace, tmp_path)
+    with socket.socket() as closed:  # a port that refuses connections
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    sources = expand_sources(
+        [refused + "/docs_shard_0_v2.jsonl", shard_server + "/docs_shard_0_v2.jsonl"]
+    )
+    ingest = Ingest(cfg, aredis)
+    await ingest.run(sources)
+    assert ingest.stats.shards == 1
+    assert (await aredis.hgetall(keys.ingest_errors))[b"unreadable_shard"] == b"1"
+    assert await aredis.xlen(keys.queue) == 6
