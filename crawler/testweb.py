@@ -101,7 +101,6 @@ __all__ = [
     "min_interval",
     "read_arrivals",
     "render_image",
-    "running_in_subprocess",
     "start_subprocess",
     "write_shard",
 ]
@@ -1054,6 +1053,12 @@ class WebProcess:
     urls: list[str]  # one base URL per host
     slow_hosts: list[int]  # indexes into urls
 
+    def __enter__(self) -> WebProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout` seconds."""
         if self.proc.poll() is None:
@@ -1078,7 +1083,8 @@ def start_subprocess(
     cwd: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> WebProcess:
-    """Start ``python -m crawler.testweb serve`` in a child process and wait until it serves."""
+    """Start ``python -m crawler.testweb serve`` in a child process and wait until it serves
+    (``with start_subprocess(...) as web:`` stops it at the end of the block)."""
     cmd = [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(hosts)]
     cmd += ["--port", str(port), "--first-host", str(first_host)]
     if log_path is not None:
@@ -1103,27 +1109,6 @@ def start_subprocess(
     except BaseException:
         web.stop()
         raise
-
-
-@contextlib.contextmanager
-def running_in_subprocess(
-    hosts: int = 8,
-    port: int = 0,
-    *,
-    first_host: int = 2,
-    log_path: str | os.PathLike[str] | None = None,
-    extra_args: Sequence[str] = (),
-    timeout: float = 30.0,
-) -> Iterator[list[str]]:
-    """`start_subprocess` for the duration of the block; yields its base URLs."""
-    web = start_subprocess(
-        hosts, port, first_host=first_host, log_path=log_path, extra_args=extra_args,
-        timeout=timeout,
-    )  # fmt: skip
-    try:
-        yield web.urls
-    finally:
-        web.stop()
 
 
 # --------------------------------------------------------------------------------------------

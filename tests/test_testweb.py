@@ -28,7 +28,7 @@ from crawler.testweb import (
     max_concurrency,
     min_interval,
     read_arrivals,
-    running_in_subprocess,
+    start_subprocess,
     write_shard,
 )
 
@@ -432,7 +432,8 @@ def test_cli_shard(tmp_path: Path) -> None:
 
 async def test_serve_subprocess(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     log = tmp_path / "arr.jsonl"
-    with running_in_subprocess(hosts=2, port=0, log_path=log) as urls:
+    with start_subprocess(hosts=2, port=0, log_path=log) as served:
+        urls = served.urls
         assert len(urls) == 2 and urls[0].startswith("http://127.0.0.2:")
         resp, _ = await fetch(session, urls[1] + "/img/8x8/p.gif")
         assert resp.status == 200
