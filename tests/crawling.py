@@ -145,6 +145,22 @@ def start_worker(args: list[str], log: Path | None = None) -> subprocess.Popen[b
         )
 
 
+def churn_flags(namespace: str, redis_url: str, output: str, **overrides: object) -> list[str]:
+    """--set options for worker processes that are killed and restarted under a test: short
+    leases, quick reclaims, fast retries and flushes, one image process each. `overrides`
+    use "section__key" names (limits__host_rate=6)."""
+    settings: dict[str, object] = {
+        "redis.url": redis_url, "redis.namespace": namespace, "redis.reconnect_backoff_s": 0.1,
+        "paths.output": output, "fetch.allow_private_addresses": "true",
+        "fetch.total_timeout_s": 2, "fetch.backoff_base_s": 0.05, "fetch.backoff_max_s": 0.2,
+        "fetch.retry_after_max_s": 0.5, "queue.lease_timeout_s": 2,
+        "queue.reclaim_interval_s": 0.3, "worker.image_processes": 1,
+        "worker.flush_interval_s": 0.05,
+    }  # fmt: skip
+    settings.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return flags(settings)
+
+
 def flags(settings: dict[str, object]) -> list[str]:
     """--set options for a worker process."""
     out: list[str] = []

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from crawling import crawl_config, flags, report, start_worker, stuck_state
+from crawling import churn_flags, crawl_config, report, start_worker, stuck_state
 from PIL import Image
 from redis_server import RedisProcess
 
@@ -36,17 +36,10 @@ async def test_kill_9_workers_and_redis_mid_run_loses_nothing_and_duplicates_not
         write_shard(shard, docs)
         cfg = crawl_config("crash", tmp_path, queue={"lease_timeout_s": 2.0})
         cfg.redis.url = server.url
-        args = flags({
-            "redis.url": server.url, "redis.namespace": "crash",
-            "redis.reconnect_backoff_s": 0.1,
-            "paths.output": cfg.paths.output, "fetch.allow_private_addresses": "true",
-            "fetch.total_timeout_s": 2, "fetch.backoff_base_s": 0.05,
-            "fetch.backoff_max_s": 0.2, "fetch.retry_after_max_s": 0.5,
-            "limits.host_rate": 40, "limits.local_host_rate": 40,
-            "queue.lease_timeout_s": 2, "queue.reclaim_interval_s": 0.3,
-            "worker.image_processes": 1, "worker.flush_interval_s": 0.05,
-            "worker.grace_period_s": 2,
-        })  # fmt: skip
+        args = churn_flags(
+            "crash", server.url, cfg.paths.output, limits__host_rate=40,
+            limits__local_host_rate=40, worker__grace_period_s=2,
+        )  # fmt: skip
         client = aioredis.Redis.from_url(server.url)
         keys = Keys("crash")
         await WorkQueue(client, keys, cfg.queue).ensure_group()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from crawling import crawl_config, flags, report, start_worker, stuck_state
+from crawling import churn_flags, crawl_config, flags, report, start_worker, stuck_state
 from redis_server import RedisProcess
 
 from crawler.ingest import Ingest, expand_sources
@@ -34,16 +34,10 @@ async def test_a_fleet_keeps_host_limits_and_accounts_for_every_image_through_ch
     paths = {i["raw_url"].split("/", 3)[3] for d in docs for i in d["image_info"]}
     cfg = crawl_config("fleet", tmp_path, queue={"lease_timeout_s": 2.0})
     cfg.redis.url = server.url
-    args = flags({
-        "redis.url": server.url, "redis.namespace": "fleet", "redis.reconnect_backoff_s": 0.1,
-        "paths.output": cfg.paths.output, "fetch.allow_private_addresses": "true",
-        "fetch.total_timeout_s": 2, "fetch.backoff_base_s": 0.05, "fetch.backoff_max_s": 0.2,
-        "fetch.retry_after_max_s": 0.5, "limits.host_rate": RATE, "limits.host_burst": BURST,
-        "limits.local_host_rate": RATE, "limits.host_concurrency": 2,
-        "queue.lease_timeout_s": 2, "queue.reclaim_interval_s": 0.3,
-        "worker.image_processes": 1, "worker.flush_interval_s": 0.05,
-        "worker.grace_period_s": 3,
-    })  # fmt: skip
+    args = churn_flags(
+        "fleet", server.url, cfg.paths.output, limits__host_rate=RATE, limits__host_burst=BURST,
+        limits__local_host_rate=RATE, limits__host_concurrency=2, worker__grace_period_s=3,
+    )  # fmt: skip
     client = aioredis.Redis.from_url(server.url)
     keys = Keys("fleet")
     graceful_exits: list[int] = []
