@@ -9,6 +9,8 @@ trickles bytes cannot hold a slot for longer than ``total_timeout_s``. Bodies ar
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import email.utils
 import ipaddress
 import socket
@@ -164,6 +166,52 @@ def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSess
     )
 
 
+class Slots:
+    """A FIFO counting semaphore whose acquire and release are O(1).
+
+    (asyncio.Semaphore in Python 3.11 scans every waiter on each acquire while slots are
+    free: with a worker's window of requests queued for its connections, that scan was ~5 %
+    of the event loop's time.) A slot is handed straight to the first waiter on release.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    async def __aenter__(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # handed a slot just as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
 class Fetcher:
     """One request at a time per call, redirects followed by hand, under a hard deadline.
 
@@ -177,7 +225,7 @@ class Fetcher:
     ) -> None:
         self.cfg = cfg
         self.session = session
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = Slots(max_connections)
 
     async def fetch(self, url: str, hops: Hops | None = None) -> FetchResult:
         """Fetch `url`, following redirects on the same host. A redirect to another host ends

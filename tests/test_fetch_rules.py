@@ -124,3 +124,38 @@ async def test_no_cookie_set_by_a_response_is_sent_with_a_later_request() -> Non
         await session.close()
         await server.close()
     assert seen == [None, None]
+
+
+async def test_connection_slots_are_handed_out_first_come_first_served_and_never_leak() -> None:
+    slots = fetch.Slots(2)
+    order: list[int] = []
+    release = asyncio.Event()
+
+    async def hold(i: int) -> None:
+        async with slots:
+            order.append(i)
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold(i)) for i in range(6)]
+    await asyncio.sleep(0.01)
+    assert order == [0, 1] and slots.free == 0
+    tasks[2].cancel()  # cancelled while waiting: never served, takes no slot
+    await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == [0, 1, 3, 4, 5]
+    assert slots.free == 2
+
+
+async def test_a_slot_handed_to_a_request_cancelled_at_that_moment_goes_to_the_next() -> None:
+    slots = fetch.Slots(1)
+    await slots.__aenter__()
+    first = asyncio.create_task(slots.__aenter__())
+    second = asyncio.create_task(slots.__aenter__())
+    await asyncio.sleep(0.01)
+    await slots.__aexit__()  # the slot goes to `first`...
+    first.cancel()  # ...which is cancelled before it runs: `second` gets the slot
+    await asyncio.sleep(0.01)
+    assert first.cancelled() and second.done() and slots.free == 0
+    await slots.__aexit__()
+    assert slots.free == 1
