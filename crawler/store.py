@@ -31,6 +31,9 @@ TMP_PREFIX = ".tmp-"
 class Store:
     def __init__(self, output: Path) -> None:
         self.output = output
+        # Shards whose directory did not exist when this Store first looked: every file in
+        # them was written since, by this crawl, so none is "on disk from an earlier run".
+        self._new_shards: set[str] = set()
 
     def relative(self, shard: str, name: str) -> str:
         return f"{shard}/{name}"
@@ -38,15 +41,26 @@ class Store:
     def path(self, shard: str, name: str) -> Path:
         return self.output / shard / name
 
+    def all_new(self, shards: Iterable[str]) -> bool:
+        """Whether every one of these shards is known to have had no directory when first
+        looked at: then `on_disk` is all False without touching the file system."""
+        return all(shard in self._new_shards for shard in shards)
+
     def on_disk(self, items: Iterable[tuple[str, str]]) -> list[bool]:
-        """For each (shard, name): is a file there? (Blocking: call it in a thread, once
-        for a whole batch of items.)"""
+        """For each (shard, name): is a file there from before this crawl started? (Blocking:
+        call it in a thread, once for a whole batch of items.)"""
         out: list[bool] = []
-        dirs: dict[str, str | None] = {}  # shard -> its directory, None when it does not exist
+        dirs: dict[str, str | None] = {}  # shard -> its directory, None when it has none
         for shard, name in items:
             if shard not in dirs:
                 shard_dir = f"{self.output}/{shard}"
-                dirs[shard] = shard_dir if os.path.isdir(shard_dir) else None
+                if shard in self._new_shards:
+                    dirs[shard] = None
+                elif os.path.isdir(shard_dir):
+                    dirs[shard] = shard_dir
+                else:
+                    dirs[shard] = None
+                    self._new_shards.add(shard)
             where = dirs[shard]
             out.append(where is not None and os.path.isfile(f"{where}/{name}"))
         return out

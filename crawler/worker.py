@@ -320,9 +320,13 @@ class Worker:
                 continue
             self.held[item.id] = item
             taken.append((item, host))
-        # One thread hop per batch: which of these a previous run already stored.
+        # Which of these a previous run already stored: one thread hop per batch, none once
+        # every shard of the batch is known to have started with no directory.
         wanted = [(i.shard, i.name) for i, _ in taken]
-        on_disk = await asyncio.to_thread(self.store.on_disk, wanted) if wanted else []
+        if self.store.all_new(shard for shard, _ in wanted):
+            on_disk = [False] * len(wanted)
+        else:
+            on_disk = await asyncio.to_thread(self.store.on_disk, wanted)
         for (item, host), stored in zip(taken, on_disk, strict=True):
             task = asyncio.create_task(self._process(item, host, stored))
             self._tasks.add(task)

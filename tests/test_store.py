@@ -93,3 +93,18 @@ def test_sweep_removes_only_old_temporaries(tmp_path: Path) -> None:
     os.utime(old, (1, 1))
     assert sweep_temporary(tmp_path, older_than_s=600) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, image.name])
+
+
+def test_a_shard_without_a_directory_at_first_look_has_nothing_from_an_earlier_run(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "a.jpg").write_bytes(b"x")
+    assert not store.all_new(["old", "new"])  # not looked at yet
+    assert store.on_disk([("old", "a.jpg"), ("new", "a.jpg")]) == [True, False]
+    assert store.all_new(["new"]) and not store.all_new(["new", "old"])
+    (tmp_path / "new").mkdir()  # written since by this crawl
+    (tmp_path / "new" / "a.jpg").write_bytes(b"x")
+    assert store.on_disk([("new", "a.jpg")]) == [False]
+    assert Store(tmp_path).on_disk([("new", "a.jpg")]) == [True]  # the next run finds it
