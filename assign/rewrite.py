@@ -117,6 +117,7 @@ def rewrite_shard(
             return done
     output.parent.mkdir(parents=True, exist_ok=True)
     discard_leftovers(output)
+    discard_leftovers(report_path(output))  # a run killed while writing its report
     started = time.perf_counter()
     report = ShardReport(source=str(source), output=str(output), settings=settings)
     with contextlib.suppress(FileNotFoundError):

@@ -199,8 +199,10 @@ def test_leftover_temporary_files_are_discarded(tmp_path: Path) -> None:
     (tmp_path / "o").mkdir()
     leftover = tmp_path / "o" / ".s.jsonl.4242.deadbeef.tmp"
     leftover.write_bytes(b"half a shard")
+    report_leftover = tmp_path / "o" / ".s.report.json.4242.deadbeef.tmp"  # killed mid-report
+    report_leftover.write_bytes(b"{")
     rewrite_shard(source, tmp_path / "o" / "s.jsonl", AssignOptions())
-    assert not leftover.exists()
+    assert not leftover.exists() and not report_leftover.exists()
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["s.jsonl", "s.report.json"]
 
 
