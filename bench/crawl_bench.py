@@ -23,7 +23,10 @@ timeout):
      do not bind;
    * img2dataset (files output, keep_ratio_largest 800, resize only if bigger, opt-out header
      check off) with ``--i2d-processes`` x ``--i2d-threads``;
-   * (once) the bare cost: ``crawler.images.process_image`` on the same bytes in this process.
+   * (around the first web's crawler run: once before it, once after, averaged) the bare cost:
+     ``crawler.images.process_image`` on the same bytes in this process, alone, and then in
+     ``--bare-processes`` forked processes at once (every core busy, as during a crawl: on a
+     VM, a core can be slower while its neighbours work).
 4. prints images/s, CPU ms per image (user+sys of the whole process tree: children are reaped
    by this process as a subreaper, plus the Redis server for the crawler), Redis round trips
    per image, peak RSS per process role, and the ratios.
@@ -42,6 +45,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -611,18 +615,26 @@ def run_img2dataset(
 
 @dataclass
 class Bare:
-    cpu_ms: float  # weighted by the URL mix
-    per_spec_ms: list[float]
+    """The bare image cost, CPU ms per image weighted by the URL mix: one process alone (the
+    other cores idle), and `processes` processes at once (every core busy, as in a crawl);
+    each measured before and after the crawler's first run (`*_samples`), then averaged."""
+
+    cpu_ms: float
+    samples_ms: list[float]
+    parallel_ms: float | None
+    parallel_samples_ms: list[float]
+    processes: int
     kept: int
     reencoded: int
     failed: int
 
 
-def run_bare(pool_bytes: list[bytes], spec_of: list[int], reps: int) -> Bare:
+def _bare_per_spec(pool_bytes: list[bytes], reps: int) -> tuple[list[float], list[str]]:
+    """Median CPU seconds of process_image per spec, and each spec's outcome."""
     settings = cimages.ImageSettings()
     cimages.init_worker(settings)
     per: list[float] = []
-    kept = reenc = failed = 0
+    outcomes: list[str] = []
     for data in pool_bytes:
         times = []
         for _ in range(reps):
@@ -630,15 +642,60 @@ def run_bare(pool_bytes: list[bytes], spec_of: list[int], reps: int) -> Bare:
             r = cimages.process_image(data, settings)
             times.append(time.process_time() - t)
         per.append(statistics.median(times))
-        if r.status != cstatus.OK:
-            failed += 1
-        elif r.keep_original:
-            kept += 1
-        else:
-            reenc += 1
+        kept = "kept" if r.keep_original else "reencoded"
+        outcomes.append(kept if r.status == cstatus.OK else "failed")
+    return per, outcomes
+
+
+def _bare_child(conn: Any, pool_bytes: list[bytes], reps: int) -> None:
+    conn.send(_bare_per_spec(pool_bytes, reps)[0])
+    conn.close()
+
+
+def _weighted_ms(per: list[float], spec_of: list[int]) -> float:
     weights = Counter(spec_of)
-    total = sum(per[k] * c for k, c in weights.items())
-    return Bare(1000 * total / len(spec_of), per, kept, reenc, failed)
+    return 1000 * sum(per[k] * c for k, c in weights.items()) / len(spec_of)
+
+
+def measure_bare(
+    pool_bytes: list[bytes], spec_of: list[int], reps: int, processes: int
+) -> tuple[float, float | None, list[str]]:
+    """One measurement: (alone ms, at-once ms or None, outcomes per spec)."""
+    per, outcomes = _bare_per_spec(pool_bytes, reps)
+    alone = _weighted_ms(per, spec_of)
+    if processes < 2:
+        return alone, None, outcomes
+    ctx = multiprocessing.get_context("fork")  # the children share pool_bytes, not a copy
+    links = [ctx.Pipe(duplex=False) for _ in range(processes)]
+    procs = [ctx.Process(target=_bare_child, args=(send, pool_bytes, reps)) for _, send in links]
+    for proc in procs:
+        proc.start()
+    results = [recv.recv() for recv, _ in links]
+    for proc in procs:
+        proc.join()
+    return alone, statistics.mean(_weighted_ms(r, spec_of) for r in results), outcomes
+
+
+def bare_sample(
+    when: str, pool_bytes: list[bytes], spec_of: list[int], args: argparse.Namespace
+) -> tuple[float, float | None, list[str]]:
+    then = f", then in {args.bare_processes} processes at once" if args.bare_processes > 1 else ""
+    say(f"bare ({when} the crawler's run): process_image on the pool bytes, alone{then}")
+    sample = measure_bare(pool_bytes, spec_of, args.bare_reps, args.bare_processes)
+    at_once = "" if sample[1] is None else f", {sample[1]:.2f} at once"
+    say(f"bare: {sample[0]:.2f} CPU ms/image alone{at_once} (URL-weighted)")
+    return sample
+
+
+def combine_bare(samples: list[tuple[float, float | None, list[str]]], processes: int) -> Bare:
+    alone = [a for a, _, _ in samples]
+    parallel = [p for _, p, _ in samples if p is not None]
+    outcomes = samples[0][2]
+    return Bare(
+        statistics.mean(alone), alone, statistics.mean(parallel) if parallel else None,
+        parallel, processes, outcomes.count("kept"), outcomes.count("reencoded"),
+        outcomes.count("failed"),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,11 +722,21 @@ def print_table(results: list[RunResult], bare: Bare | None) -> None:
             f"{web_pct:>9.0f}%{rt:>8}{cm:>8}  {rss}"
         )
     if bare is not None:
+        samples = ", ".join(f"{x:.2f}" for x in bare.samples_ms)
         print(
             f"{'bare process_image':<22}{'':>8}{'':>8}{'':>8}{1000 / bare.cpu_ms:>8.1f}"
-            f"{bare.cpu_ms:>11.2f}   (one process, one core; {bare.kept} specs kept, "
-            f"{bare.reencoded} re-encoded, {bare.failed} failed)"
+            f"{bare.cpu_ms:>11.2f}   (one process alone; mean of {samples} measured before and "
+            f"after the first crawler run; {bare.kept} specs kept, {bare.reencoded} re-encoded, "
+            f"{bare.failed} failed)"
         )
+        if bare.parallel_ms is not None:
+            samples = ", ".join(f"{x:.2f}" for x in bare.parallel_samples_ms)
+            label = f"bare x{bare.processes} at once"
+            print(
+                f"{label:<22}{'':>8}{'':>8}{'':>8}{1000 / bare.parallel_ms:>8.1f}"
+                f"{bare.parallel_ms:>11.2f}   ({bare.processes} processes at once, every core "
+                f"busy as in a crawl; per process, mean of {samples})"
+            )
     print()
     for r in results:
         extra = f"  [{r.note}]" if r.note else ""
@@ -704,7 +771,10 @@ def print_table(results: list[RunResult], bare: Bare | None) -> None:
             line += f"crawler/img2dataset images/s = {c.rate / i.rate:.2f}x; "
             line += f"CPU/img crawler/img2dataset = {c.cpu_ms / i.cpu_ms:.2f}x; "
         if bare is not None:
-            line += f"crawler CPU/img / bare = {c.cpu_ms / bare.cpu_ms:.2f}x; "
+            line += f"crawler CPU/img / bare = {c.cpu_ms / bare.cpu_ms:.2f}x"
+            if bare.parallel_ms is not None:
+                line += f" (/ bare x{bare.processes} at once = {c.cpu_ms / bare.parallel_ms:.2f}x)"
+            line += "; "
         line += f"Redis round trips/img = {c.redis_reads / c.images:.3f}"
         print(line)
     print()
@@ -717,6 +787,7 @@ def dump_json(
         "meta": meta,
         "runs": [{**r.__dict__, "rate": r.rate, "cpu_ms": r.cpu_ms} for r in results],
         "bare_cpu_ms": bare.cpu_ms if bare else None,
+        "bare_parallel_cpu_ms": bare.parallel_ms if bare else None,
     }
     path.write_text(json.dumps(data, indent=1, default=str))
 
@@ -782,6 +853,12 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--skip-bare", action="store_true")
     p.add_argument("--bare-reps", type=int, default=3)
+    p.add_argument(
+        "--bare-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="the bare cost is also measured in this many processes at once (1: alone only)",
+    )
     p.add_argument(
         "--timeout",
         type=float,
@@ -861,15 +938,18 @@ def main() -> int:
             say(f"{name}: warmed {len(pool)} specs ({mb(sum(map(len, pool_bytes)))}) in "
                 f"{time.monotonic() - t:.1f}s (web CPU {web.cpu() - w0:.1f}s)")  # fmt: skip
             wl = make_workload(web, pool, n, args.seed, shard_images, workdir / f"in-{name}")
-            if bare is None and not args.skip_bare and not args.long:
-                say("bare: process_image on the pool bytes in this process")
-                bare = run_bare(pool_bytes, wl.spec_of, args.bare_reps)
-                say(f"bare: {bare.cpu_ms:.2f} CPU ms/image (URL-weighted)")
+            bare_now = bare is None and not args.skip_bare and not args.long
+            bare_samples = []
+            if bare_now:
+                bare_samples.append(bare_sample("before", pool_bytes, wl.spec_of, args))
             res = run_crawler(
                 name, args, web, rds, wl, workdir / f"out-crawler-{name}", keep=keep,
                 series_every=args.sample_every if args.long else 0.0,
             )  # fmt: skip
             results.append(res)
+            if bare_now:
+                bare_samples.append(bare_sample("after", pool_bytes, wl.spec_of, args))
+                bare = combine_bare(bare_samples, args.bare_processes)
             if not args.long and not args.skip_img2dataset:
                 results.append(
                     run_img2dataset(name, args, web, wl, workdir / f"out-i2d-{name}", keep=keep)
