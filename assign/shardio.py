@@ -74,21 +74,25 @@ def discard_leftovers(destination: Path) -> int:
 
 
 @contextlib.contextmanager
-def atomic_writer(destination: Path) -> Iterator[IO[bytes]]:
-    """Write ``destination`` all at once: temp file, fsync, rename, fsync the directory."""
+def atomic_writer(destination: Path, *, durable: bool = True) -> Iterator[IO[bytes]]:
+    """Write ``destination`` all at once: temp file, fsync, rename, fsync the directory.
+    Not ``durable``: no fsync (a kill -9 still leaves the old file or the new one; a power
+    loss may leave either, or an empty or partial file: only for files checked when read)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path(destination)
     try:
         with open(temp, "wb", buffering=WRITE_BUFFER) as out:
             yield out
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(temp, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
-    fsync_directory(destination.parent)
+    if durable:
+        fsync_directory(destination.parent)
 
 
 def write_behind(out: IO[bytes]) -> None:
@@ -103,8 +107,8 @@ def write_behind(out: IO[bytes]) -> None:
 _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS or Windows
 
 
-def write_atomically(destination: Path, data: bytes) -> None:
-    with atomic_writer(destination) as out:
+def write_atomically(destination: Path, data: bytes, *, durable: bool = True) -> None:
+    with atomic_writer(destination, durable=durable) as out:
         out.write(data)
 
 

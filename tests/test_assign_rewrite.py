@@ -183,6 +183,19 @@ def test_complete_output_is_skipped_on_the_next_run(tmp_path: Path) -> None:
     assert out.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("left", [b"", b'{"complete": tr', b"\0" * 64])
+def test_a_report_a_power_cut_left_empty_or_partial_means_rewriting_again(
+    tmp_path: Path, left: bytes
+) -> None:
+    """The report is not synced (only the output is): what a power cut can leave of it."""
+    source = write_shard(tmp_path / "s.jsonl", shard_lines(3))
+    out = tmp_path / "o" / "s.jsonl"
+    rewrite_shard(source, out, AssignOptions())
+    (tmp_path / "o" / "s.report.json").write_bytes(left)
+    again = rewrite_shard(source, out, AssignOptions())
+    assert not again.skipped and again.complete and again.docs == 3
+
+
 def test_different_settings_or_a_damaged_output_are_rewritten(tmp_path: Path) -> None:
     source = write_shard(tmp_path / "s.jsonl", shard_lines(3))
     out = tmp_path / "o" / "s.jsonl"
