@@ -74,24 +74,9 @@ def _find_umins_avx2(
     lane_j1: NDArray[np.int64],
     lane_j2: NDArray[np.int64],
 ) -> tuple[np.float32, np.float32, int, int]:
-    """lap.h ``find_umins_avx2`` (float): eight lanes of minima, merged, then the tail."""
-    lane_umin[:] = _FLT_MAX
-    lane_usubmin[:] = _FLT_MAX
-    lane_j1[:] = -1
-    lane_j2[:] = -1
-    for start in range(0, dim - 7, 8):
-        for lane in range(8):
-            j = start + lane
-            h = row[j] - v[j]
-            if h <= lane_umin[lane]:  # _CMP_LE_OQ
-                lane_usubmin[lane] = lane_umin[lane]
-                lane_j2[lane] = lane_j1[lane]
-                lane_umin[lane] = h
-                lane_j1[lane] = j
-            elif h < lane_usubmin[lane]:  # _CMP_LT_OQ, in lanes not taken above
-                lane_usubmin[lane] = h
-                lane_j2[lane] = j
-    return _merge_lanes(dim, row, v, lane_umin, lane_usubmin, lane_j1, lane_j2)
+    """lap.h ``find_umins_avx2`` (float): eight lanes of minima, merged, then the tail. (Each
+    lane folds its own columns, j = lane mod 8, in order: lane by lane is the same result.)"""
+    return _find_umins_avx2_kept(dim, row, v, lane_umin, lane_usubmin, lane_j1, lane_j2, 0xFF)
 
 
 @njit(cache=True, nogil=True, inline="always")
