@@ -14,6 +14,7 @@ import gzip
 import io
 import logging
 import os
+import re
 import tempfile
 import uuid
 import zipfile
@@ -93,6 +94,12 @@ def check_shard_id(shard: str) -> str | None:
     return None
 
 
+# Searched in C: a generator over every character of every name and URL was a third of
+# ingest's CPU (cProfile).
+_NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_URL_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
 def check_image_name(name: Any) -> str | None:
     """Why an image_name cannot be a plain file name under the shard directory, or None."""
     if not isinstance(name, str):
@@ -103,7 +110,7 @@ def check_image_name(name: Any) -> str | None:
         return f"image_name {name!r} contains a path separator"
     if name.startswith("."):
         return f"image_name {name!r} starts with '.'"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _NAME_CONTROL.search(name):
         return f"image_name {name!r} contains a control character"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return "image_name is longer than 255 bytes"
@@ -116,7 +123,7 @@ def check_url(url: Any) -> str | None:
         return f"raw_url is not a non-empty string: {url!r}"
     if len(url) > MAX_URL_CHARS:
         return "raw_url is longer than 4096 characters"
-    if any(ord(c) < 32 for c in url):
+    if _URL_CONTROL.search(url):
         return "raw_url contains a control character"
     try:
         parsed = URL(url)

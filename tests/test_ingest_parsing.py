@@ -41,8 +41,11 @@ def test_malformed_lines_are_errors_not_exceptions(line: bytes) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["../x.jpg", "/etc/passwd", "", ".hidden", "a/b.jpg", "a\\b.jpg", "nul\x00.jpg", "x" * 300],
-)
+    [
+        "../x.jpg", "/etc/passwd", "", ".hidden", "a/b.jpg", "a\\b.jpg", "nul\x00.jpg",
+        "tab\t.jpg", "us\x1f.jpg", "del\x7f.jpg", "x" * 300,
+    ],
+)  # fmt: skip
 def test_names_that_are_not_plain_file_names_are_recorded_as_bad_name(name: str) -> None:
     result = ingest.parse_line(doc({"image_name": name, "raw_url": "http://h.example/a"}))
     (entry,) = result.entries
@@ -52,8 +55,11 @@ def test_names_that_are_not_plain_file_names_are_recorded_as_bad_name(name: str)
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://h.example/a.jpg", "file:///etc/passwd", "javascript:alert(1)", "http://", "", None, 5],
-)
+    [
+        "ftp://h.example/a.jpg", "file:///etc/passwd", "javascript:alert(1)", "http://", "", None,
+        5, "http://h.example/a\nb.jpg", "http://h.example/\x00.jpg", "http://h.example/\x1f",
+    ],
+)  # fmt: skip
 def test_non_http_urls_are_recorded_as_bad_url(url: object) -> None:
     result = ingest.parse_line(doc({"image_name": "a.jpg", "raw_url": url}))
     (entry,) = result.entries
