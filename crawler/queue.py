@@ -64,6 +64,18 @@ class WorkQueue:
     def add_to(self, pipe: Pipeline, shard: str, name: str, url: str) -> None:
         pipe.xadd(self.keys.queue, {"s": shard, "n": name, "u": url})
 
+    async def add_all_to(
+        self, pipe: Pipeline, shard: str, items: Sequence[tuple[str, str]]
+    ) -> None:
+        """Queue one ENQUEUE call in a pipeline for (image_name, raw_url) items of a shard:
+        the same stream entries as `add_to` for each, in order."""
+        if not items:
+            return
+        args = [shard]
+        for name, url in items:
+            args += (name, url)
+        await self.scripts.enqueue(keys=[self.keys.queue], args=args, client=pipe)
+
     async def ensure_group(self) -> None:
         try:
             await self.client.xgroup_create(self.keys.queue, CRAWL_GROUP, id="0", mkstream=True)

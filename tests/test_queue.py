@@ -35,6 +35,23 @@ async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
     assert pending[0]["consumer"] == b"other" and pending[0]["times_delivered"] == 2
 
 
+async def test_a_batch_enqueued_in_one_script_call_reads_as_items_added_one_by_one(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    cfg = crawl_config(namespace, tmp_path)
+    q = WorkQueue(aredis, Keys(namespace), cfg.queue)
+    await q.ensure_group()
+    items = [(f"{i}.jpg", f"http://h.example/{i}.jpg?q=é&x={i}") for i in range(1500)]
+    pipe = aredis.pipeline(transaction=True)
+    await q.add_all_to(pipe, "s", items[:1000])
+    await q.add_all_to(pipe, "s", [])  # nothing: no call
+    q.add_to(pipe, "s", *items[1000])
+    await q.add_all_to(pipe, "s", items[1001:])
+    await pipe.execute()
+    read = await q.read("w", 2000, 10)
+    assert [(i.shard, i.name, i.url) for i in read] == [("s", n, u) for n, u in items]
+
+
 async def test_renewed_leases_are_not_reclaimed(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
