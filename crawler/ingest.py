@@ -406,7 +406,7 @@ class Ingest:
             if value:
                 pipe.hincrby(meta, field_name, value)
         pipe.sadd(self.keys.shards_open, source.shard)
-        await self.queue.add_all_to(pipe, source.shard, [(e.name, e.url) for e in batch.items])
+        await self.queue.add_to(pipe, source.shard, [(e.name, e.url) for e in batch.items])
         if batch.problems:
             await self.queue.record_to(pipe, batch.problems)
         errors = {

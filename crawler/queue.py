@@ -61,14 +61,9 @@ class WorkQueue:
         self.scripts = Scripts(client)
 
     # ---- producing -------------------------------------------------------------------
-    def add_to(self, pipe: Pipeline, shard: str, name: str, url: str) -> None:
-        pipe.xadd(self.keys.queue, {"s": shard, "n": name, "u": url})
-
-    async def add_all_to(
-        self, pipe: Pipeline, shard: str, items: Sequence[tuple[str, str]]
-    ) -> None:
-        """Queue one ENQUEUE call in a pipeline for (image_name, raw_url) items of a shard:
-        the same stream entries as `add_to` for each, in order."""
+    async def add_to(self, pipe: Pipeline, shard: str, items: Sequence[tuple[str, str]]) -> None:
+        """Queue one ENQUEUE call in a pipeline: a stream entry for each (image_name, raw_url)
+        of a shard, in order (nothing for no items)."""
         if not items:
             return
         args = [shard]

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-# Add a shard's work items to the queue stream, in order (one call per ingest batch: a command
+# Add a shard's work items to the queue stream, in order (one call per batch: a command
 # per item cost ingest more CPU in redis-py's command packing than the items' parsing).
 # KEYS: 1 queue stream
 # ARGV: 1 shard, then for item i: image_name, raw_url (2 values each)

@@ -153,8 +153,8 @@ class Shards:
                 mapping={r["image_name"]: status.encode(r) for r in chunk},
             )
         pipe.sadd(self.keys.shards_open, shard)
+        await self.queue.add_to(pipe, shard, [(r["image_name"], r["raw_url"]) for r in retry])
         for rec in retry:
-            self.queue.add_to(pipe, shard, rec["image_name"], rec["raw_url"])
             pipe.hincrby(self.keys.counts, rec["status"], -1)
         await pipe.execute()
         paths.report.rename(paths.report.with_suffix(".gz.superseded"))

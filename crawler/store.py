@@ -54,13 +54,10 @@ class Store:
         for shard, name in items:
             if shard not in dirs:
                 shard_dir = f"{self.output}/{shard}"
-                if shard in self._new_shards:
-                    dirs[shard] = None
-                elif os.path.isdir(shard_dir):
-                    dirs[shard] = shard_dir
-                else:
-                    dirs[shard] = None
+                found = shard not in self._new_shards and os.path.isdir(shard_dir)
+                if not found:
                     self._new_shards.add(shard)
+                dirs[shard] = shard_dir if found else None
             where = dirs[shard]
             out.append(where is not None and os.path.isfile(f"{where}/{name}"))
         return out

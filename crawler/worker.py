@@ -102,10 +102,11 @@ def pinned_cpus(processes: int, allowed: set[int], quota_cpus: int) -> list[int]
 
 
 def make_pool(cfg: Config) -> ImagePool:
-    size = cfg.worker.image_processes or available_cpus()
+    usable = available_cpus()
+    size = cfg.worker.image_processes or usable
     cpus: list[int] = []
     if cfg.worker.pin_image_processes and hasattr(os, "sched_getaffinity"):
-        cpus = pinned_cpus(size, os.sched_getaffinity(0), available_cpus())
+        cpus = pinned_cpus(size, os.sched_getaffinity(0), usable)
     # The fork server imports Pillow, libmagic and numpy once; every image process forked from
     # it starts with them loaded instead of importing them itself.
     return ImagePool(

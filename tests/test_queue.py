@@ -24,7 +24,7 @@ async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
     q = WorkQueue(aredis, Keys(namespace), cfg.queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
-    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
     await pipe.execute()
     await q.read("dead-worker", 10, 10)
     assert await q.reclaim("other", 10) == ([], 0)  # lease still fresh
@@ -35,7 +35,7 @@ async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
     assert pending[0]["consumer"] == b"other" and pending[0]["times_delivered"] == 2
 
 
-async def test_a_batch_enqueued_in_one_script_call_reads_as_items_added_one_by_one(
+async def test_items_enqueued_in_batches_read_back_in_order(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
     cfg = crawl_config(namespace, tmp_path)
@@ -43,10 +43,10 @@ async def test_a_batch_enqueued_in_one_script_call_reads_as_items_added_one_by_o
     await q.ensure_group()
     items = [(f"{i}.jpg", f"http://h.example/{i}.jpg?q=é&x={i}") for i in range(1500)]
     pipe = aredis.pipeline(transaction=True)
-    await q.add_all_to(pipe, "s", items[:1000])
-    await q.add_all_to(pipe, "s", [])  # nothing: no call
-    q.add_to(pipe, "s", *items[1000])
-    await q.add_all_to(pipe, "s", items[1001:])
+    await q.add_to(pipe, "s", items[:1000])
+    await q.add_to(pipe, "s", [])  # nothing: no call
+    await q.add_to(pipe, "s", items[1000:1001])
+    await q.add_to(pipe, "s", items[1001:])
     await pipe.execute()
     read = await q.read("w", 2000, 10)
     assert [(i.shard, i.name, i.url) for i in read] == [("s", n, u) for n, u in items]
@@ -59,7 +59,7 @@ async def test_renewed_leases_are_not_reclaimed(
     q = WorkQueue(aredis, Keys(namespace), cfg.queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
-    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
     await pipe.execute()
     (item,) = await q.read("busy-worker", 10, 10)
     for _ in range(3):
@@ -76,7 +76,7 @@ async def test_an_item_delivered_too_often_becomes_a_dead_letter_with_a_reason(
     q = WorkQueue(aredis, keys, cfg.queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
-    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
     await pipe.execute()
     await q.seal("s", 1)
     (item,) = await q.read("w1", 10, 10)
@@ -213,7 +213,7 @@ async def test_deferred_items_come_back_by_redis_time_whatever_the_workers_clock
     q = WorkQueue(aredis, keys, crawl_config(namespace, tmp_path).queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
-    q.add_to(pipe, "s", "a.jpg", "http://h.example/a.jpg")
+    await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
     await pipe.execute()
     [item] = await q.read("w", 10, 10)
     await q.defer([item], 0.3)
