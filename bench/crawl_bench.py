@@ -80,6 +80,7 @@ from _procs import (  # noqa: E402
 from crawler import images as cimages  # noqa: E402
 from crawler import status as cstatus  # noqa: E402
 from crawler import testweb  # noqa: E402
+from crawler.config import WorkerConfig  # noqa: E402
 from crawler.keys import Keys  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -632,7 +633,8 @@ class Bare:
 def _bare_per_spec(pool_bytes: list[bytes], reps: int) -> tuple[list[float], list[str]]:
     """Median CPU seconds of process_image per spec, and each spec's outcome."""
     settings = cimages.ImageSettings()
-    cimages.init_worker(settings)
+    # As the crawler's image processes start (the heap setting included: same code path).
+    cimages.init_worker(settings, WorkerConfig().image_process_heap_mb)
     per: list[float] = []
     outcomes: list[str] = []
     for data in pool_bytes:

@@ -92,6 +92,10 @@ class WorkerConfig:
     # Downloaded bodies waiting for an image process, in MB: while more than this waits, no
     # new request starts (bounds memory when image work, not the network, is the limit).
     max_waiting_image_mb: int = 128
+    # Freed memory, in MB, each image process keeps for its next images instead of handing
+    # it back to the kernel (glibc): fewer page faults per image; resident size stays at
+    # each process's high-water mark. 0: the C library's defaults.
+    image_process_heap_mb: int = 256
     # Results are written to Redis in batches: at most this many, at least this often.
     flush_batch: int = 500
     flush_interval_s: float = 0.25
@@ -209,6 +213,10 @@ class Config:
         _check(self.worker.max_connections > 0, "worker.max_connections must be positive")
         _check(
             self.worker.max_waiting_image_mb >= 1, "worker.max_waiting_image_mb must be at least 1"
+        )
+        _check(
+            self.worker.image_process_heap_mb >= 0,
+            "worker.image_process_heap_mb must not be negative",
         )
         _check(self.queue.max_deliveries >= 1, "queue.max_deliveries must be at least 1")
         _check(self.queue.lease_timeout_s > 0, "queue.lease_timeout_s must be positive")

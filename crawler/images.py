@@ -64,6 +64,7 @@ import magic
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from crawler.config import RESAMPLE_FILTERS
+from crawler.heap import keep_freed_memory
 
 __all__ = ["ImageResult", "ImageSettings", "init_worker", "process_image", "target_size"]
 
@@ -180,8 +181,10 @@ def _get_magic() -> magic.Magic:
     return _magic
 
 
-def init_worker(settings: ImageSettings) -> None:
-    """Pool initializer: Pillow's global limits, and libmagic loaded once per process."""
+def init_worker(settings: ImageSettings, keep_heap_mb: int = 0) -> None:
+    """Pool initializer: Pillow's global limits, libmagic loaded once per process, and (with
+    `keep_heap_mb` > 0) a C heap that keeps freed memory for the next image (`crawler.heap`)."""
+    keep_freed_memory(keep_heap_mb)
     # Our own check against settings.max_pixels is authoritative; Pillow's is the backstop
     # (its warning is silenced in process_image, its error above 2× is too_many_pixels).
     Image.MAX_IMAGE_PIXELS = settings.max_pixels

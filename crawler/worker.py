@@ -112,7 +112,7 @@ def make_pool(cfg: Config) -> ImagePool:
     return ImagePool(
         size,
         initializer=images.init_worker,
-        initargs=(image_settings(cfg),),
+        initargs=(image_settings(cfg), cfg.worker.image_process_heap_mb),
         preload=["crawler.store"],
         cpus=cpus,
     )

@@ -66,6 +66,7 @@ def test_lists_tables_and_booleans_parse_from_strings() -> None:
         ("assign.solver=greedy", "assign.solver"),
         ("images.resample=nearest", "images.resample must be one of bilinear, box"),
         ("images.webp_quality=0", "webp_quality must be in 1..100"),
+        ("worker.image_process_heap_mb=-1", "image_process_heap_mb must not be negative"),
     ],
 )
 def test_bad_values_are_reported_clearly(override: str, message: str) -> None:
