@@ -828,7 +828,17 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return {"nproc": os.cpu_count(), "cpu": model, "python": sys.version.split()[0]}
+    return {
+        "nproc": os.cpu_count(), "cpu": model, "python": sys.version.split()[0],
+        "pillow": pillow_version(),
+    }  # fmt: skip
+
+
+def pillow_version() -> str:
+    """Pillow's version and its JPEG library's (a pillow-simd build says so in its version)."""
+    from PIL import Image, features
+
+    return f"Pillow {Image.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -914,7 +924,7 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="crawl_bench_", dir=work_base()))
     workdir.mkdir(parents=True, exist_ok=True)
     meta = {**machine(), "args": {k: str(v) for k, v in vars(args).items()}}
-    say(f"machine: {meta['nproc']} CPUs, {meta['cpu']}; work dir {workdir}")
+    say(f"machine: {meta['nproc']} CPUs, {meta['cpu']}, {meta['pillow']}; work dir {workdir}")
     meta["file_create_ms"] = create_cost_ms(workdir)
     say(f"file system: creating a 1 kB file in the work dir costs {meta['file_create_ms']:.3f} "
         "CPU ms")  # fmt: skip

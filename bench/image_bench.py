@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -129,6 +129,7 @@ def main() -> None:
     mix = build_mix(args.count, args.seed)
     total_mb = sum(len(d) for _, d in mix) / 1e6
     print(f"mix: {len(mix)} images, {total_mb:.1f} MB, built in {time.perf_counter() - t:.1f} s")
+    print(f"Pillow {Image.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')})")
     counts: dict[str, int] = defaultdict(int)
     for label, _ in mix:
         counts[label] += 1
