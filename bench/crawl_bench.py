@@ -77,10 +77,10 @@ from _procs import (  # noqa: E402
     reap_orphans,
 )
 
+from crawler import config as cconfig  # noqa: E402
 from crawler import images as cimages  # noqa: E402
 from crawler import status as cstatus  # noqa: E402
 from crawler import testweb  # noqa: E402
-from crawler.config import WorkerConfig  # noqa: E402
 from crawler.keys import Keys  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -630,11 +630,17 @@ class Bare:
     failed: int
 
 
-def _bare_per_spec(pool_bytes: list[bytes], reps: int) -> tuple[list[float], list[str]]:
+# `init_worker`'s arguments, as the crawler's image processes start under the benchmark's
+# configuration (settings and heap included: the same code path).
+ImageStart = tuple[cimages.ImageSettings, int]
+
+
+def _bare_per_spec(
+    pool_bytes: list[bytes], reps: int, start: ImageStart
+) -> tuple[list[float], list[str]]:
     """Median CPU seconds of process_image per spec, and each spec's outcome."""
-    settings = cimages.ImageSettings()
-    # As the crawler's image processes start (the heap setting included: same code path).
-    cimages.init_worker(settings, WorkerConfig().image_process_heap_mb)
+    settings = start[0]
+    cimages.init_worker(*start)
     per: list[float] = []
     outcomes: list[str] = []
     for data in pool_bytes:
@@ -649,8 +655,8 @@ def _bare_per_spec(pool_bytes: list[bytes], reps: int) -> tuple[list[float], lis
     return per, outcomes
 
 
-def _bare_child(conn: Any, pool_bytes: list[bytes], reps: int) -> None:
-    conn.send(_bare_per_spec(pool_bytes, reps)[0])
+def _bare_child(conn: Any, pool_bytes: list[bytes], reps: int, start: ImageStart) -> None:
+    conn.send(_bare_per_spec(pool_bytes, reps, start)[0])
     conn.close()
 
 
@@ -660,16 +666,18 @@ def _weighted_ms(per: list[float], spec_of: list[int]) -> float:
 
 
 def measure_bare(
-    pool_bytes: list[bytes], spec_of: list[int], reps: int, processes: int
+    pool_bytes: list[bytes], spec_of: list[int], reps: int, processes: int, start: ImageStart
 ) -> tuple[float, float | None, list[str]]:
     """One measurement: (alone ms, at-once ms or None, outcomes per spec)."""
-    per, outcomes = _bare_per_spec(pool_bytes, reps)
+    per, outcomes = _bare_per_spec(pool_bytes, reps, start)
     alone = _weighted_ms(per, spec_of)
     if processes < 2:
         return alone, None, outcomes
     ctx = multiprocessing.get_context("fork")  # the children share pool_bytes, not a copy
     links = [ctx.Pipe(duplex=False) for _ in range(processes)]
-    procs = [ctx.Process(target=_bare_child, args=(send, pool_bytes, reps)) for _, send in links]
+    procs = [
+        ctx.Process(target=_bare_child, args=(send, pool_bytes, reps, start)) for _, send in links
+    ]
     for proc in procs:
         proc.start()
     results = [recv.recv() for recv, _ in links]
@@ -683,7 +691,8 @@ def bare_sample(
 ) -> tuple[float, float | None, list[str]]:
     then = f", then in {args.bare_processes} processes at once" if args.bare_processes > 1 else ""
     say(f"bare ({when} the crawler's run): process_image on the pool bytes, alone{then}")
-    sample = measure_bare(pool_bytes, spec_of, args.bare_reps, args.bare_processes)
+    start = cimages.init_args(cconfig.load(None, environ={}, overrides=args.crawler_set))
+    sample = measure_bare(pool_bytes, spec_of, args.bare_reps, args.bare_processes, start)
     at_once = "" if sample[1] is None else f", {sample[1]:.2f} at once"
     say(f"bare: {sample[0]:.2f} CPU ms/image alone{at_once} (URL-weighted)")
     return sample
@@ -830,15 +839,8 @@ def machine() -> dict[str, Any]:
                 break
     return {
         "nproc": os.cpu_count(), "cpu": model, "python": sys.version.split()[0],
-        "pillow": pillow_version(),
+        "pillow": cimages.library_versions(),
     }  # fmt: skip
-
-
-def pillow_version() -> str:
-    """Pillow's version and its JPEG library's (a pillow-simd build says so in its version)."""
-    from PIL import Image, features
-
-    return f"Pillow {Image.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')})"
 
 
 # ---------------------------------------------------------------------------------------------

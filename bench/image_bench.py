@@ -22,13 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, features
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crawler.images import ImageSettings, init_worker, process_image, target_size
+from crawler.config import Config
+from crawler.images import (
+    ImageSettings,
+    init_args,
+    init_worker,
+    library_versions,
+    process_image,
+    target_size,
+)
 
-SETTINGS = ImageSettings()
+SETTINGS, HEAP_MB = init_args(Config())  # as a crawl's image processes start
 ASPECTS = [(4, 3), (3, 2), (1, 1), (16, 9), (3, 4), (2, 3), (21, 9)]
 
 
@@ -124,12 +132,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="pyinstrument process_image")
     args = parser.parse_args()
 
-    init_worker(SETTINGS)
+    init_worker(SETTINGS, HEAP_MB)
     t = time.perf_counter()
     mix = build_mix(args.count, args.seed)
     total_mb = sum(len(d) for _, d in mix) / 1e6
     print(f"mix: {len(mix)} images, {total_mb:.1f} MB, built in {time.perf_counter() - t:.1f} s")
-    print(f"Pillow {Image.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')})")
+    print(library_versions())
     counts: dict[str, int] = defaultdict(int)
     for label, _ in mix:
         counts[label] += 1

@@ -61,12 +61,16 @@ import zlib
 from dataclasses import dataclass
 
 import magic
-from PIL import Image, ImageFile, UnidentifiedImageError
+import PIL
+from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-from crawler.config import RESAMPLE_FILTERS
+from crawler.config import RESAMPLE_FILTERS, Config
 from crawler.heap import keep_freed_memory
 
-__all__ = ["ImageResult", "ImageSettings", "init_worker", "process_image", "target_size"]
+__all__ = [
+    "ImageResult", "ImageSettings", "init_args", "init_worker", "library_versions",
+    "process_image", "settings_from", "target_size",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +183,27 @@ def _get_magic() -> magic.Magic:
     if _magic is None:
         _magic = magic.Magic(mime=True)
     return _magic
+
+
+def settings_from(cfg: Config) -> ImageSettings:
+    return ImageSettings(
+        max_side=cfg.images.max_side,
+        max_pixels=cfg.images.max_pixels,
+        jpeg_quality=cfg.images.jpeg_quality,
+        webp_quality=cfg.images.webp_quality,
+        resample=cfg.images.resample,
+    )
+
+
+def init_args(cfg: Config) -> tuple[ImageSettings, int]:
+    """`init_worker`'s arguments under `cfg`: how every image process of a crawl starts (and
+    the benchmarks' bare cost, so that it runs the same code path)."""
+    return settings_from(cfg), cfg.worker.image_process_heap_mb
+
+
+def library_versions() -> str:
+    """Pillow's version and its JPEG library's (a pillow-simd build says so in its version)."""
+    return f"Pillow {PIL.__version__} (libjpeg-turbo {features.version('libjpeg_turbo')})"
 
 
 def init_worker(settings: ImageSettings, keep_heap_mb: int = 0) -> None:

@@ -71,16 +71,6 @@ class WorkerStats:
         self.bytes += nbytes
 
 
-def image_settings(cfg: Config) -> images.ImageSettings:
-    return images.ImageSettings(
-        max_side=cfg.images.max_side,
-        max_pixels=cfg.images.max_pixels,
-        jpeg_quality=cfg.images.jpeg_quality,
-        webp_quality=cfg.images.webp_quality,
-        resample=cfg.images.resample,
-    )
-
-
 def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
     container started with --cpus=2 on a 64-core host gets 2)."""
@@ -109,12 +99,12 @@ def make_pool(cfg: Config) -> ImagePool:
     cpus: list[int] = []
     if cfg.worker.pin_image_processes and hasattr(os, "sched_getaffinity"):
         cpus = pinned_cpus(size, os.sched_getaffinity(0), usable)
-    # The fork server imports Pillow, libmagic and numpy once; every image process forked from
-    # it starts with them loaded instead of importing them itself.
+    # The fork server imports Pillow and libmagic once; every image process forked from it
+    # starts with them loaded instead of importing them itself.
     return ImagePool(
         size,
         initializer=images.init_worker,
-        initargs=(image_settings(cfg), cfg.worker.image_process_heap_mb),
+        initargs=images.init_args(cfg),
         preload=["crawler.store"],
         cpus=cpus,
     )
@@ -127,7 +117,7 @@ class Worker:
         self.keys = Keys(cfg.redis.namespace)
         self.stats = WorkerStats()
         self.store = Store(cfg.output_dir)
-        self.settings = image_settings(cfg)
+        self.settings = images.settings_from(cfg)
         self.metrics = Metrics()
         self.failed_hosts: dict[str, int] = {}
         self.held: dict[str, Item] = {}

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from crawler.config import load as load_config
 from crawler.images import (
     ImageResult,
     ImageSettings,
+    init_args,
     init_worker,
     process_image,
     target_size,
@@ -642,3 +644,13 @@ def test_animation_too_big_to_validate_frame_by_frame_is_stored_as_first_frame_s
     assert not result.keep_original and result.frames == 3
     assert getattr(out, "n_frames", 1) == 1
     assert (result.width, result.height) == (320, 240)
+
+
+def test_image_processes_start_from_the_crawl_configuration() -> None:
+    cfg = load_config(
+        None,
+        environ={},
+        overrides=["images.max_side=512", "images.resample=box", "worker.image_process_heap_mb=0"],
+    )
+    assert init_args(cfg) == (ImageSettings(max_side=512, resample="box"), 0)
+    assert init_args(load_config(None, environ={}))[1] == 256
