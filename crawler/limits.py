@@ -42,7 +42,6 @@ class HostState:
     throttled: int = 0  # times a request had to wait for this host
     finished: deque[float] = field(default_factory=lambda: deque(maxlen=32))  # release times
 
-
     def served_rate(self) -> float | None:
         """Requests per second this host's recent requests finished at (None: too few)."""
         if len(self.finished) < 2:
