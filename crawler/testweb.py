@@ -93,6 +93,7 @@ from PIL import Image, ImageChops, ImageOps
 
 __all__ = [
     "FAULT_KINDS",
+    "fault_path",
     "Arrival",
     "ImageSpec",
     "ImageWeb",
@@ -1158,7 +1159,9 @@ async def _cancel_others() -> None:
     await asyncio.gather(*others, return_exceptions=True)
 
 
-def _fault_path(kind: str, rng: random.Random, name: str, other_base: str) -> str:
+def fault_path(kind: str, rng: random.Random, name: str, other_base: str) -> str:
+    """The path of a ``kind`` fault (see :data:`FAULT_KINDS`) named ``name``; ``other_base`` is
+    the host a cross-host redirect leads to."""
     w, h = rng.choice([(320, 240), (480, 360), (640, 480), (500, 500)])
     img_tail = f"{w}x{h}/{name}.jpg"
     simple = {
@@ -1347,7 +1350,7 @@ def make_docs(
             for kind, p in fault_rates.items():
                 if u < p:
                     other = bases[(host + 1) % len(bases)]
-                    path = _fault_path(kind, rng, name, other)
+                    path = fault_path(kind, rng, name, other)
                     break
                 u -= p
             if path is None:
