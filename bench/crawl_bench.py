@@ -142,12 +142,12 @@ def start_web(
     name: str, args: argparse.Namespace, first_host: int, log_path: Path | None = None
 ) -> Web:
     extra = ["--seed", str(args.seed)]
-    if name in ("realistic", "faulty"):
-        extra += [
-            "--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5",
-            "--slow-host-share", str(args.slow_share), "--slow-mode", "trickle",
-            "--slow-bytes-per-s", str(args.slow_bps),
-        ]  # fmt: skip
+    latency = ["--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5"]
+    latency += ["--slow-host-share", str(args.slow_share)]
+    if name == "realistic":
+        extra += [*latency, "--slow-mode", "trickle", "--slow-bytes-per-s", str(args.slow_bps)]
+    if name == "faulty":  # slow hosts answer late (trickling bodies are one of its faults)
+        extra += [*latency, "--slow-mode", "delay", "--slow-delay-ms", str(args.slow_delay_ms)]
     log = os.environ.get("BENCH_WEB_LOG")
     if log_path is None and log:
         log_path = Path(f"{log}-{name}.jsonl")
@@ -1048,7 +1048,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--i2d-shards-per-process", type=int, default=4)
     p.add_argument("--latency-ms", type=float, default=150.0)
     p.add_argument("--slow-share", type=float, default=0.03)
-    p.add_argument("--slow-bps", type=int, default=50_000)
+    p.add_argument("--slow-bps", type=int, default=50_000, help="realistic web's slow hosts")
+    p.add_argument(
+        "--slow-delay-ms", type=float, default=2000.0, help="faulty web's slow hosts' delay"
+    )
     p.add_argument(
         "--profile",
         action="store_true",

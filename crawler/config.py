@@ -114,8 +114,12 @@ class FetchConfig:
     # Extra request headers, e.g. {"Accept" = "image/*"}.
     headers: dict[str, str] = field(default_factory=dict)
     connect_timeout_s: float = 10.0
-    # Hard deadline for one request, headers and body included (a trickling server ends here).
+    # Hard deadline for one attempt, headers and body of all its redirect hops included (a
+    # trickling server ends here).
     total_timeout_s: float = 30.0
+    # Within that ceiling an attempt gets 4x the slowest of its host's recent responses, but
+    # at least this (a host answering in 200 ms is not waited on for 30 s).
+    min_timeout_s: float = 3.0
     max_redirects: int = 5
     # Bodies larger than this are cut off and recorded as too_large.
     max_body_bytes: int = 20_000_000
@@ -249,6 +253,8 @@ class Config:
         _check(self.fetch.max_attempts >= 1, "fetch.max_attempts must be at least 1")
         _check(self.fetch.max_redirects >= 0, "fetch.max_redirects must not be negative")
         _check(self.fetch.max_body_bytes > 0, "fetch.max_body_bytes must be positive")
+        _check(self.fetch.total_timeout_s > 0, "fetch.total_timeout_s must be positive")
+        _check(self.fetch.min_timeout_s > 0, "fetch.min_timeout_s must be positive")
         _check(self.limits.host_concurrency >= 1, "limits.host_concurrency must be at least 1")
         _check(self.limits.host_rate >= 0, "limits.host_rate must not be negative")
         _check(self.limits.local_host_rate >= 0, "limits.local_host_rate must not be negative")

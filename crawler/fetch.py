@@ -25,6 +25,7 @@ from yarl import URL
 
 from crawler import status
 from crawler.config import FetchConfig
+from crawler.deadlines import ResponseTimes
 
 
 class BlockedAddress(OSError):
@@ -228,6 +229,7 @@ class Fetcher:
         self.cfg = cfg
         self.session = session
         self._slots = Slots(max_connections)
+        self.times = ResponseTimes(cfg.min_timeout_s, cfg.total_timeout_s)
 
     async def fetch(self, url: str, hops: Hops | None = None) -> FetchResult:
         """Fetch `url`, following redirects on the same host. A redirect to another host ends
@@ -238,9 +240,21 @@ class Fetcher:
     async def _fetch(self, url: str, hops: Hops) -> FetchResult:
         progress = _Progress()
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        judge: _Judge | None = None
         try:
-            async with asyncio.timeout(max(0.0, self.cfg.total_timeout_s - hops.spent_s)):
-                return await self._follow(URL(url, encoded=False), progress, hops)
+            target = URL(url, encoded=False)
+            host = target.host or ""
+            budget = self.cfg.total_timeout_s - hops.spent_s
+            adaptive = self.times.deadline_s(host)
+            limit = budget if adaptive is None else min(budget, adaptive - hops.spent_s)
+            if limit < budget:
+                progress.deadline_s = adaptive
+            async with asyncio.timeout(max(0.0, limit)) as deadline:
+                if adaptive is None:  # nothing heard yet: judged again once something is
+                    begun = loop.time() - hops.spent_s
+                    judge = _Judge(self.times, deadline, host, begun, progress)
+                return await self._follow(target, progress, hops)
         except TimeoutError:
             error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
             return FetchResult(status.TIMEOUT, error=error, transient=True)
@@ -263,12 +277,15 @@ class Fetcher:
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
         finally:
             hops.spent_s += time.monotonic() - started
+            if judge is not None:
+                judge.cancel()
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
         while hops.count <= self.cfg.max_redirects:
             self._check_literal(url)
             hops.seen.add(str(url))
             progress.headers = False
+            sent = time.monotonic()
             async with self.session.get(url, allow_redirects=False) as resp:
                 progress.headers = True
                 if resp.status in (301, 302, 303, 307, 308):
@@ -287,11 +304,14 @@ class Fetcher:
                             status.TOO_MANY_REDIRECTS, resp.status, f"redirect loop at {nxt}"
                         )
                     hops.count += 1
+                    self.times.observe(url.host or "", time.monotonic() - sent)
                     if nxt.host != url.host and hops.count <= self.cfg.max_redirects:
                         return FetchResult(OTHER_HOST, resp.status, final_url=str(nxt), hops=hops)
                     url = nxt
                     continue
-                return await self._response(resp, url, progress)
+                result = await self._response(resp, url, progress)
+                self.times.observe(url.host or "", time.monotonic() - sent)
+                return result
         return FetchResult(
             status.TOO_MANY_REDIRECTS,
             error=f"more than {self.cfg.max_redirects} redirects",
@@ -342,21 +362,57 @@ class Fetcher:
         return FetchResult(status.OK, code, body=body, final_url=str(url))
 
 
+class _Judge:
+    """While nothing has been heard from any host, an attempt runs under the ceiling; this
+    brings its deadline forward as soon as response times are known (checked every
+    `times.floor_s`). `begun`: the loop time the attempt started at."""
+
+    __slots__ = ("begun", "deadline", "handle", "host", "progress", "times")
+
+    def __init__(
+        self,
+        times: ResponseTimes,
+        deadline: asyncio.Timeout,
+        host: str,
+        begun: float,
+        progress: _Progress,
+    ) -> None:
+        self.times, self.deadline, self.host = times, deadline, host
+        self.begun, self.progress = begun, progress
+        self.handle = asyncio.get_running_loop().call_later(times.floor_s, self._judge)
+
+    def _judge(self) -> None:
+        loop = asyncio.get_running_loop()
+        adaptive = self.times.deadline_s(self.host)
+        if adaptive is None:
+            self.handle = loop.call_later(self.times.floor_s, self._judge)
+            return
+        when = self.deadline.when()
+        if when is None or self.begun + adaptive < when:
+            self.progress.deadline_s = adaptive
+            self.deadline.reschedule(max(loop.time(), self.begun + adaptive))
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
 class _Progress:
     """How far a request got: what a deadline error reports."""
 
-    __slots__ = ("body_bytes", "headers")
+    __slots__ = ("body_bytes", "deadline_s", "headers")
 
     def __init__(self) -> None:
         self.headers = False
         self.body_bytes = 0
+        self.deadline_s: float | None = None  # the host's adaptive deadline, when it applied
 
     def describe(self, request_number: int) -> str:
         """`request_number`: 1 for the item's URL, 2 after the first redirect, ..."""
         hop = f" (hop {request_number})" if request_number > 1 else ""
+        within = "" if self.deadline_s is None else f"; {self.deadline_s:.1f} s for this host"
         if not self.headers:
-            return f"no response headers{hop}"
-        return f"{self.body_bytes} body bytes read{hop}"
+            return f"no response headers{hop}{within}"
+        return f"{self.body_bytes} body bytes read{hop}{within}"
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, cap: int, progress: _Progress) -> bytes | None:

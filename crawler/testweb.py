@@ -93,7 +93,6 @@ from PIL import Image, ImageChops, ImageOps
 
 __all__ = [
     "FAULT_KINDS",
-    "fault_path",
     "Arrival",
     "ImageSpec",
     "ImageWeb",
@@ -102,6 +101,7 @@ __all__ = [
     "WebProcess",
     "check_concurrency",
     "check_rate",
+    "fault_path",
     "make_docs",
     "max_concurrency",
     "min_interval",
