@@ -66,9 +66,6 @@ class IngestConfig:
     max_shard_bytes: int = 1 << 30
     # A line (document) longer than this (bytes) is skipped and counted: line_too_long.
     max_line_bytes: int = 16 << 20
-    # Leave out documents flagged `could_have_url_duplicate` (another snapshot of the same
-    # page may be in the corpus); they are counted in the shard summary either way.
-    skip_url_duplicates: bool = False
     # `enqueue`: seconds to keep reconnecting to an unreachable Redis before giving up
     # (exit code 3). 0: keep trying.
     redis_wait_s: float = 300.0

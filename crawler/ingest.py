@@ -410,7 +410,7 @@ class IngestStats:
     bad_entries: int = 0
     duplicate_names: int = 0
     flagged_duplicates: int = 0  # documents flagged could_have_url_duplicate
-    skipped_duplicates: int = 0  # of those, left out (ingest.skip_url_duplicates)
+    skipped_duplicates: int = 0  # of those, left out (corpus.skip_url_duplicates)
     unreadable: list[str] = field(default_factory=list)  # "<shard>: why", one per shard
     stopped: bool = False  # a stop was requested before every shard was handled
 
@@ -510,7 +510,7 @@ class Ingest:
         seen: set[str] = set()
         batch = Batch(source.shard)
         line_no = 0
-        skip_flagged = self.cfg.ingest.skip_url_duplicates
+        skip_flagged = self.cfg.corpus.skip_url_duplicates
         ing = self.cfg.ingest
         lines = read_lines(path, ing.max_line_bytes, ing.max_shard_bytes)
         unreadable: ShardUnreadable | None = None
