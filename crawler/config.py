@@ -196,7 +196,8 @@ class MetricsConfig:
 @dataclass
 class CorpusConfig:
     # Leave out documents flagged `could_have_url_duplicate` (about 3 % of MMC4: another
-    # snapshot of the same page may be in the corpus). Applies to the dataset API and export.
+    # snapshot of the same page may be in the corpus). Applies to the crawl (ingest), the
+    # dataset API and export; shard summaries count flagged documents either way.
     skip_url_duplicates: bool = False
 
 
