@@ -60,6 +60,15 @@ class IngestConfig:
     backpressure_poll_s: float = 0.5
     # Timeout for downloading one remote shard.
     download_timeout_s: float = 600.0
+    # A remote shard larger than this (bytes, as downloaded) is refused: download_too_large.
+    max_download_bytes: int = 1 << 30
+    # A shard that decompresses to more than this (bytes) ends there: shard_too_large.
+    max_shard_bytes: int = 1 << 30
+    # A line (document) longer than this (bytes) is skipped and counted: line_too_long.
+    max_line_bytes: int = 16 << 20
+    # `enqueue`: seconds to keep reconnecting to an unreachable Redis before giving up
+    # (exit code 3). 0: keep trying.
+    redis_wait_s: float = 300.0
 
 
 @dataclass
@@ -187,7 +196,8 @@ class MetricsConfig:
 @dataclass
 class CorpusConfig:
     # Leave out documents flagged `could_have_url_duplicate` (about 3 % of MMC4: another
-    # snapshot of the same page may be in the corpus). Applies to the dataset API and export.
+    # snapshot of the same page may be in the corpus). Applies to the crawl (ingest), the
+    # dataset API and export; shard summaries count flagged documents either way.
     skip_url_duplicates: bool = False
 
 
@@ -281,6 +291,10 @@ RANGES: dict[str, Range] = {
     "ingest.batch_size": Range(1, 100_000),
     "ingest.backpressure_poll_s": Range(0, 60, open_lo=True),
     "ingest.download_timeout_s": POSITIVE,
+    "ingest.max_download_bytes": AT_LEAST_1,
+    "ingest.max_shard_bytes": AT_LEAST_1,
+    "ingest.max_line_bytes": Range(1024),
+    "ingest.redis_wait_s": AT_LEAST_0,
     "queue.lease_timeout_s": Range(1),
     "queue.max_deliveries": AT_LEAST_1,
     "queue.read_batch": Range(1, 100_000),
