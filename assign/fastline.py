@@ -34,8 +34,6 @@ import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from assign.jv import MAX_DIM as JV_MAX_DIM
-from assign.jv import max_abs, small_assign_within
 from assign.solve import Solver, assign
 
 
@@ -110,16 +108,9 @@ def _unique_position(line: bytes, text: bytes) -> int:
 def solve_plain(doc: PlainDoc, solver: Solver) -> bool:
     """Set every image's ``matched_text_index`` and ``matched_sim`` as the reference does;
     False (and nothing changed) if a similarity is out of the fast path's range."""
-    sim = doc.sim
-    n_images, n_sentences = sim.shape
-    if solver == "lapjv" and n_images <= JV_MAX_DIM and n_sentences <= JV_MAX_DIM:
-        assignment = small_assign_within(sim, _LIMIT)  # the range check and jv_assign, in one
-        if assignment is None:
-            return False
-    else:
-        if not max_abs(sim) < _LIMIT:
-            return False
-        assignment = assign(sim, solver)
+    if not np.abs(doc.sim).max() < _LIMIT:
+        return False
+    assignment = assign(doc.sim, solver)
     for entry, row, index in zip(doc.images, doc.rows, assignment, strict=True):
         entry["matched_text_index"] = index
         entry["matched_sim"] = row[index]
@@ -133,14 +124,9 @@ def plain_pieces(doc: PlainDoc) -> tuple[memoryview, bytes, memoryview, bytes]:
     return line[: doc.start], _ENCODE(doc.images), line[doc.end :], newline
 
 
-def dump_plain(doc: PlainDoc) -> bytes:
-    """The line with its new ``image_info`` text, ending with a newline."""
-    return b"".join(plain_pieces(doc))
-
-
 def rewrite_plain(line: bytes, solver: Solver) -> tuple[bytes, int] | None:
     """The rewritten line and its number of images, or None: use the general path."""
     doc = parse_plain(line)
     if doc is None or not solve_plain(doc, solver):
         return None
-    return dump_plain(doc), len(doc.images)
+    return b"".join(plain_pieces(doc)), len(doc.images)
