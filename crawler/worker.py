@@ -305,13 +305,15 @@ class Worker:
 
     async def _take(self, items: list[Item]) -> None:
         backlog = self.cfg.limits.host_backlog
-        deferred: list[Item] = []
+        deferred: dict[str, list[Item]] = {}
         taken: list[tuple[Item, str]] = []
+        batch: dict[str, int] = {}  # items of each host taken from this batch (not yet waiting)
         for item in items:
             host = URL(item.url).host or ""
-            if self.gate.backlog(host) >= backlog:
-                deferred.append(item)
+            if self.gate.backlog(host) + batch.get(host, 0) >= backlog:
+                deferred.setdefault(host, []).append(item)
                 continue
+            batch[host] = batch.get(host, 0) + 1
             self.held[item.id] = item
             taken.append((item, host))
         # Which of these a previous run already stored: one thread hop per batch, none once
@@ -325,11 +327,10 @@ class Worker:
             task = asyncio.create_task(self._process(item, host, stored))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if deferred:
-            rate = self.cfg.limits.local_host_rate or self.cfg.limits.host_rate or 1.0
-            await self.queue.defer(deferred, max(5.0, backlog / rate / 2))
-            self.stats.deferred += len(deferred)
-            self.metrics.deferred.inc(len(deferred))
+        for host, held_back in deferred.items():
+            await self.queue.defer(held_back, self.gate.deferral_s(host))
+            self.stats.deferred += len(held_back)
+            self.metrics.deferred.inc(len(held_back))
 
     # ---- one item --------------------------------------------------------------------
     async def _process(self, item: Item, host: str, on_disk: bool) -> None:
