@@ -500,6 +500,32 @@ def demo(state: State, port: int, out: str) -> None:
     sys.exit(run_demo(cfg, state.argv(), port=port, output=out))
 
 
+class _AssignCommands(click.Group):
+    """The commands of `assign.cli` (installed as `mmc4-assign` too), imported when used: the
+    crawler's own commands do not load numpy, lapjv and msgspec."""
+
+    def _group(self) -> click.Group:
+        from assign.cli import main as assign_main
+
+        return assign_main
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._group().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._group().get_command(ctx, cmd_name)
+
+
+main.add_command(
+    _AssignCommands(
+        "assign",
+        help="Recompute MMC4 image-to-sentence assignments as the reference does (lapjv): "
+        "`assign shard` rewrites shard files, `assign worker` every shard the crawl announces. "
+        "`mmc4-assign` is the same.",
+    )
+)
+
+
 def _guard(cfg: Config) -> None:
     """Find the crawl's Redis: redis.url, else the private Redis of a `run` that is running
     with the same paths.data_dir."""
