@@ -15,6 +15,7 @@ import email.utils
 import ipaddress
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +71,12 @@ OTHER_HOST = "redirect_to_other_host"
 
 @dataclass(slots=True)
 class Hops:
-    """Redirects followed so far for one item, across hosts (loop detection, the cap)."""
+    """Redirects followed so far in one attempt, across hosts: loop detection, the cap, and
+    the time the attempt's requests have taken (one deadline covers all its hops)."""
 
     seen: set[str] = field(default_factory=set)
     count: int = 0
+    spent_s: float = 0.0  # time spent in requests (not in waiting for a host or a slot)
 
 
 @dataclass(slots=True)
@@ -235,8 +238,9 @@ class Fetcher:
 
     async def _fetch(self, url: str, hops: Hops) -> FetchResult:
         progress = _Progress()
+        started = time.monotonic()
         try:
-            async with asyncio.timeout(self.cfg.total_timeout_s):
+            async with asyncio.timeout(max(0.0, self.cfg.total_timeout_s - hops.spent_s)):
                 return await self._follow(URL(url, encoded=False), progress, hops)
         except TimeoutError:
             error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
@@ -258,6 +262,8 @@ class Fetcher:
         except (aiohttp.ClientError, OSError) as exc:
             text = str(exc) or type(exc).__name__
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
+        finally:
+            hops.spent_s += time.monotonic() - started
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
         while hops.count <= self.cfg.max_redirects:
@@ -291,6 +297,30 @@ class Fetcher:
             status.TOO_MANY_REDIRECTS,
             error=f"more than {self.cfg.max_redirects} redirects",
         )
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET `url` for a caller that reads the body itself (a shard download): redirects,
+        to any host, are followed with the same address checks on every hop as `fetch`.
+        Yields the final response, whatever its status. Raises BlockedAddress, ValueError
+        (a bad redirect) or aiohttp's errors."""
+        target = URL(url, encoded=False)
+        seen: set[str] = set()
+        for _hop in range(self.cfg.max_redirects + 1):
+            self._check_literal(target)
+            seen.add(str(target))
+            async with self.session.get(target, allow_redirects=False) as resp:
+                location = resp.headers.get("Location")
+                if resp.status not in (301, 302, 303, 307, 308) or not location:
+                    yield resp
+                    return
+                nxt = target.join(URL(location))
+            if nxt.scheme not in ("http", "https"):
+                raise ValueError(f"redirect to {nxt}")
+            if str(nxt) in seen:
+                raise ValueError(f"redirect loop at {nxt}")
+            target = nxt
+        raise ValueError(f"more than {self.cfg.max_redirects} redirects")
 
     def _check_literal(self, url: URL) -> None:
         host = url.host or ""
