@@ -8,6 +8,7 @@ Precedence, lowest to highest: the dataclass defaults (mirrored and documented i
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -131,7 +132,10 @@ class FetchConfig:
     opt_out_agents: list[str] = field(
         default_factory=lambda: ["googlebot-image", "googlebot", "mmc4-crawler"]
     )
-    # Allow loopback/private/link-local destinations (tests and the local demo only).
+    # Networks reachable although not public, e.g. ["127.0.0.0/8"] for a loopback test web
+    # or ["10.1.2.0/24"] for an internal mirror (everything else non-public stays refused).
+    allow_networks: list[str] = field(default_factory=list)
+    # Allow every destination, loopback/private/link-local included (tests and demo only).
     allow_private_addresses: bool = False
     dns_cache_ttl_s: int = 300
 
@@ -223,6 +227,8 @@ class Config:
         _check(self.fetch.max_attempts >= 1, "fetch.max_attempts must be at least 1")
         _check(self.fetch.max_redirects >= 0, "fetch.max_redirects must not be negative")
         _check(self.fetch.max_body_bytes > 0, "fetch.max_body_bytes must be positive")
+        for net in self.fetch.allow_networks:
+            _check(_is_network(net), f"fetch.allow_networks: {net!r} is not a network")
         _check(self.limits.host_concurrency >= 1, "limits.host_concurrency must be at least 1")
         _check(self.limits.host_rate >= 0, "limits.host_rate must not be negative")
         _check(self.limits.local_host_rate >= 0, "limits.local_host_rate must not be negative")
@@ -235,6 +241,14 @@ class Config:
             not url or url.startswith(("redis://", "rediss://", "unix://")),
             f"redis.url must start with redis://, rediss:// or unix:// (got {url!r})",
         )
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(ok: bool, message: str) -> None:

@@ -12,56 +12,22 @@ import asyncio
 import collections
 import contextlib
 import email.utils
-import ipaddress
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from crawler import status
 from crawler.config import FetchConfig
-
-
-class BlockedAddress(OSError):
-    """The destination resolves only to addresses the crawl may not reach."""
-
-
-def is_public_address(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not addr.is_multicast
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves names, then drops non-public addresses unless they are allowed."""
-
-    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
-        self.allow_private = allow_private
-        self.inner = inner or DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        infos = await self.inner.resolve(host, port, family)
-        if self.allow_private:
-            return infos
-        public = [i for i in infos if is_public_address(i["host"])]
-        if not public:
-            raise BlockedAddress(f"{host} resolves only to non-public addresses")
-        return public
-
-    async def close(self) -> None:
-        await self.inner.close()
-
+from crawler.guard import (
+    AddressPolicy,
+    BlockedAddress,
+    GuardedResolver,
+    check_parsed,
+    guarded_socket,
+)
 
 # Not a terminal status: the response redirects to another host (`final_url`), whose own
 # limits the caller must respect before calling `fetch` again with the result's `hops`.
@@ -133,12 +99,15 @@ _READ_BUFFER = 1 << 18
 
 
 def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSession:
+    policy = AddressPolicy.of(cfg)
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,  # per-host limits are the HostGate's job
         ttl_dns_cache=cfg.dns_cache_ttl_s,
         use_dns_cache=True,
-        resolver=GuardedResolver(cfg.allow_private_addresses),
+        resolver=GuardedResolver(policy),
+        # The last word on every connection: the address the socket is made for.
+        socket_factory=guarded_socket(policy),
         enable_cleanup_closed=True,
     )
     timeout = aiohttp.ClientTimeout(
@@ -225,6 +194,7 @@ class Fetcher:
     ) -> None:
         self.cfg = cfg
         self.session = session
+        self.policy = AddressPolicy.of(cfg)
         self._slots = Slots(max_connections)
 
     async def fetch(self, url: str, hops: Hops | None = None) -> FetchResult:
@@ -261,7 +231,9 @@ class Fetcher:
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
         while hops.count <= self.cfg.max_redirects:
-            self._check_literal(url)
+            refused = check_parsed(url, self.policy)
+            if refused is not None:
+                return FetchResult(refused[0], error=refused[1], final_url=str(url))
             hops.seen.add(str(url))
             progress.headers = False
             async with self.session.get(url, allow_redirects=False) as resp:
@@ -275,8 +247,10 @@ class Fetcher:
                             error="redirect without Location",
                         )
                     nxt = url.join(URL(location))
-                    if nxt.scheme not in ("http", "https"):
-                        return FetchResult(status.BAD_URL, resp.status, f"redirect to {nxt}")
+                    refused = check_parsed(nxt, self.policy)
+                    if refused is not None:
+                        why = f"redirect to {nxt}: {refused[1]}"
+                        return FetchResult(refused[0], resp.status, why, final_url=str(nxt))
                     if str(nxt) in hops.seen:
                         return FetchResult(
                             status.TOO_MANY_REDIRECTS, resp.status, f"redirect loop at {nxt}"
@@ -291,17 +265,6 @@ class Fetcher:
             status.TOO_MANY_REDIRECTS,
             error=f"more than {self.cfg.max_redirects} redirects",
         )
-
-    def _check_literal(self, url: URL) -> None:
-        host = url.host or ""
-        if self.cfg.allow_private_addresses or not host:
-            return
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return  # a name: the resolver checks what it resolves to
-        if not is_public_address(host.strip("[]")):
-            raise BlockedAddress(f"{host} is not a public address")
 
     async def _response(
         self, resp: aiohttp.ClientResponse, url: URL, progress: _Progress

@@ -28,11 +28,11 @@ import braceexpand
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from yarl import URL
 
 from crawler import status
 from crawler.config import Config
 from crawler.connection import retrying
+from crawler.guard import CLOSED, AddressPolicy, check_url
 from crawler.keys import Keys
 from crawler.queue import WorkQueue, encode_result
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".jsonl.gz", ".jsonl.zip", ".jsonl", ".json.gz", ".json")
 MAX_NAME_BYTES = 255
-MAX_URL_CHARS = 4096
 
 
 class ShardMissing(Exception):
@@ -97,7 +96,6 @@ def check_shard_id(shard: str) -> str | None:
 # Searched in C: a generator over every character of every name and URL was a third of
 # ingest's CPU (cProfile).
 _NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_URL_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def check_image_name(name: Any) -> str | None:
@@ -117,32 +115,13 @@ def check_image_name(name: Any) -> str | None:
     return None
 
 
-def check_url(url: Any) -> str | None:
-    """Why a raw_url cannot be fetched, or None."""
-    if not isinstance(url, str) or not url:
-        return f"raw_url is not a non-empty string: {url!r}"
-    if len(url) > MAX_URL_CHARS:
-        return "raw_url is longer than 4096 characters"
-    if _URL_CONTROL.search(url):
-        return "raw_url contains a control character"
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError) as exc:
-        return f"raw_url does not parse: {exc}"
-    if parsed.scheme not in ("http", "https"):
-        return f"raw_url scheme {parsed.scheme!r} is not http or https"
-    if not parsed.host:
-        return "raw_url has no host"
-    return None
-
-
 @dataclass
 class Entry:
     """One image of a document: a work item, or a record of why it cannot be one."""
 
     name: str
     url: str
-    problem_status: str = ""  # bad_url / bad_name: recorded at ingest, never fetched
+    problem_status: str = ""  # bad_url, bad_name, blocked_address: recorded at ingest
     problem: str = ""
 
 
@@ -153,8 +132,9 @@ class LineResult:
     skipped_entries: int = 0  # image_info entries without a usable name
 
 
-def parse_line(line: bytes) -> LineResult:
-    """Parse one shard line into image entries; never raises."""
+def parse_line(line: bytes, policy: AddressPolicy = CLOSED) -> LineResult:
+    """Parse one shard line into image entries; never raises. URLs are judged by
+    `guard.check_url` under the crawl's address `policy`."""
     try:
         doc = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -178,9 +158,9 @@ def parse_line(line: bytes) -> LineResult:
         if name_problem:
             result.entries.append(Entry(name, url_s, status.BAD_NAME, name_problem))
             continue
-        url_problem = check_url(url)
+        url_problem = check_url(url, policy)
         if url_problem:
-            result.entries.append(Entry(name, url_s, status.BAD_URL, url_problem))
+            result.entries.append(Entry(name, url_s, *url_problem))
             continue
         result.entries.append(Entry(name, url_s))
     return result
@@ -340,8 +320,9 @@ class Ingest:
         seen: set[str] = set()
         batch = Batch(source.shard)
         line_no = 0
+        policy = AddressPolicy.of(self.cfg.fetch)
         for line_no, line in enumerate(_open_lines(path), start=1):
-            parsed = parse_line(line)
+            parsed = parse_line(line, policy)
             fresh = line_no > start_line
             if fresh:
                 self.stats.lines += 1
@@ -414,6 +395,7 @@ class Ingest:
             "bad_image_info": batch.skipped_entries,
             "bad_url": sum(1 for p in batch.problems if p[4] == status.BAD_URL),
             "bad_name": sum(1 for p in batch.problems if p[4] == status.BAD_NAME),
+            "blocked_address": sum(1 for p in batch.problems if p[4] == status.BLOCKED_ADDRESS),
         }
         for kind, n in errors.items():
             if n:
