@@ -17,6 +17,7 @@ import os
 import socket
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -26,6 +27,7 @@ from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure
 from crawler.config import Config
 from crawler.connection import connect
+from crawler.dataset.index import index_shard
 from crawler.keys import ASSIGN_GROUP, Keys
 from crawler.tasks import cancel_and_wait
 
@@ -158,6 +160,7 @@ class AssignWorker:
         self.current_shard = task.shard
         try:
             report = await asyncio.to_thread(process, task, self.settings)
+            await asyncio.to_thread(index_shard, Path(task.output), task.shard, Path(report.output))
         except Exception as exc:
             await self._failed(entry_id, task, exc)
             return

@@ -16,6 +16,7 @@ import orjson
 from crawler import config as config_mod
 from crawler import early, monitor, status
 from crawler.config import Config, ConfigError
+from crawler.exitcodes import ExitCode
 from crawler.keys import Keys
 
 T = TypeVar("T")
@@ -246,6 +247,59 @@ def serve(state: State, host: str, port: int) -> None:
             await client.aclose()
 
     _run(go())
+
+
+@main.command(name="serve-dataset")
+@click.option("--host", help="Address to listen on (dataset.host).")
+@click.option("--port", type=int, help="Port (dataset.port; 0: any free port).")
+@pass_state
+def serve_dataset(state: State, host: str | None, port: int | None) -> None:
+    """Serve the crawled corpus read-only from OUTPUT: the dataset API (/datasets/mmc4,
+    bearer tokens from dataset.token_hashes) and /openapi.json. No Redis needed; shards
+    appear as the crawl indexes them."""
+    from crawler.dataset.serve import serve
+
+    cfg = state.load()
+    sys.exit(_run(serve(cfg, host or cfg.dataset.host, cfg.dataset.port if port is None else port)))
+
+
+@main.command(name="dataset-token")
+def dataset_token() -> None:
+    """Print a new bearer token for the dataset API and the hash to put in
+    dataset.token_hashes (the server keeps only hashes)."""
+    from crawler.dataset.auth import new_token, token_hash
+
+    token = new_token()
+    click.echo(f"token: {token}")
+    click.echo(f"hash:  {token_hash(token)}")
+    click.echo("add the hash to dataset.token_hashes; give the token to its user", err=True)
+
+
+@main.command(name="dataset-index")
+@click.option("--shard", "only", multiple=True, help="Only these shards (repeatable).")
+@click.option("--force", is_flag=True, help="Rebuild indexes that are up to date.")
+@pass_state
+def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
+    """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
+    it as each shard's rewrite completes)."""
+    from crawler.dataset.index import index_shard, shard_files
+
+    cfg = state.load()
+    shards_dir = (
+        Path(cfg.assign.output) if cfg.assign.output else cfg.output_dir / status.SHARDS_DIR
+    )
+    done = failed = 0
+    for shard, path in shard_files(shards_dir):
+        if only and shard not in only:
+            continue
+        try:
+            index_shard(cfg.output_dir, shard, path, force=force)
+            done += 1
+        except (OSError, ValueError) as exc:
+            failed += 1
+            click.echo(f"{shard}: {exc}", err=True)
+    click.echo(f"{done} shards indexed, {failed} failed")
+    sys.exit(ExitCode.FAILURE if failed else ExitCode.OK)
 
 
 @main.command()

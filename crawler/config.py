@@ -189,6 +189,30 @@ class MetricsConfig:
 
 
 @dataclass
+class CorpusConfig:
+    # Leave out documents flagged `could_have_url_duplicate` (about 3 % of MMC4: another
+    # snapshot of the same page may be in the corpus). Applies to the dataset API and export.
+    skip_url_duplicates: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    # SHA-256 hashes ("sha256:<hex>") of the bearer tokens the dataset API accepts;
+    # `mmc4-crawl dataset-token` prints a new token and its hash. The server refuses to start
+    # without one.
+    token_hashes: list[str] = field(default_factory=list)
+    # Address and port of `mmc4-crawl serve-dataset`.
+    host: str = "127.0.0.1"
+    port: int = 8090
+    # Largest `limit` a page request may ask for.
+    max_limit: int = 1000
+    # Seconds between looks for newly indexed shards (a crawl adds them as shards complete).
+    refresh_s: float = 2.0
+    # Cache-Control max-age of stored images, in seconds.
+    image_max_age_s: int = 86400
+
+
+@dataclass
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -200,6 +224,8 @@ class Config:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     assign: AssignConfig = field(default_factory=AssignConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
 
     @property
     def output_dir(self) -> Path:
@@ -236,6 +262,10 @@ class Config:
         _check(self.redis.socket_timeout_s >= 2, "redis.socket_timeout_s must be at least 2")
         _check(self.ingest.max_queue_depth > 0, "ingest.max_queue_depth must be positive")
         _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
+        _check(self.dataset.max_limit >= 1, "dataset.max_limit must be at least 1")
+        _check(0 <= self.dataset.port <= 65535, "dataset.port must be in 0..65535")
+        _check(self.dataset.refresh_s > 0, "dataset.refresh_s must be positive")
+        _check(self.dataset.image_max_age_s >= 0, "dataset.image_max_age_s must not be negative")
         url = self.redis.url
         _check(
             not url or url.startswith(("redis://", "rediss://", "unix://")),

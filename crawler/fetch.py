@@ -36,10 +36,12 @@ OTHER_HOST = "redirect_to_other_host"
 
 @dataclass(slots=True)
 class Hops:
-    """Redirects followed so far for one item, across hosts (loop detection, the cap)."""
+    """Redirects followed so far in one attempt, across hosts: loop detection, the cap, and
+    the time the attempt's requests have taken (one deadline covers all its hops)."""
 
     seen: set[str] = field(default_factory=set)
     count: int = 0
+    spent_s: float = 0.0  # time spent in requests (not in waiting for a host or a slot)
 
 
 @dataclass(slots=True)
@@ -205,8 +207,9 @@ class Fetcher:
 
     async def _fetch(self, url: str, hops: Hops) -> FetchResult:
         progress = _Progress()
+        started = time.monotonic()
         try:
-            async with asyncio.timeout(self.cfg.total_timeout_s):
+            async with asyncio.timeout(max(0.0, self.cfg.total_timeout_s - hops.spent_s)):
                 return await self._follow(URL(url, encoded=False), progress, hops)
         except TimeoutError:
             error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
@@ -228,6 +231,8 @@ class Fetcher:
         except (aiohttp.ClientError, OSError) as exc:
             text = str(exc) or type(exc).__name__
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
+        finally:
+            hops.spent_s += time.monotonic() - started
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
         while hops.count <= self.cfg.max_redirects:

@@ -12,13 +12,18 @@ key                                type    holds
                                            time (ms) they may run again
 ``ns:errors``                      hash    stream id -> last error of an item that failed
                                            without a result (reason for its dead letter)
-``ns:dead``                        stream  dead letters: items delivered max_deliveries times
+``ns:dead``                        stream  dead letters {s, n, u, reason, t}: items
+                                           delivered max_deliveries times, poison entries,
+                                           results for images their shard does not have
 ``ns:shard:<shard>:meta``          hash    source, lines, docs, bad_lines, images, total
                                            (set when the shard is fully enqueued), done,
+                                           pending (images queued and not yet recorded),
                                            ingest_line (resume point)
-``ns:shard:<shard>:records``       hash    image_name -> terminal status record (JSON);
-                                           moved to OUTPUT/_status/<shard>.jsonl.gz when
-                                           the shard completes
+``ns:shard:<shard>:records``       hash    image_name -> terminal status record (JSON), or
+                                           "" while the image is queued (only these images
+                                           are the shard's); moved to
+                                           OUTPUT/_status/<shard>.jsonl.gz when the shard
+                                           completes
 ``ns:shards:open``                 set     shards with items in flight
 ``ns:shards:complete``             set     shards whose every image has a record, waiting
                                            for their report to be written

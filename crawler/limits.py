@@ -40,6 +40,28 @@ class HostState:
     timer: asyncio.TimerHandle | None = None
     last_used: float = 0.0
     throttled: int = 0  # times a request had to wait for this host
+    finished: deque[float] = field(default_factory=lambda: deque(maxlen=32))  # release times
+
+    def served_rate(self) -> float | None:
+        """Requests per second this host's recent requests finished at (None: too few)."""
+        if len(self.finished) < 2:
+            return None
+        span = self.finished[-1] - self.finished[0]
+        return (len(self.finished) - 1) / span if span > 0 else None
+
+
+DEFERRAL_MIN_S = 2.0
+DEFERRAL_MAX_S = 300.0
+
+
+def deferral_s(backlog: int, rate: float | None) -> float:
+    """Seconds a busy host's excess items stay deferred: half the time its `backlog` takes at
+    `rate` requests/s (the configured limit, or with limits off the rate its requests have been
+    finishing at), within [DEFERRAL_MIN_S, DEFERRAL_MAX_S]; the minimum when the rate is not
+    known yet."""
+    if not rate:
+        return DEFERRAL_MIN_S
+    return min(DEFERRAL_MAX_S, max(DEFERRAL_MIN_S, backlog / rate / 2))
 
 
 class HostGate:
@@ -96,6 +118,13 @@ class HostGate:
         st = self.hosts.get(host)
         return len(st.waiters) + st.active if st else 0
 
+    def deferral_s(self, host: str) -> float:
+        """How long to keep `host`'s excess items out of this worker: see `deferral_s`."""
+        rates = [r for r in (self.cfg.local_host_rate, self.cfg.host_rate) if r > 0]
+        st = self.hosts.get(host)
+        rate = min(rates) if rates else (st.served_rate() if st else None)
+        return deferral_s(self.backlog(host), rate)
+
     def penalize(self, host: str, delay_s: float) -> None:
         """Retry-After: no request to host for delay_s seconds, here and fleet-wide."""
         st = self.hosts.get(host)
@@ -138,6 +167,7 @@ class HostGate:
     def _release(self, st: HostState) -> None:
         st.active -= 1
         st.last_used = time.monotonic()
+        st.finished.append(st.last_used)
         self._pump(st)
 
     def _pump(self, st: HostState) -> None:

@@ -9,6 +9,7 @@ assignment worker.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import time
@@ -58,6 +59,7 @@ RECORD_FIELDS = (
 )
 
 STATUS_DIR = "_status"
+TMP_SUFFIX = ".tmp"  # of a report or summary being written: `.<name>.<pid>.tmp`
 SHARDS_DIR = "_shards"
 
 
@@ -118,12 +120,17 @@ def shard_is_reported(output: Path, shard: str) -> bool:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write data under a temporary name, fsync, rename: never a partial file at path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_report(

@@ -29,6 +29,7 @@ empty means a 64×64 JPEG named after the fault; image query options apply to it
     /fault/redirect/<n>[/<tail>]         n redirect hops (``?code=301|302|303|307|308``), then image
     /fault/redirect-loop                 302 -> /fault/redirect-loop/b -> 302 -> back, for ever
     /fault/redirect-to/<quoted url>      302 to that URL (loopback targets only; or ``?to=``)
+        ?wait_ms=500                       (any redirect) waits that long before answering
     /fault/html[/...], /fault/svg[/...]  an HTML page / an SVG document, status 200
     /fault/truncated/<w>x<h>.<fmt>       the first half of a valid image (``?keep=0.5``)
     /fault/corrupt[/...]                 random bytes behind a JPEG magic number (``?bytes=8192``)
@@ -956,6 +957,7 @@ class ImageWeb:
                 return await self._serve_image(request, args[1:], "redirect")
             rest = raw_path.split("/")[4:]  # ['', 'fault', 'redirect', '<n>', ...]
             location = "/".join(["/fault/redirect", str(n - 1), *rest])
+            await self._redirect_wait(request)
             return self._redirect(request, location)
         if kind == "redirect-loop":
             location = "/fault/redirect-loop" if args else "/fault/redirect-loop/b"
@@ -965,6 +967,7 @@ class ImageWeb:
             target = q.get("to") or unquote(raw_path[len(prefix) :])
             if not _is_loopback_target(target):
                 raise SpecError("redirect-to only leads to loopback addresses")
+            await self._redirect_wait(request)
             return self._redirect(request, target, keep_query=False)
         if kind == "html":
             return web.Response(text=_HTML, content_type="text/html")
@@ -1024,6 +1027,15 @@ class ImageWeb:
     def _ctype_of(args: Sequence[str]) -> str:
         ext = args[-1].rpartition(".")[2].lower() if args else "jpg"
         return FORMATS.get(ext, FORMATS["jpg"])[1]
+
+    @staticmethod
+    async def _redirect_wait(request: web.Request) -> None:
+        try:
+            wait_ms = float(request.query.get("wait_ms", "0"))
+        except ValueError:
+            raise SpecError("wait_ms must be a number") from None
+        if wait_ms > 0:
+            await asyncio.sleep(wait_ms / 1000.0)
 
     def _redirect(
         self, request: web.Request, location: str, *, keep_query: bool = True
