@@ -12,22 +12,59 @@ import asyncio
 import collections
 import contextlib
 import email.utils
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from crawler import status
 from crawler.config import FetchConfig
-from crawler.guard import (
-    AddressPolicy,
-    BlockedAddress,
-    GuardedResolver,
-    check_parsed,
-    guarded_socket,
-)
+from crawler.guard import AddressPolicy, BlockedAddress, check_parsed
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves names, then drops non-public addresses unless they are allowed."""
+
+    def __init__(self, policy: AddressPolicy, inner: AbstractResolver | None = None) -> None:
+        self.policy = policy
+        self.inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        infos = await self.inner.resolve(host, port, family)
+        if self.policy.allow_private:
+            return infos
+        public = [i for i in infos if self.policy.permits_host(i["host"])]
+        if not public:
+            raise BlockedAddress(f"{host} resolves only to non-public addresses")
+        return public
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+
+
+def guarded_socket(policy: AddressPolicy) -> Callable[[AddrInfo], socket.socket]:
+    """A socket factory for aiohttp's TCPConnector: refuses (BlockedAddress) to make a socket
+    for a non-public destination address, whatever spelling of it reached the connector."""
+
+    def make(addr_info: AddrInfo) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        if not policy.permits_host(str(sockaddr[0])):
+            raise BlockedAddress(f"{sockaddr[0]} is not a public address")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    return make
+
 
 # Not a terminal status: the response redirects to another host (`final_url`), whose own
 # limits the caller must respect before calling `fetch` again with the result's `hops`.

@@ -5,9 +5,10 @@ One policy, applied in three places that must agree:
 * `check_url` at ingest and again before every request and redirect hop: the URL's shape, and
   a host written as an address (in any spelling the C library accepts: ``127.1``, ``0``,
   ``2130706433``, ``0177.0.0.1``, ``0x7f.1``, ``[::ffff:127.0.0.1]`` ...) must be public.
-* `GuardedResolver`: a name resolves to the public addresses among its answers, or fails.
-* `guarded_socket`: the connector's socket factory judges the address each socket is about
-  to connect to, the last word whatever path the host took (literal, resolved, cached).
+* `fetch.GuardedResolver`: a name resolves to the permitted addresses among its answers, or
+  fails.
+* `fetch.guarded_socket`: the connector's socket factory judges the address each socket is
+  about to connect to, the last word whatever path the host took (literal, resolved, cached).
 
 "Public" (`is_public_address`): a globally routable unicast address. IPv6 forms that carry an
 IPv4 address (mapped ``::ffff:0:0/96``, 6to4 ``2002::/16``, NAT64 ``64:ff9b::/96``) are
@@ -24,12 +25,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from crawler import status
@@ -115,7 +113,8 @@ class AddressPolicy:
         return addr is not None and self.permits(addr)
 
 
-CLOSED = AddressPolicy()
+CLOSED = AddressPolicy()  # the default: public addresses only
+ANY_ADDRESS = AddressPolicy(allow_private=True)  # `check_url` of the URL's shape only
 
 
 def check_url(url: Any, policy: AddressPolicy = CLOSED) -> tuple[str, str] | None:
@@ -148,41 +147,3 @@ def check_parsed(url: URL, policy: AddressPolicy = CLOSED) -> tuple[str, str] | 
         if addr is not None and not policy.permits(addr):
             return status.BLOCKED_ADDRESS, f"{host} is {addr}, not a public address"
     return None
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves names, then drops non-public addresses unless they are allowed."""
-
-    def __init__(self, policy: AddressPolicy, inner: AbstractResolver | None = None) -> None:
-        self.policy = policy
-        self.inner = inner or DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        infos = await self.inner.resolve(host, port, family)
-        if self.policy.allow_private:
-            return infos
-        public = [i for i in infos if self.policy.permits_host(i["host"])]
-        if not public:
-            raise BlockedAddress(f"{host} resolves only to non-public addresses")
-        return public
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
-
-
-def guarded_socket(policy: AddressPolicy) -> Callable[[AddrInfo], socket.socket]:
-    """A socket factory for aiohttp's TCPConnector: refuses (BlockedAddress) to make a socket
-    for a non-public destination address, whatever spelling of it reached the connector."""
-
-    def make(addr_info: AddrInfo) -> socket.socket:
-        family, type_, proto, _, sockaddr = addr_info
-        if not policy.permits_host(str(sockaddr[0])):
-            raise BlockedAddress(f"{sockaddr[0]} is not a public address")
-        return socket.socket(family=family, type=type_, proto=proto)
-
-    return make

@@ -88,11 +88,11 @@ def test_public_addresses_and_names_pass_the_url_check() -> None:
 @pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.1", "0", "::ffff:127.0.0.1", "::1"])
 def test_the_socket_factory_refuses_to_make_a_socket_for_a_non_public_address(host: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    make = guard.guarded_socket(guard.CLOSED)
+    make = fetch.guarded_socket(guard.CLOSED)
     with pytest.raises(guard.BlockedAddress):
         make((family, socket.SOCK_STREAM, 6, "", (host, 80)))
     everything = (ipaddress.ip_network("::/0"), ipaddress.ip_network("0.0.0.0/0"))
-    opened = guard.guarded_socket(guard.AddressPolicy(networks=everything))
+    opened = fetch.guarded_socket(guard.AddressPolicy(networks=everything))
     opened((family, socket.SOCK_STREAM, 6, "", (host, 80))).close()
 
 
