@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -125,28 +126,91 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     """Stream SHARDS into the queue (with backpressure), then exit. Needs redis.url.
 
     Safe to re-run: shards already reported or enqueued are skipped, a partly enqueued
-    shard resumes at its next line.
+    shard resumes at its next line. Prints a JSON summary on stdout.
+
+    SIGTERM or SIGINT (also while waiting for room in the queue, for a download or for
+    Redis) stops at the last enqueued batch, exit code 143 or 130; a second signal exits at
+    once. Exit code 1 when a shard was unreadable, 3 when Redis stayed unreachable for
+    ingest.redis_wait_s, 5 when a local shard path does not exist.
     """
-    from crawler.connection import connect
-    from crawler.ingest import Ingest, expand_sources
-    from crawler.queue import WorkQueue
+    from crawler.ingest import expand_sources, missing_local
 
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
-
-    async def go() -> None:
-        client = connect(cfg)
-        try:
-            await WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue).ensure_group()
-            ingest = Ingest(cfg, client)
-            await ingest.run(expand_sources(cfg.ingest.shards))
-            click.echo(orjson.dumps(ingest.stats.__dict__).decode())
-        finally:
-            await client.aclose()
-
     _guard(cfg)
-    _run(go())
+    sources = expand_sources(cfg.ingest.shards)
+    missing = missing_local(sources)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        click.echo(f"error: no such shard file: {missing[0].location}{more}", err=True)
+        sys.exit(ExitCode.NOT_FOUND)
+    sys.exit(_run(_enqueue(cfg, sources)))
+
+
+async def _enqueue(cfg: Config, sources: list[Any]) -> int:
+    from crawler.connection import RedisUnavailable, connect, retrying
+    from crawler.ingest import Ingest
+    from crawler.queue import WorkQueue
+    from crawler.signals import StopSignals
+
+    signals = StopSignals()
+    signals.install()
+    client = connect(cfg)
+    ingest = Ingest(cfg, client, redis_wait_s=cfg.ingest.redis_wait_s)
+    queue = WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue)
+
+    async def work() -> None:
+        await retrying(
+            queue.ensure_group, cfg.redis.reconnect_backoff_s, what="enqueue",
+            give_up_after_s=cfg.ingest.redis_wait_s,
+        )  # fmt: skip
+        await ingest.run(sources, signals.event)
+
+    task = asyncio.create_task(work())
+    try:
+        stopping = asyncio.create_task(signals.event.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not task.done():
+            # Stopped: ingest ends at its next check (a wait for room, a batch); a download
+            # or a wait for Redis is cancelled, which leaves no half-applied batch either
+            # (each batch and its resume point are one transaction).
+            await asyncio.wait({task}, timeout=1.0)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=3.0)
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, RedisUnavailable):
+                click.echo(
+                    f"error: {exc}; check redis.url ({_safe_url(cfg.redis.url)}) and that "
+                    "Redis is running",
+                    err=True,
+                )
+                return ExitCode.REDIS_UNAVAILABLE
+            if exc is not None:
+                raise exc
+        if signals.code is not None:
+            ingest.stats.stopped = True
+        click.echo(orjson.dumps(ingest.stats.__dict__).decode())
+        if signals.code is not None:
+            return signals.code
+        return ExitCode.FAILURE if ingest.stats.shards_unreadable else ExitCode.OK
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await client.aclose()
+        signals.uninstall()
+
+
+def _safe_url(url: str) -> str:
+    """A Redis URL without its password."""
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
 
 
 @main.command()
@@ -368,6 +432,32 @@ def demo(state: State, port: int, out: str) -> None:
 
     cfg = state.load()
     sys.exit(run_demo(cfg, state.argv(), port=port, output=out))
+
+
+class _AssignCommands(click.Group):
+    """The commands of `assign.cli` (installed as `mmc4-assign` too), imported when used: the
+    crawler's own commands do not load numpy, lapjv and msgspec."""
+
+    def _group(self) -> click.Group:
+        from assign.cli import main as assign_main
+
+        return assign_main
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._group().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._group().get_command(ctx, cmd_name)
+
+
+main.add_command(
+    _AssignCommands(
+        "assign",
+        help="Recompute MMC4 image-to-sentence assignments as the reference does (lapjv): "
+        "`assign shard` rewrites shard files, `assign worker` every shard the crawl announces. "
+        "`mmc4-assign` is the same.",
+    )
+)
 
 
 def _guard(cfg: Config) -> None:

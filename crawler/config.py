@@ -61,6 +61,15 @@ class IngestConfig:
     backpressure_poll_s: float = 0.5
     # Timeout for downloading one remote shard.
     download_timeout_s: float = 600.0
+    # A remote shard larger than this (bytes, as downloaded) is refused: download_too_large.
+    max_download_bytes: int = 1 << 30
+    # A shard that decompresses to more than this (bytes) ends there: shard_too_large.
+    max_shard_bytes: int = 1 << 30
+    # A line (document) longer than this (bytes) is skipped and counted: line_too_long.
+    max_line_bytes: int = 16 << 20
+    # `enqueue`: seconds to keep reconnecting to an unreachable Redis before giving up
+    # (exit code 3). 0: keep trying.
+    redis_wait_s: float = 300.0
 
 
 @dataclass
@@ -191,7 +200,8 @@ class MetricsConfig:
 @dataclass
 class CorpusConfig:
     # Leave out documents flagged `could_have_url_duplicate` (about 3 % of MMC4: another
-    # snapshot of the same page may be in the corpus). Applies to the dataset API and export.
+    # snapshot of the same page may be in the corpus). Applies to the crawl (ingest), the
+    # dataset API and export; shard summaries count flagged documents either way.
     skip_url_duplicates: bool = False
 
 
@@ -261,6 +271,11 @@ class Config:
         _check(self.limits.host_burst >= 1, "limits.host_burst must be at least 1")
         _check(self.redis.socket_timeout_s >= 2, "redis.socket_timeout_s must be at least 2")
         _check(self.ingest.max_queue_depth > 0, "ingest.max_queue_depth must be positive")
+        _check(self.ingest.batch_size >= 1, "ingest.batch_size must be at least 1")
+        _check(self.ingest.max_download_bytes >= 1, "ingest.max_download_bytes must be positive")
+        _check(self.ingest.max_shard_bytes >= 1, "ingest.max_shard_bytes must be positive")
+        _check(self.ingest.max_line_bytes >= 1024, "ingest.max_line_bytes must be at least 1024")
+        _check(self.ingest.redis_wait_s >= 0, "ingest.redis_wait_s must not be negative")
         _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
         _check(self.dataset.max_limit >= 1, "dataset.max_limit must be at least 1")
         _check(0 <= self.dataset.port <= 65535, "dataset.port must be in 0..65535")

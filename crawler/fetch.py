@@ -14,7 +14,7 @@ import contextlib
 import email.utils
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,6 +307,36 @@ class Fetcher:
             status.TOO_MANY_REDIRECTS,
             error=f"more than {self.cfg.max_redirects} redirects",
         )
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET `url` for a caller that reads the body itself (a shard download): redirects,
+        to any host, are followed with the same address checks on every hop as `fetch`.
+        Yields the final response, whatever its status. Raises BlockedAddress, ValueError
+        (a bad redirect) or aiohttp's errors."""
+        target = URL(url, encoded=False)
+        seen: set[str] = set()
+        for _hop in range(self.cfg.max_redirects + 1):
+            refused = check_parsed(target, self.policy)
+            if refused is not None:
+                raise (
+                    BlockedAddress(refused[1])
+                    if refused[0] == status.BLOCKED_ADDRESS
+                    else ValueError(refused[1])
+                )
+            seen.add(str(target))
+            async with self.session.get(target, allow_redirects=False) as resp:
+                location = resp.headers.get("Location")
+                if resp.status not in (301, 302, 303, 307, 308) or not location:
+                    yield resp
+                    return
+                nxt = target.join(URL(location))
+            if nxt.scheme not in ("http", "https"):
+                raise ValueError(f"redirect to {nxt}")
+            if str(nxt) in seen:
+                raise ValueError(f"redirect loop at {nxt}")
+            target = nxt
+        raise ValueError(f"more than {self.cfg.max_redirects} redirects")
 
     async def _response(
         self, resp: aiohttp.ClientResponse, url: URL, progress: _Progress

@@ -18,7 +18,10 @@ key                                type    holds
 ``ns:shard:<shard>:meta``          hash    source, lines, docs, bad_lines, images, total
                                            (set when the shard is fully enqueued), done,
                                            pending (images queued and not yet recorded),
-                                           ingest_line (resume point)
+                                           ingest_line (resume point), flagged_duplicates,
+                                           skipped_duplicates, unreadable (why reading
+                                           ended early)
+``ns:shard:<shard>:ingest-lock``   string  token of the process enqueueing the shard (TTL)
 ``ns:shard:<shard>:records``       hash    image_name -> terminal status record (JSON), or
                                            "" while the image is queued (only these images
                                            are the shard's); moved to
@@ -68,6 +71,10 @@ class Keys:
 
     def shard_meta(self, shard: str) -> str:
         return f"{self.ns}:shard:{shard}:meta"
+
+    def shard_ingest_lock(self, shard: str) -> str:
+        """Held (with a TTL) by the one process enqueueing a shard."""
+        return f"{self.ns}:shard:{shard}:ingest-lock"
 
     def shard_records(self, shard: str) -> str:
         return f"{self.ns}:shard:{shard}:records"

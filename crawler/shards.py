@@ -113,11 +113,16 @@ class Shards:
         for _raw, rec in records:
             st = rec["status"]
             by_status[st] = by_status.get(st, 0) + 1
-        ints = ("lines", "bad_lines", "bad_image_info", "duplicate_names", "images", "total")
+        ints = (
+            "lines", "bad_lines", "bad_image_info", "duplicate_names", "flagged_duplicates",
+            "skipped_duplicates", "images", "total",
+        )  # fmt: skip
         return {
             "shard": shard,
             "source": meta.get("source", ""),
             **{k: _int(meta.get(k)) for k in ints},
+            # why reading the shard ended before its end; empty when it was read whole
+            "unreadable": meta.get("unreadable", ""),
             "records": len(records),
             "by_status": dict(sorted(by_status.items())),
             "finished": time.time(),
