@@ -102,11 +102,16 @@ async def test_a_second_result_for_the_same_image_is_ignored(
     keys = Keys(namespace)
     cfg = crawl_config(namespace, tmp_path)
     q = WorkQueue(aredis, keys, cfg.queue)
-    await q.seal("s", 1)
+    await q.ensure_group()
+    pipe = aredis.pipeline()
+    await q.add_to(pipe, "s", [("a.jpg", "http://h/a")])
+    await pipe.execute()
+    assert not await q.seal("s", 1)
+    (item,) = await q.read("w1", 10, 10)
     first = status.make_record("a.jpg", "http://h/a", "ok", bytes=10)
     second = status.make_record("a.jpg", "http://h/a", "timeout")
-    assert await q.record([encode_result("", "s", "a.jpg", first)]) == ["s"]
-    assert await q.record([encode_result("", "s", "a.jpg", second)]) == []
+    assert await q.record([encode_result(item.id, "s", "a.jpg", first)]) == ["s"]
+    assert await q.record([encode_result(item.id, "s", "a.jpg", second)]) == []
     assert status.decode(await aredis.hget(keys.shard_records("s"), "a.jpg"))["status"] == "ok"
     assert await aredis.hget(keys.shard_meta("s"), "done") == b"1"
     assert await aredis.hget(keys.counts, "timeout") is None
