@@ -414,6 +414,7 @@ class RunResult:
     recovered: int | None = None  # faults a retry recovers that ended as stored images
     recoverable: int = 0  # faults a retry recovers, in the workload
     retried_ok: int = 0  # images stored after more than one attempt (the crawler's records)
+    last: list[str] = field(default_factory=list)  # the last records made (the crawler's)
 
     @property
     def rate(self) -> float:
@@ -565,6 +566,7 @@ def run_crawler(
     names: set[str] = set()
     records = 0
     done_at: list[float] = []  # seconds from the start until each record was made
+    last: list[tuple[float, dict[str, Any]]] = []
     ok_names: set[str] = set()
     retried_ok = 0
     for rep in sorted((out / cstatus.STATUS_DIR).glob("*.jsonl.gz")):
@@ -573,6 +575,7 @@ def run_crawler(
             names.add(rec["image_name"])
             by_status[rec["status"]] += 1
             done_at.append(float(rec["time"]) - epoch0)
+            last.append((done_at[-1], rec))
             if rec["status"] == cstatus.OK:
                 ok_names.add(rec["image_name"])
                 retried_ok += int(rec["attempts"]) > 1
@@ -615,6 +618,11 @@ def run_crawler(
             else sum(image_name(wl.urls[i]) in ok_names for i in recoverable)
         ),
         retried_ok=retried_ok,
+        last=[
+            f"{t:6.1f}s {r['status']} after {r['attempts']} attempt(s) {r['error'][:70]!r} "
+            f"{r['raw_url'].split('/', 3)[-1][:60]}"
+            for t, r in sorted(last, key=lambda tr: tr[0])[-6:]
+        ],
     )
     say(f"{name}: crawler done in {wall:.1f}s ({res.rate:.0f} img/s), {records}/{n} records")
     return res
@@ -1224,6 +1232,9 @@ def print_faulty(results: list[RunResult], args: argparse.Namespace) -> None:
             f"{f.wall_s:>12.1f}s{f.rate:>7.1f}{f.t99:>6.1f}s{f.t100:>6.1f}s"
             f"{ratio:>31}{f'{f.recovered} of {f.recoverable}':>23}"
         )
+    for r in (by.get("crawler/no-faults"), by.get("crawler/faulty")):
+        if r is not None and r.last:
+            print(f"{r.name}: the last records\n  " + "\n  ".join(r.last))
     print()
 
 
