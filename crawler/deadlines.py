@@ -8,10 +8,17 @@ not set everyone's deadline); before the worker has heard anything, the ceiling 
 
 A slow host shows itself slow (its responses are timed when they complete), so its deadlines
 grow with it; a server that never answers shows nothing and keeps the short deadline.
+
+Whether a timeout is worth another attempt depends on what the host did meanwhile: if it
+completed other responses while this one got nowhere, the fault is this URL's (a request the
+server never answers, a body it trickles), and another attempt would end the same way; if it
+completed nothing, the host as a whole may be overloaded or briefly away, and a retry may find
+it back.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 
 FACTOR = 4.0  # deadline = FACTOR x the slowest recent response of the host
@@ -28,6 +35,7 @@ class ResponseTimes:
         self.floor_s = min(floor_s, ceiling_s)
         self.ceiling_s = ceiling_s
         self._hosts: OrderedDict[str, deque[float]] = OrderedDict()
+        self._heard: dict[str, float] = {}  # host -> when it last completed a response
         self._all: deque[float] = deque(maxlen=ALL_SAMPLES)
         self._all_p90: float | None = None
         self._all_fresh = 0  # samples since _all_p90 was computed
@@ -38,15 +46,21 @@ class ResponseTimes:
         if times is None:
             times = self._hosts[host] = deque(maxlen=HOST_SAMPLES)
             if len(self._hosts) > MAX_HOSTS:
-                self._hosts.popitem(last=False)
+                forgotten, _ = self._hosts.popitem(last=False)
+                self._heard.pop(forgotten, None)
         else:
             self._hosts.move_to_end(host)
         times.append(seconds)
+        self._heard[host] = time.monotonic()
         self._all.append(seconds)
         self._all_fresh += 1
         if self._all_fresh >= min(64, len(self._all)):
             self._all_p90 = _p90(self._all)
             self._all_fresh = 0
+
+    def answered_since(self, host: str, since: float) -> bool:
+        """Whether `host` completed a response after `since` (time.monotonic())."""
+        return self._heard.get(host, float("-inf")) > since
 
     def deadline_s(self, host: str) -> float | None:
         """The deadline for an attempt at `host`; None while nothing is known (the ceiling

@@ -263,8 +263,11 @@ class Fetcher:
                     judge = _Judge(self.times, deadline, host, begun, progress)
                 return await self._follow(target, progress, hops)
         except TimeoutError:
-            error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
-            return FetchResult(status.TIMEOUT, error=error, transient=True)
+            # Retried only if the host completed nothing meanwhile (see crawler.deadlines).
+            this_url = self.times.answered_since(progress.host, started)
+            note = "; the host answered others meanwhile" if this_url else ""
+            error = f"deadline exceeded ({progress.describe(hops.count + 1)}{note})"
+            return FetchResult(status.TIMEOUT, error=error, transient=not this_url)
         except aiohttp.ClientConnectorDNSError as exc:
             if _blocked(exc):
                 return FetchResult(status.BLOCKED_ADDRESS, error=str(exc.os_error))
@@ -294,6 +297,7 @@ class Fetcher:
                 return FetchResult(refused[0], error=refused[1], final_url=str(url))
             hops.seen.add(str(url))
             progress.headers = False
+            progress.host = url.host or ""
             sent = time.monotonic()
             async with self.session.get(url, allow_redirects=False) as resp:
                 progress.headers = True
@@ -429,9 +433,10 @@ class _Judge:
 class _Progress:
     """How far a request got: what a deadline error reports."""
 
-    __slots__ = ("body_bytes", "deadline_s", "headers")
+    __slots__ = ("body_bytes", "deadline_s", "headers", "host")
 
     def __init__(self) -> None:
+        self.host = ""  # of the request under way
         self.headers = False
         self.body_bytes = 0
         self.deadline_s: float | None = None  # the host's adaptive deadline, when it applied

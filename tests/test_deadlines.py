@@ -79,7 +79,7 @@ async def test_a_server_that_never_answers_is_given_up_at_its_hosts_deadline(
         hung = await within(10, fetcher.fetch(web.url(5, "/fault/hang/never")))
     finally:
         await session.close()
-    assert hung.status == "timeout" and hung.transient
+    assert hung.status == "timeout" and hung.transient  # the host answered nothing meanwhile
     assert hung.error == "deadline exceeded (no response headers; 0.5 s for this host)"
 
 
@@ -97,7 +97,32 @@ async def test_a_request_started_before_anything_was_heard_gets_the_deadline_lea
     finally:
         await session.close()
     assert hung.status == "timeout"
-    assert hung.error.endswith("0.5 s for this host)")
+    assert "0.5 s for this host" in hung.error
+
+
+async def test_a_timeout_while_the_host_answers_others_is_not_retried(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    """One URL of a host never answers while the host serves its other images: the fault is
+    that URL's, and it gets one attempt; a flaky 503 on the same host is still retried."""
+    tag = namespace
+    urls = [web.url(2, f"/fault/hang/{tag}")]
+    urls += [web.url(2, f"/fault/slow/300/16x16/{tag}-{i}.jpg") for i in range(12)]
+    urls += [web.url(2, f"/fault/flaky/1/{tag}/16x16/flaky.jpg")]
+    shard = write_docs(tmp_path / "hang_shard.jsonl", [image_doc(urls)])
+    cfg = crawl_config(
+        namespace, tmp_path,
+        fetch={"total_timeout_s": 20.0, "min_timeout_s": 1.5},
+        limits={"host_concurrency": 4},
+    )  # fmt: skip
+    await crawl(cfg, [str(shard)])
+    records = {r["raw_url"]: r for r in report(cfg, "hang_shard").values()}
+    hung = records.pop(urls[0])
+    assert (hung["status"], hung["attempts"]) == ("timeout", 1)
+    assert "the host answered others meanwhile" in hung["error"]
+    assert {r["status"] for r in records.values()} == {"ok"}
+    assert records[urls[-1]]["attempts"] == 2
+    assert len([a for a in web.arrivals if a.path == f"/fault/hang/{tag}"]) == 1
 
 
 async def test_a_slow_host_keeps_getting_its_images(web: ImageWeb) -> None:
