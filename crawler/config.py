@@ -127,7 +127,7 @@ class FetchConfig:
     # Hard deadline for one attempt, headers and body of all its redirect hops included (a
     # trickling server ends here).
     total_timeout_s: float = 30.0
-    # Within that ceiling an attempt gets 4x the slowest of its host's recent responses, but
+    # Within that ceiling an attempt gets twice the slowest of its host's recent responses, but
     # at least this (a host answering in 200 ms is not waited on for 30 s).
     min_timeout_s: float = 3.0
     max_redirects: int = 5

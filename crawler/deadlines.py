@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 
-FACTOR = 4.0  # deadline = FACTOR x the slowest recent response of the host
+FACTOR = 2.0  # deadline = FACTOR x the slowest recent response of the host
 HOST_SAMPLES = 16  # recent responses remembered per host
 MIN_SAMPLES = 3  # responses a host (or the worker) needs before its own times are used
 ALL_SAMPLES = 512  # recent responses from every host

@@ -51,8 +51,8 @@ def test_a_hosts_deadline_follows_its_slowest_recent_responses_within_floor_and_
     for _ in range(3):
         times.observe("fast.example", 0.1)
         times.observe("slow.example", 2.0)
-    assert times.deadline_s("fast.example") == 1.0  # 4 x 0.1 s, raised to the floor
-    assert times.deadline_s("slow.example") == 8.0  # 4 x 2 s
+    assert times.deadline_s("fast.example") == 1.0  # 2 x 0.1 s, raised to the floor
+    assert times.deadline_s("slow.example") == 4.0  # 2 x 2 s
     times.observe("slow.example", 20.0)
     assert times.deadline_s("slow.example") == 30.0  # capped by the ceiling
 
@@ -62,7 +62,7 @@ def test_a_host_not_heard_from_gets_the_workers_usual_deadline_not_the_slowest_h
     for i in range(50):
         times.observe(f"host{i}.example", 0.3)
     times.observe("slow.example", 25.0)
-    assert times.deadline_s("new.example") == pytest.approx(1.2)  # 4 x the 90th percentile
+    assert times.deadline_s("new.example") == pytest.approx(0.6)  # 2 x the 90th percentile
 
 
 async def test_a_server_that_never_answers_is_given_up_at_its_hosts_deadline(
