@@ -16,7 +16,8 @@ import orjson
 
 from crawler import config as config_mod
 from crawler import early, monitor, status
-from crawler.config import Config, ConfigError
+from crawler.config import Config
+from crawler.errors import CommandError, ReportingGroup
 from crawler.exitcodes import ExitCode
 from crawler.keys import Keys
 
@@ -38,10 +39,11 @@ class State:
         self.overrides = overrides
 
     def load(self) -> Config:
-        try:
-            return config_mod.load(self.config_path, overrides=self.overrides)
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
+        cfg = config_mod.load(self.config_path, overrides=self.overrides)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # for the one-line error of a failing command
+            ctx.meta["mmc4.redis_url"] = cfg.redis.url
+        return cfg
 
     def argv(self) -> list[str]:
         """The group options, to start worker processes with the same configuration."""
@@ -56,7 +58,10 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    cls=ReportingGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False),
     help="TOML config file (default: ./config.toml if present, or $MMC4_CONFIG).",
@@ -79,6 +84,7 @@ def main(
     verbose: int,
 ) -> None:
     """Crawl the images of MMC4 shards into a local corpus, politely and resumably."""
+    ctx.meta["mmc4.verbose"] = verbose
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -93,7 +99,9 @@ def main(
 
 @main.command()
 @click.argument("shards", nargs=-1)
-@click.option("--workers", type=int, help="Crawl worker processes (worker.processes).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Crawl worker processes (worker.processes)."
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-assign", is_flag=True, help="Do not run the assignment companion.")
 @pass_state
@@ -112,7 +120,7 @@ def run(
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
-    if workers:
+    if workers is not None:
         cfg.worker.processes = workers
     argv = state.argv()
     code = _run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
@@ -377,16 +385,26 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
     from crawler.connection import connect
-    from crawler.embedded import EmbeddedRedis
+    from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
     from crawler.shards import Shards
 
     cfg = state.load()
     wanted = {s.strip() for s in statuses.split(",") if s.strip()}
+    unknown = sorted(s for s in wanted if not status.is_failure_status(s))
+    if unknown or not wanted:
+        raise CommandError(
+            ExitCode.NOT_FOUND,
+            f"unknown status {', '.join(unknown) or repr(statuses)}: choose from "
+            f"{', '.join(status.FAILURE_STATUSES)} or http_<code> (e.g. http_503)",
+        )
     embedded = None
     if not cfg.redis.url:
-        embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
-        cfg.redis.url = embedded.start()
+        url = running_url(Path(cfg.paths.data_dir))
+        if url is None:  # no `run` is running: open its Redis (its AOF) for the change
+            embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
+            url = embedded.start()
+        cfg.redis.url = url
 
     async def go() -> dict[str, int]:
         client = connect(cfg)
@@ -419,6 +437,54 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     for shard, n in moved.items():
         click.echo(f"{shard}: {n} re-queued")
     click.echo(f"{total} images re-queued from {len(moved)} shards")
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def clear(state: State, yes: bool) -> None:
+    """Delete every Redis key of the crawl's namespace (redis.namespace): queue, leases,
+    counters, shards in flight, history. Files in the output directory (images, reports,
+    rewritten shards) stay; a later `run` or `enqueue` skips the shards reported there.
+    Stop the crawl's workers first."""
+    from crawler.connection import connect
+
+    cfg = state.load()
+    _guard(cfg)
+    keys = Keys(cfg.redis.namespace)
+
+    async def count() -> int:
+        client = connect(cfg)
+        try:
+            return len([k async for k in client.scan_iter(match=keys.all_pattern, count=1000)])
+        finally:
+            await client.aclose()
+
+    async def delete() -> int:
+        client = connect(cfg)
+        deleted = 0
+        try:
+            batch: list[Any] = []
+            async for key in client.scan_iter(match=keys.all_pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(await client.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await client.unlink(*batch))
+        finally:
+            await client.aclose()
+        return deleted
+
+    from crawler.errors import redact
+
+    where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
+    n = _run(count())
+    if n == 0:
+        raise CommandError(ExitCode.NOT_FOUND, f"{where} has no keys: nothing to clear")
+    if not yes:
+        click.confirm(f"Delete the {n} keys of {where}?", abort=True, err=True)
+    click.echo(f"deleted {_run(delete())} keys of {where}")
 
 
 @main.command()
@@ -461,11 +527,23 @@ main.add_command(
 
 
 def _guard(cfg: Config) -> None:
-    if not cfg.redis.url:
-        raise click.UsageError(
-            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml); "
-            "only `run` starts an embedded Redis"
+    """Find the crawl's Redis: redis.url, else the private Redis of a `run` that is running
+    with the same paths.data_dir."""
+    if cfg.redis.url:
+        return
+    from crawler.embedded import running_url
+
+    url = running_url(Path(cfg.paths.data_dir))
+    if url is None:
+        raise CommandError(
+            ExitCode.USAGE,
+            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml) and no "
+            f"`run` is running with data directory {cfg.paths.data_dir} (paths.data_dir)",
         )
+    cfg.redis.url = url
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta["mmc4.redis_url"] = url
 
 
 if __name__ == "__main__":  # pragma: no cover

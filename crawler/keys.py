@@ -124,3 +124,9 @@ class Keys:
     @property
     def hosts_failed(self) -> str:
         return f"{self.ns}:hosts:failed"
+
+    @property
+    def all_pattern(self) -> str:
+        """SCAN pattern of every key of this namespace (`clear` deletes them)."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.ns)
+        return f"{escaped}:*"

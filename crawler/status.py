@@ -38,6 +38,22 @@ BAD_NAME = "bad_name"
 DEAD_LETTER = "dead_letter"
 WRITE_ERROR = "write_error"
 
+# Every terminal status but ok, in the order `retry --status` lists them.
+FAILURE_STATUSES = (
+    TIMEOUT, CONNECTION_ERROR, DNS_ERROR, BLOCKED_ADDRESS, TOO_MANY_REDIRECTS, TOO_LARGE,
+    OPTED_OUT, NOT_AN_IMAGE, DECODE_ERROR, TOO_MANY_PIXELS, UNSUPPORTED_IMAGE, BAD_URL,
+    BAD_NAME, DEAD_LETTER, WRITE_ERROR,
+)  # fmt: skip
+
+
+def is_failure_status(name: str) -> bool:
+    """A status a failed image can have: one of FAILURE_STATUSES or http_<code>."""
+    code = name.removeprefix("http_")
+    return name in FAILURE_STATUSES or (
+        code != name and len(code) == 3 and code.isdigit() and code[0] in "12345"
+    )
+
+
 RECORD_FIELDS = (
     "image_name",  # as in the shard
     "raw_url",  # as in the shard
