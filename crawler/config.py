@@ -8,6 +8,7 @@ Precedence, lowest to highest: the dataclass defaults (mirrored and documented i
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -140,7 +141,10 @@ class FetchConfig:
     opt_out_agents: list[str] = field(
         default_factory=lambda: ["googlebot-image", "googlebot", "mmc4-crawler"]
     )
-    # Allow loopback/private/link-local destinations (tests and the local demo only).
+    # Networks reachable although not public, e.g. ["127.0.0.0/8"] for a loopback test web
+    # or ["10.1.2.0/24"] for an internal mirror (everything else non-public stays refused).
+    allow_networks: list[str] = field(default_factory=list)
+    # Allow every destination, loopback/private/link-local included (tests and demo only).
     allow_private_addresses: bool = False
     dns_cache_ttl_s: int = 300
 
@@ -245,12 +249,22 @@ class Config:
             self.images.resample in RESAMPLE_FILTERS,
             f"images.resample must be one of {', '.join(RESAMPLE_FILTERS)}",
         )
+        for net in self.fetch.allow_networks:
+            _check(_is_network(net), f"fetch.allow_networks: {net!r} is not a network")
         _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
         url = self.redis.url
         _check(
             not url or url.startswith(("redis://", "rediss://", "unix://")),
             f"redis.url must start with redis://, rediss:// or unix:// (got {url!r})",
         )
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

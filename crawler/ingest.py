@@ -37,11 +37,11 @@ import aiofiles
 import braceexpand
 import orjson
 import redis.asyncio as aioredis
-from yarl import URL
 
 from crawler import status
 from crawler.config import Config
 from crawler.connection import retrying
+from crawler.guard import CLOSED, AddressPolicy, check_url
 from crawler.keys import Keys
 from crawler.queue import WorkQueue, encode_result
 
@@ -50,7 +50,6 @@ T = TypeVar("T")
 
 SHARD_SUFFIXES = (".jsonl.gz", ".jsonl.zip", ".jsonl", ".json.gz", ".json")
 MAX_NAME_BYTES = 255
-MAX_URL_CHARS = 4096
 # Shard ids become directory and report file names (`<shard>.summary.json`, temporary
 # names with a suffix): well under the 255-byte name limit of common file systems.
 MAX_SHARD_ID_BYTES = 200
@@ -163,7 +162,6 @@ def check_shard_id(shard: str) -> str | None:
 # Searched in C: a generator over every character of every name and URL was a third of
 # ingest's CPU (cProfile).
 _NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_URL_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def check_image_name(name: Any) -> str | None:
@@ -183,32 +181,13 @@ def check_image_name(name: Any) -> str | None:
     return None
 
 
-def check_url(url: Any) -> str | None:
-    """Why a raw_url cannot be fetched, or None."""
-    if not isinstance(url, str) or not url:
-        return f"raw_url is not a non-empty string: {url!r}"
-    if len(url) > MAX_URL_CHARS:
-        return "raw_url is longer than 4096 characters"
-    if _URL_CONTROL.search(url):
-        return "raw_url contains a control character"
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError) as exc:
-        return f"raw_url does not parse: {exc}"
-    if parsed.scheme not in ("http", "https"):
-        return f"raw_url scheme {parsed.scheme!r} is not http or https"
-    if not parsed.host:
-        return "raw_url has no host"
-    return None
-
-
 @dataclass
 class Entry:
     """One image of a document: a work item, or a record of why it cannot be one."""
 
     name: str
     url: str
-    problem_status: str = ""  # bad_url / bad_name: recorded at ingest, never fetched
+    problem_status: str = ""  # bad_url, bad_name, blocked_address: recorded at ingest
     problem: str = ""
 
 
@@ -220,8 +199,9 @@ class LineResult:
     url_duplicate: bool = False  # the document is flagged could_have_url_duplicate
 
 
-def parse_line(line: bytes) -> LineResult:
-    """Parse one shard line into image entries; never raises."""
+def parse_line(line: bytes, policy: AddressPolicy = CLOSED) -> LineResult:
+    """Parse one shard line into image entries; never raises. URLs are judged by
+    `guard.check_url` under the crawl's address `policy`."""
     try:
         doc = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -245,9 +225,9 @@ def parse_line(line: bytes) -> LineResult:
         if name_problem:
             result.entries.append(Entry(name, url_s, status.BAD_NAME, name_problem))
             continue
-        url_problem = check_url(url)
+        url_problem = check_url(url, policy)
         if url_problem:
-            result.entries.append(Entry(name, url_s, status.BAD_URL, url_problem))
+            result.entries.append(Entry(name, url_s, *url_problem))
             continue
         result.entries.append(Entry(name, url_s))
     return result
@@ -510,6 +490,7 @@ class Ingest:
         seen: set[str] = set()
         batch = Batch(source.shard)
         line_no = 0
+        policy = AddressPolicy.of(self.cfg.fetch)
         skip_flagged = self.cfg.corpus.skip_url_duplicates
         ing = self.cfg.ingest
         lines = read_lines(path, ing.max_line_bytes, ing.max_shard_bytes)
@@ -521,7 +502,7 @@ class Ingest:
                     if fresh:
                         batch.count_bad_line(line_no, "line_too_long", "line is too long")
                     continue
-                parsed = parse_line(line)
+                parsed = parse_line(line, policy)
                 if fresh:
                     batch.lines += 1
                     if parsed.error:
@@ -607,6 +588,7 @@ class Ingest:
             "bad_image_info": batch.skipped_entries,
             "bad_url": sum(1 for p in batch.problems if p[4] == status.BAD_URL),
             "bad_name": sum(1 for p in batch.problems if p[4] == status.BAD_NAME),
+            "blocked_address": sum(1 for p in batch.problems if p[4] == status.BLOCKED_ADDRESS),
         }
         for kind, n in errors.items():
             if n:

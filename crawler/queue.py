@@ -29,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from crawler import status
 from crawler.config import QueueConfig
+from crawler.guard import ANY_ADDRESS, check_url
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.scripts import Scripts
 
@@ -88,7 +89,7 @@ def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
     """A raw stream entry as a work item, or as poison with the reason (never raises)."""
     # The checks are ingest's own (the same rules at both ends); imported here because
     # ingest imports this module.
-    from crawler.ingest import check_image_name, check_shard_id, check_url
+    from crawler.ingest import check_image_name, check_shard_id
 
     item_id = printable(entry_id)
     shown = {printable(k): printable(v)[:1000] for k, v in fields.items()}
@@ -108,9 +109,10 @@ def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
     problem = check_image_name(name)
     if problem:
         return Poison(item_id, status.BAD_NAME, problem, shown, shard, name, url)
-    problem = check_url(url)
-    if problem:
-        return Poison(item_id, status.BAD_URL, problem, shown, shard, name, url)
+    # The URL's shape; its address is judged by the fetcher under the worker's policy.
+    refused = check_url(url, ANY_ADDRESS)
+    if refused:
+        return Poison(item_id, status.BAD_URL, refused[1], shown, shard, name, url)
     return Item(item_id, shard, name, url)
 
 
