@@ -1,4 +1,5 @@
-"""``mmc4-assign``: rewrite shards' image-to-sentence assignments, by hand or as a worker."""
+"""``mmc4-crawl assign`` (also ``mmc4-assign``): rewrite shards' image-to-sentence assignments,
+by hand or as a worker."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from assign.shardio import is_shard_file, output_name
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
 from crawler.config import Config
+from crawler.errors import ReportingGroup
 
 
-@click.group()
+@click.group(cls=ReportingGroup)
 def main() -> None:
     """Recompute MMC4 image-to-sentence assignments (lapjv, as the reference does)."""
 
@@ -89,8 +91,13 @@ def shard_command(
 @click.option(
     "--check", is_flag=True, help="Health check: exit 0 if an assign worker on this host is alive."
 )
+@click.pass_context
 def worker_command(
-    config_path: Path | None, overrides: tuple[str, ...], once: bool, check: bool
+    ctx: click.Context,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    once: bool,
+    check: bool,
 ) -> None:
     """Rewrite every shard the crawler announces on Redis (consumer group "assign").
 
@@ -101,8 +108,9 @@ def worker_command(
     from crawler.config import ConfigError, load
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    outer_path, outer_overrides = _outer_configuration(ctx)
     try:
-        cfg = load(config_path, overrides=overrides)
+        cfg = load(config_path or outer_path, overrides=[*outer_overrides, *overrides])
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if check:
@@ -117,6 +125,14 @@ def worker_command(
         await run_assign_worker(cfg, stop=stop, once=once)
 
     asyncio.run(run())
+
+
+def _outer_configuration(ctx: click.Context) -> tuple[str | Path | None, list[str]]:
+    """Under ``mmc4-crawl [--config F] [--set K=V] [--redis-url U] assign worker``, the outer
+    command's configuration (its context object carries ``config_path`` and ``overrides``);
+    this command's own ``--config`` and ``--set`` come on top."""
+    outer = ctx.find_root().obj
+    return getattr(outer, "config_path", None), list(getattr(outer, "overrides", []))
 
 
 async def _check(cfg: Config) -> int:

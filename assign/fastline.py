@@ -15,9 +15,9 @@ so that the general path decides:
 * ``image_info`` is a non-empty list of objects, ``text_list`` a non-empty list, and
   ``similarity_matrix`` a list of ``len(image_info)`` rows of ``len(text_list)`` JSON numbers
   (no booleans, strings or nulls: msgspec refuses them for ``float``);
-* every similarity is below 2**63 in magnitude, so that integers (which the general path
-  reads as int64 and converts) give the same float64 as here, and no value is near float32's
-  limit;
+* every similarity is below 2**63 in magnitude (checked by msgspec while decoding), so that
+  integers (which the general path reads as int64 and converts) give the same float64 as
+  here, and no value is near float32's limit;
 * the text of ``image_info`` occurs exactly once in the line, so that replacing it cannot
   touch anything else. (With a key given twice, msgspec keeps the last value, as json and
   orjson do, and that is the one replaced.)
@@ -28,15 +28,17 @@ msgspec reads numbers correctly rounded, like Python's ``float`` (the reference'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
-from assign.jv import MAX_DIM as JV_MAX_DIM
-from assign.jv import max_abs, small_assign_within
 from assign.solve import Solver, assign
+
+# Magnitudes at or above this take the general path (int64 reading, float32 overflow).
+_LIMIT = float(2**63)
+_Similarity = Annotated[float, msgspec.Meta(gt=-_LIMIT, lt=_LIMIT)]
 
 
 class _Fields(msgspec.Struct):
@@ -44,15 +46,13 @@ class _Fields(msgspec.Struct):
 
     image_info: msgspec.Raw
     text_list: list[msgspec.Raw]
-    similarity_matrix: list[list[float]]
+    similarity_matrix: list[list[_Similarity]]
 
 
 _DECODER = msgspec.json.Decoder(_Fields)
 # msgspec rather than orjson for image_info: it keeps integers beyond 64 bits exact.
 _IMAGES = msgspec.json.Decoder(list[dict[str, Any]])
 _ENCODE = msgspec.json.Encoder().encode
-# Magnitudes at or above this take the general path (int64 reading, float32 overflow).
-_LIMIT = float(2**63)
 _PREFIX = 48
 
 
@@ -107,23 +107,12 @@ def _unique_position(line: bytes, text: bytes) -> int:
     return start
 
 
-def solve_plain(doc: PlainDoc, solver: Solver) -> bool:
-    """Set every image's ``matched_text_index`` and ``matched_sim`` as the reference does;
-    False (and nothing changed) if a similarity is out of the fast path's range."""
-    sim = doc.sim
-    n_images, n_sentences = sim.shape
-    if solver == "lapjv" and n_images <= JV_MAX_DIM and n_sentences <= JV_MAX_DIM:
-        assignment = small_assign_within(sim, _LIMIT)  # the range check and jv_assign, in one
-        if assignment is None:
-            return False
-    else:
-        if not max_abs(sim) < _LIMIT:
-            return False
-        assignment = assign(sim, solver)
+def solve_plain(doc: PlainDoc, solver: Solver) -> None:
+    """Set every image's ``matched_text_index`` and ``matched_sim`` as the reference does."""
+    assignment = assign(doc.sim, solver)
     for entry, row, index in zip(doc.images, doc.rows, assignment, strict=True):
         entry["matched_text_index"] = index
         entry["matched_sim"] = row[index]
-    return True
 
 
 def plain_pieces(doc: PlainDoc) -> tuple[memoryview, bytes, memoryview, bytes]:
@@ -133,14 +122,10 @@ def plain_pieces(doc: PlainDoc) -> tuple[memoryview, bytes, memoryview, bytes]:
     return line[: doc.start], _ENCODE(doc.images), line[doc.end :], newline
 
 
-def dump_plain(doc: PlainDoc) -> bytes:
-    """The line with its new ``image_info`` text, ending with a newline."""
-    return b"".join(plain_pieces(doc))
-
-
 def rewrite_plain(line: bytes, solver: Solver) -> tuple[bytes, int] | None:
     """The rewritten line and its number of images, or None: use the general path."""
     doc = parse_plain(line)
-    if doc is None or not solve_plain(doc, solver):
+    if doc is None:
         return None
-    return dump_plain(doc), len(doc.images)
+    solve_plain(doc, solver)
+    return b"".join(plain_pieces(doc)), len(doc.images)

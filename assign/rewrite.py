@@ -16,17 +16,14 @@ renamed into place, so a report on disk always describes the output beside it.
 from __future__ import annotations
 
 import contextlib
-import io
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from assign.batch import ChunkReader, ChunkRewriter
 from assign.document import AssignOptions, Outcome, assign_document
 from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import MalformedLine, parse_line
@@ -36,7 +33,6 @@ from assign.shardio import (
     discard_leftovers,
     open_lines,
     write_atomically,
-    write_behind,
 )
 
 MALFORMED_JSON = "malformed_json"
@@ -123,7 +119,8 @@ def rewrite_shard(
     with contextlib.suppress(FileNotFoundError):
         report_path(output).unlink()
     with open_lines(source) as lines, atomic_writer(output) as out:
-        _rewrite_lines(lines, out, options, report)
+        for raw in lines:
+            _rewrite_one(raw, out, options, report)
     report.output_bytes = output.stat().st_size
     report.seconds = round(time.perf_counter() - started, 3)
     report.complete = True
@@ -135,30 +132,12 @@ def rewrite_shard(
     return report
 
 
-def _rewrite_lines(
-    lines: io.BufferedIOBase, out: IO[bytes], options: AssignOptions, report: ShardReport
-) -> None:
-    one_line = partial(_rewrite_one, out=out, options=options, report=report)
-    if options.stored is not None or options.solver != "lapjv":
-        for raw in lines:
-            one_line(raw)
-        return
-    # A plain reassignment: whole chunks in one compiled call, the lines it declines one by one.
-    rewriter = ChunkRewriter()
-    for chunk in ChunkReader(lines).chunks():
-        _, rewritten, images = rewriter.rewrite(chunk, out.write, one_line)
-        write_behind(out)
-        report.lines += rewritten
-        report.docs += rewritten
-        report.rewritten += rewritten
-        report.kept_images += images
-
-
 def _rewrite_one(raw: bytes, out: IO[bytes], options: AssignOptions, report: ShardReport) -> None:
     """One line (its newline optional): the per-line fast path, else the general path."""
     report.lines += 1
     doc = parse_plain(raw) if options.stored is None else None
-    if doc is not None and solve_plain(doc, options.solver):
+    if doc is not None:
+        solve_plain(doc, options.solver)
         report.docs += 1
         report.rewritten += 1
         report.kept_images += len(doc.images)

@@ -95,18 +95,6 @@ def atomic_writer(destination: Path, *, durable: bool = True) -> Iterator[IO[byt
         fsync_directory(destination.parent)
 
 
-def write_behind(out: IO[bytes]) -> None:
-    """Have the disk start on what ``out`` holds so far, without waiting for it: the fsync
-    that ends ``atomic_writer`` then has little left to wait for. (Linux starts writeback on
-    POSIX_FADV_DONTNEED, then drops the pages already written from the page cache.)"""
-    if _FADVISE is not None:
-        out.flush()
-        _FADVISE(out.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-_FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS or Windows
-
-
 def write_atomically(destination: Path, data: bytes, *, durable: bool = True) -> None:
     with atomic_writer(destination, durable=durable) as out:
         out.write(data)

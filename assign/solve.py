@@ -1,24 +1,15 @@
 """Assign each image of one document to a sentence, as MMC4's ``compute_assignments.py`` does.
 
-The reference pads the (images x sentences) cost matrix ``-similarity`` to a square with the
-constant 1000, solves it with ``lapjv`` (which, by default, casts the matrix to float32), keeps
+The reference negates the (images x sentences) similarity matrix, pads it to a square with the
+constant 1000, solves it with ``lapjv`` (which works on the matrix rounded to float32), keeps
 the pairs that fall inside the real matrix and, when there are more images than sentences,
 sends every image left without a sentence to its most similar sentence (``argmax`` on the
 original float64 row, first index on ties).
 
-``solver="lapjv"`` reproduces that result exactly, ties included. ``assign.jv`` is a step-for-step
-port of lapjv's own float32 solver compiled with numba: the same answer by construction,
-without lapjv's per-call overheads, and several times faster on the padded matrices. Matrices
-up to 63 x 63 (nearly every document) go straight to it; larger ones too (the padded problem
-costs O(d^3), d = max(images, sentences), so a document with hundreds of sentences is slow),
-or to lapjv itself on a machine whose lapjv kernel the port could not identify. No shortcut
-that is not lapjv step for step is taken: a certificate of optimality with a safety margin
-was tried, but the margin that makes lapjv's float32 rounding harmless was measured, not
-proven.
-
-``solver="scipy"`` solves the rectangular problem exactly in float64 with
-``scipy.optimize.linear_sum_assignment``: same optimum, but ties (and near-ties below float32
-resolution) may be broken differently from the reference.
+``solver="lapjv"`` calls ``lapjv`` on the very matrix the reference builds, so ties and float32
+near-ties are broken as the reference breaks them. ``solver="scipy"`` solves the rectangular
+problem in float64 with ``scipy.optimize.linear_sum_assignment``: the same optimum, but ties
+(and near-ties below float32 resolution) may be broken differently from the reference.
 """
 
 from __future__ import annotations
@@ -28,9 +19,6 @@ from typing import Literal
 import numpy as np
 from lapjv import lapjv
 from numpy.typing import NDArray
-
-from assign.jv import MAX_DIM as JV_MAX_DIM
-from assign.jv import exact_assign, jv_assign
 
 Solver = Literal["lapjv", "scipy"]
 SOLVERS: tuple[Solver, ...] = ("lapjv", "scipy")
@@ -47,46 +35,41 @@ def assign(sim: NDArray[np.float64], solver: Solver = "lapjv") -> list[int]:
     if n_sentences == 1:
         # Every image can only go to sentence 0: the solved ones and the argmax-filled ones.
         return [0] * n_images
+    if solver == "lapjv":
+        return _lapjv_assign(sim)
     if solver == "scipy":
         return _scipy_assign(sim)
-    if solver != "lapjv":
-        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-    if max(n_images, n_sentences) <= JV_MAX_DIM:
-        return jv_assign(sim)
-    exact = exact_assign(sim)
-    return exact if exact is not None else lapjv_assign(sim)
+    raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
 
-def lapjv_assign(sim: NDArray[np.float64]) -> list[int]:
-    """The reference algorithm itself: lapjv on the float32 padded matrix, argmax fill."""
+def _lapjv_assign(sim: NDArray[np.float64]) -> list[int]:
     n_images, n_sentences = sim.shape
     dim = max(n_images, n_sentences)
+    # The reference's padded matrix, rounded to float32 here as lapjv would round it (a numpy
+    # cast either way); handing lapjv float32 spares it a conversion per call.
     cost = np.full((dim, dim), DUMMY_COST, dtype=np.float32)
-    # Same float64 -> float32 rounding lapjv applies to the reference's float64 input.
     np.negative(sim, out=cost[:n_images, :n_sentences], casting="same_kind")
-    rowsol = lapjv(cost)[0][:n_images].tolist()
-    if n_images <= n_sentences:
-        return [int(j) for j in rowsol]
-    return _fill_unassigned(sim, rowsol)
-
-
-def _fill_unassigned(sim: NDArray[np.float64], rowsol: list[int]) -> list[int]:
-    """Images that landed on a padding column go to their best sentence, as in the reference."""
-    n_sentences = sim.shape[1]
-    out: list[int] = []
-    for i, j in enumerate(rowsol):
-        out.append(int(j) if j < n_sentences else int(np.argmax(sim[i])))
-    return out
+    chosen = lapjv(cost)[0][:n_images]
+    return _fill_unassigned(sim, chosen)
 
 
 def _scipy_assign(sim: NDArray[np.float64]) -> list[int]:
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(sim, maximize=True)
+    # n_sentences marks "no sentence yet" for the images the rectangular problem leaves out.
+    chosen = np.full(sim.shape[0], sim.shape[1], dtype=np.int64)
+    chosen[rows] = cols
+    return _fill_unassigned(sim, chosen)
+
+
+def _fill_unassigned(sim: NDArray[np.float64], chosen: NDArray[np.int64]) -> list[int]:
+    """Images without a sentence of their own (``chosen`` beyond the last sentence: possible
+    only with more images than sentences) go to their most similar one, as in the reference.
+    ``chosen`` is the caller's own array and is changed in place."""
     n_images, n_sentences = sim.shape
-    out = [n_sentences] * n_images  # n_sentences marks "no sentence yet"
-    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
-        out[i] = j
     if n_images > n_sentences:
-        return _fill_unassigned(sim, out)
+        unassigned = chosen >= n_sentences
+        chosen[unassigned] = sim[unassigned].argmax(axis=1)
+    out: list[int] = chosen.tolist()
     return out

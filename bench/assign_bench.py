@@ -7,9 +7,9 @@ then times:
 * reference: allenai/mmc4 ``compute_assignments.py`` and ``linear_assignment.base_solve``,
   restated -- json.loads every line, np.array, the sum(|W|) check, np.pad to square with 1000,
   lapjv, argsort, drop padding, the cost sum, argmax fill, json.dumps;
-* ours: ``assign.rewrite.rewrite_shard`` (chunks of lines checked by msgspec, then read,
-  solved with the numba port of lapjv and rewritten in place in one compiled pass each:
-  ``assign.batch``).
+* ours: ``assign.rewrite.rewrite_shard`` (msgspec reads what the assignment needs from each
+  line, ``lapjv`` solves the reference's padded matrix, the new ``image_info`` is spliced into
+  the line; the output is fsynced and renamed into place).
 
 The two sides take turns, ``--repeat`` pairs of one reference run then one of ours, after one
 warm-up rewrite of a small shard, so that both see the same state of a shared, noisy machine;
@@ -33,80 +33,23 @@ from typing import Any
 import numpy as np
 import orjson
 from lapjv import lapjv
-from numba import njit
 
-from assign import batch
-from assign.batch import FIELD_NAME_BOUNDS, FIELD_NAMES, solve_matrix
+from assign import rewrite
 from assign.document import AssignOptions
-from assign.jsonscan import find_fields, image_fields, read_matrix, string_list_length
-from assign.jv import KERNEL_CODE
 from assign.rewrite import report_path, rewrite_shard
 
 IMAGES_PER_DOC = 5.6  # 571M / 101.2M
 SENTENCE_LOG_MEAN, SENTENCE_LOG_SD = 2.6, 0.9  # lognormal: mean ~20, median ~13.5, long tail
 MAX_IMAGES, MAX_SENTENCES = 60, 1000
+# fmt: off
 WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "a",
-    "is",
-    "that",
-    "for",
-    "it",
-    "as",
-    "was",
-    "with",
-    "be",
-    "by",
-    "on",
-    "not",
-    "he",
-    "this",
-    "are",
-    "or",
-    "his",
-    "from",
-    "at",
-    "which",
-    "but",
-    "have",
-    "an",
-    "they",
-    "you",
-    "were",
-    "her",
-    "she",
-    "there",
-    "been",
-    "one",
-    "all",
-    "we",
-    "their",
-    "has",
-    "would",
-    "when",
-    "if",
-    "so",
-    "no",
-    "more",
-    "other",
-    "out",
-    "what",
-    "time",
-    "up",
-    "about",
-    "than",
-    "into",
-    "only",
-    "some",
-    "could",
-    "them",
-    "see",
-    "other",
+    "the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "be",
+    "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have",
+    "an", "they", "you", "were", "her", "she", "there", "been", "one", "all", "we", "their",
+    "has", "would", "when", "if", "so", "no", "more", "other", "out", "what", "time", "up",
+    "about", "than", "into", "only", "some", "could", "them", "see", "other"
 ]
+# fmt: on
 
 
 def make_doc(rng: np.random.Generator, index: int) -> dict[str, Any]:
@@ -214,79 +157,20 @@ def run_reference(source: Path, target: Path, clock: Clock) -> int:
 
 
 def profile_ours(source: Path, output: Path, clock: Clock) -> float:
-    """The rewrite once more, its steps timed: msgspec's check of each chunk (and its split
-    into lines) is parsing; the compiled pass over the chunk (reading the three values and
-    the numbers, solving, writing the rewritten lines) is split in the proportions that the
-    same compiled steps, timed one after another in ``_staged``, take; the rest is I/O+other."""
-    patches = {"line_stops": "check", "field_lengths": "check", "rewrite_chunk": "compiled"}
-    originals = {name: getattr(batch, name) for name in patches}
-    for name, step in patches.items():
-        setattr(batch, name, partial(clock.timed, step, originals[name]))
+    """The rewrite once more, its steps timed: reading a line's fields is parsing, solving and
+    setting the two values is solving, the rewritten line's pieces are serialising; the rest
+    (reading and writing the files, the fsync, the report) is I/O+other."""
+    steps = {"parse_plain": "parse", "solve_plain": "solve", "plain_pieces": "serialise"}
+    originals = {name: getattr(rewrite, name) for name in steps}
+    for name, step in steps.items():
+        setattr(rewrite, name, partial(clock.timed, step, originals[name]))
     started = time.perf_counter()
     try:
         rewrite_shard(source, output, AssignOptions(), force=True)
-        profiled = time.perf_counter() - started
+        return time.perf_counter() - started
     finally:
         for name, original in originals.items():
-            setattr(batch, name, original)
-    read, solve = _compiled_shares(source)
-    compiled = clock.seconds.pop("compiled")
-    clock.seconds["parse"] = clock.seconds.pop("check") + compiled * read
-    clock.seconds["solve"] = compiled * solve
-    clock.seconds["serialise"] = compiled * (1 - read - solve)
-    return profiled
-
-
-def _compiled_shares(source: Path) -> tuple[float, float]:
-    """Shares of reading and of solving in the compiled pass, from ``_staged``'s timings."""
-    data = np.frombuffer(source.read_bytes(), np.uint8)
-    data.flags.writeable = False
-    stops = np.flatnonzero(data == 10)
-    starts = np.concatenate(([0], stops[:-1] + 1))
-    lines = [memoryview(data)[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
-    lengths = batch.field_lengths(memoryview(data), lambda: lines, len(lines), True)
-    out, out_stops, images = np.empty(2 * data.size, np.uint8), np.empty_like(stops), starts.copy()
-    steps: list[Callable[[], object]] = [
-        partial(_staged, data, starts, stops, lengths, 1),  # reading
-        partial(_staged, data, starts, stops, lengths, 2),  # reading and solving
-        partial(
-            batch.rewrite_chunk, data, starts, stops, lengths, out, out_stops, images, KERNEL_CODE
-        ),
-    ]
-    times = [min(_seconds(step) for _ in range(3)) for step in steps]
-    whole = max(times)
-    return times[0] / whole, (times[1] - times[0]) / whole
-
-
-def _seconds(step: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    step()
-    return time.perf_counter() - started
-
-
-@njit
-def _staged(buf: Any, starts: Any, stops: Any, lengths: Any, stage: int) -> int:
-    """``batch.rewrite_chunk``'s compiled steps up to reading (1) or solving (2)."""
-    values = np.empty(lengths[:, 2].max() // 2 + 1, np.float64)
-    token_start = np.empty(values.size, np.int64)
-    token_stop = np.empty(values.size, np.int64)
-    spans = np.empty((lengths[:, 0].max() // 32 + 1, 4), np.int64)
-    positions = np.empty(3, np.int64)
-    solved = 0
-    for k in range(starts.size):
-        if not find_fields(
-            buf, starts[k], stops[k], FIELD_NAMES, FIELD_NAME_BOUNDS, lengths[k], positions
-        ):
-            continue
-        info, text, matrix = positions[0], positions[1], positions[2]
-        n = image_fields(buf, info, info + lengths[k, 0], spans)
-        m = string_list_length(buf, text, text + lengths[k, 1])
-        matrix_stop = matrix + lengths[k, 2]
-        if not read_matrix(buf, matrix, matrix_stop, n, m, values, token_start, token_stop):
-            continue
-        if stage == 2:
-            solved += solve_matrix(values[: n * m].reshape((n, m)), KERNEL_CODE).size
-    return solved
+            setattr(rewrite, name, original)
 
 
 def shares(clock: Clock, total: float) -> str:
@@ -298,6 +182,15 @@ def shares(clock: Clock, total: float) -> str:
 def same_documents(a: Path, b: Path) -> bool:
     with open(a, "rb") as left, open(b, "rb") as right:
         return all(orjson.loads(x) == orjson.loads(y) for x, y in zip(left, right, strict=True))
+
+
+def describe_shard(source: Path) -> str:
+    docs = [orjson.loads(line) for line in source.read_bytes().splitlines()]
+    images = sum(len(d["image_info"]) for d in docs)
+    sentences = sum(len(d["text_list"]) for d in docs)
+    return (f"shard: {len(docs)} docs, {source.stat().st_size / 1e6:.1f} MB, "
+            f"{images / len(docs):.2f} images/doc, {sentences / len(docs):.1f} sentences/doc, "
+            f"max {max(len(d['text_list']) for d in docs)} sentences")  # fmt: skip
 
 
 def main() -> None:
@@ -312,14 +205,7 @@ def main() -> None:
         work = Path(tmp)
         source = work / "docs_shard_0_v2.jsonl"
         build_shard(source, args.docs, args.seed)
-        docs = [orjson.loads(line) for line in source.read_bytes().splitlines()]
-        images = sum(len(d["image_info"]) for d in docs)
-        sentences = sum(len(d["text_list"]) for d in docs)
-        print(f"shard: {args.docs} docs, {source.stat().st_size / 1e6:.1f} MB, "
-              f"{images / args.docs:.2f} images/doc, {sentences / args.docs:.1f} sentences/doc, "
-              f"max {max(len(d['text_list']) for d in docs)} sentences")  # fmt: skip
-        del docs
-
+        print(describe_shard(source))
         warm = work / "warm.jsonl"
         warm.write_bytes(b"".join(source.read_bytes().splitlines(keepends=True)[:200]))
         rewrite_shard(warm, work / "out" / "warm.jsonl", AssignOptions())

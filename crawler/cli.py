@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -15,7 +16,8 @@ import orjson
 
 from crawler import config as config_mod
 from crawler import early, monitor, status
-from crawler.config import Config, ConfigError
+from crawler.config import Config
+from crawler.errors import CommandError, ReportingGroup
 from crawler.exitcodes import ExitCode
 from crawler.keys import Keys
 
@@ -37,10 +39,11 @@ class State:
         self.overrides = overrides
 
     def load(self) -> Config:
-        try:
-            return config_mod.load(self.config_path, overrides=self.overrides)
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
+        cfg = config_mod.load(self.config_path, overrides=self.overrides)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # for the one-line error of a failing command
+            ctx.meta["mmc4.redis_url"] = cfg.redis.url
+        return cfg
 
     def argv(self) -> list[str]:
         """The group options, to start worker processes with the same configuration."""
@@ -55,7 +58,10 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    cls=ReportingGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False),
     help="TOML config file (default: ./config.toml if present, or $MMC4_CONFIG).",
@@ -78,6 +84,7 @@ def main(
     verbose: int,
 ) -> None:
     """Crawl the images of MMC4 shards into a local corpus, politely and resumably."""
+    ctx.meta["mmc4.verbose"] = verbose
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -92,7 +99,9 @@ def main(
 
 @main.command()
 @click.argument("shards", nargs=-1)
-@click.option("--workers", type=int, help="Crawl worker processes (worker.processes).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Crawl worker processes (worker.processes)."
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-assign", is_flag=True, help="Do not run the assignment companion.")
 @pass_state
@@ -111,7 +120,7 @@ def run(
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
-    if workers:
+    if workers is not None:
         cfg.worker.processes = workers
     argv = state.argv()
     code = _run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
@@ -125,28 +134,91 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     """Stream SHARDS into the queue (with backpressure), then exit. Needs redis.url.
 
     Safe to re-run: shards already reported or enqueued are skipped, a partly enqueued
-    shard resumes at its next line.
+    shard resumes at its next line. Prints a JSON summary on stdout.
+
+    SIGTERM or SIGINT (also while waiting for room in the queue, for a download or for
+    Redis) stops at the last enqueued batch, exit code 143 or 130; a second signal exits at
+    once. Exit code 1 when a shard was unreadable, 3 when Redis stayed unreachable for
+    ingest.redis_wait_s, 5 when a local shard path does not exist.
     """
-    from crawler.connection import connect
-    from crawler.ingest import Ingest, expand_sources
-    from crawler.queue import WorkQueue
+    from crawler.ingest import expand_sources, missing_local
 
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
-
-    async def go() -> None:
-        client = connect(cfg)
-        try:
-            await WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue).ensure_group()
-            ingest = Ingest(cfg, client)
-            await ingest.run(expand_sources(cfg.ingest.shards))
-            click.echo(orjson.dumps(ingest.stats.__dict__).decode())
-        finally:
-            await client.aclose()
-
     _guard(cfg)
-    _run(go())
+    sources = expand_sources(cfg.ingest.shards)
+    missing = missing_local(sources)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        click.echo(f"error: no such shard file: {missing[0].location}{more}", err=True)
+        sys.exit(ExitCode.NOT_FOUND)
+    sys.exit(_run(_enqueue(cfg, sources)))
+
+
+async def _enqueue(cfg: Config, sources: list[Any]) -> int:
+    from crawler.connection import RedisUnavailable, connect, retrying
+    from crawler.ingest import Ingest
+    from crawler.queue import WorkQueue
+    from crawler.signals import StopSignals
+
+    signals = StopSignals()
+    signals.install()
+    client = connect(cfg)
+    ingest = Ingest(cfg, client, redis_wait_s=cfg.ingest.redis_wait_s)
+    queue = WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue)
+
+    async def work() -> None:
+        await retrying(
+            queue.ensure_group, cfg.redis.reconnect_backoff_s, what="enqueue",
+            give_up_after_s=cfg.ingest.redis_wait_s,
+        )  # fmt: skip
+        await ingest.run(sources, signals.event)
+
+    task = asyncio.create_task(work())
+    try:
+        stopping = asyncio.create_task(signals.event.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not task.done():
+            # Stopped: ingest ends at its next check (a wait for room, a batch); a download
+            # or a wait for Redis is cancelled, which leaves no half-applied batch either
+            # (each batch and its resume point are one transaction).
+            await asyncio.wait({task}, timeout=1.0)
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=3.0)
+        if task.done() and not task.cancelled():
+            exc = task.exception()
+            if isinstance(exc, RedisUnavailable):
+                click.echo(
+                    f"error: {exc}; check redis.url ({_safe_url(cfg.redis.url)}) and that "
+                    "Redis is running",
+                    err=True,
+                )
+                return ExitCode.REDIS_UNAVAILABLE
+            if exc is not None:
+                raise exc
+        if signals.code is not None:
+            ingest.stats.stopped = True
+        click.echo(orjson.dumps(ingest.stats.__dict__).decode())
+        if signals.code is not None:
+            return signals.code
+        return ExitCode.FAILURE if ingest.stats.shards_unreadable else ExitCode.OK
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await client.aclose()
+        signals.uninstall()
+
+
+def _safe_url(url: str) -> str:
+    """A Redis URL without its password."""
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
 
 
 @main.command()
@@ -407,16 +479,26 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
     from crawler.connection import connect
-    from crawler.embedded import EmbeddedRedis
+    from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
     from crawler.shards import Shards
 
     cfg = state.load()
     wanted = {s.strip() for s in statuses.split(",") if s.strip()}
+    unknown = sorted(s for s in wanted if not status.is_failure_status(s))
+    if unknown or not wanted:
+        raise CommandError(
+            ExitCode.NOT_FOUND,
+            f"unknown status {', '.join(unknown) or repr(statuses)}: choose from "
+            f"{', '.join(status.FAILURE_STATUSES)} or http_<code> (e.g. http_503)",
+        )
     embedded = None
     if not cfg.redis.url:
-        embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
-        cfg.redis.url = embedded.start()
+        url = running_url(Path(cfg.paths.data_dir))
+        if url is None:  # no `run` is running: open its Redis (its AOF) for the change
+            embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
+            url = embedded.start()
+        cfg.redis.url = url
 
     async def go() -> dict[str, int]:
         client = connect(cfg)
@@ -452,6 +534,54 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def clear(state: State, yes: bool) -> None:
+    """Delete every Redis key of the crawl's namespace (redis.namespace): queue, leases,
+    counters, shards in flight, history. Files in the output directory (images, reports,
+    rewritten shards) stay; a later `run` or `enqueue` skips the shards reported there.
+    Stop the crawl's workers first."""
+    from crawler.connection import connect
+
+    cfg = state.load()
+    _guard(cfg)
+    keys = Keys(cfg.redis.namespace)
+
+    async def count() -> int:
+        client = connect(cfg)
+        try:
+            return len([k async for k in client.scan_iter(match=keys.all_pattern, count=1000)])
+        finally:
+            await client.aclose()
+
+    async def delete() -> int:
+        client = connect(cfg)
+        deleted = 0
+        try:
+            batch: list[Any] = []
+            async for key in client.scan_iter(match=keys.all_pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(await client.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await client.unlink(*batch))
+        finally:
+            await client.aclose()
+        return deleted
+
+    from crawler.errors import redact
+
+    where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
+    n = _run(count())
+    if n == 0:
+        raise CommandError(ExitCode.NOT_FOUND, f"{where} has no keys: nothing to clear")
+    if not yes:
+        click.confirm(f"Delete the {n} keys of {where}?", abort=True, err=True)
+    click.echo(f"deleted {_run(delete())} keys of {where}")
+
+
+@main.command()
 @click.option("--port", type=int, default=18650, help="Port of the local image web.")
 @click.option("--output", "out", default="mmc4_output/demo", help="Output directory.")
 @pass_state
@@ -464,12 +594,50 @@ def demo(state: State, port: int, out: str) -> None:
     sys.exit(run_demo(cfg, state.argv(), port=port, output=out))
 
 
+class _AssignCommands(click.Group):
+    """The commands of `assign.cli` (installed as `mmc4-assign` too), imported when used: the
+    crawler's own commands do not load numpy, lapjv and msgspec."""
+
+    def _group(self) -> click.Group:
+        from assign.cli import main as assign_main
+
+        return assign_main
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._group().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._group().get_command(ctx, cmd_name)
+
+
+main.add_command(
+    _AssignCommands(
+        "assign",
+        help="Recompute MMC4 image-to-sentence assignments as the reference does (lapjv): "
+        "`assign shard` rewrites shard files, `assign worker` every shard the crawl announces. "
+        "`mmc4-assign` is the same.",
+    )
+)
+
+
 def _guard(cfg: Config) -> None:
-    if not cfg.redis.url:
-        raise click.UsageError(
-            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml); "
-            "only `run` starts an embedded Redis"
+    """Find the crawl's Redis: redis.url, else the private Redis of a `run` that is running
+    with the same paths.data_dir."""
+    if cfg.redis.url:
+        return
+    from crawler.embedded import running_url
+
+    url = running_url(Path(cfg.paths.data_dir))
+    if url is None:
+        raise CommandError(
+            ExitCode.USAGE,
+            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml) and no "
+            f"`run` is running with data directory {cfg.paths.data_dir} (paths.data_dir)",
         )
+    cfg.redis.url = url
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta["mmc4.redis_url"] = url
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -42,15 +43,37 @@ def connect(cfg: Config) -> aioredis.Redis:
     )
 
 
+class RedisUnavailable(ConnectionError):
+    """Redis stayed unreachable for longer than the caller was willing to wait."""
+
+
 async def retrying(
-    fn: Callable[[], Awaitable[T]], backoff_s: float = 0.5, *, what: str = "redis"
+    fn: Callable[[], Awaitable[T]],
+    backoff_s: float = 0.5,
+    *,
+    what: str = "redis",
+    give_up_after_s: float = 0.0,
 ) -> T:
-    """Call fn until Redis answers (for idempotent calls only), backing off up to 30 s."""
+    """Call fn until Redis answers (for idempotent calls only), backing off up to 30 s.
+
+    With ``give_up_after_s`` > 0, raise RedisUnavailable once Redis has been unreachable for
+    that long (counted from this call's first failure).
+    """
     delay = backoff_s
+    first_failure = 0.0
     while True:
         try:
             return await fn()
         except (RedisError, OSError) as exc:
+            now = time.monotonic()
+            first_failure = first_failure or now
+            waited = now - first_failure
+            if give_up_after_s and waited >= give_up_after_s:
+                raise RedisUnavailable(
+                    f"{what}: Redis unavailable for {waited:.0f} s ({exc})"
+                ) from exc
+            if give_up_after_s:
+                delay = min(delay, max(0.05, give_up_after_s - waited))
             log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)

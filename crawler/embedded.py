@@ -55,6 +55,17 @@ def _alive(url: str) -> bool:
         return False
 
 
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the private Redis that a `run` with this data directory has running (read
+    from ``DATA_DIR/redis/url``), or None: how every command finds a running `run`."""
+    url_file = data_dir.resolve() / "redis" / "url"
+    try:
+        url = url_file.read_text().strip()
+    except OSError:
+        return None
+    return url if url and _alive(url) else None
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path) -> None:
         self.dir = data_dir.resolve() / "redis"
@@ -65,11 +76,10 @@ class EmbeddedRedis:
 
     def start(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.url_file.is_file():
-            url = self.url_file.read_text().strip()
-            if _alive(url):
-                self.url = url  # left running by an earlier, killed run: reuse it
-                return url
+        url = running_url(self.dir.parent)
+        if url is not None:
+            self.url = url  # left running by an earlier, killed run: reuse it
+            return url
         port = _free_port()
         self.url = f"redis://127.0.0.1:{port}/0"
         args = [

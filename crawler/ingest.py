@@ -1,9 +1,16 @@
-"""Shards -> work items in the Redis queue, streamed, validated, with backpressure and resume.
+"""Shards -> work items in the Redis queue, streamed, validated, bounded, with backpressure
+and resume.
 
 Each ``image_info`` entry of each document becomes an item ``(shard, image_name, raw_url)``.
 Ingest of a shard resumes at the line after the last enqueued batch (``ingest_line`` in the
 shard's meta hash, written in the same transaction as the batch), skips shards already
 reported, and seals a shard (sets its image total) once all of it is enqueued.
+
+A shard that cannot be read to its end (truncated or corrupt compressed data, more than
+``ingest.max_shard_bytes`` once decompressed) ends where reading stopped: what was read is
+enqueued and the shard is sealed with ``unreadable`` in its meta (and so in its report's
+summary), so that its images are crawled and the shard completes. A shard of which nothing
+could be read leaves nothing behind and is tried again by the next run.
 """
 
 from __future__ import annotations
@@ -11,58 +18,99 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import io
 import logging
+import lzma
 import os
 import re
+import struct
 import tempfile
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import aiofiles
 import braceexpand
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-from yarl import URL
 
 from crawler import status
 from crawler.config import Config
 from crawler.connection import retrying
+from crawler.guard import CLOSED, AddressPolicy, check_url
 from crawler.keys import Keys
 from crawler.queue import WorkQueue, encode_result
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SHARD_SUFFIXES = (".jsonl.gz", ".jsonl.zip", ".jsonl", ".json.gz", ".json")
 MAX_NAME_BYTES = 255
-MAX_URL_CHARS = 4096
+# Shard ids become directory and report file names (`<shard>.summary.json`, temporary
+# names with a suffix): well under the 255-byte name limit of common file systems.
+MAX_SHARD_ID_BYTES = 200
+# The ingest lock of a shard expires this long after its holder last showed life (each
+# batch, each backpressure check), so a killed ingest holds a shard up for at most this.
+LOCK_TTL_S = 60
+
+# The MMC4 shard numbers that never existed (the corpus README's "missing shards"). A brace
+# pattern that names one of these skips it as a known gap, not as a missing shard.
+KNOWN_GAPS = frozenset(
+    {3218, 3267, 5064, 5146, 7119, 8991, 9750, 11899, 15127, 15252, 16996, 17369, 17499, 17818}
+)
+_SHARD_NUMBER = re.compile(r"(?:^|_)shard_(\d+)(?:_v\d+)?$")
 
 
 class ShardMissing(Exception):
-    """A shard source does not exist (404, or no such file)."""
+    """A shard source does not exist (404/410, or no such file)."""
+
+
+class ShardUnreadable(Exception):
+    """A shard cannot be read (to its end). ``kind`` names the error as counted."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Stopped(Exception):
+    """A stop was requested (a signal): ingest ends at its last enqueued batch."""
 
 
 @dataclass(frozen=True)
 class ShardSource:
     location: str  # local path or http(s) URL, as given
     shard: str  # shard id: the file name without its .jsonl[.gz|.zip] suffix
+    known_gap: bool = False  # named by a brace pattern, and one of the corpus's KNOWN_GAPS
 
     @property
     def remote(self) -> bool:
-        return self.location.startswith(("http://", "https://"))
+        return _is_remote(self.location)
+
+
+def _is_remote(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
 
 
 def shard_id(location: str) -> str:
-    name = location.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+    """The file name of a path or URL without its shard suffix. For a URL the name comes from
+    the path alone (query and fragment removed first)."""
+    path = urlsplit(location).path if _is_remote(location) else location
+    name = path.rstrip("/").rsplit("/", 1)[-1]
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def shard_number(shard: str) -> int | None:
+    """N of an MMC4 shard id (``docs_shard_N_v2``, ``docs_no_face_shard_N_v3``), or None."""
+    m = _SHARD_NUMBER.search(shard)
+    return int(m.group(1)) if m else None
 
 
 def expand_sources(patterns: list[str]) -> list[ShardSource]:
@@ -70,34 +118,50 @@ def expand_sources(patterns: list[str]) -> list[ShardSource]:
     out: list[ShardSource] = []
     seen: set[str] = set()
     for pattern in patterns:
-        for loc in braceexpand.braceexpand(pattern):
+        expanded = list(braceexpand.braceexpand(pattern))
+        from_braces = expanded != [pattern]
+        for loc in expanded:
             locs = [loc]
-            if not loc.startswith(("http://", "https://")) and os.path.isdir(loc):
+            if not _is_remote(loc) and os.path.isdir(loc):
                 locs = sorted(
                     str(p) for p in Path(loc).iterdir() if p.name.endswith(SHARD_SUFFIXES)
                 )
             for one in locs:
-                if not one.startswith(("http://", "https://")):
+                if not _is_remote(one):
                     one = os.path.abspath(one)  # workers and the assigner may run elsewhere
                 if one not in seen:
                     seen.add(one)
-                    out.append(ShardSource(one, shard_id(one)))
+                    shard = shard_id(one)
+                    gap = from_braces and shard_number(shard) in KNOWN_GAPS
+                    out.append(ShardSource(one, shard, known_gap=gap))
     return out
 
 
+def missing_local(sources: list[ShardSource]) -> list[ShardSource]:
+    """Local shards that do not exist, known gaps aside: a mistyped path, said up front."""
+    return [
+        s for s in sources if not s.remote and not s.known_gap and not os.path.isfile(s.location)
+    ]
+
+
 def check_shard_id(shard: str) -> str | None:
-    """Why a shard id is unusable as a directory name, or None."""
+    """Why a shard id is unusable as a directory name and a Redis key, or None."""
     if not shard or shard.startswith((".", "_")):
         return f"shard id {shard!r} must not be empty or start with '.' or '_'"
-    if "/" in shard or "\\" in shard or any(ord(c) < 32 for c in shard):
+    if "/" in shard or "\\" in shard or _NAME_CONTROL.search(shard):
         return f"shard id {shard!r} contains a path separator or control character"
+    try:
+        size = len(shard.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"shard id {shard!r} is not valid UTF-8"
+    if size > MAX_SHARD_ID_BYTES:
+        return f"shard id is longer than {MAX_SHARD_ID_BYTES} bytes"
     return None
 
 
 # Searched in C: a generator over every character of every name and URL was a third of
 # ingest's CPU (cProfile).
 _NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_URL_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def check_image_name(name: Any) -> str | None:
@@ -117,32 +181,13 @@ def check_image_name(name: Any) -> str | None:
     return None
 
 
-def check_url(url: Any) -> str | None:
-    """Why a raw_url cannot be fetched, or None."""
-    if not isinstance(url, str) or not url:
-        return f"raw_url is not a non-empty string: {url!r}"
-    if len(url) > MAX_URL_CHARS:
-        return "raw_url is longer than 4096 characters"
-    if _URL_CONTROL.search(url):
-        return "raw_url contains a control character"
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError) as exc:
-        return f"raw_url does not parse: {exc}"
-    if parsed.scheme not in ("http", "https"):
-        return f"raw_url scheme {parsed.scheme!r} is not http or https"
-    if not parsed.host:
-        return "raw_url has no host"
-    return None
-
-
 @dataclass
 class Entry:
     """One image of a document: a work item, or a record of why it cannot be one."""
 
     name: str
     url: str
-    problem_status: str = ""  # bad_url / bad_name: recorded at ingest, never fetched
+    problem_status: str = ""  # bad_url, bad_name, blocked_address: recorded at ingest
     problem: str = ""
 
 
@@ -151,10 +196,12 @@ class LineResult:
     entries: list[Entry] = field(default_factory=list)
     error: str = ""  # the line is not a usable document
     skipped_entries: int = 0  # image_info entries without a usable name
+    url_duplicate: bool = False  # the document is flagged could_have_url_duplicate
 
 
-def parse_line(line: bytes) -> LineResult:
-    """Parse one shard line into image entries; never raises."""
+def parse_line(line: bytes, policy: AddressPolicy = CLOSED) -> LineResult:
+    """Parse one shard line into image entries; never raises. URLs are judged by
+    `guard.check_url` under the crawl's address `policy`."""
     try:
         doc = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -164,7 +211,7 @@ def parse_line(line: bytes) -> LineResult:
     infos = doc.get("image_info")
     if not isinstance(infos, list):
         return LineResult(error="document has no image_info list")
-    result = LineResult()
+    result = LineResult(url_duplicate=doc.get("could_have_url_duplicate") == 1)
     for info in infos:
         if not isinstance(info, dict) or "image_name" not in info:
             result.skipped_entries += 1
@@ -178,36 +225,87 @@ def parse_line(line: bytes) -> LineResult:
         if name_problem:
             result.entries.append(Entry(name, url_s, status.BAD_NAME, name_problem))
             continue
-        url_problem = check_url(url)
+        url_problem = check_url(url, policy)
         if url_problem:
-            result.entries.append(Entry(name, url_s, status.BAD_URL, url_problem))
+            result.entries.append(Entry(name, url_s, *url_problem))
             continue
         result.entries.append(Entry(name, url_s))
     return result
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
+# ---- reading a shard file ----------------------------------------------------------------
+
+# What a decompressor or archive reader raises on data it cannot decode (truncated streams,
+# corrupt blocks, unsupported or encrypted zip members, damaged headers).
+_DECODE_ERRORS = (
+    OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, zipfile.LargeZipFile,
+    NotImplementedError, RuntimeError, ValueError, struct.error,
+)  # fmt: skip
+_READ_CHUNK = 1 << 20
+
+
+class _LineReader(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+@contextlib.contextmanager
+def _open_decoded(path: Path) -> Iterator[_LineReader]:
     name = path.name
     if name.endswith(".zip"):
         with zipfile.ZipFile(path) as zf:
             members = [m for m in zf.namelist() if not m.endswith("/")]
             if not members:
-                raise ShardMissing(f"{path}: zip archive is empty")
+                raise ShardUnreadable("unreadable_shard", f"{path}: zip archive has no members")
             with zf.open(members[0]) as fh:
-                yield from _lines(fh)
+                yield fh
     elif name.endswith(".gz"):
         with gzip.open(path, "rb") as fh:
-            yield from _lines(fh)
+            yield fh
     else:
         with open(path, "rb") as fh:
-            yield from _lines(fh)
+            yield fh
 
 
-def _lines(fh: Any) -> Iterator[bytes]:
-    for line in io.BufferedReader(fh, buffer_size=1 << 20):
-        stripped = line.strip()
-        if stripped:
-            yield stripped
+def read_lines(
+    path: Path, max_line_bytes: int, max_shard_bytes: int
+) -> Generator[bytes | None, None, None]:
+    """The non-blank lines of a shard file (gzip and zip decoded), stripped; None for a line
+    longer than max_line_bytes (skipped, never held whole in memory).
+
+    Raises ShardUnreadable when the data cannot be decoded or decodes to more than
+    max_shard_bytes.
+    """
+    total = 0
+
+    def count(n: int) -> None:
+        nonlocal total
+        total += n
+        if total > max_shard_bytes:
+            raise ShardUnreadable(
+                "shard_too_large", f"{path}: more than {max_shard_bytes} bytes decompressed"
+            )
+
+    try:
+        with _open_decoded(path) as reader:
+            # readline(limit) never holds more than the limit of one line
+            while line := reader.readline(max_line_bytes + 1):
+                count(len(line))
+                if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                    while line and not line.endswith(b"\n"):  # skip the rest of the line
+                        line = reader.readline(_READ_CHUNK)
+                        count(len(line))
+                    yield None
+                    continue
+                stripped = line.strip()
+                if stripped:
+                    yield stripped
+    except ShardUnreadable:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise ShardUnreadable("unreadable_shard", f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+# ---- remote shards -------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -221,40 +319,67 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         return
     tmp_dir = Path(cfg.paths.data_dir) / "downloads"
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    suffix = next((s for s in SHARD_SUFFIXES if source.location.endswith(s)), ".jsonl")
+    url_path = urlsplit(source.location).path
+    suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        await _download(source.location, tmp, cfg)
+        await download(source.location, tmp, cfg)
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
 
 
-class ShardDownloadError(OSError):
-    """A shard named by URL could not be downloaded (the HTTP client's error, as an OSError)."""
+async def download(url: str, dest: Path, cfg: Config) -> None:
+    """Download a shard to `dest` through the crawl's guarded HTTP client (the same address
+    checks as image fetches, on every redirect hop), within ingest.download_timeout_s and
+    ingest.max_download_bytes.
 
-
-async def _download(url: str, dest: Path, cfg: Config) -> None:
+    Raises ShardMissing (404, 410) or ShardUnreadable (any other failure).
+    """
     # aiohttp is imported only for shards named by URL: `run` and `ingest` on local shards
     # start without it (~0.1-0.2 s of CPU).
     import aiohttp
 
-    timeout = aiohttp.ClientTimeout(total=cfg.ingest.download_timeout_s)
+    from crawler import fetch
+
+    cap = cfg.ingest.max_download_bytes
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url) as resp,
+            asyncio.timeout(cfg.ingest.download_timeout_s),
+            fetch.client_session(cfg.fetch, 4) as session,
+            fetch.Fetcher(cfg.fetch, session, 4).stream(url) as resp,
         ):
-            if resp.status == 404:
-                raise ShardMissing(f"{url}: HTTP 404")
-            resp.raise_for_status()
+            if resp.status in (404, 410):
+                raise ShardMissing(f"{url}: HTTP {resp.status}")
+            if resp.status != 200:
+                raise ShardUnreadable("unreadable_shard", f"{url}: HTTP {resp.status}")
+            if resp.content_length is not None and resp.content_length > cap:
+                raise ShardUnreadable(
+                    "download_too_large", f"{url}: Content-Length {resp.content_length} > {cap}"
+                )
+            size = 0
             async with aiofiles.open(dest, "wb") as fh:  # 100s of MB: keep the loop free
-                async for chunk in resp.content.iter_chunked(1 << 20):
+                async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+                    size += len(chunk)
+                    if size > cap:
+                        raise ShardUnreadable("download_too_large", f"{url}: more than {cap} bytes")
                     await fh.write(chunk)
-    except aiohttp.ClientError as exc:
-        raise ShardDownloadError(f"{url}: {exc}") from exc
+    except TimeoutError:
+        raise ShardUnreadable(
+            "unreadable_shard", f"{url}: not downloaded within {cfg.ingest.download_timeout_s} s"
+        ) from None
+    except (aiohttp.ClientError, OSError, ValueError) as exc:  # BlockedAddress is an OSError
+        raise ShardUnreadable("unreadable_shard", f"{url}: {exc}") from exc
+
+
+def download_blocking(url: str, dest: Path, cfg: Config) -> None:
+    """`download` for a caller in a thread of its own (the assignment rewrite)."""
+    asyncio.run(download(url, dest, cfg))
+
+
+# ---- ingest ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -262,29 +387,52 @@ class IngestStats:
     shards: int = 0
     shards_skipped: int = 0
     shards_missing: int = 0
+    shards_known_gaps: int = 0
+    shards_unreadable: int = 0
     lines: int = 0
     bad_lines: int = 0
     items: int = 0
     bad_entries: int = 0
     duplicate_names: int = 0
+    flagged_duplicates: int = 0  # documents flagged could_have_url_duplicate
+    skipped_duplicates: int = 0  # of those, left out (corpus.skip_url_duplicates)
+    unreadable: list[str] = field(default_factory=list)  # "<shard>: why", one per shard
+    stopped: bool = False  # a stop was requested before every shard was handled
 
 
 class Ingest:
-    """Feeds shards into the queue; one instance per ingest process."""
+    """Feeds shards into the queue; one instance per ingest process.
 
-    def __init__(self, cfg: Config, client: aioredis.Redis) -> None:
+    ``redis_wait_s`` > 0 bounds how long a Redis outage is ridden out (then
+    ``connection.RedisUnavailable`` is raised); 0 waits for Redis however long it takes.
+    """
+
+    def __init__(self, cfg: Config, client: aioredis.Redis, *, redis_wait_s: float = 0.0) -> None:
         self.cfg = cfg
         self.client = client
         self.keys = Keys(cfg.redis.namespace)
         self.queue = WorkQueue(client, self.keys, cfg.queue)
         self.stats = IngestStats()
         self.output = cfg.output_dir
+        self.redis_wait_s = redis_wait_s
+        self.stop = asyncio.Event()
 
     async def run(self, sources: list[ShardSource], stop: asyncio.Event | None = None) -> None:
-        for source in sources:
-            if stop is not None and stop.is_set():
-                return
-            await self.ingest_shard(source)
+        """Ingest each source in turn. Setting `stop` ends at the last enqueued batch."""
+        if stop is not None:
+            self.stop = stop
+        try:
+            for source in sources:
+                if self.stop.is_set():
+                    raise Stopped
+                await self.ingest_shard(source)
+        except Stopped:
+            self.stats.stopped = True
+            log.warning("ingest stopped; a rerun resumes after the last enqueued batch")
+
+    async def _redis(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
+        b = self.cfg.redis.reconnect_backoff_s
+        return await retrying(fn, b, what=what, give_up_after_s=self.redis_wait_s)
 
     async def ingest_shard(self, source: ShardSource) -> None:
         problem = check_shard_id(source.shard)
@@ -297,20 +445,19 @@ class Ingest:
             self.stats.shards_skipped += 1
             return
         meta_key = self.keys.shard_meta(source.shard)
-        b = self.cfg.redis.reconnect_backoff_s
-        meta = await retrying(lambda: self.client.hgetall(meta_key), b, what="ingest")
+        meta = await self._redis(lambda: self.client.hgetall(meta_key), "ingest")
         if b"total" in meta:
             self.stats.shards_skipped += 1
             return
-        lock = self.keys.shard_meta(source.shard) + ":ingest-lock"
+        lock = self.keys.shard_ingest_lock(source.shard)
         token = uuid.uuid4().hex
 
         async def acquire() -> bool:
-            if await self.client.set(lock, token, nx=True, ex=600):
+            if await self.client.set(lock, token, nx=True, ex=LOCK_TTL_S):
                 return True
             return bool(await self.client.get(lock) == token.encode())  # ours, reply lost
 
-        if not await retrying(acquire, b, what="ingest lock"):
+        if not await self._redis(acquire, "ingest lock"):
             log.warning("shard %s is being ingested by another process", source.shard)
             self.stats.shards_skipped += 1
             return
@@ -320,19 +467,27 @@ class Ingest:
                 await self._ingest_file(source, path, start_line, lock)
             self.stats.shards += 1
         except ShardMissing as exc:
-            log.warning("shard missing, skipped: %s", exc)
-            self.stats.shards_missing += 1
-            await self._count_error("missing_shard")
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:  # ShardDownloadError included
-            log.error("shard %s unreadable, skipped: %s", source.location, exc)
-            await self._count_error("unreadable_shard")
+            if source.known_gap:
+                log.info("shard %s is a known gap of the corpus, skipped", source.shard)
+                self.stats.shards_known_gaps += 1
+            else:
+                log.warning("shard missing, skipped: %s", exc)
+                self.stats.shards_missing += 1
+                await self._count_error("missing_shard")
+        except ShardUnreadable as exc:
+            log.error("shard %s unreadable (%s): %s", source.shard, exc.kind, exc)
+            self.stats.shards_unreadable += 1
+            self.stats.unreadable.append(f"{source.shard}: {exc}")
+            await self._count_error(exc.kind)
         finally:
             with contextlib.suppress(Exception):
-                if await self.client.get(lock) == token.encode():
-                    await self.client.delete(lock)
+                async with asyncio.timeout(2):  # a stopping process does not wait on Redis
+                    if await self.client.get(lock) == token.encode():
+                        await self.client.delete(lock)
 
     async def _count_error(self, kind: str, n: int = 1) -> None:
-        await self.client.hincrby(self.keys.ingest_errors, kind, n)
+        key = self.keys.ingest_errors
+        await self._redis(lambda: self.client.hincrby(key, kind, n), "ingest errors")
 
     async def _ingest_file(
         self, source: ShardSource, path: Path, start_line: int, lock: str
@@ -340,60 +495,81 @@ class Ingest:
         seen: set[str] = set()
         batch = Batch(source.shard)
         line_no = 0
-        for line_no, line in enumerate(_open_lines(path), start=1):
-            parsed = parse_line(line)
-            fresh = line_no > start_line
-            if fresh:
-                self.stats.lines += 1
-                batch.lines += 1
-                if parsed.error:
-                    self.stats.bad_lines += 1
-                    batch.bad_lines += 1
-                    batch.errors.append(f"line {line_no}: {parsed.error}")
-                batch.skipped_entries += parsed.skipped_entries
-            for entry in parsed.entries:
-                if entry.name in seen:
+        policy = AddressPolicy.of(self.cfg.fetch)
+        skip_flagged = self.cfg.corpus.skip_url_duplicates
+        ing = self.cfg.ingest
+        lines = read_lines(path, ing.max_line_bytes, ing.max_shard_bytes)
+        unreadable: ShardUnreadable | None = None
+        try:
+            for line_no, line in enumerate(lines, start=1):
+                fresh = line_no > start_line
+                if line is None:  # longer than max_line_bytes
                     if fresh:
-                        batch.duplicates += 1
+                        batch.count_bad_line(line_no, "line_too_long", "line is too long")
                     continue
-                seen.add(entry.name)
+                parsed = parse_line(line, policy)
                 if fresh:
-                    batch.add(entry)
-            if fresh and batch.size >= self.cfg.ingest.batch_size:
-                await self._flush(batch, source, line_no, lock)
-                batch = Batch(source.shard)
-            if line_no % 5000 == 0:
-                await asyncio.sleep(0)  # stay responsive while skipping a resumed prefix
+                    batch.lines += 1
+                    if parsed.error:
+                        batch.count_bad_line(line_no, "bad_line", parsed.error)
+                    batch.skipped_entries += parsed.skipped_entries
+                    batch.flagged += parsed.url_duplicate
+                if parsed.url_duplicate and skip_flagged:
+                    batch.skipped_flagged += fresh
+                    continue
+                for entry in parsed.entries:
+                    if entry.name in seen:
+                        if fresh:
+                            batch.duplicates += 1
+                        continue
+                    seen.add(entry.name)
+                    if fresh:
+                        batch.add(entry)
+                if fresh and batch.size >= ing.batch_size:
+                    await self._flush(batch, source, line_no, lock)
+                    batch = Batch(source.shard)
+                if line_no % 5000 == 0:
+                    await asyncio.sleep(0)  # stay responsive while skipping a resumed prefix
+        except ShardUnreadable as exc:
+            if line_no == 0:
+                raise  # nothing read: nothing to end; the next run tries again
+            unreadable = exc
+            batch.unreadable = f"{exc.kind}: {exc}"
+            log.error("shard %s ends at line %d: %s", source.shard, line_no, exc)
+        finally:
+            lines.close()  # a stop (or a Redis error) leaves the file closed, not to the GC
         await self._flush(batch, source, line_no, lock)
         total = len(seen)
-        b = self.cfg.redis.reconnect_backoff_s
-        await retrying(lambda: self.queue.seal(source.shard, total), b, what="seal")
-        log.info("shard %s enqueued: %d images", source.shard, len(seen))
+        await self._redis(lambda: self.queue.seal(source.shard, total), "seal")
+        log.info("shard %s enqueued: %d images", source.shard, total)
+        if unreadable is not None:
+            raise unreadable
 
     async def _flush(self, batch: Batch, source: ShardSource, line_no: int, lock: str) -> None:
-        await self._wait_for_room()
+        await self._wait_for_room(lock)
+        if self.stop.is_set():
+            raise Stopped  # before the transaction: the resume point stays at the last batch
         for err in batch.errors[:20]:
             log.warning("%s %s", source.shard, err)
         meta = self.keys.shard_meta(source.shard)
-        delay = self.cfg.redis.reconnect_backoff_s
-        while True:
-            try:
-                pipe = await self._batch_pipeline(batch, source, line_no, lock)
-                await pipe.execute()
-                break
-            except (RedisError, OSError) as exc:
-                # Ride out a Redis restart without applying the batch twice: the transaction
-                # moves ingest_line to line_no, so after a lost reply meta tells.
-                log.warning("ingest: Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-                with contextlib.suppress(RedisError, OSError):
-                    applied = await self.client.hget(meta, "ingest_line")
-                    if applied is not None and int(applied) >= line_no > 0:
-                        break
+
+        async def apply() -> None:
+            # Rides out a Redis restart without applying the batch twice: the transaction
+            # moves ingest_line to line_no, so after a lost reply meta tells.
+            applied = await self.client.hget(meta, "ingest_line")
+            if applied is not None and int(applied) >= line_no > 0 and not batch.unreadable:
+                return
+            pipe = await self._batch_pipeline(batch, source, line_no, lock)
+            await pipe.execute()
+
+        await self._redis(apply, "ingest")
+        self.stats.lines += batch.lines
+        self.stats.bad_lines += batch.bad_lines
         self.stats.items += len(batch.items)
         self.stats.bad_entries += len(batch.problems) + batch.skipped_entries
         self.stats.duplicate_names += batch.duplicates
+        self.stats.flagged_duplicates += batch.flagged
+        self.stats.skipped_duplicates += batch.skipped_flagged
 
     async def _batch_pipeline(
         self, batch: Batch, source: ShardSource, line_no: int, lock: str
@@ -401,7 +577,10 @@ class Ingest:
         """One transaction: the batch's items, its ingest-time records, counters, resume point."""
         pipe = self.client.pipeline(transaction=True)
         meta = self.keys.shard_meta(source.shard)
-        pipe.hset(meta, mapping={"source": source.location, "ingest_line": line_no})
+        fields: dict[Any, Any] = {"source": source.location, "ingest_line": line_no}
+        if batch.unreadable:
+            fields["unreadable"] = batch.unreadable
+        pipe.hset(meta, mapping=fields)
         for field_name, value in batch.counters().items():
             if value:
                 pipe.hincrby(meta, field_name, value)
@@ -410,26 +589,41 @@ class Ingest:
         if batch.problems:
             await self.queue.record_to(pipe, batch.problems)
         errors = {
-            "bad_line": batch.bad_lines,
+            **batch.error_kinds,
             "bad_image_info": batch.skipped_entries,
             "bad_url": sum(1 for p in batch.problems if p[4] == status.BAD_URL),
             "bad_name": sum(1 for p in batch.problems if p[4] == status.BAD_NAME),
+            "blocked_address": sum(1 for p in batch.problems if p[4] == status.BLOCKED_ADDRESS),
         }
         for kind, n in errors.items():
             if n:
                 pipe.hincrby(self.keys.ingest_errors, kind, n)
-        pipe.expire(lock, 600)
+        pipe.expire(lock, LOCK_TTL_S)
         return pipe
 
-    async def _wait_for_room(self) -> None:
+    async def _wait_for_room(self, lock: str) -> None:
+        """Backpressure: wait while the queue holds ingest.max_queue_depth items or more,
+        keeping the shard's lock alive; a stop request ends the wait at once."""
         limit = self.cfg.ingest.max_queue_depth
+        waiting = False
         while True:
-            try:
-                if await self.queue.depth() < limit:
-                    return
-            except (RedisError, OSError) as exc:
-                log.warning("ingest: Redis unavailable (%s)", exc)
-            await asyncio.sleep(self.cfg.ingest.backpressure_poll_s)
+            depth = await self._redis(self.queue.depth, "ingest: queue depth")
+            if depth < limit:
+                return
+            if not waiting:
+                log.info("queue full (%d items): waiting for room", depth)
+                waiting = True
+            await self._redis(lambda: self.client.expire(lock, LOCK_TTL_S), "ingest lock")
+            await self._pause(self.cfg.ingest.backpressure_poll_s)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, or raise Stopped as soon as a stop is requested."""
+        if not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self.stop.wait()
+        if self.stop.is_set():
+            raise Stopped
 
 
 class Batch:
@@ -440,10 +634,14 @@ class Batch:
         self.items: list[Entry] = []
         self.problems: list[tuple[str, str, str, bytes, str, int]] = []
         self.errors: list[str] = []
+        self.error_kinds: dict[str, int] = {}
         self.lines = 0
         self.bad_lines = 0
         self.skipped_entries = 0
         self.duplicates = 0
+        self.flagged = 0
+        self.skipped_flagged = 0
+        self.unreadable = ""  # set on the shard's last batch when reading ended early
 
     @property
     def size(self) -> int:
@@ -456,11 +654,20 @@ class Batch:
         rec = status.make_record(entry.name, entry.url, entry.problem_status, error=entry.problem)
         self.problems.append(encode_result("", self.shard, entry.name, rec))
 
+    def count_bad_line(self, line_no: int, kind: str, why: str) -> None:
+        if kind == "line_too_long":
+            self.lines += 1
+        self.bad_lines += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+        self.errors.append(f"line {line_no}: {why}")
+
     def counters(self) -> dict[str, int]:
         return {
             "lines": self.lines,
             "bad_lines": self.bad_lines,
             "bad_image_info": self.skipped_entries,
             "duplicate_names": self.duplicates,
+            "flagged_duplicates": self.flagged,
+            "skipped_duplicates": self.skipped_flagged,
             "images": len(self.items) + len(self.problems),
         }

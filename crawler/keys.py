@@ -12,13 +12,21 @@ key                                type    holds
                                            time (ms) they may run again
 ``ns:errors``                      hash    stream id -> last error of an item that failed
                                            without a result (reason for its dead letter)
-``ns:dead``                        stream  dead letters: items delivered max_deliveries times
+``ns:dead``                        stream  dead letters {s, n, u, reason, t}: items
+                                           delivered max_deliveries times, poison entries,
+                                           results for images their shard does not have
 ``ns:shard:<shard>:meta``          hash    source, lines, docs, bad_lines, images, total
                                            (set when the shard is fully enqueued), done,
-                                           ingest_line (resume point)
-``ns:shard:<shard>:records``       hash    image_name -> terminal status record (JSON);
-                                           moved to OUTPUT/_status/<shard>.jsonl.gz when
-                                           the shard completes
+                                           pending (images queued and not yet recorded),
+                                           ingest_line (resume point), flagged_duplicates,
+                                           skipped_duplicates, unreadable (why reading
+                                           ended early)
+``ns:shard:<shard>:ingest-lock``   string  token of the process enqueueing the shard (TTL)
+``ns:shard:<shard>:records``       hash    image_name -> terminal status record (JSON), or
+                                           "" while the image is queued (only these images
+                                           are the shard's); moved to
+                                           OUTPUT/_status/<shard>.jsonl.gz when the shard
+                                           completes
 ``ns:shards:open``                 set     shards with items in flight
 ``ns:shards:complete``             set     shards whose every image has a record, waiting
                                            for their report to be written
@@ -63,6 +71,10 @@ class Keys:
 
     def shard_meta(self, shard: str) -> str:
         return f"{self.ns}:shard:{shard}:meta"
+
+    def shard_ingest_lock(self, shard: str) -> str:
+        """Held (with a TTL) by the one process enqueueing a shard."""
+        return f"{self.ns}:shard:{shard}:ingest-lock"
 
     def shard_records(self, shard: str) -> str:
         return f"{self.ns}:shard:{shard}:records"
@@ -112,3 +124,9 @@ class Keys:
     @property
     def hosts_failed(self) -> str:
         return f"{self.ns}:hosts:failed"
+
+    @property
+    def all_pattern(self) -> str:
+        """SCAN pattern of every key of this namespace (`clear` deletes them)."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.ns)
+        return f"{escaped}:*"

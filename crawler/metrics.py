@@ -111,8 +111,9 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def metrics_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
-    """/metrics, /healthz (the process answers) and /readyz (Redis answered recently)."""
+def metrics_app(metrics: Metrics, unready: Callable[[], str]) -> web.Application:
+    """/metrics, /healthz (the process answers) and /readyz (the worker can work: Redis
+    answered recently and the output can be written). `unready` says why not ("" if it can)."""
 
     async def get_metrics(_: web.Request) -> web.Response:
         resp = web.Response(body=metrics.exposition())
@@ -123,9 +124,10 @@ def metrics_app(metrics: Metrics, ready: Callable[[], bool]) -> web.Application:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        if ready():
+        why = unready()
+        if not why:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: Redis has not answered recently\n")
+        return web.Response(status=503, text=f"not ready: {why}\n")
 
     app = web.Application()
     app.router.add_get("/metrics", get_metrics)

@@ -182,11 +182,14 @@ async def _fresh_heartbeat(
 ) -> tuple[bool, str]:
     stale = ""
     async for key in client.scan_iter(match=pattern, count=500):
-        beat: Any = await client.hmget(key, "host", "seen")
+        beat: Any = await client.hmget(key, "host", "seen", "paused")
         if beat[0] is not None and _s(beat[0]) == host:
-            if time.time() - float(beat[1] or 0) <= max_age_s:
+            if time.time() - float(beat[1] or 0) > max_age_s:
+                stale = f"heartbeat of {_s(key)} is stale"
+            elif beat[2]:
+                stale = f"{_s(key)} is paused: {_s(beat[2])}"
+            else:
                 return True, ""
-            stale = f"heartbeat of {_s(key)} is stale"
     return False, stale or f"no live heartbeat from {host}"
 
 
@@ -222,5 +225,6 @@ def render_text(snap: Snapshot) -> str:
     for w in snap.workers:
         lines.append(
             f"  {w['id']:<40} processed={w.get('processed', '?')} held={w.get('held', '?')}"
+            + (f" PAUSED: {w['paused']}" if w.get("paused") else "")
         )
     return "\n".join(lines)

@@ -4,12 +4,20 @@ At-least-once: an item stays in the stream's pending list until its result is re
 worker renews the leases of what it holds (XCLAIM JUSTID, which does not count as a delivery);
 an item whose lease is older than ``lease_timeout_s`` is claimed by another worker; an item
 delivered ``max_deliveries`` times without a result becomes a dead letter with a terminal
-``dead_letter`` record. Results are recorded with HSETNX, so an item processed twice still
-gets exactly one record.
+``dead_letter`` record. An image's record replaces the placeholder its enqueue left in the
+shard's records hash, once: an item processed twice still gets exactly one record, and an
+item that is not one of its shard's images never gets into that shard.
+
+Nothing read from Redis is trusted: every entry taken from the stream (read, reclaimed,
+buried) goes through :func:`parse_entry`, which gives either an :class:`Item` or a
+:class:`Poison` naming why it cannot be worked on. Poison is settled at once, never retried:
+a ``bad_url``/``bad_name`` record when the entry names an image of a known shard, else an
+entry on the dead-letter stream naming the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,12 +25,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from crawler import status
 from crawler.config import QueueConfig
+from crawler.guard import ANY_ADDRESS, check_url
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.scripts import Scripts
+
+log = logging.getLogger(__name__)
 
 # (stream id, shard, image_name, record JSON, status, stored bytes)
 Result = tuple[str, str, str, bytes, str, int]
@@ -40,6 +51,25 @@ def encode_result(item_id: str, shard: str, name: str, rec: dict[str, Any]) -> R
     return (item_id, shard, name, status.encode(rec), str(rec["status"]), int(rec["bytes"]))
 
 
+@dataclass(frozen=True, slots=True)
+class Poison:
+    """A stream entry that cannot be worked on, and why.
+
+    `status` is ``bad_name`` or ``bad_url`` when the entry still names an image of a usable
+    shard (then it gets that terminal record), else ``dead_letter`` (then only a dead-letter
+    entry: there is no shard to record it in). `fields` are the entry's fields as printable
+    text, for the dead-letter entry.
+    """
+
+    id: str
+    status: str
+    reason: str
+    fields: dict[str, str]
+    shard: str = ""
+    name: str = ""
+    url: str = ""
+
+
 def text(value: Any) -> str:
     """A Redis reply value as str (replies are bytes: the clients do not decode)."""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
@@ -48,9 +78,42 @@ def text(value: Any) -> str:
 _s = text
 
 
-def _item(entry_id: Any, fields: dict[Any, Any]) -> Item:
-    f = {_s(k): _s(v) for k, v in fields.items()}
-    return Item(_s(entry_id), f.get("s", ""), f.get("n", ""), f.get("u", ""))
+def printable(value: Any) -> str:
+    """Any reply value as text that encodes anywhere (bad UTF-8 as backslash escapes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
+def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
+    """A raw stream entry as a work item, or as poison with the reason (never raises)."""
+    # The checks are ingest's own (the same rules at both ends); imported here because
+    # ingest imports this module.
+    from crawler.ingest import check_image_name, check_shard_id
+
+    item_id = printable(entry_id)
+    shown = {printable(k): printable(v)[:1000] for k, v in fields.items()}
+    values: dict[str, str] = {}
+    for key in ("s", "n", "u"):
+        raw = fields.get(key.encode(), fields.get(key))
+        if raw is None:
+            return Poison(item_id, status.DEAD_LETTER, f"field {key!r} is missing", shown)
+        try:
+            values[key] = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError:
+            return Poison(item_id, status.DEAD_LETTER, f"field {key!r} is not UTF-8", shown)
+    shard, name, url = values["s"], values["n"], values["u"]
+    problem = check_shard_id(shard)
+    if problem:
+        return Poison(item_id, status.DEAD_LETTER, problem, shown)
+    problem = check_image_name(name)
+    if problem:
+        return Poison(item_id, status.BAD_NAME, problem, shown, shard, name, url)
+    # The URL's shape; its address is judged by the fetcher under the worker's policy.
+    refused = check_url(url, ANY_ADDRESS)
+    if refused:
+        return Poison(item_id, status.BAD_URL, refused[1], shown, shard, name, url)
+    return Item(item_id, shard, name, url)
 
 
 class WorkQueue:
@@ -59,6 +122,7 @@ class WorkQueue:
         self.keys = keys
         self.cfg = cfg
         self.scripts = Scripts(client)
+        self.poisoned = 0  # poison entries settled by this queue object
 
     # ---- producing -------------------------------------------------------------------
     async def add_to(self, pipe: Pipeline, shard: str, items: Sequence[tuple[str, str]]) -> None:
@@ -69,7 +133,8 @@ class WorkQueue:
         args = [shard]
         for name, url in items:
             args += (name, url)
-        await self.scripts.enqueue(keys=[self.keys.queue], args=args, client=pipe)
+        keys = [self.keys.queue, self.keys.shard_records(shard), self.keys.shard_meta(shard)]
+        await self.scripts.enqueue(keys=keys, args=args, client=pipe)
 
     async def ensure_group(self) -> None:
         try:
@@ -94,8 +159,9 @@ class WorkQueue:
 
     # ---- results ---------------------------------------------------------------------
     def _record_call(self, results: Sequence[Result]) -> tuple[list[str], list[Any]]:
-        keys = [self.keys.queue, self.keys.counts, self.keys.errors, self.keys.shards_complete]
-        args: list[Any] = [CRAWL_GROUP]
+        keys = [self.keys.queue, self.keys.counts, self.keys.errors, self.keys.shards_complete,
+                self.keys.dead]  # fmt: skip
+        args: list[Any] = [CRAWL_GROUP, self.cfg.dead_letter_maxlen]
         for item_id, shard, name, rec, st, nbytes in results:
             keys += [self.keys.shard_meta(shard), self.keys.shard_records(shard)]
             args += [item_id, shard, name, rec, st, nbytes]
@@ -116,15 +182,97 @@ class WorkQueue:
 
     # ---- consuming -------------------------------------------------------------------
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Item]:
+        """Lease up to `count` new items; poison among them is settled, not returned."""
         reply: Any = await self.client.xreadgroup(
             CRAWL_GROUP, consumer, {self.keys.queue: ">"}, count=count, block=block_ms
         )
+        entries = [e for _stream, batch in reply or [] for e in batch]
+        return await self._sort(entries)
+
+    async def _sort(self, entries: Sequence[Any]) -> list[Item]:
+        """Items of leased entries; poison is settled (or left pending, to be settled when it
+        is reclaimed, if Redis fails meanwhile); emptied entries are dropped."""
         items: list[Item] = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                if fields:  # an entry deleted while pending comes back empty
-                    items.append(_item(entry_id, fields))
+        poison: list[Poison] = []
+        empty: list[str] = []
+        for entry_id, fields in entries:
+            if not fields:  # an entry deleted while pending comes back empty
+                empty.append(_s(entry_id))
+                continue
+            parsed = parse_entry(entry_id, fields)
+            if isinstance(parsed, Item):
+                items.append(parsed)
+            else:
+                poison.append(parsed)
+        if empty:
+            await self._drop(empty)
+        if items:
+            items, strays = await self._own_images(items)
+            poison += strays
+        if poison:
+            try:
+                await self.settle(poison)
+            except (RedisError, OSError) as exc:
+                log.warning("%d poison entries left pending (%s)", len(poison), exc)
         return items
+
+    async def _own_images(self, items: list[Item]) -> tuple[list[Item], list[Poison]]:
+        """Split items into images of their shards still waiting for a record (returned), and
+        strays (returned as poison: never fetched, never counted into a shard); an item whose
+        image is recorded already (a duplicate entry) is dropped."""
+        pipe = self.client.pipeline(transaction=False)
+        for it in items:
+            pipe.hget(self.keys.shard_records(it.shard), it.name)
+        marks = await pipe.execute()
+        own: list[Item] = []
+        strays: list[Poison] = []
+        duplicates: list[str] = []
+        for it, mark in zip(items, marks, strict=True):
+            if mark == b"":
+                own.append(it)
+            elif mark is None:
+                reason = (
+                    f"not an image of shard {it.shard!r} (unknown shard, stray entry, or shard "
+                    "already reported)"
+                )
+                shown = {"s": it.shard, "n": it.name, "u": it.url}
+                strays.append(Poison(it.id, status.DEAD_LETTER, reason, shown))
+            else:
+                duplicates.append(it.id)
+        if duplicates:
+            await self._drop(duplicates)
+        return own, strays
+
+    async def settle(self, poison: Sequence[Poison]) -> None:
+        """Give poison its end, in one transaction: a bad_url/bad_name record for an image of
+        its shard (RECORD leaves a dead-letter entry for an image its shard does not have),
+        else a dead-letter entry naming the reason; either way it leaves the queue."""
+        results: list[Result] = []
+        dead: list[Poison] = []
+        for p in poison:
+            log.warning("poison queue entry %s (%s): %s %s", p.id, p.status, p.reason, p.fields)
+            if p.status == status.DEAD_LETTER:
+                dead.append(p)
+            else:
+                rec = status.make_record(p.name, p.url, p.status, error=p.reason)
+                results.append(encode_result(p.id, p.shard, p.name, rec))
+        pipe = self.client.pipeline(transaction=True)
+        if results:
+            await self.record_to(pipe, results)
+        for p in dead:
+            entry: dict[Any, Any] = {
+                "s": p.fields.get("s", ""), "n": p.fields.get("n", ""),
+                "u": p.fields.get("u", ""), "reason": f"poison entry: {p.reason}",
+                "t": time.time(),
+            }  # fmt: skip
+            pipe.xadd(self.keys.dead, entry, maxlen=self.cfg.dead_letter_maxlen, approximate=True)
+        if dead:
+            ids = [p.id for p in dead]
+            pipe.xack(self.keys.queue, CRAWL_GROUP, *ids)
+            pipe.xdel(self.keys.queue, *ids)
+            pipe.hdel(self.keys.errors, *ids)
+        await pipe.execute()
+        self.poisoned += len(poison)
 
     async def renew(self, consumer: str, ids: Sequence[str]) -> None:
         """Reset the lease clock of held items (JUSTID: not counted as a delivery)."""
@@ -165,10 +313,7 @@ class WorkQueue:
             entries: Any = await self.client.xclaim(
                 self.keys.queue, CRAWL_GROUP, consumer, idle_ms, to_claim
             )
-            claimed = [_item(i, f) for i, f in entries if f]
-            empty = [_s(i) for i, f in entries if not f]
-            if empty:  # deleted entries: nothing left to do for them
-                await self._drop(empty)
+            claimed = await self._sort(entries)
         buried = await self._bury(to_bury) if to_bury else 0
         return claimed, buried
 
@@ -181,14 +326,18 @@ class WorkQueue:
     async def _bury(self, deliveries: dict[str, int]) -> int:
         results: list[Result] = []
         dead_entries: list[dict[Any, Any]] = []
+        poison: list[Poison] = []
         errors = await self.client.hmget(self.keys.errors, list(deliveries))
         for (item_id, times), err in zip(deliveries.items(), errors, strict=True):
             entries: Any = await self.client.xrange(self.keys.queue, item_id, item_id)
-            if not entries:
+            if not entries or not entries[0][1]:
                 await self._drop([item_id])
                 continue
-            item = _item(*entries[0])
-            reason = _s(err) if err else "lease expired (worker died or hung)"
+            item = parse_entry(*entries[0])
+            if isinstance(item, Poison):
+                poison.append(item)
+                continue
+            reason = printable(err) if err else "lease expired (worker died or hung)"
             text = f"dead letter after {times} deliveries: {reason}"
             rec = status.make_record(
                 item.name, item.url, status.DEAD_LETTER, error=text, attempts=times
@@ -197,14 +346,16 @@ class WorkQueue:
             dead_entries.append(
                 {"s": item.shard, "n": item.name, "u": item.url, "reason": text, "t": time.time()}
             )
+        if poison:
+            await self.settle(poison)
         if not results:
-            return 0
+            return len(poison)
         pipe = self.client.pipeline(transaction=True)
         await self.record_to(pipe, results)
         for entry in dead_entries:
             pipe.xadd(self.keys.dead, entry, maxlen=self.cfg.dead_letter_maxlen, approximate=True)
         await pipe.execute()
-        return len(results)
+        return len(results) + len(poison)
 
     # ---- handing back ----------------------------------------------------------------
     async def hand_back(self, items: Sequence[Item]) -> None:

@@ -115,6 +115,7 @@ async def run_all(
     assign_stop = asyncio.Event()
     try:
         await WorkQueue(client, keys, cfg.queue).ensure_group()
+        done_before = (await monitor.snapshot(client, keys, history=2)).done
         supervisor.start()
         if with_assign:
             assign_task = _start_assign(cfg, assign_stop)
@@ -152,6 +153,13 @@ async def run_all(
             f"{st.bad_entries} bad entries, {st.duplicate_names} duplicate names",
             file=sys.stderr,
         )
+        if not interrupted and st.items == 0 and st.shards_skipped and snap.done == done_before:
+            print(
+                f"nothing to do: the {st.shards_skipped} shards given are already reported in "
+                f"{cfg.output_dir / '_status'} (`retry --status ...` fetches failures again; "
+                "another --output starts a new corpus)",
+                file=sys.stderr,
+            )
         return 130 if interrupted else 0
     finally:
         supervisor.stop(5)

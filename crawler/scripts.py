@@ -11,58 +11,95 @@ from typing import Any
 import redis.asyncio as aioredis
 
 # Add a shard's work items to the queue stream, in order (one call per batch: a command
-# per item cost ingest more CPU in redis-py's command packing than the items' parsing).
-# KEYS: 1 queue stream
+# per item cost ingest more CPU in redis-py's command packing than the items' parsing). Each
+# image gets a placeholder ("") in the shard's records hash and counts in the shard's
+# `pending`: the shard is complete when it is sealed and none of its own images is pending.
+# An image that already has a record is not queued again.
+# KEYS: 1 queue stream, 2 the shard's records hash, 3 the shard's meta hash
 # ARGV: 1 shard, then for item i: image_name, raw_url (2 values each)
 # Returns: how many items were added.
 ENQUEUE = """
+local added, placeholders = 0, 0
 for i = 2, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], '*', 's', ARGV[1], 'n', ARGV[i], 'u', ARGV[i + 1])
+  local cur = redis.call('HGET', KEYS[2], ARGV[i])
+  if not cur then
+    redis.call('HSET', KEYS[2], ARGV[i], '')
+    placeholders = placeholders + 1
+  end
+  if not cur or cur == '' then
+    redis.call('XADD', KEYS[1], '*', 's', ARGV[1], 'n', ARGV[i], 'u', ARGV[i + 1])
+    added = added + 1
+  end
 end
-return (#ARGV - 1) / 2
+if placeholders > 0 then redis.call('HINCRBY', KEYS[3], 'pending', placeholders) end
+return added
 """
 
 # Record terminal results, at most one per image, and release their queue entries.
-# KEYS: 1 queue stream, 2 counts hash, 3 errors hash, 4 shards:complete set,
+# A result from the queue counts only if its entry was still pending (else another holder
+# of the same item recorded it first) and only for an image of its shard (one with a
+# placeholder); a result for any other image (unknown shard, stray item, shard already
+# reported) leaves a dead-letter entry instead, unless it is a dead letter itself (its
+# caller writes that entry). A result not from the queue (ingest's bad_url/bad_name) is
+# recorded if the image has no record yet.
+# KEYS: 1 queue stream, 2 counts hash, 3 errors hash, 4 shards:complete set, 5 dead stream,
 #       then for result i: meta hash, records hash (2 keys each)
-# ARGV: 1 consumer group, then for result i: stream id ("" when not from the queue),
-#       shard, image_name, record JSON, status, stored bytes (6 values each)
-# Returns: the shards this call completed (every image recorded and the shard sealed).
+# ARGV: 1 consumer group, 2 dead stream max length, then for result i: stream id ("" when
+#       not from the queue), shard, image_name, record JSON, status, stored bytes (6 each)
+# Returns: the shards this call completed (sealed, and none of their images pending).
 RECORD = """
 local completed = {}
-local n = (#ARGV - 1) / 6
+local n = (#ARGV - 2) / 6
 for i = 0, n - 1 do
-  local a = 2 + i * 6
+  local a = 3 + i * 6
   local id, shard, name, rec, status, nbytes =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local meta, records = KEYS[5 + i * 2], KEYS[6 + i * 2]
-  if redis.call('HSETNX', records, name, rec) == 1 then
-    redis.call('HINCRBY', KEYS[2], status, 1)
-    redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(nbytes))
-    local done = redis.call('HINCRBY', meta, 'done', 1)
-    local total = redis.call('HGET', meta, 'total')
-    if total and tonumber(total) == done then
-      redis.call('SADD', KEYS[4], shard)
-      completed[#completed + 1] = shard
-    end
-  end
+  local meta, records = KEYS[6 + i * 2], KEYS[7 + i * 2]
+  local live = true
   if id ~= '' then
-    redis.call('XACK', KEYS[1], ARGV[1], id)
+    live = redis.call('XACK', KEYS[1], ARGV[1], id) == 1
     redis.call('XDEL', KEYS[1], id)
     redis.call('HDEL', KEYS[3], id)
+  end
+  if live then
+    local cur = redis.call('HGET', records, name)
+    if cur == '' or (not cur and id == '') then
+      redis.call('HSET', records, name, rec)
+      redis.call('HINCRBY', KEYS[2], status, 1)
+      redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(nbytes))
+      redis.call('HINCRBY', meta, 'done', 1)
+      if cur == '' then
+        local pending = redis.call('HINCRBY', meta, 'pending', -1)
+        if pending <= 0 and redis.call('HEXISTS', meta, 'total') == 1 then
+          redis.call('SADD', KEYS[4], shard)
+          completed[#completed + 1] = shard
+        end
+      end
+    elseif not cur and status ~= 'dead_letter' then
+      local url, err = '', ''
+      local ok, decoded = pcall(cjson.decode, rec)
+      if ok and type(decoded) == 'table' then
+        url, err = tostring(decoded['raw_url'] or ''), tostring(decoded['error'] or '')
+      end
+      local t = redis.call('TIME')
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[2], '*', 's', shard, 'n', name,
+        'u', url, 'reason', 'not an image of this shard (unknown shard, stray item, or shard '
+          .. 'already reported); its result: ' .. status .. (err ~= '' and (': ' .. err) or ''),
+        't', t[1] .. '.' .. string.format('%06d', tonumber(t[2])))
+    end
   end
 end
 return completed
 """
 
-# Seal a shard once every item of it is enqueued: from now on it completes when done == total.
+# Seal a shard once every item of it is enqueued: from now on it completes when none of its
+# images is pending.
 # KEYS: 1 shard meta hash, 2 shards:complete set
 # ARGV: 1 shard, 2 total images
 # Returns: 1 when the shard is already complete, else 0.
 SEAL = """
 redis.call('HSET', KEYS[1], 'total', ARGV[2])
-local done = tonumber(redis.call('HGET', KEYS[1], 'done') or '0')
-if done >= tonumber(ARGV[2]) then
+if tonumber(redis.call('HGET', KEYS[1], 'pending') or '0') <= 0 then
   redis.call('SADD', KEYS[2], ARGV[1])
   return 1
 end
@@ -153,7 +190,8 @@ end
 return (#ARGV - 1) / 4
 """
 
-# Re-queue recorded images of the chosen statuses in an open shard (the retry command).
+# Re-queue recorded images of the chosen statuses in an open shard (the retry command): each
+# record becomes a placeholder again.
 # KEYS: 1 records hash, 2 meta hash, 3 queue stream, 4 counts hash, 5 shards:complete set
 # ARGV: 1 shard, then image names
 # Returns: the number re-queued.
@@ -161,12 +199,13 @@ REQUEUE = """
 local moved = 0
 for i = 2, #ARGV do
   local rec = redis.call('HGET', KEYS[1], ARGV[i])
-  if rec then
+  if rec and rec ~= '' then
     local ok, decoded = pcall(cjson.decode, rec)
-    if ok then
-      redis.call('HDEL', KEYS[1], ARGV[i])
+    if ok and type(decoded) == 'table' and type(decoded['raw_url']) == 'string' then
+      redis.call('HSET', KEYS[1], ARGV[i], '')
       redis.call('HINCRBY', KEYS[2], 'done', -1)
-      redis.call('HINCRBY', KEYS[4], decoded['status'], -1)
+      redis.call('HINCRBY', KEYS[2], 'pending', 1)
+      redis.call('HINCRBY', KEYS[4], tostring(decoded['status']), -1)
       redis.call('XADD', KEYS[3], '*', 's', ARGV[1], 'n', ARGV[i], 'u', decoded['raw_url'])
       moved = moved + 1
     end

@@ -20,6 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from crawler import status
+from crawler.ingest import check_shard_id
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.queue import text as _s
@@ -49,7 +50,15 @@ class Shards:
         return done
 
     async def finalize(self, shard: str) -> bool:
-        """Write the shard's report and drop its Redis state. False if someone else is on it."""
+        """Write the shard's report and drop its Redis state. False if someone else is on it,
+        or it is not complete after all.
+
+        Raises ReportWriteError when the report cannot be written (full disk, read-only
+        file system): the shard stays complete in Redis and is written on a later try."""
+        if check_shard_id(shard):  # not a name this crawl could have made: never a path
+            log.error("dropping unusable shard id %r from the complete set", shard)
+            await self.client.srem(self.keys.shards_complete, shard)
+            return False
         lock = self.keys.shard_meta(shard) + ":finalize-lock"
         token = uuid.uuid4().hex
         if not await self.client.set(lock, token, nx=True, ex=300):
@@ -57,18 +66,25 @@ class Shards:
         try:
             meta_key, records_key = self.keys.shard_meta(shard), self.keys.shard_records(shard)
             meta = {_s(k): _s(v) for k, v in (await self.client.hgetall(meta_key)).items()}
-            if "total" not in meta or int(meta.get("done", 0)) < int(meta["total"]):
+            if "total" not in meta or _int(meta.get("pending")) > 0:
                 await self.client.srem(self.keys.shards_complete, shard)
                 return False
-            records = [v async for _k, v in self.client.hscan_iter(records_key, count=2000)]
+            raw = [v async for _k, v in self.client.hscan_iter(records_key, count=2000)]
+            records, unreadable = _readable(raw)
+            if unreadable:
+                log.error("shard %s: %d unreadable records left out of its report",
+                          shard, unreadable)  # fmt: skip
             summary = self._summary(shard, meta, records)
             # gzip of thousands of records: off the event loop
-            paths = await asyncio.to_thread(
-                status.write_report, self.output, shard, records, summary
-            )
-            # Every image has its record: nobody writes here any more, so leftovers of
-            # killed writers can go now.
-            sweep_temporary(self.output / shard, older_than_s=0)
+            try:
+                paths = await asyncio.to_thread(
+                    status.write_report, self.output, shard, [r for r, _ in records], summary
+                )
+                # Every image has its record: nobody writes here any more, so leftovers of
+                # killed writers can go now.
+                await asyncio.to_thread(sweep_temporary, self.output / shard, 0)
+            except OSError as exc:
+                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(records_key, meta_key)
             pipe.srem(self.keys.shards_open, shard)
@@ -90,16 +106,23 @@ class Shards:
                 await self.client.delete(lock)
 
     @staticmethod
-    def _summary(shard: str, meta: dict[str, str], records: list[bytes]) -> dict[str, Any]:
+    def _summary(
+        shard: str, meta: dict[str, str], records: list[tuple[bytes, dict[str, Any]]]
+    ) -> dict[str, Any]:
         by_status: dict[str, int] = {}
-        for rec in records:
-            st = orjson.loads(rec)["status"]
+        for _raw, rec in records:
+            st = rec["status"]
             by_status[st] = by_status.get(st, 0) + 1
-        ints = ("lines", "bad_lines", "bad_image_info", "duplicate_names", "images", "total")
+        ints = (
+            "lines", "bad_lines", "bad_image_info", "duplicate_names", "flagged_duplicates",
+            "skipped_duplicates", "images", "total",
+        )  # fmt: skip
         return {
             "shard": shard,
             "source": meta.get("source", ""),
-            **{k: int(meta.get(k, 0)) for k in ints},
+            **{k: _int(meta.get(k)) for k in ints},
+            # why reading the shard ended before its end; empty when it was read whole
+            "unreadable": meta.get("unreadable", ""),
             "records": len(records),
             "by_status": dict(sorted(by_status.items())),
             "finished": time.time(),
@@ -108,11 +131,11 @@ class Shards:
     # ---- retry -----------------------------------------------------------------------
     async def requeue_open(self, shard: str, statuses: set[str]) -> int:
         """Re-queue the images of an in-flight shard whose records have the given statuses."""
-        names = [
-            _s(name)
-            async for name, rec in self.client.hscan_iter(self.keys.shard_records(shard))
-            if orjson.loads(rec)["status"] in statuses
-        ]
+        names = []
+        async for name, raw in self.client.hscan_iter(self.keys.shard_records(shard)):
+            rec = _record(raw)
+            if rec is not None and rec["status"] in statuses:
+                names.append(_s(name))
         moved = 0
         for start in range(0, len(names), 500):
             moved += int(
@@ -131,11 +154,15 @@ class Shards:
 
     async def reopen(self, shard: str, statuses: set[str]) -> int:
         """Re-queue images of a reported shard; the shard is reported again when done."""
+        problem = check_shard_id(shard)
+        if problem:
+            log.error("not re-queueing shard %r: %s", shard, problem)
+            return 0
         paths = status.ReportPaths(self.output, shard)
         meta_key = self.keys.shard_meta(shard)
         if await self.client.exists(meta_key):
             return await self.requeue_open(shard, statuses)  # reopened before, or in flight
-        records = list(status.read_report(paths.report))
+        records = [r for r in status.read_report(paths.report) if _usable(r)]
         retry = [r for r in records if r["status"] in statuses]
         if not retry:
             return 0
@@ -159,6 +186,46 @@ class Shards:
         await pipe.execute()
         paths.report.rename(paths.report.with_suffix(".gz.superseded"))
         return len(retry)
+
+
+class ReportWriteError(Exception):
+    """A shard's report could not be written (the output's file system refused it)."""
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def _usable(rec: Any) -> bool:
+    """Whether a decoded record has what reports and retries rely on."""
+    return isinstance(rec, dict) and all(
+        isinstance(rec.get(k), str) for k in ("image_name", "raw_url", "status")
+    )
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    """A record from Redis, or None for a placeholder or anything that is not a record."""
+    if not raw:
+        return None
+    try:
+        rec = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return rec if _usable(rec) else None
+
+
+def _readable(raw: list[bytes]) -> tuple[list[tuple[bytes, dict[str, Any]]], int]:
+    """(raw record, decoded) of every usable record, and how many others there were
+    (placeholders excepted)."""
+    out = []
+    for r in raw:
+        rec = _record(r)
+        if rec is not None:
+            out.append((r, rec))
+    return out, sum(1 for r in raw if r) - len(out)
 
 
 def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -9,6 +9,7 @@ assignment worker.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import time
@@ -37,6 +38,22 @@ BAD_NAME = "bad_name"
 DEAD_LETTER = "dead_letter"
 WRITE_ERROR = "write_error"
 
+# Every terminal status but ok, in the order `retry --status` lists them.
+FAILURE_STATUSES = (
+    TIMEOUT, CONNECTION_ERROR, DNS_ERROR, BLOCKED_ADDRESS, TOO_MANY_REDIRECTS, TOO_LARGE,
+    OPTED_OUT, NOT_AN_IMAGE, DECODE_ERROR, TOO_MANY_PIXELS, UNSUPPORTED_IMAGE, BAD_URL,
+    BAD_NAME, DEAD_LETTER, WRITE_ERROR,
+)  # fmt: skip
+
+
+def is_failure_status(name: str) -> bool:
+    """A status a failed image can have: one of FAILURE_STATUSES or http_<code>."""
+    code = name.removeprefix("http_")
+    return name in FAILURE_STATUSES or (
+        code != name and len(code) == 3 and code.isdigit() and code[0] in "12345"
+    )
+
+
 RECORD_FIELDS = (
     "image_name",  # as in the shard
     "raw_url",  # as in the shard
@@ -58,6 +75,7 @@ RECORD_FIELDS = (
 )
 
 STATUS_DIR = "_status"
+TMP_SUFFIX = ".tmp"  # of a report or summary being written: `.<name>.<pid>.tmp`
 SHARDS_DIR = "_shards"
 
 
@@ -118,12 +136,17 @@ def shard_is_reported(output: Path, shard: str) -> bool:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write data under a temporary name, fsync, rename: never a partial file at path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_report(

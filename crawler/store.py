@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import itertools
 import os
@@ -23,9 +24,14 @@ from pathlib import Path
 
 from crawler import images
 from crawler.images import ImageResult, ImageSettings
-from crawler.status import WRITE_ERROR
+from crawler.status import STATUS_DIR, WRITE_ERROR
 
 TMP_PREFIX = ".tmp-"
+# Not a terminal status: the image was fine but the output refused it (see UNWRITABLE_ERRNOS).
+OUTPUT_UNWRITABLE = "output_unwritable"
+# Errors that say the output as a whole cannot take files now, whatever the image.
+UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+PROBE_BYTES = 64 << 10
 
 
 class Store:
@@ -113,7 +119,10 @@ def shrink_and_store(data: bytes, settings: ImageSettings, final: str) -> ImageR
     try:
         write_atomic(Path(final), out)
     except OSError as exc:
-        return dataclasses.replace(img, status=WRITE_ERROR, error=str(exc), data=None)
+        # A full or read-only output is the machine's problem, not the image's: no record
+        # (the worker pauses and hands the item back); anything else is this image's.
+        st = OUTPUT_UNWRITABLE if exc.errno in UNWRITABLE_ERRNOS else WRITE_ERROR
+        return dataclasses.replace(img, status=st, error=str(exc), data=None)
     return dataclasses.replace(img, data=None, stored_bytes=len(out))
 
 
@@ -136,8 +145,35 @@ def verify_stored(final: str, settings: ImageSettings) -> ImageResult | None:
     )  # fmt: skip
 
 
-def sweep_temporary(directory: Path, older_than_s: float = 600.0) -> int:
-    """Remove temporary files left by killed writers; returns how many.
+def output_problem(output: Path) -> str:
+    """Why files cannot be written under `output` now ("" when they can): a probe file of
+    PROBE_BYTES is written, synced and removed in the output and in its report directory.
+    (Blocking: call it in a thread.)"""
+    for directory in (output, output / STATUS_DIR):
+        probe = directory / f"{TMP_PREFIX}probe-{_process_tag()}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(probe, _TMP_FLAGS, 0o644)
+            try:
+                view = memoryview(bytes(PROBE_BYTES))
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            return f"{directory}: {exc.strerror or exc}"
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    return ""
+
+
+def sweep_temporary(
+    directory: Path, older_than_s: float = 600.0, pattern: str = f"{TMP_PREFIX}*"
+) -> int:
+    """Remove temporary files (named by `pattern`) left by killed or failed writers; returns
+    how many.
 
     Only files older than older_than_s go: a live writer's file is seconds old.
     """
@@ -145,7 +181,7 @@ def sweep_temporary(directory: Path, older_than_s: float = 600.0) -> int:
     if not directory.is_dir():
         return 0
     limit = time.time() - older_than_s
-    for path in directory.glob(f"{TMP_PREFIX}*"):
+    for path in directory.glob(pattern):
         try:
             if path.stat().st_mtime > limit:
                 continue

@@ -43,13 +43,25 @@ from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pool import ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
-from crawler.shards import Shards
-from crawler.store import Store, shrink_and_store, sweep_temporary, verify_stored
+from crawler.shards import ReportWriteError, Shards
+from crawler.store import (
+    OUTPUT_UNWRITABLE,
+    Store,
+    output_problem,
+    shrink_and_store,
+    sweep_temporary,
+    verify_stored,
+)
 from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+_OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
 _GC_YOUNG_S = 5.0  # see _tune_gc: seconds between collections of the young generations
 _GC_FULL_EVERY = 12  # young collections per full one (a minute)
+
+
+class OutputUnwritable(Exception):
+    """The output refused a file for a reason of its own (full, read-only, not permitted)."""
 
 
 @dataclass
@@ -122,6 +134,11 @@ class Worker:
         self.failed_hosts: dict[str, int] = {}
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
+        self.to_hand_back: list[Item] = []  # fetched, but the output refused them
+        # Why the output cannot be written ("" when it can): no work is taken meanwhile.
+        self.output_blocked = ""
+        self._output_ok = asyncio.Event()
+        self._output_ok.set()
         self.stopping = asyncio.Event()  # stop taking work
         self.force_exit = asyncio.Event()  # second signal: stop now
         self.room = asyncio.Event()
@@ -131,6 +148,8 @@ class Worker:
         self._waiting_budget = cfg.worker.max_waiting_image_mb << 20
         self._image_room = asyncio.Event()
         self._image_room.set()
+        self._last_sweep = 0.0
+        self._output_probed = False
         self._pool: ImagePool
         self.client: aioredis.Redis
         self.queue: WorkQueue
@@ -152,6 +171,7 @@ class Worker:
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
         self.fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections)
         _tune_gc()
+        await self._probe_output()
         await self._retrying(self.queue.ensure_group)
         self.metrics.redis_ok()
         metrics_runner = None
@@ -159,12 +179,18 @@ class Worker:
             app = metrics_app(self.metrics, self._ready)
             metrics_runner = await start_server(app, self.cfg.metrics.host, self.cfg.metrics.port)
         log.info("worker %s started", self.id)
+        q, hb = self.cfg.queue, self.cfg.worker.heartbeat_interval_s
+        maintenance_s = min(q.reclaim_interval_s, q.lease_timeout_s / 3)
         background = [
-            self._loop(self._flush_loop),
-            self._loop(self._maintenance_loop),
-            self._loop(self._heartbeat_loop),
-            self._loop(self._lag_loop),
-            self._loop(self._gc_loop),
+            self._loop(self._flush_once),
+            self._loop(self._renew_once, maintenance_s),
+            self._loop(self._maintain_once, maintenance_s),
+            self._loop(self._report_once, maintenance_s),
+            self._loop(self._probe_output, _OUTPUT_PROBE_S),
+            # a heartbeat retries within its own interval: a blip must not let it lapse
+            self._loop(self._heartbeat, hb, max_backoff_s=hb),
+            self._lag_loop(),
+            self._gc_loop(),
         ]
         bg = [asyncio.create_task(c) for c in background]
         try:
@@ -186,9 +212,14 @@ class Worker:
             _untune_gc()
             log.info("worker %s stopped: %d processed", self.id, self.stats.processed)
 
-    def _ready(self) -> bool:
+    def _ready(self) -> str:
+        """Why this worker cannot work now ("" when it can): readiness and status say it."""
+        if self.output_blocked:
+            return f"output cannot be written: {self.output_blocked}"
         age = time.time() - self.metrics.last_redis_ok_at
-        return age < 3 * self.cfg.worker.heartbeat_interval_s + 10
+        if age >= 3 * self.cfg.worker.heartbeat_interval_s + 10:
+            return "Redis has not answered recently"
+        return ""
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the worker gracefully; the process is also given a hard
@@ -240,25 +271,36 @@ class Worker:
                 await self.queue.hand_back(unrecorded)
                 log.info("handed back %d items", len(unrecorded))
 
-    async def _loop(self, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run a background loop body until cancelled (see crawler.tasks), surviving Redis
-        outages."""
-        delay = self.cfg.redis.reconnect_backoff_s
+    async def _loop(
+        self,
+        iteration: Callable[[], Coroutine[Any, Any, None]],
+        interval_s: float = 0.0,
+        *,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        """Run one iteration of a background loop every `interval_s` until cancelled (see
+        crawler.tasks). A failed iteration is retried with a backoff that starts again from
+        `redis.reconnect_backoff_s` after every iteration that succeeds."""
+        base = self.cfg.redis.reconnect_backoff_s
+        delay = base
+        name = iteration.__name__.strip("_")
         while True:
             try:
-                await body()
-                delay = self.cfg.redis.reconnect_backoff_s
+                await iteration()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
-                log.warning(
-                    "%s: Redis unavailable (%s); retrying in %.1fs", body.__name__, exc, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            except RedisError as exc:
+                log.warning("%s: Redis unavailable (%s); retrying in %.1fs", name, exc, delay)
+            except OSError as exc:
+                log.warning("%s: %s; retrying in %.1fs", name, exc, delay)
             except Exception:
-                log.exception("%s failed; restarting it", body.__name__)
-                await asyncio.sleep(1.0)
+                log.exception("%s failed; retrying in %.1fs", name, delay)
+            else:
+                delay = base
+                await asyncio.sleep(interval_s)
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_backoff_s)
 
     async def _retrying(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         delay = self.cfg.redis.reconnect_backoff_s
@@ -277,6 +319,10 @@ class Worker:
         window = self.cfg.worker.window
         idle_since: float | None = None
         while not self.stopping.is_set():
+            if self.output_blocked:  # take no work the output could not keep
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._output_ok.wait(), 1.0)
+                continue
             free = window - len(self.held)
             if free < min(self.cfg.queue.read_batch, window) // 4 + 1:
                 self.room.clear()
@@ -336,8 +382,16 @@ class Worker:
     async def _process(self, item: Item, host: str, on_disk: bool) -> None:
         try:
             rec = await self._handle(item, host, on_disk)
+            result = encode_result(item.id, item.shard, item.name, rec)
         except asyncio.CancelledError:
             raise
+        except OutputUnwritable as exc:
+            # Nothing is wrong with the item: it goes back to the queue, for a worker whose
+            # output takes it (this one once its output is writable again).
+            self._block_output(str(exc))
+            self.to_hand_back.append(item)
+            self.flushed.set()
+            return
         except Exception as exc:
             # Not recorded: the item stays leased and is redelivered; after max_deliveries
             # it becomes a dead letter carrying this reason.
@@ -352,7 +406,7 @@ class Worker:
         self.metrics.image(rec["status"], rec["bytes"], rec["source_bytes"])
         if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
-        self.results.append(encode_result(item.id, item.shard, item.name, rec))
+        self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
 
@@ -424,6 +478,8 @@ class Worker:
             self._waiting_bytes -= len(body)
             if self._waiting_bytes <= self._waiting_budget:
                 self._image_room.set()
+        if img.status == OUTPUT_UNWRITABLE:
+            raise OutputUnwritable(img.error)
         common = {
             "http_code": http_code,
             "attempts": attempts,
@@ -456,14 +512,21 @@ class Worker:
         )  # fmt: skip
 
     # ---- background ------------------------------------------------------------------
-    async def _flush_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flushed.wait(), self.cfg.worker.flush_interval_s)
-            self.flushed.clear()
-            await self._flush()
+    async def _flush_once(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flushed.wait(), self.cfg.worker.flush_interval_s)
+        self.flushed.clear()
+        await self._flush()
 
     async def _flush(self) -> None:
+        if self.to_hand_back:
+            back = list(self.to_hand_back)
+            await self.queue.hand_back(back)
+            del self.to_hand_back[: len(back)]
+            for item in back:
+                self.held.pop(item.id, None)
+            log.warning("handed back %d items: the output cannot be written", len(back))
+            self.room.set()
         while self.results:
             batch = self.results[: self.cfg.worker.flush_batch]
             completed = await self.queue.record(batch)  # raises while Redis is away
@@ -473,7 +536,7 @@ class Worker:
                 self.held.pop(item_id, None)
             self.room.set()
             for shard in completed:
-                self._spawn(self.shards.finalize(shard))
+                self._spawn(self._finalize(shard))
 
     async def _final_flush(self) -> None:
         deadline = time.monotonic() + self._final_flush_s()
@@ -489,35 +552,68 @@ class Worker:
             log.error("%d results not recorded (Redis unreachable); items will be redelivered",
                       len(self.results))  # fmt: skip
 
+    async def _finalize(self, shard: str) -> None:
+        try:
+            await self.shards.finalize(shard)
+        except ReportWriteError as exc:
+            self._block_output(str(exc))  # the shard stays complete: written once it can be
+
+    def _block_output(self, reason: str) -> None:
+        if not self.output_blocked:
+            log.error("output cannot be written (%s): taking no work until it can", reason)
+        self.output_blocked = reason
+        self._output_ok.clear()
+
+    async def _probe_output(self) -> None:
+        """While the output is blocked (and once at start): is it writable again?"""
+        if not self.output_blocked and self._output_probed:
+            return
+        self._output_probed = True
+        problem = await asyncio.to_thread(output_problem, self.cfg.output_dir)
+        if problem:
+            self._block_output(problem)
+        elif self.output_blocked:
+            log.warning("output can be written again: taking work")
+            self.output_blocked = ""
+            self._output_ok.set()
+            self.room.set()
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         task.add_done_callback(_log_task_error)
 
-    async def _maintenance_loop(self) -> None:
-        """Lease renewal, reclaim of expired leases, deferred items, stuck shards."""
-        interval = min(self.cfg.queue.reclaim_interval_s, self.cfg.queue.lease_timeout_s / 3)
-        last_sweep = 0.0
-        while True:
-            await asyncio.sleep(interval)
-            ids = list(self.held)
-            if ids:
-                await self.queue.renew(self.id, ids)
-            if not self.stopping.is_set():
-                free = self.cfg.worker.window - len(self.held)
-                if free > 0:
-                    claimed, buried = await self.queue.reclaim(self.id, min(free, 500))
-                    self.stats.reclaimed += len(claimed)
-                    self.stats.dead_lettered += buried
-                    self.metrics.reclaimed.inc(len(claimed))
-                    self.metrics.dead_lettered.inc(buried)
-                    if claimed:
-                        await self._take(claimed)
-                await self.queue.promote()
+    async def _renew_once(self) -> None:
+        """Reset the lease clock of every held item."""
+        ids = list(self.held)
+        if ids:
+            await self.queue.renew(self.id, ids)
+
+    async def _maintain_once(self) -> None:
+        """Reclaim of expired leases (and dead letters), deferred items, temporary files."""
+        if not self.stopping.is_set():
+            free = self.cfg.worker.window - len(self.held)
+            if free > 0 and not self.output_blocked:
+                claimed, buried = await self.queue.reclaim(self.id, min(free, 500))
+                self.stats.reclaimed += len(claimed)
+                self.stats.dead_lettered += buried
+                self.metrics.reclaimed.inc(len(claimed))
+                self.metrics.dead_lettered.inc(buried)
+                if claimed:
+                    await self._take(claimed)
+            await self.queue.promote()
+        self.gate.prune()
+        if time.monotonic() - self._last_sweep > 600:
+            self._last_sweep = time.monotonic()
+            await asyncio.to_thread(self._sweep)
+
+    async def _report_once(self) -> None:
+        """Reports of complete shards (a report that cannot be written blocks the output)."""
+        if self.output_blocked:
+            return
+        try:
             await self.shards.finalize_all()
-            self.gate.prune()
-            if time.monotonic() - last_sweep > 600:
-                last_sweep = time.monotonic()
-                await asyncio.to_thread(self._sweep)
+        except ReportWriteError as exc:
+            self._block_output(str(exc))
 
     def _sweep(self) -> None:
         out = self.cfg.output_dir
@@ -525,6 +621,8 @@ class Worker:
             for shard_dir in out.iterdir():
                 if shard_dir.is_dir() and not shard_dir.name.startswith(("_", ".")):
                     sweep_temporary(shard_dir)
+            # reports and summaries of writers that were killed or failed
+            sweep_temporary(out / status.STATUS_DIR, pattern=f".*{status.TMP_SUFFIX}")
 
     async def _lag_loop(self) -> None:
         """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""
@@ -543,12 +641,6 @@ class Worker:
             await asyncio.sleep(_GC_YOUNG_S)
             gc.collect(2 if tick % _GC_FULL_EVERY == 0 else 1)
 
-    async def _heartbeat_loop(self) -> None:
-        interval = self.cfg.worker.heartbeat_interval_s
-        while True:
-            await self._heartbeat()
-            await asyncio.sleep(interval)
-
     async def _heartbeat(self) -> None:
         key = self.keys.worker(self.id)
         elapsed = max(1e-6, time.time() - self.stats.started)
@@ -564,6 +656,7 @@ class Worker:
                 "held": len(self.held),
                 "rate": round(self.stats.processed / elapsed, 2),
                 "stopping": int(self.stopping.is_set()),
+                "paused": self._ready() if self.output_blocked else "",
             },
         )
         pipe.expire(key, int(self.cfg.worker.heartbeat_interval_s * 3) + 1)

@@ -167,3 +167,8 @@ def flags(settings: dict[str, object]) -> list[str]:
     for key, value in settings.items():
         out += ["--set", f"{key}={value}"]
     return out
+
+
+def own_names(docs: list[dict[str, Any]]) -> set[str]:
+    """The image names of a shard's documents."""
+    return {info["image_name"] for d in docs for info in d["image_info"]}

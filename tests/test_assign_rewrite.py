@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 import pytest
 from click.testing import CliRunner
+from test_assign_solve import SHAPES, random_similarities, reference_assignment
 
 from assign.cli import main
 from assign.document import AssignOptions, assign_document
@@ -100,6 +101,41 @@ def test_rewrites_every_document_keeping_order_keys_and_other_fields(
                 k: v for k, v in im_before.items() if not k.startswith("matched_")
             }
     assert (report.docs, report.rewritten, report.errors, report.complete) == (50, 50, {}, True)
+
+
+def seed_rewrite(line: bytes) -> dict[str, Any]:
+    """The seed's compute_assignments.py on one line: json, np.array, the seed rule."""
+    doc = json.loads(line)
+    im2txt = np.array(doc["similarity_matrix"])
+    assignment = reference_assignment(im2txt)
+    for im_idx, im in enumerate(doc["image_info"]):
+        im["matched_text_index"] = int(assignment[im_idx])
+        im["matched_sim"] = float(im2txt[im_idx, assignment[im_idx]])
+    return dict(doc)
+
+
+def test_tie_heavy_shards_equal_the_seed_rule_on_every_document(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2026)
+    shapes = [*SHAPES, (64, 64), (3, 64), (65, 80), (90, 20), (4, 300), (70, 1)]
+    lines = []
+    for trial in range(1200):
+        shape = shapes[trial % len(shapes)]
+        doc = random_doc(rng, trial)
+        doc["text_list"] = [f"s{j}" for j in range(shape[1])]
+        doc["image_info"] = [dict(doc["image_info"][0], image_name=f"{trial}-{i}.jpg")
+                             for i in range(shape[0])]  # fmt: skip
+        if trial % 7 == 6:  # integers: few values, all tied in float32 as in float64
+            doc["similarity_matrix"] = rng.integers(0, 3, shape).tolist()
+        else:  # ties, near-ties a float32 ulp of 1000 apart, float32-equal values, ...
+            doc["similarity_matrix"] = random_similarities(rng, shape, kind=1 + trial % 5).tolist()
+        separators = (", ", ": ") if trial % 2 else (",", ":")
+        lines.append(json.dumps(doc, separators=separators).encode())
+    source = write_shard(tmp_path / "ties.jsonl", lines)
+    report = rewrite_shard(source, tmp_path / "o" / "ties.jsonl", AssignOptions())
+    written = (tmp_path / "o" / "ties.jsonl").read_bytes().splitlines()
+    assert (report.docs, report.rewritten, report.errors) == (1200, 1200, {})
+    for trial, (line, out) in enumerate(zip(lines, written, strict=True)):
+        assert json.loads(out) == seed_rewrite(line), trial
 
 
 def test_matrix_text_is_written_back_exactly_as_read(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ def test_run_crawls_shards_to_the_end_on_its_own_embedded_redis(
     again = mmc4(*args, cwd=tmp_path)  # everything reported: nothing to do, exits at once
     assert again.returncode == 0
     assert "2 skipped" in again.stderr
+    assert "nothing to do: the 2 shards given are already reported" in again.stderr
 
 
 def _children(pid: int) -> list[int]:
@@ -149,11 +150,45 @@ def test_worker_check_needs_a_fresh_heartbeat_from_this_host(namespace: str) -> 
     assert CliRunner().invoke(main, [*base, "worker", "--check"]).exit_code == 0
 
 
-@pytest.mark.parametrize("command", ["run", "enqueue", "worker", "status", "retry", "demo"])
+@pytest.mark.parametrize(
+    "command", ["run", "enqueue", "worker", "status", "retry", "demo", "assign"]
+)
 def test_every_subcommand_says_what_it_does(command: str) -> None:
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0
     assert len(result.output.splitlines()) > 4
+
+
+def test_assign_shard_rewrites_a_shard_under_the_one_cli(tmp_path: Path) -> None:
+    images = [{"image_name": n, "matched_text_index": 0, "matched_sim": 0} for n in "xy"]
+    doc = {
+        "text_list": ["a", "b"],
+        "similarity_matrix": [[0.1, 0.3], [0.2, 0.4]],
+        "image_info": images,
+    }
+    source = tmp_path / "s.jsonl"
+    source.write_bytes(b"".join(orjson.dumps(doc) + b"\n" for _ in range(3)))
+    result = CliRunner().invoke(main, ["assign", "shard", str(source), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.output)["rewritten"] == 3
+    assert (tmp_path / "o" / "s.jsonl").is_file() and (tmp_path / "o" / "s.report.json").is_file()
+
+
+def test_assign_worker_takes_the_outer_commands_configuration(namespace: str) -> None:
+    outer = ["--redis-url", TEST_REDIS_URL, "--set", f"redis.namespace={namespace}"]
+    assert CliRunner().invoke(main, [*outer, "assign", "worker", "--check"]).exit_code == 1
+    with redis.Redis.from_url(TEST_REDIS_URL) as client:
+        key = f"{namespace}:assign-worker:a1"
+        client.hset(key, mapping={"host": socket.gethostname(), "seen": time.time()})
+        client.expire(key, 10)
+    assert CliRunner().invoke(main, [*outer, "assign", "worker", "--check"]).exit_code == 0
+
+
+def test_the_crawlers_commands_do_not_load_the_assignment_engine() -> None:
+    probe = "import sys, crawler.cli; print(sorted(m for m in sys.modules if m in WATCH))"
+    watch = "WATCH = {'assign', 'assign.cli', 'lapjv', 'msgspec'}; "
+    done = subprocess.run([sys.executable, "-c", watch + probe], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
 
 
 def test_a_bad_config_value_is_a_clear_usage_error() -> None:

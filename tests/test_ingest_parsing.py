@@ -99,7 +99,7 @@ def test_plain_gzip_and_zip_shards_stream_the_same_lines(tmp_path: Path) -> None
     with zipfile.ZipFile(tmp_path / "c.jsonl.zip", "w") as zf:
         zf.writestr("c.jsonl", body)
     for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zip"):
-        assert list(ingest._open_lines(tmp_path / name)) == lines
+        assert list(ingest.read_lines(tmp_path / name, 1 << 20, 1 << 30)) == lines
 
 
 @pytest.mark.parametrize("shard", ["", "_status", ".x", "a/b", "a\nb"])

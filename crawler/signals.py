@@ -1,0 +1,64 @@
+"""SIGTERM and SIGINT for a command that waits (`enqueue`): the first asks for a stop at the
+next consistent point, a second exits at once.
+
+Signals that arrived before the event loop ran (remembered by ``crawler.early``) count too.
+The exit code of a stopped command follows the first signal: ``INTERRUPTED`` (130) for
+SIGINT, ``TERMINATED`` (143) for SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from crawler import early
+from crawler.exitcodes import ExitCode
+
+log = logging.getLogger(__name__)
+
+_HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+
+def exit_code(signum: int) -> ExitCode:
+    return ExitCode.INTERRUPTED if signum == signal.SIGINT else ExitCode.TERMINATED
+
+
+class StopSignals:
+    """Installed on the running loop; ``event`` is set by the first signal."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signum = 0
+
+    @property
+    def code(self) -> ExitCode | None:
+        """The exit code a stopped command returns, or None when no signal came."""
+        return exit_code(self.signum) if self.signum else None
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in _HANDLED:
+            loop.add_signal_handler(sig, self._on_signal, int(sig))
+        for signum in list(early.stop_requested):  # arrived while the command started
+            self._on_signal(signum)
+
+    def uninstall(self) -> None:
+        """Hand the signals back to ``crawler.early`` (remembered, not acted on)."""
+        loop = asyncio.get_running_loop()
+        for sig in _HANDLED:
+            loop.remove_signal_handler(sig)
+        early.install()
+
+    def _on_signal(self, signum: int) -> None:
+        if self.signum:
+            # always a hard exit: whatever the command was doing is left as it stands, which
+            # its resume point (written with each batch) is made for
+            log.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+            sys.stderr.flush()
+            os._exit(exit_code(self.signum))
+        self.signum = signum
+        log.warning("%s: stopping", signal.Signals(signum).name)
+        self.event.set()
