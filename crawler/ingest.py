@@ -122,7 +122,7 @@ def expand_sources(patterns: list[str]) -> list[ShardSource]:
     for pattern in patterns:
         try:
             expanded = list(braceexpand.braceexpand(pattern))
-        except braceexpand.UnbalancedBracesError:
+        except ValueError:  # braceexpand.UnbalancedBracesError (not in its type stubs)
             expanded = [pattern]  # not a pattern: a name with a brace in it
         from_braces = expanded != [pattern]
         for loc in expanded:
