@@ -66,7 +66,11 @@ class Shards:
         try:
             meta_key, records_key = self.keys.shard_meta(shard), self.keys.shard_records(shard)
             meta = {_s(k): _s(v) for k, v in (await self.client.hgetall(meta_key)).items()}
-            if "total" not in meta or _int(meta.get("pending")) > 0:
+            if (
+                "total" not in meta
+                or _int(meta.get("pending")) > 0
+                or ("pending" not in meta and _int(meta.get("done")) < _int(meta["total"]))
+            ):  # (a shard enqueued without placeholders completes by count)
                 await self.client.srem(self.keys.shards_complete, shard)
                 return False
             raw = [v async for _k, v in self.client.hscan_iter(records_key, count=2000)]
