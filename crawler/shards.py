@@ -24,7 +24,7 @@ from crawler.ingest import check_shard_id
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.queue import text as _s
-from crawler.store import sweep_temporary
+from crawler.store import UNWRITABLE_ERRNOS, sweep_temporary
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ class Shards:
                 # killed writers can go now.
                 await asyncio.to_thread(sweep_temporary, self.output / shard, 0)
             except OSError as exc:
-                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+                if exc.errno in UNWRITABLE_ERRNOS:
+                    raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+                raise
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(records_key, meta_key)
             pipe.srem(self.keys.shards_open, shard)
