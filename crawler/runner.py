@@ -27,7 +27,7 @@ from crawler.embedded import EmbeddedRedis, where
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.shards import Shards
+from crawler.shards import ReportWriteError, Shards
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,10 @@ async def run_all(
                     _show(bar, await monitor.snapshot(client, keys, history=2))
                 if ingest_task.done():
                     ingest_task.result()  # re-raise a crash of ingest
-                    await shards.finalize_all()
+                    try:
+                        await shards.finalize_all()
+                    except ReportWriteError as exc:  # the workers pause until it can be written
+                        log.warning("%s; retrying", exc)
                     if await finished(keys, client):
                         break
         finally:
