@@ -23,7 +23,7 @@ from tqdm import tqdm
 from crawler import monitor
 from crawler.config import Config
 from crawler.connection import connect
-from crawler.embedded import EmbeddedRedis
+from crawler.embedded import EmbeddedRedis, where
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
@@ -98,7 +98,7 @@ async def run_all(
     if not cfg.redis.url:
         embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
         cfg.redis.url = embedded.start()
-        log.info("embedded Redis at %s (AOF in %s)", cfg.redis.url, embedded.dir)
+        log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
     env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
     sources = expand_sources(cfg.ingest.shards)
     if not sources:
