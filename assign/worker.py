@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ from assign.task import AssignSettings, BadTask, ShardTask, process, record_fail
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.dataset.index import index_shard
+from crawler.ingest import download_blocking
 from crawler.keys import ASSIGN_GROUP, Keys
 from crawler.tasks import cancel_and_wait
 
@@ -52,7 +54,7 @@ def settings_from(cfg: Config) -> AssignSettings:
         downloaded_only=cfg.assign.downloaded_only,
         keep_empty_documents=cfg.assign.keep_empty_documents,
         output=cfg.assign.output,
-        download_timeout_s=cfg.ingest.download_timeout_s,
+        download=functools.partial(download_blocking, cfg=cfg),
     )
 
 

@@ -385,6 +385,100 @@ def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
 
 
 @main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["webdataset"]),
+    default="webdataset",
+    help="Output format: WebDataset tar shards of whole documents.",
+)
+@click.option(
+    "--images",
+    "layout",
+    type=click.Choice(["base64", "members"]),
+    default="base64",
+    help="base64: inside image_info[i].image_base64 (OpenFlamingo's MMC4 loader); members: "
+    "each image a tar member of its own (smaller, faster).",
+)
+@click.option("--all-stored", is_flag=True, help="Only documents whose images were all stored.")
+@click.option(
+    "--min-stored",
+    type=click.IntRange(0, 0xFFFF),
+    default=1,
+    help="Only documents with at least this many stored images.",
+)
+@click.option(
+    "--min-images",
+    type=click.IntRange(0, 0xFFFF),
+    default=0,
+    help="Only documents naming at least this many images.",
+)
+@click.option(
+    "--max-docs", type=click.IntRange(min=1), default=1000, help="Documents per tar at most."
+)
+@click.option(
+    "--max-tar-mb",
+    type=click.FloatRange(min=0.01),
+    default=1024.0,
+    help="Size of a tar at most, in MB (a single larger document gets a tar alone).",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Shards exported at once (0: one per CPU).",
+)
+@click.option("--shard", "only", multiple=True, help="Only these shards (repeatable).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@pass_state
+def export(
+    state: State,
+    out: Path,
+    fmt: str,
+    layout: str,
+    all_stored: bool,
+    min_stored: int,
+    min_images: int,
+    max_docs: int,
+    max_tar_mb: float,
+    processes: int,
+    only: tuple[str, ...],
+    no_progress: bool,
+) -> None:
+    """Write the indexed corpus under OUTPUT as training-ready tar shards in OUT (one sample
+    per document). Resumable: a rerun skips finished tars. corpus.skip_url_duplicates leaves
+    out flagged documents."""
+    from dataclasses import asdict
+
+    from crawler.dataset.export import ExportSettings
+    from crawler.dataset.export import export as run_export
+
+    cfg = state.load()
+    settings = ExportSettings(
+        out=str(out),
+        layout=layout,
+        min_stored=min_stored,
+        all_stored=all_stored,
+        min_images=min_images,
+        skip_url_duplicates=cfg.corpus.skip_url_duplicates,
+        max_docs=max_docs,
+        max_bytes=int(max_tar_mb * 1e6),
+    )
+    summary = run_export(
+        cfg.output_dir,
+        settings,
+        processes=processes,
+        progress=not no_progress,
+        only=list(only) or None,
+    )
+    for error in summary.errors:
+        click.echo(f"error: {error}", err=True)
+    click.echo(orjson.dumps(asdict(summary) | {"errors": len(summary.errors)}).decode())
+    sys.exit(ExitCode.FAILURE if summary.failed_shards else ExitCode.OK)
+
+
+@main.command()
 @click.option(
     "--status", "statuses", required=True,
     help="Comma-separated statuses to re-queue, e.g. timeout,connection_error,http_503.",

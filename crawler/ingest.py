@@ -374,6 +374,11 @@ async def download(url: str, dest: Path, cfg: Config) -> None:
         raise ShardUnreadable("unreadable_shard", f"{url}: {exc}") from exc
 
 
+def download_blocking(url: str, dest: Path, cfg: Config) -> None:
+    """`download` for a caller in a thread of its own (the assignment rewrite)."""
+    asyncio.run(download(url, dest, cfg))
+
+
 # ---- ingest ----------------------------------------------------------------------------------
 
 

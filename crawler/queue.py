@@ -206,12 +206,42 @@ class WorkQueue:
                 poison.append(parsed)
         if empty:
             await self._drop(empty)
+        if items:
+            items, strays = await self._own_images(items)
+            poison += strays
         if poison:
             try:
                 await self.settle(poison)
             except (RedisError, OSError) as exc:
                 log.warning("%d poison entries left pending (%s)", len(poison), exc)
         return items
+
+    async def _own_images(self, items: list[Item]) -> tuple[list[Item], list[Poison]]:
+        """Split items into images of their shards still waiting for a record (returned), and
+        strays (returned as poison: never fetched, never counted into a shard); an item whose
+        image is recorded already (a duplicate entry) is dropped."""
+        pipe = self.client.pipeline(transaction=False)
+        for it in items:
+            pipe.hget(self.keys.shard_records(it.shard), it.name)
+        marks = await pipe.execute()
+        own: list[Item] = []
+        strays: list[Poison] = []
+        duplicates: list[str] = []
+        for it, mark in zip(items, marks, strict=True):
+            if mark == b"":
+                own.append(it)
+            elif mark is None:
+                reason = (
+                    f"not an image of shard {it.shard!r} (unknown shard, stray entry, or shard "
+                    "already reported)"
+                )
+                shown = {"s": it.shard, "n": it.name, "u": it.url}
+                strays.append(Poison(it.id, status.DEAD_LETTER, reason, shown))
+            else:
+                duplicates.append(it.id)
+        if duplicates:
+            await self._drop(duplicates)
+        return own, strays
 
     async def settle(self, poison: Sequence[Poison]) -> None:
         """Give poison its end, in one transaction: a bad_url/bad_name record for an image of
