@@ -34,7 +34,7 @@ from crawler.exitcodes import ExitCode
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.shards import Shards
+from crawler.shards import ReportWriteError, Shards
 from crawler.signals import StopSignals
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,10 @@ async def run_all(
                 _show(bar, await monitor.snapshot(client, keys, history=2))
             if ingest_task.done():
                 ingest_task.result()  # re-raise a crash of ingest
-                await shards.finalize_all()
+                try:
+                    await shards.finalize_all()
+                except ReportWriteError as exc:  # the workers pause until it can be written
+                    log.warning("%s; retrying", exc)
                 return await finished(keys, client)
             return False
 
