@@ -28,7 +28,7 @@ from tqdm import tqdm
 from crawler import monitor
 from crawler.config import Config
 from crawler.connection import connect
-from crawler.embedded import EmbeddedRedis
+from crawler.embedded import EmbeddedRedis, where
 from crawler.errors import CommandError, redact
 from crawler.exitcodes import ExitCode
 from crawler.ingest import Ingest, expand_sources
@@ -164,7 +164,7 @@ async def run_all(
     if not cfg.redis.url:
         embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
         cfg.redis.url = embedded.start()
-        log.info("embedded Redis at %s (AOF in %s)", redact(cfg.redis.url), embedded.dir)
+        log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
     env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
     sources = expand_sources(cfg.ingest.shards)
     if not sources:
