@@ -205,8 +205,7 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
             if isinstance(exc, RedisUnavailable):
                 raise CommandError(
                     ExitCode.REDIS_UNAVAILABLE,
-                    f"{exc}; check redis.url ({where(cfg.redis.url)}) and that "
-                    "Redis is running",
+                    f"{exc}; check redis.url ({where(cfg.redis.url)}) and that Redis is running",
                 )
             if exc is not None:
                 raise exc
