@@ -158,6 +158,7 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
 
 async def _enqueue(cfg: Config, sources: list[Any]) -> int:
     from crawler.connection import RedisUnavailable, connect, retrying
+    from crawler.embedded import where
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
     from crawler.signals import StopSignals
@@ -192,7 +193,7 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
             exc = task.exception()
             if isinstance(exc, RedisUnavailable):
                 click.echo(
-                    f"error: {exc}; check redis.url ({_safe_url(cfg.redis.url)}) and that "
+                    f"error: {exc}; check redis.url ({where(cfg.redis.url)}) and that "
                     "Redis is running",
                     err=True,
                 )
@@ -210,15 +211,6 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
             async with asyncio.timeout(2):
                 await client.aclose()
         signals.uninstall()
-
-
-def _safe_url(url: str) -> str:
-    """A Redis URL without its password."""
-    head, sep, tail = url.rpartition("@")
-    if not sep:
-        return url
-    scheme, _, _ = head.partition("://")
-    return f"{scheme}://***@{tail}"
 
 
 @main.command()

@@ -31,6 +31,8 @@ class RedisConfig:
     # redis:// or rediss:// URL (password in the URL). Empty: start a private redis-server
     # with AOF persistence inside paths.data_dir (the `run` command only).
     url: str = ""
+    # A file holding the Redis password (a container secret), used when the URL has none.
+    password_file: str = ""
     # Prefix of every key this project writes, so that several crawls can share one Redis.
     namespace: str = "mmc4"
     # Seconds between reconnect attempts while Redis is unreachable (doubles up to 30 s).

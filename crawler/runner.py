@@ -23,11 +23,11 @@ from tqdm import tqdm
 from crawler import monitor
 from crawler.config import Config
 from crawler.connection import connect
-from crawler.embedded import EmbeddedRedis
+from crawler.embedded import EmbeddedRedis, where
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.shards import Shards
+from crawler.shards import ReportWriteError, Shards
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ async def run_all(
     if not cfg.redis.url:
         embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
         cfg.redis.url = embedded.start()
-        log.info("embedded Redis at %s (AOF in %s)", cfg.redis.url, embedded.dir)
+        log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
     env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
     sources = expand_sources(cfg.ingest.shards)
     if not sources:
@@ -131,7 +131,10 @@ async def run_all(
                     _show(bar, await monitor.snapshot(client, keys, history=2))
                 if ingest_task.done():
                     ingest_task.result()  # re-raise a crash of ingest
-                    await shards.finalize_all()
+                    try:
+                        await shards.finalize_all()
+                    except ReportWriteError as exc:  # the workers pause until it can be written
+                        log.warning("%s; retrying", exc)
                     if await finished(keys, client):
                         break
         finally:

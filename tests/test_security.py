@@ -7,18 +7,24 @@ import asyncio
 import io
 import ipaddress
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
 import pytest
+import redis
 from crawling import crawl, crawl_config, image_doc, report, write_docs
 from PIL import Image
+from redis_server import RedisProcess
 
-from crawler import fetch, guard, ingest, status, store
-from crawler.config import FetchConfig
+from crawler import connection, fetch, guard, ingest, status, store
+from crawler import embedded as embedded_module
+from crawler.config import Config, FetchConfig
+from crawler.embedded import EmbeddedRedis
 from crawler.images import ImageSettings
+from crawler.keys import EMBEDDED_IDENTITY
 from crawler.testweb import ImageWeb
 
 # Spellings of 127.0.0.1 that the C library (and so `connect`) accepts.
@@ -248,3 +254,78 @@ async def test_a_crawl_into_a_symlinked_shard_directory_records_write_errors_onl
     assert len(report(cfg, "linked")) == 6
     assert {r["status"] for r in report(cfg, "fine").values()} == {status.OK}
     assert list(elsewhere.iterdir()) == []
+
+
+# ---- the embedded Redis ---------------------------------------------------------------------
+
+
+def test_the_embedded_redis_requires_its_generated_password_kept_private(
+    tmp_path: Path,
+) -> None:
+    embedded = EmbeddedRedis(tmp_path / "state")
+    url = embedded.start()
+    try:
+        box = tmp_path / "state" / "redis"
+        assert stat.S_IMODE(box.stat().st_mode) == 0o700
+        for name in ("password", "identity", "url", "redis.conf"):
+            assert stat.S_IMODE((box / name).stat().st_mode) == 0o600, name
+        password = (box / "password").read_text().strip()
+        assert len(password) >= 32 and f":{password}@127.0.0.1:" in url
+        assert (box / "url").read_text().strip() == url
+        anonymous = redis.Redis(host="127.0.0.1", port=int(url.rsplit(":", 1)[1].split("/")[0]))
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        anonymous.close()
+        assert embedded_module.running_url(tmp_path / "state") == url
+    finally:
+        embedded.stop()
+
+
+def test_a_reused_url_file_pointing_at_another_redis_is_not_trusted(tmp_path: Path) -> None:
+    """A Redis that answers at the URL of a killed run, without this directory's password or
+    identity, is never used: a fresh private Redis is started instead."""
+    stranger = RedisProcess(tmp_path / "stranger")
+    stranger.start()
+    embedded = EmbeddedRedis(tmp_path / "state")
+    try:
+        box = tmp_path / "state" / "redis"
+        box.mkdir(parents=True)
+        for stale in (stranger.url, f"redis://:wrong@127.0.0.1:{stranger.port}/0"):
+            (box / "url").write_text(stale)
+            assert embedded_module.running_url(tmp_path / "state") is None
+            url = embedded.start()
+            assert f":{stranger.port}/" not in url
+            client = redis.Redis.from_url(url)
+            assert client.get(EMBEDDED_IDENTITY) == (box / "identity").read_text().strip().encode()
+            client.close()
+            embedded.stop()
+        with redis.Redis.from_url(stranger.url) as c:
+            assert c.get(EMBEDDED_IDENTITY) is None  # nothing was written to the stranger
+    finally:
+        embedded.stop()
+        stranger.stop()
+
+
+def test_a_url_file_of_a_live_embedded_redis_is_reused(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path / "state")
+    url = first.start()
+    try:
+        assert EmbeddedRedis(tmp_path / "state").start() == url
+    finally:
+        first.stop()
+
+
+async def test_a_password_file_authenticates_a_url_without_a_password(tmp_path: Path) -> None:
+    embedded = EmbeddedRedis(tmp_path / "state")
+    url = embedded.start()
+    try:
+        cfg = Config()
+        cfg.redis.url = "redis://" + url.split("@", 1)[1]
+        with pytest.raises(redis.AuthenticationError):
+            await connection.connect(cfg).ping()
+        cfg.redis.password_file = str(tmp_path / "state" / "redis" / "password")
+        client = connection.connect(cfg)
+        assert await client.ping()
+        await client.aclose()
+    finally:
+        embedded.stop()
