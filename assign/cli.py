@@ -19,9 +19,10 @@ from assign.shardio import is_shard_file, output_name
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
 from crawler.config import Config
+from crawler.errors import ReportingGroup
 
 
-@click.group()
+@click.group(cls=ReportingGroup)
 def main() -> None:
     """Recompute MMC4 image-to-sentence assignments (lapjv, as the reference does)."""
 

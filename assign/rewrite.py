@@ -16,7 +16,6 @@ renamed into place, so a report on disk always describes the output beside it.
 from __future__ import annotations
 
 import contextlib
-import io
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -120,7 +119,8 @@ def rewrite_shard(
     with contextlib.suppress(FileNotFoundError):
         report_path(output).unlink()
     with open_lines(source) as lines, atomic_writer(output) as out:
-        _rewrite_lines(lines, out, options, report)
+        for raw in lines:
+            _rewrite_one(raw, out, options, report)
     report.output_bytes = output.stat().st_size
     report.seconds = round(time.perf_counter() - started, 3)
     report.complete = True
@@ -130,13 +130,6 @@ def rewrite_shard(
     # settings, the output's size) and the shard is rewritten again. Two fewer disk syncs.
     write_atomically(report_path(output), text, durable=False)
     return report
-
-
-def _rewrite_lines(
-    lines: io.BufferedIOBase, out: IO[bytes], options: AssignOptions, report: ShardReport
-) -> None:
-    for raw in lines:
-        _rewrite_one(raw, out, options, report)
 
 
 def _rewrite_one(raw: bytes, out: IO[bytes], options: AssignOptions, report: ShardReport) -> None:

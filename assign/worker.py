@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ from assign.task import AssignSettings, BadTask, ShardTask, process, record_fail
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.dataset.index import index_shard
+from crawler.ingest import download_blocking
 from crawler.keys import ASSIGN_GROUP, Keys
 from crawler.tasks import cancel_and_wait
 
@@ -52,7 +54,7 @@ def settings_from(cfg: Config) -> AssignSettings:
         downloaded_only=cfg.assign.downloaded_only,
         keep_empty_documents=cfg.assign.keep_empty_documents,
         output=cfg.assign.output,
-        download_timeout_s=cfg.ingest.download_timeout_s,
+        download=functools.partial(download_blocking, cfg=cfg),
     )
 
 
@@ -82,16 +84,33 @@ class AssignWorker:
         self.current_shard = ""
 
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
-        await self.ensure_group()
+        """Take and rewrite shards until `stop`; while Redis is unavailable (at start or
+        later), wait and reconnect with a backoff that restarts after each success."""
         beats = asyncio.create_task(self._heartbeat_loop())
+        base = self.cfg.redis.reconnect_backoff_s
+        delay = base
+        grouped = False
         try:
             while not stop.is_set():
-                entry = await self.next_entry(block=not once)
-                if entry is None:
-                    if once:
+                try:
+                    if not grouped:
+                        await self.ensure_group()
+                        grouped = True
+                    entry = await self.next_entry(block=not once)
+                    if entry is not None:
+                        await self.handle(entry)
+                except RedisError as exc:
+                    log.warning("assign: Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                except OSError as exc:
+                    log.warning("assign: %s; retrying in %.1fs", exc, delay)
+                else:
+                    delay = base
+                    if entry is None and once:
                         return
                     continue
-                await self.handle(entry)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 30.0)
         finally:
             await cancel_and_wait([beats])
             with contextlib.suppress(RedisError, OSError):
@@ -177,9 +196,12 @@ class AssignWorker:
         """Reset the entry's idle time so that nobody reclaims a shard still being written."""
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
-            await self.client.xclaim(
-                self.stream, ASSIGN_GROUP, self.consumer, 0, [entry_id], justid=True
-            )
+            try:
+                await self.client.xclaim(
+                    self.stream, ASSIGN_GROUP, self.consumer, 0, [entry_id], justid=True
+                )
+            except (RedisError, OSError) as exc:  # renewed at the next tick, if Redis is back
+                log.warning("assign: lease of %r not renewed (%s)", entry_id, exc)
 
     async def _failed(self, entry_id: bytes, task: ShardTask, exc: Exception) -> None:
         deliveries = await self._deliveries(entry_id)

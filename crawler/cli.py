@@ -16,7 +16,8 @@ import orjson
 
 from crawler import config as config_mod
 from crawler import early, monitor, status
-from crawler.config import Config, ConfigError
+from crawler.config import Config
+from crawler.errors import CommandError, ReportingGroup
 from crawler.exitcodes import ExitCode
 from crawler.keys import Keys
 
@@ -38,10 +39,11 @@ class State:
         self.overrides = overrides
 
     def load(self) -> Config:
-        try:
-            return config_mod.load(self.config_path, overrides=self.overrides)
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
+        cfg = config_mod.load(self.config_path, overrides=self.overrides)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # for the one-line error of a failing command
+            ctx.meta["mmc4.redis_url"] = cfg.redis.url
+        return cfg
 
     def argv(self) -> list[str]:
         """The group options, to start worker processes with the same configuration."""
@@ -56,7 +58,10 @@ class State:
 pass_state = click.make_pass_decorator(State)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    cls=ReportingGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.option(
     "--config", "config_path", type=click.Path(dir_okay=False),
     help="TOML config file (default: ./config.toml if present, or $MMC4_CONFIG).",
@@ -79,6 +84,7 @@ def main(
     verbose: int,
 ) -> None:
     """Crawl the images of MMC4 shards into a local corpus, politely and resumably."""
+    ctx.meta["mmc4.verbose"] = verbose
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(
         level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -93,7 +99,9 @@ def main(
 
 @main.command()
 @click.argument("shards", nargs=-1)
-@click.option("--workers", type=int, help="Crawl worker processes (worker.processes).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Crawl worker processes (worker.processes)."
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-assign", is_flag=True, help="Do not run the assignment companion.")
 @pass_state
@@ -112,7 +120,7 @@ def run(
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
-    if workers:
+    if workers is not None:
         cfg.worker.processes = workers
     argv = state.argv()
     code = _run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
@@ -367,6 +375,100 @@ def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
 
 
 @main.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["webdataset"]),
+    default="webdataset",
+    help="Output format: WebDataset tar shards of whole documents.",
+)
+@click.option(
+    "--images",
+    "layout",
+    type=click.Choice(["base64", "members"]),
+    default="base64",
+    help="base64: inside image_info[i].image_base64 (OpenFlamingo's MMC4 loader); members: "
+    "each image a tar member of its own (smaller, faster).",
+)
+@click.option("--all-stored", is_flag=True, help="Only documents whose images were all stored.")
+@click.option(
+    "--min-stored",
+    type=click.IntRange(0, 0xFFFF),
+    default=1,
+    help="Only documents with at least this many stored images.",
+)
+@click.option(
+    "--min-images",
+    type=click.IntRange(0, 0xFFFF),
+    default=0,
+    help="Only documents naming at least this many images.",
+)
+@click.option(
+    "--max-docs", type=click.IntRange(min=1), default=1000, help="Documents per tar at most."
+)
+@click.option(
+    "--max-tar-mb",
+    type=click.FloatRange(min=0.01),
+    default=1024.0,
+    help="Size of a tar at most, in MB (a single larger document gets a tar alone).",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Shards exported at once (0: one per CPU).",
+)
+@click.option("--shard", "only", multiple=True, help="Only these shards (repeatable).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@pass_state
+def export(
+    state: State,
+    out: Path,
+    fmt: str,
+    layout: str,
+    all_stored: bool,
+    min_stored: int,
+    min_images: int,
+    max_docs: int,
+    max_tar_mb: float,
+    processes: int,
+    only: tuple[str, ...],
+    no_progress: bool,
+) -> None:
+    """Write the indexed corpus under OUTPUT as training-ready tar shards in OUT (one sample
+    per document). Resumable: a rerun skips finished tars. corpus.skip_url_duplicates leaves
+    out flagged documents."""
+    from dataclasses import asdict
+
+    from crawler.dataset.export import ExportSettings
+    from crawler.dataset.export import export as run_export
+
+    cfg = state.load()
+    settings = ExportSettings(
+        out=str(out),
+        layout=layout,
+        min_stored=min_stored,
+        all_stored=all_stored,
+        min_images=min_images,
+        skip_url_duplicates=cfg.corpus.skip_url_duplicates,
+        max_docs=max_docs,
+        max_bytes=int(max_tar_mb * 1e6),
+    )
+    summary = run_export(
+        cfg.output_dir,
+        settings,
+        processes=processes,
+        progress=not no_progress,
+        only=list(only) or None,
+    )
+    for error in summary.errors:
+        click.echo(f"error: {error}", err=True)
+    click.echo(orjson.dumps(asdict(summary) | {"errors": len(summary.errors)}).decode())
+    sys.exit(ExitCode.FAILURE if summary.failed_shards else ExitCode.OK)
+
+
+@main.command()
 @click.option(
     "--status", "statuses", required=True,
     help="Comma-separated statuses to re-queue, e.g. timeout,connection_error,http_503.",
@@ -377,16 +479,26 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
     from crawler.connection import connect
-    from crawler.embedded import EmbeddedRedis
+    from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
     from crawler.shards import Shards
 
     cfg = state.load()
     wanted = {s.strip() for s in statuses.split(",") if s.strip()}
+    unknown = sorted(s for s in wanted if not status.is_failure_status(s))
+    if unknown or not wanted:
+        raise CommandError(
+            ExitCode.NOT_FOUND,
+            f"unknown status {', '.join(unknown) or repr(statuses)}: choose from "
+            f"{', '.join(status.FAILURE_STATUSES)} or http_<code> (e.g. http_503)",
+        )
     embedded = None
     if not cfg.redis.url:
-        embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
-        cfg.redis.url = embedded.start()
+        url = running_url(Path(cfg.paths.data_dir))
+        if url is None:  # no `run` is running: open its Redis (its AOF) for the change
+            embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
+            url = embedded.start()
+        cfg.redis.url = url
 
     async def go() -> dict[str, int]:
         client = connect(cfg)
@@ -419,6 +531,54 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     for shard, n in moved.items():
         click.echo(f"{shard}: {n} re-queued")
     click.echo(f"{total} images re-queued from {len(moved)} shards")
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def clear(state: State, yes: bool) -> None:
+    """Delete every Redis key of the crawl's namespace (redis.namespace): queue, leases,
+    counters, shards in flight, history. Files in the output directory (images, reports,
+    rewritten shards) stay; a later `run` or `enqueue` skips the shards reported there.
+    Stop the crawl's workers first."""
+    from crawler.connection import connect
+
+    cfg = state.load()
+    _guard(cfg)
+    keys = Keys(cfg.redis.namespace)
+
+    async def count() -> int:
+        client = connect(cfg)
+        try:
+            return len([k async for k in client.scan_iter(match=keys.all_pattern, count=1000)])
+        finally:
+            await client.aclose()
+
+    async def delete() -> int:
+        client = connect(cfg)
+        deleted = 0
+        try:
+            batch: list[Any] = []
+            async for key in client.scan_iter(match=keys.all_pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(await client.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await client.unlink(*batch))
+        finally:
+            await client.aclose()
+        return deleted
+
+    from crawler.errors import redact
+
+    where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
+    n = _run(count())
+    if n == 0:
+        raise CommandError(ExitCode.NOT_FOUND, f"{where} has no keys: nothing to clear")
+    if not yes:
+        click.confirm(f"Delete the {n} keys of {where}?", abort=True, err=True)
+    click.echo(f"deleted {_run(delete())} keys of {where}")
 
 
 @main.command()
@@ -461,11 +621,23 @@ main.add_command(
 
 
 def _guard(cfg: Config) -> None:
-    if not cfg.redis.url:
-        raise click.UsageError(
-            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml); "
-            "only `run` starts an embedded Redis"
+    """Find the crawl's Redis: redis.url, else the private Redis of a `run` that is running
+    with the same paths.data_dir."""
+    if cfg.redis.url:
+        return
+    from crawler.embedded import running_url
+
+    url = running_url(Path(cfg.paths.data_dir))
+    if url is None:
+        raise CommandError(
+            ExitCode.USAGE,
+            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml) and no "
+            f"`run` is running with data directory {cfg.paths.data_dir} (paths.data_dir)",
         )
+    cfg.redis.url = url
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta["mmc4.redis_url"] = url
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,11 +8,12 @@ Precedence, lowest to highest: the dataclass defaults (mirrored and documented i
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ class RedisConfig:
     # redis:// or rediss:// URL (password in the URL). Empty: start a private redis-server
     # with AOF persistence inside paths.data_dir (the `run` command only).
     url: str = ""
+    # A file holding the Redis password (a container secret), used when the URL has none.
+    password_file: str = ""
     # Prefix of every key this project writes, so that several crawls can share one Redis.
     namespace: str = "mmc4"
     # Seconds between reconnect attempts while Redis is unreachable (doubles up to 30 s).
@@ -140,7 +143,10 @@ class FetchConfig:
     opt_out_agents: list[str] = field(
         default_factory=lambda: ["googlebot-image", "googlebot", "mmc4-crawler"]
     )
-    # Allow loopback/private/link-local destinations (tests and the local demo only).
+    # Networks reachable although not public, e.g. ["127.0.0.0/8"] for a loopback test web
+    # or ["10.1.2.0/24"] for an internal mirror (everything else non-public stays refused).
+    allow_networks: list[str] = field(default_factory=list)
+    # Allow every destination, loopback/private/link-local included (tests and demo only).
     allow_private_addresses: bool = False
     dns_cache_ttl_s: int = 300
 
@@ -238,48 +244,125 @@ class Config:
         return Path(self.paths.output)
 
     def validate(self) -> None:
-        _check(self.images.max_side > 0, "images.max_side must be positive")
-        _check(0 < self.images.jpeg_quality <= 100, "images.jpeg_quality must be in 1..100")
-        _check(0 < self.images.webp_quality <= 100, "images.webp_quality must be in 1..100")
+        for section, key, value, bounds in _numbers(self):
+            if not bounds.contains(value):
+                raise ConfigError(f"{section}.{key} = {value!r} is out of range: {bounds}")
         _check(
             self.images.resample in RESAMPLE_FILTERS,
             f"images.resample must be one of {', '.join(RESAMPLE_FILTERS)}",
         )
-        _check(self.worker.window > 0, "worker.window must be positive")
-        _check(self.worker.max_connections > 0, "worker.max_connections must be positive")
-        _check(
-            self.worker.max_waiting_image_mb >= 1, "worker.max_waiting_image_mb must be at least 1"
-        )
-        _check(
-            self.worker.image_process_heap_mb >= 0,
-            "worker.image_process_heap_mb must not be negative",
-        )
-        _check(self.queue.max_deliveries >= 1, "queue.max_deliveries must be at least 1")
-        _check(self.queue.lease_timeout_s > 0, "queue.lease_timeout_s must be positive")
-        _check(self.fetch.max_attempts >= 1, "fetch.max_attempts must be at least 1")
-        _check(self.fetch.max_redirects >= 0, "fetch.max_redirects must not be negative")
-        _check(self.fetch.max_body_bytes > 0, "fetch.max_body_bytes must be positive")
-        _check(self.limits.host_concurrency >= 1, "limits.host_concurrency must be at least 1")
-        _check(self.limits.host_rate >= 0, "limits.host_rate must not be negative")
-        _check(self.limits.local_host_rate >= 0, "limits.local_host_rate must not be negative")
-        _check(self.limits.host_burst >= 1, "limits.host_burst must be at least 1")
-        _check(self.redis.socket_timeout_s >= 2, "redis.socket_timeout_s must be at least 2")
-        _check(self.ingest.max_queue_depth > 0, "ingest.max_queue_depth must be positive")
-        _check(self.ingest.batch_size >= 1, "ingest.batch_size must be at least 1")
-        _check(self.ingest.max_download_bytes >= 1, "ingest.max_download_bytes must be positive")
-        _check(self.ingest.max_shard_bytes >= 1, "ingest.max_shard_bytes must be positive")
-        _check(self.ingest.max_line_bytes >= 1024, "ingest.max_line_bytes must be at least 1024")
-        _check(self.ingest.redis_wait_s >= 0, "ingest.redis_wait_s must not be negative")
+        for net in self.fetch.allow_networks:
+            _check(_is_network(net), f"fetch.allow_networks: {net!r} is not a network")
         _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
-        _check(self.dataset.max_limit >= 1, "dataset.max_limit must be at least 1")
-        _check(0 <= self.dataset.port <= 65535, "dataset.port must be in 0..65535")
-        _check(self.dataset.refresh_s > 0, "dataset.refresh_s must be positive")
-        _check(self.dataset.image_max_age_s >= 0, "dataset.image_max_age_s must not be negative")
         url = self.redis.url
         _check(
             not url or url.startswith(("redis://", "rediss://", "unix://")),
             f"redis.url must start with redis://, rediss:// or unix:// (got {url!r})",
         )
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: ``lo <= v <= hi`` (``lo < v`` when `open_lo`)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+
+    def contains(self, value: float) -> bool:
+        if self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+    def __str__(self) -> str:
+        lo = None if self.lo is None else f"{self.lo:g}"
+        hi = None if self.hi is None else f"{self.hi:g}"
+        if self.open_lo:
+            return f"must be greater than {lo}" + (f" and at most {hi}" if hi else "")
+        if lo is not None and hi is not None:
+            return f"must be in {lo}..{hi}"
+        if lo is not None:
+            return f"must be at least {lo}"
+        return f"must be at most {hi}"
+
+
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+POSITIVE = Range(0, open_lo=True)
+PORT = Range(0, 65535)
+
+# The valid range of every numeric setting, checked at load (a test keeps this complete).
+RANGES: dict[str, Range] = {
+    "redis.reconnect_backoff_s": Range(0, 60, open_lo=True),
+    "redis.socket_timeout_s": Range(2, 3600),
+    "ingest.max_queue_depth": AT_LEAST_1,
+    "ingest.batch_size": Range(1, 100_000),
+    "ingest.backpressure_poll_s": Range(0, 60, open_lo=True),
+    "ingest.download_timeout_s": POSITIVE,
+    "ingest.max_download_bytes": AT_LEAST_1,
+    "ingest.max_shard_bytes": AT_LEAST_1,
+    "ingest.max_line_bytes": Range(1024),
+    "ingest.redis_wait_s": AT_LEAST_0,
+    "queue.lease_timeout_s": Range(1),
+    "queue.max_deliveries": AT_LEAST_1,
+    "queue.read_batch": Range(1, 100_000),
+    "queue.reclaim_interval_s": POSITIVE,
+    "queue.dead_letter_maxlen": AT_LEAST_1,
+    "worker.window": AT_LEAST_1,
+    "worker.max_connections": AT_LEAST_1,
+    "worker.image_processes": Range(0, 1024),
+    "worker.max_waiting_image_mb": AT_LEAST_1,
+    "worker.image_process_heap_mb": AT_LEAST_0,
+    "worker.flush_batch": AT_LEAST_1,
+    "worker.flush_interval_s": POSITIVE,
+    "worker.heartbeat_interval_s": POSITIVE,
+    "worker.grace_period_s": AT_LEAST_0,
+    "worker.processes": Range(1, 1024),
+    "fetch.connect_timeout_s": POSITIVE,
+    "fetch.total_timeout_s": POSITIVE,
+    "fetch.max_redirects": Range(0, 100),
+    "fetch.max_body_bytes": AT_LEAST_1,
+    "fetch.max_attempts": Range(1, 100),
+    "fetch.backoff_base_s": AT_LEAST_0,
+    "fetch.backoff_max_s": AT_LEAST_0,
+    "fetch.retry_after_max_s": AT_LEAST_0,
+    "fetch.dns_cache_ttl_s": AT_LEAST_0,
+    "limits.host_rate": AT_LEAST_0,
+    "limits.host_burst": AT_LEAST_1,
+    "limits.local_host_rate": AT_LEAST_0,
+    "limits.host_concurrency": AT_LEAST_1,
+    "limits.host_backlog": AT_LEAST_1,
+    "images.max_side": AT_LEAST_1,
+    "images.max_pixels": AT_LEAST_1,
+    "images.jpeg_quality": Range(1, 100),
+    "images.webp_quality": Range(1, 100),
+    "metrics.port": PORT,
+    "dataset.port": PORT,
+    "dataset.max_limit": AT_LEAST_1,
+    "dataset.refresh_s": POSITIVE,
+    "dataset.image_max_age_s": AT_LEAST_0,
+}
+
+
+def _numbers(cfg: Config) -> Iterator[tuple[str, str, float, Range]]:
+    """Every numeric setting that has a range (tests check that every one has)."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            bounds = RANGES.get(f"{section.name}.{f.name}")
+            if bounds is not None:
+                yield section.name, f.name, value, bounds
 
 
 def _check(ok: bool, message: str) -> None:

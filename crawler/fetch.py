@@ -12,10 +12,9 @@ import asyncio
 import collections
 import contextlib
 import email.utils
-import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,42 +25,45 @@ from yarl import URL
 
 from crawler import status
 from crawler.config import FetchConfig
-
-
-class BlockedAddress(OSError):
-    """The destination resolves only to addresses the crawl may not reach."""
-
-
-def is_public_address(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_global and not addr.is_multicast
+from crawler.guard import AddressPolicy, BlockedAddress, check_parsed
 
 
 class GuardedResolver(AbstractResolver):
     """Resolves names, then drops non-public addresses unless they are allowed."""
 
-    def __init__(self, allow_private: bool, inner: AbstractResolver | None = None) -> None:
-        self.allow_private = allow_private
+    def __init__(self, policy: AddressPolicy, inner: AbstractResolver | None = None) -> None:
+        self.policy = policy
         self.inner = inner or DefaultResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         infos = await self.inner.resolve(host, port, family)
-        if self.allow_private:
+        if self.policy.allow_private:
             return infos
-        public = [i for i in infos if is_public_address(i["host"])]
+        public = [i for i in infos if self.policy.permits_host(i["host"])]
         if not public:
             raise BlockedAddress(f"{host} resolves only to non-public addresses")
         return public
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
+
+
+def guarded_socket(policy: AddressPolicy) -> Callable[[AddrInfo], socket.socket]:
+    """A socket factory for aiohttp's TCPConnector: refuses (BlockedAddress) to make a socket
+    for a non-public destination address, whatever spelling of it reached the connector."""
+
+    def make(addr_info: AddrInfo) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        if not policy.permits_host(str(sockaddr[0])):
+            raise BlockedAddress(f"{sockaddr[0]} is not a public address")
+        return socket.socket(family=family, type=type_, proto=proto)
+
+    return make
 
 
 # Not a terminal status: the response redirects to another host (`final_url`), whose own
@@ -136,12 +138,15 @@ _READ_BUFFER = 1 << 18
 
 
 def client_session(cfg: FetchConfig, max_connections: int) -> aiohttp.ClientSession:
+    policy = AddressPolicy.of(cfg)
     connector = aiohttp.TCPConnector(
         limit=max_connections,
         limit_per_host=0,  # per-host limits are the HostGate's job
         ttl_dns_cache=cfg.dns_cache_ttl_s,
         use_dns_cache=True,
-        resolver=GuardedResolver(cfg.allow_private_addresses),
+        resolver=GuardedResolver(policy),
+        # The last word on every connection: the address the socket is made for.
+        socket_factory=guarded_socket(policy),
         enable_cleanup_closed=True,
     )
     timeout = aiohttp.ClientTimeout(
@@ -228,6 +233,7 @@ class Fetcher:
     ) -> None:
         self.cfg = cfg
         self.session = session
+        self.policy = AddressPolicy.of(cfg)
         self._slots = Slots(max_connections)
 
     async def fetch(self, url: str, hops: Hops | None = None) -> FetchResult:
@@ -267,7 +273,9 @@ class Fetcher:
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
         while hops.count <= self.cfg.max_redirects:
-            self._check_literal(url)
+            refused = check_parsed(url, self.policy)
+            if refused is not None:
+                return FetchResult(refused[0], error=refused[1], final_url=str(url))
             hops.seen.add(str(url))
             progress.headers = False
             async with self.session.get(url, allow_redirects=False) as resp:
@@ -281,8 +289,10 @@ class Fetcher:
                             error="redirect without Location",
                         )
                     nxt = url.join(URL(location))
-                    if nxt.scheme not in ("http", "https"):
-                        return FetchResult(status.BAD_URL, resp.status, f"redirect to {nxt}")
+                    refused = check_parsed(nxt, self.policy)
+                    if refused is not None:
+                        why = f"redirect to {nxt}: {refused[1]}"
+                        return FetchResult(refused[0], resp.status, why, final_url=str(nxt))
                     if str(nxt) in hops.seen:
                         return FetchResult(
                             status.TOO_MANY_REDIRECTS, resp.status, f"redirect loop at {nxt}"
@@ -307,7 +317,13 @@ class Fetcher:
         target = URL(url, encoded=False)
         seen: set[str] = set()
         for _hop in range(self.cfg.max_redirects + 1):
-            self._check_literal(target)
+            refused = check_parsed(target, self.policy)
+            if refused is not None:
+                raise (
+                    BlockedAddress(refused[1])
+                    if refused[0] == status.BLOCKED_ADDRESS
+                    else ValueError(refused[1])
+                )
             seen.add(str(target))
             async with self.session.get(target, allow_redirects=False) as resp:
                 location = resp.headers.get("Location")
@@ -321,17 +337,6 @@ class Fetcher:
                 raise ValueError(f"redirect loop at {nxt}")
             target = nxt
         raise ValueError(f"more than {self.cfg.max_redirects} redirects")
-
-    def _check_literal(self, url: URL) -> None:
-        host = url.host or ""
-        if self.cfg.allow_private_addresses or not host:
-            return
-        try:
-            ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return  # a name: the resolver checks what it resolves to
-        if not is_public_address(host.strip("[]")):
-            raise BlockedAddress(f"{host} is not a public address")
 
     async def _response(
         self, resp: aiohttp.ClientResponse, url: URL, progress: _Progress

@@ -37,11 +37,12 @@ import aiofiles
 import braceexpand
 import orjson
 import redis.asyncio as aioredis
-from yarl import URL
+from redis.exceptions import RedisError
 
 from crawler import status
 from crawler.config import Config
 from crawler.connection import retrying
+from crawler.guard import CLOSED, AddressPolicy, check_url
 from crawler.keys import Keys
 from crawler.queue import WorkQueue, encode_result
 
@@ -50,12 +51,12 @@ T = TypeVar("T")
 
 SHARD_SUFFIXES = (".jsonl.gz", ".jsonl.zip", ".jsonl", ".json.gz", ".json")
 MAX_NAME_BYTES = 255
-MAX_URL_CHARS = 4096
 # Shard ids become directory and report file names (`<shard>.summary.json`, temporary
 # names with a suffix): well under the 255-byte name limit of common file systems.
 MAX_SHARD_ID_BYTES = 200
-# The ingest lock of a shard expires this long after its holder last showed life (each
-# batch, each backpressure check), so a killed ingest holds a shard up for at most this.
+# The ingest lock of a shard expires this long after its holder last renewed it (a third of
+# this, while it holds the shard: downloading, reading, waiting for room), so a killed
+# ingest holds a shard up for at most this.
 LOCK_TTL_S = 60
 
 # The MMC4 shard numbers that never existed (the corpus README's "missing shards"). A brace
@@ -119,7 +120,10 @@ def expand_sources(patterns: list[str]) -> list[ShardSource]:
     out: list[ShardSource] = []
     seen: set[str] = set()
     for pattern in patterns:
-        expanded = list(braceexpand.braceexpand(pattern))
+        try:
+            expanded = list(braceexpand.braceexpand(pattern))
+        except ValueError:  # braceexpand.UnbalancedBracesError (not in its type stubs)
+            expanded = [pattern]  # not a pattern: a name with a brace in it
         from_braces = expanded != [pattern]
         for loc in expanded:
             locs = [loc]
@@ -163,7 +167,6 @@ def check_shard_id(shard: str) -> str | None:
 # Searched in C: a generator over every character of every name and URL was a third of
 # ingest's CPU (cProfile).
 _NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_URL_CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def check_image_name(name: Any) -> str | None:
@@ -183,32 +186,13 @@ def check_image_name(name: Any) -> str | None:
     return None
 
 
-def check_url(url: Any) -> str | None:
-    """Why a raw_url cannot be fetched, or None."""
-    if not isinstance(url, str) or not url:
-        return f"raw_url is not a non-empty string: {url!r}"
-    if len(url) > MAX_URL_CHARS:
-        return "raw_url is longer than 4096 characters"
-    if _URL_CONTROL.search(url):
-        return "raw_url contains a control character"
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError) as exc:
-        return f"raw_url does not parse: {exc}"
-    if parsed.scheme not in ("http", "https"):
-        return f"raw_url scheme {parsed.scheme!r} is not http or https"
-    if not parsed.host:
-        return "raw_url has no host"
-    return None
-
-
 @dataclass
 class Entry:
     """One image of a document: a work item, or a record of why it cannot be one."""
 
     name: str
     url: str
-    problem_status: str = ""  # bad_url / bad_name: recorded at ingest, never fetched
+    problem_status: str = ""  # bad_url, bad_name, blocked_address: recorded at ingest
     problem: str = ""
 
 
@@ -220,8 +204,9 @@ class LineResult:
     url_duplicate: bool = False  # the document is flagged could_have_url_duplicate
 
 
-def parse_line(line: bytes) -> LineResult:
-    """Parse one shard line into image entries; never raises."""
+def parse_line(line: bytes, policy: AddressPolicy = CLOSED) -> LineResult:
+    """Parse one shard line into image entries; never raises. URLs are judged by
+    `guard.check_url` under the crawl's address `policy`."""
     try:
         doc = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -245,9 +230,9 @@ def parse_line(line: bytes) -> LineResult:
         if name_problem:
             result.entries.append(Entry(name, url_s, status.BAD_NAME, name_problem))
             continue
-        url_problem = check_url(url)
+        url_problem = check_url(url, policy)
         if url_problem:
-            result.entries.append(Entry(name, url_s, status.BAD_URL, url_problem))
+            result.entries.append(Entry(name, url_s, *url_problem))
             continue
         result.entries.append(Entry(name, url_s))
     return result
@@ -394,6 +379,11 @@ async def download(url: str, dest: Path, cfg: Config) -> None:
         raise ShardUnreadable("unreadable_shard", f"{url}: {exc}") from exc
 
 
+def download_blocking(url: str, dest: Path, cfg: Config) -> None:
+    """`download` for a caller in a thread of its own (the assignment rewrite)."""
+    asyncio.run(download(url, dest, cfg))
+
+
 # ---- ingest ----------------------------------------------------------------------------------
 
 
@@ -476,10 +466,11 @@ class Ingest:
             log.warning("shard %s is being ingested by another process", source.shard)
             self.stats.shards_skipped += 1
             return
+        keeper = asyncio.create_task(self._keep_lock(lock))
         try:
             start_line = int(meta.get(b"ingest_line", b"0"))
             async with local_copy(source, self.cfg) as path:
-                await self._ingest_file(source, path, start_line, lock)
+                await self._ingest_file(source, path, start_line)
             self.stats.shards += 1
         except ShardMissing as exc:
             if source.known_gap:
@@ -495,21 +486,30 @@ class Ingest:
             self.stats.unreadable.append(f"{source.shard}: {exc}")
             await self._count_error(exc.kind)
         finally:
+            keeper.cancel()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):  # a stopping process does not wait on Redis
                     if await self.client.get(lock) == token.encode():
                         await self.client.delete(lock)
 
+    async def _keep_lock(self, lock: str) -> None:
+        """Renew the shard's ingest lock while this process holds the shard."""
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            try:
+                await self.client.expire(lock, LOCK_TTL_S)
+            except (RedisError, OSError) as exc:
+                log.warning("ingest lock %s not renewed: %s", lock, exc)
+
     async def _count_error(self, kind: str, n: int = 1) -> None:
         key = self.keys.ingest_errors
         await self._redis(lambda: self.client.hincrby(key, kind, n), "ingest errors")
 
-    async def _ingest_file(
-        self, source: ShardSource, path: Path, start_line: int, lock: str
-    ) -> None:
+    async def _ingest_file(self, source: ShardSource, path: Path, start_line: int) -> None:
         seen: set[str] = set()
         batch = Batch(source.shard)
         line_no = 0
+        policy = AddressPolicy.of(self.cfg.fetch)
         skip_flagged = self.cfg.corpus.skip_url_duplicates
         ing = self.cfg.ingest
         lines = read_lines(path, ing.max_line_bytes, ing.max_shard_bytes)
@@ -521,7 +521,7 @@ class Ingest:
                     if fresh:
                         batch.count_bad_line(line_no, "line_too_long", "line is too long")
                     continue
-                parsed = parse_line(line)
+                parsed = parse_line(line, policy)
                 if fresh:
                     batch.lines += 1
                     if parsed.error:
@@ -540,7 +540,7 @@ class Ingest:
                     if fresh:
                         batch.add(entry)
                 if fresh and batch.size >= ing.batch_size:
-                    await self._flush(batch, source, line_no, lock)
+                    await self._flush(batch, source, line_no)
                     batch = Batch(source.shard)
                 if line_no % 5000 == 0:
                     await asyncio.sleep(0)  # stay responsive while skipping a resumed prefix
@@ -552,15 +552,15 @@ class Ingest:
             log.error("shard %s ends at line %d: %s", source.shard, line_no, exc)
         finally:
             lines.close()  # a stop (or a Redis error) leaves the file closed, not to the GC
-        await self._flush(batch, source, line_no, lock)
+        await self._flush(batch, source, line_no)
         total = len(seen)
         await self._redis(lambda: self.queue.seal(source.shard, total), "seal")
         log.info("shard %s enqueued: %d images", source.shard, total)
         if unreadable is not None:
             raise unreadable
 
-    async def _flush(self, batch: Batch, source: ShardSource, line_no: int, lock: str) -> None:
-        await self._wait_for_room(lock)
+    async def _flush(self, batch: Batch, source: ShardSource, line_no: int) -> None:
+        await self._wait_for_room()
         if self.stop.is_set():
             raise Stopped  # before the transaction: the resume point stays at the last batch
         for err in batch.errors[:20]:
@@ -573,7 +573,7 @@ class Ingest:
             applied = await self.client.hget(meta, "ingest_line")
             if applied is not None and int(applied) >= line_no > 0 and not batch.unreadable:
                 return
-            pipe = await self._batch_pipeline(batch, source, line_no, lock)
+            pipe = await self._batch_pipeline(batch, source, line_no)
             await pipe.execute()
 
         await self._redis(apply, "ingest")
@@ -585,9 +585,7 @@ class Ingest:
         self.stats.flagged_duplicates += batch.flagged
         self.stats.skipped_duplicates += batch.skipped_flagged
 
-    async def _batch_pipeline(
-        self, batch: Batch, source: ShardSource, line_no: int, lock: str
-    ) -> Any:
+    async def _batch_pipeline(self, batch: Batch, source: ShardSource, line_no: int) -> Any:
         """One transaction: the batch's items, its ingest-time records, counters, resume point."""
         pipe = self.client.pipeline(transaction=True)
         meta = self.keys.shard_meta(source.shard)
@@ -607,16 +605,16 @@ class Ingest:
             "bad_image_info": batch.skipped_entries,
             "bad_url": sum(1 for p in batch.problems if p[4] == status.BAD_URL),
             "bad_name": sum(1 for p in batch.problems if p[4] == status.BAD_NAME),
+            "blocked_address": sum(1 for p in batch.problems if p[4] == status.BLOCKED_ADDRESS),
         }
         for kind, n in errors.items():
             if n:
                 pipe.hincrby(self.keys.ingest_errors, kind, n)
-        pipe.expire(lock, LOCK_TTL_S)
         return pipe
 
-    async def _wait_for_room(self, lock: str) -> None:
-        """Backpressure: wait while the queue holds ingest.max_queue_depth items or more,
-        keeping the shard's lock alive; a stop request ends the wait at once."""
+    async def _wait_for_room(self) -> None:
+        """Backpressure: wait while the queue holds ingest.max_queue_depth items or more; a
+        stop request ends the wait at once."""
         limit = self.cfg.ingest.max_queue_depth
         waiting = False
         while True:
@@ -626,7 +624,6 @@ class Ingest:
             if not waiting:
                 log.info("queue full (%d items): waiting for room", depth)
                 waiting = True
-            await self._redis(lambda: self.client.expire(lock, LOCK_TTL_S), "ingest lock")
             await self._pause(self.cfg.ingest.backpressure_poll_s)
 
     async def _pause(self, seconds: float) -> None:

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from crawler import status
 from crawler.config import QueueConfig
+from crawler.guard import ANY_ADDRESS, check_url
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.scripts import Scripts
 
@@ -88,7 +89,7 @@ def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
     """A raw stream entry as a work item, or as poison with the reason (never raises)."""
     # The checks are ingest's own (the same rules at both ends); imported here because
     # ingest imports this module.
-    from crawler.ingest import check_image_name, check_shard_id, check_url
+    from crawler.ingest import check_image_name, check_shard_id
 
     item_id = printable(entry_id)
     shown = {printable(k): printable(v)[:1000] for k, v in fields.items()}
@@ -108,9 +109,10 @@ def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
     problem = check_image_name(name)
     if problem:
         return Poison(item_id, status.BAD_NAME, problem, shown, shard, name, url)
-    problem = check_url(url)
-    if problem:
-        return Poison(item_id, status.BAD_URL, problem, shown, shard, name, url)
+    # The URL's shape; its address is judged by the fetcher under the worker's policy.
+    refused = check_url(url, ANY_ADDRESS)
+    if refused:
+        return Poison(item_id, status.BAD_URL, refused[1], shown, shard, name, url)
     return Item(item_id, shard, name, url)
 
 
@@ -204,12 +206,42 @@ class WorkQueue:
                 poison.append(parsed)
         if empty:
             await self._drop(empty)
+        if items:
+            items, strays = await self._own_images(items)
+            poison += strays
         if poison:
             try:
                 await self.settle(poison)
             except (RedisError, OSError) as exc:
                 log.warning("%d poison entries left pending (%s)", len(poison), exc)
         return items
+
+    async def _own_images(self, items: list[Item]) -> tuple[list[Item], list[Poison]]:
+        """Split items into images of their shards still waiting for a record (returned), and
+        strays (returned as poison: never fetched, never counted into a shard); an item whose
+        image is recorded already (a duplicate entry) is dropped."""
+        pipe = self.client.pipeline(transaction=False)
+        for it in items:
+            pipe.hget(self.keys.shard_records(it.shard), it.name)
+        marks = await pipe.execute()
+        own: list[Item] = []
+        strays: list[Poison] = []
+        duplicates: list[str] = []
+        for it, mark in zip(items, marks, strict=True):
+            if mark == b"":
+                own.append(it)
+            elif mark is None:
+                reason = (
+                    f"not an image of shard {it.shard!r} (unknown shard, stray entry, or shard "
+                    "already reported)"
+                )
+                shown = {"s": it.shard, "n": it.name, "u": it.url}
+                strays.append(Poison(it.id, status.DEAD_LETTER, reason, shown))
+            else:
+                duplicates.append(it.id)
+        if duplicates:
+            await self._drop(duplicates)
+        return own, strays
 
     async def settle(self, poison: Sequence[Poison]) -> None:
         """Give poison its end, in one transaction: a bad_url/bad_name record for an image of

@@ -23,11 +23,11 @@ from tqdm import tqdm
 from crawler import monitor
 from crawler.config import Config
 from crawler.connection import connect
-from crawler.embedded import EmbeddedRedis
+from crawler.embedded import EmbeddedRedis, where
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.shards import Shards
+from crawler.shards import ReportWriteError, Shards
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ async def run_all(
     if not cfg.redis.url:
         embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
         cfg.redis.url = embedded.start()
-        log.info("embedded Redis at %s (AOF in %s)", cfg.redis.url, embedded.dir)
+        log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
     env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
     sources = expand_sources(cfg.ingest.shards)
     if not sources:
@@ -115,6 +115,7 @@ async def run_all(
     assign_stop = asyncio.Event()
     try:
         await WorkQueue(client, keys, cfg.queue).ensure_group()
+        done_before = (await monitor.snapshot(client, keys, history=2)).done
         supervisor.start()
         if with_assign:
             assign_task = _start_assign(cfg, assign_stop)
@@ -130,7 +131,10 @@ async def run_all(
                     _show(bar, await monitor.snapshot(client, keys, history=2))
                 if ingest_task.done():
                     ingest_task.result()  # re-raise a crash of ingest
-                    await shards.finalize_all()
+                    try:
+                        await shards.finalize_all()
+                    except ReportWriteError as exc:  # the workers pause until it can be written
+                        log.warning("%s; retrying", exc)
                     if await finished(keys, client):
                         break
         finally:
@@ -152,6 +156,13 @@ async def run_all(
             f"{st.bad_entries} bad entries, {st.duplicate_names} duplicate names",
             file=sys.stderr,
         )
+        if not interrupted and st.items == 0 and st.shards_skipped and snap.done == done_before:
+            print(
+                f"nothing to do: the {st.shards_skipped} shards given are already reported in "
+                f"{cfg.output_dir / '_status'} (`retry --status ...` fetches failures again; "
+                "another --output starts a new corpus)",
+                file=sys.stderr,
+            )
         return 130 if interrupted else 0
     finally:
         supervisor.stop(5)

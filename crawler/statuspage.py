@@ -12,8 +12,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from redis.exceptions import RedisError
 
 from crawler import monitor
+from crawler.errors import describe, redact
 from crawler.keys import Keys
 
 CLIENT_KEY = web.AppKey("client", aioredis.Redis)
@@ -70,8 +73,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+@web.middleware
+async def redis_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Redis down or refusing us: 503 with a one-line JSON error, never a 500 traceback."""
+    try:
+        return await handler(request)
+    except (RedisError, OSError) as exc:
+        message = describe(exc)
+        text = message[1] if message is not None else f"Redis unavailable: {redact(str(exc))}"
+        return web.json_response({"error": text}, status=503)
+
+
 def make_app(client: aioredis.Redis, keys: Keys) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[redis_unavailable])
     app[CLIENT_KEY] = client
     app[KEYS_KEY] = keys
     app.router.add_get("/", index)

@@ -42,6 +42,8 @@ empty means a 64×64 JPEG named after the fault; image query options apply to it
     /fault/reset[/<tail>]                Content-Length of the image, half the body, then a TCP RST
     /fault/drop[/...]                    closes the connection without any response
     /fault/gzip[/<tail>]                 the image with ``Content-Encoding: gzip``
+    /fault/zip-bomb/<bytes>              that many zero bytes, gzip-compressed (``?enc=deflate``:
+                                         zlib), served with the matching ``Content-Encoding``
 
 Times are ``time.monotonic()`` of the server process (CLOCK_MONOTONIC on Linux, so comparable
 with other processes on the same machine).
@@ -86,6 +88,8 @@ import numpy as np
 import orjson
 from aiohttp import web
 from PIL import Image, ImageChops, ImageOps
+
+from crawler.guard import literal_address
 
 __all__ = [
     "FAULT_KINDS",
@@ -273,6 +277,21 @@ def render_image(spec: ImageSpec) -> bytes:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SpecError(f"cannot write mode {frames[0].mode} as {pil_format}: {exc}") from None
     return buf.getvalue()
+
+
+def _zeros_compressed(size: int, enc: str) -> bytes:
+    """`size` zero bytes after a JPEG magic number, gzip- or zlib-compressed (a body that
+    inflates ~1000-fold: the decompression bomb of `/fault/zip-bomb`)."""
+    wbits = 31 if enc == "gzip" else 15
+    comp = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    out = [comp.compress(b"\xff\xd8\xff\xe0")]
+    block = bytes(1 << 20)
+    left = size - 4
+    while left > 0:
+        out.append(comp.compress(block[: min(left, len(block))]))
+        left -= len(block)
+    out.append(comp.flush())
+    return b"".join(out)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -554,10 +573,11 @@ def _is_loopback_target(target: str) -> bool:
     host = parts.hostname or ""
     if host == "localhost":
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    addr = literal_address(host)  # any numeric spelling (the crawler's guard is tested so)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    # (0.0.0.0 and :: connect to this machine too)
+    return addr is not None and (addr.is_loopback or addr.is_unspecified)
 
 
 class ImageWeb:
@@ -983,6 +1003,16 @@ class ImageWeb:
             body = gzip.compress(await self._image_bytes(spec), mtime=0)
             ctype = q.get("ctype", spec.content_type)
             return await self._send(request, body, ctype, headers={"Content-Encoding": "gzip"})
+        if kind == "zip-bomb":
+            size = arg_int(0, "decompressed size in bytes")
+            if not 0 < size <= 1 << 31:
+                raise SpecError("zip-bomb size must be in 1..2**31")
+            enc = q.get("enc", "gzip")
+            if enc not in ("gzip", "deflate"):
+                raise SpecError("zip-bomb enc must be gzip or deflate")
+            body = await asyncio.to_thread(_zeros_compressed, size, enc)
+            headers = {"Content-Encoding": enc}
+            return await self._send(request, body, "image/jpeg", headers=headers)
         if kind == "reset":
             return await self._reset(request, args)
         if kind == "drop":

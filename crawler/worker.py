@@ -469,7 +469,7 @@ class Worker:
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
-        final = str(self.store.path(item.shard, item.name))
+        final = (str(self.store.output), item.shard, item.name)
         self._waiting_bytes += len(body)
         self.stats.peak_waiting_bytes = max(self.stats.peak_waiting_bytes, self._waiting_bytes)
         try:
@@ -499,7 +499,7 @@ class Worker:
 
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
-        final = str(self.store.path(item.shard, item.name))
+        final = (str(self.store.output), item.shard, item.name)
         img = await self._pool.run(verify_stored, final, self.settings)
         if img is None:
             return None  # gone, or not a valid image after all: fetch again
@@ -619,10 +619,14 @@ class Worker:
         out = self.cfg.output_dir
         if out.is_dir():
             for shard_dir in out.iterdir():
-                if shard_dir.is_dir() and not shard_dir.name.startswith(("_", ".")):
+                if (
+                    shard_dir.is_dir()
+                    and not shard_dir.is_symlink()
+                    and shard_dir.name[:1] not in "_."
+                ):
                     sweep_temporary(shard_dir)
             # reports and summaries of writers that were killed or failed
-            sweep_temporary(out / status.STATUS_DIR, pattern=f".*{status.TMP_SUFFIX}")
+            sweep_temporary(out / status.STATUS_DIR)
 
     async def _lag_loop(self) -> None:
         """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""

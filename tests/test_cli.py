@@ -57,6 +57,7 @@ def test_run_crawls_shards_to_the_end_on_its_own_embedded_redis(
     again = mmc4(*args, cwd=tmp_path)  # everything reported: nothing to do, exits at once
     assert again.returncode == 0
     assert "2 skipped" in again.stderr
+    assert "nothing to do: the 2 shards given are already reported" in again.stderr
 
 
 def _children(pid: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
@@ -59,14 +60,18 @@ def test_lists_tables_and_booleans_parse_from_strings() -> None:
         ("limits.host_rate=fast", "expected float"),
         ("limits.nope=1", "unknown key limits.nope"),
         ("nosection.key=1", "unknown section"),
-        ("images.max_side=0", "max_side must be positive"),
+        ("images.max_side=0", r"images.max_side = 0 is out of range: must be at least 1"),
         ("redis.url=http://x", "redis.url must start with"),
         ("fetch.respect_opt_out=maybe", "expected true or false"),
         ("justtext", "expected section.key=value"),
         ("assign.solver=greedy", "assign.solver"),
         ("images.resample=nearest", "images.resample must be one of bilinear, box"),
-        ("images.webp_quality=0", "webp_quality must be in 1..100"),
-        ("worker.image_process_heap_mb=-1", "image_process_heap_mb must not be negative"),
+        ("images.webp_quality=0", r"images.webp_quality = 0 is out of range: must be in 1\.\.100"),
+        ("worker.image_process_heap_mb=-1", "image_process_heap_mb = -1 is out of range"),
+        ("metrics.port=99999", r"metrics.port = 99999 is out of range: must be in 0\.\.65535"),
+        ("worker.processes=0", "worker.processes = 0 is out of range: must be in 1"),
+        ("worker.image_processes=-2", "worker.image_processes = -2 is out of range"),
+        ("fetch.total_timeout_s=0", "fetch.total_timeout_s = 0.0 is out of range: must be greater"),
     ],
 )
 def test_bad_values_are_reported_clearly(override: str, message: str) -> None:
@@ -103,3 +108,19 @@ def test_image_processes_are_pinned_only_when_they_cover_the_cpus_they_may_use()
     assert pinned_cpus(4, {4, 5}, quota_cpus=2) == [4, 5]  # a cpuset: round robin over it
     assert pinned_cpus(1, {0, 1}, quota_cpus=2) == []  # fewer processes than CPUs
     assert pinned_cpus(2, set(range(64)), quota_cpus=2) == []  # --cpus=2 on a 64-CPU host
+
+
+def test_every_numeric_setting_has_a_valid_range() -> None:
+    cfg = config.Config()
+    numeric = {
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if type(getattr(getattr(cfg, section.name), f.name)) in (int, float)
+    }
+    assert numeric - set(config.RANGES) == set()
+    assert set(config.RANGES) - numeric == set()  # no range for a setting that is gone
+    for name in numeric:  # every shipped default is inside its own range
+        assert config.RANGES[name].contains(
+            getattr(getattr(cfg, name.split(".")[0]), name.split(".")[1])
+        ), name

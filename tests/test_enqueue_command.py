@@ -7,6 +7,7 @@ import gzip
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -300,3 +301,62 @@ def test_documents_flagged_as_url_duplicates_are_counted_and_left_out_only_when_
         assert int(meta[b"total"]) == len(expected)
     finally:
         client.close()
+
+
+def test_sigterm_stops_enqueue_waiting_on_a_stalled_shard_download(
+    namespace: str, tmp_path: Path
+) -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/docs_shard_6_v2.jsonl"
+        args = enqueue_args(
+            namespace, tmp_path, "--set", "fetch.allow_private_addresses=true", "enqueue", url
+        )
+        proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2.0)  # started, connected, waiting for a response
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            out, _err = proc.communicate(timeout=STOP_BOUND_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == ExitCode.TERMINATED
+    assert orjson.loads(out)["stopped"] is True
+    assert not list((tmp_path / "data" / "downloads").iterdir())  # no partial copy left
+
+
+STUCK = """
+import asyncio, sys
+from crawler import early
+early.install()
+from crawler.signals import StopSignals
+
+async def main():
+    signals = StopSignals()
+    signals.install()
+    print("ready", flush=True)
+    await asyncio.sleep(60)  # a stop that never comes to an end on its own
+
+asyncio.run(main())
+"""
+
+
+def test_a_second_signal_exits_at_once_with_the_first_signals_code() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK], env=clean_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert proc.poll() is None  # the first asks; this process does not stop by itself
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == ExitCode.INTERRUPTED

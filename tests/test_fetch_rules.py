@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from crawler import fetch
+from crawler import fetch, guard
 from crawler.config import FetchConfig
 from crawler.testweb import ImageWeb
 
@@ -38,7 +38,7 @@ AGENTS = ["googlebot-image", "googlebot", "mmc4-crawler"]
     ],
 )
 def test_only_public_addresses_count_as_public(ip: str, public: bool) -> None:
-    assert fetch.is_public_address(ip) is public
+    assert guard.is_public_address(ip) is public
 
 
 def test_retry_after_accepts_seconds_and_http_dates() -> None:

@@ -38,8 +38,8 @@ POISON: list[tuple[dict[bytes, bytes], str]] = [
     ({b"s": b"SHARD0", b"n": b"../../escaped.png", b"u": b"http://127.0.0.2/a"}, "bad_name"),
     ({b"s": b"../../escaped_dir", b"n": b"a.jpg", b"u": b"http://127.0.0.2/a"}, "shard id"),
     ({b"s": b"_status", b"n": b"SHARD0.jsonl.gz", b"u": b"http://127.0.0.2/a"}, "shard id"),
-    ({b"s": b"SHARD1", b"n": b"intruder.jpg", b"u": b"URL"}, "not an image of this shard"),
-    ({b"s": b"no_such_shard", b"n": b"a.jpg", b"u": b"URL"}, "not an image of this shard"),
+    ({b"s": b"SHARD1", b"n": b"intruder.jpg", b"u": b"URL"}, "not an image of shard"),
+    ({b"s": b"no_such_shard", b"n": b"a.jpg", b"u": b"URL"}, "not an image of shard"),
 ]
 
 
