@@ -15,7 +15,7 @@ import click
 import orjson
 
 from crawler import config as config_mod
-from crawler import early, monitor, status
+from crawler import early, logs, monitor, status
 from crawler.config import Config
 from crawler.errors import CommandError, ReportingGroup
 from crawler.exitcodes import ExitCode
@@ -72,7 +72,18 @@ pass_state = click.make_pass_decorator(State)
 )  # fmt: skip
 @click.option("--redis-url", help="Redis URL (redis://, rediss://); same as redis.url.")
 @click.option("--output", help="Output directory; same as paths.output.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Debug logging (-vv: also the traceback of a failure). Default level: INFO, or "
+    "$MMC4_LOG_LEVEL.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    help="Log lines as text or JSON objects (default: text, or $MMC4_LOG_FORMAT).",
+)
 @click.version_option(package_name="mmc4-crawler")
 @click.pass_context
 def main(
@@ -82,13 +93,14 @@ def main(
     redis_url: str | None,
     output: str | None,
     verbose: int,
+    log_format: str | None,
 ) -> None:
     """Crawl the images of MMC4 shards into a local corpus, politely and resumably."""
     ctx.meta["mmc4.verbose"] = verbose
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(
-        level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        logs.setup(verbose, log_format)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     extra = list(overrides)
     if redis_url:
         extra.append(f"redis.url={redis_url}")
@@ -151,8 +163,7 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     missing = missing_local(sources)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        click.echo(f"error: no such shard file: {missing[0].location}{more}", err=True)
-        sys.exit(ExitCode.NOT_FOUND)
+        raise CommandError(ExitCode.NOT_FOUND, f"no such shard file: {missing[0].location}{more}")
     sys.exit(_run(_enqueue(cfg, sources)))
 
 
@@ -192,12 +203,10 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
         if task.done() and not task.cancelled():
             exc = task.exception()
             if isinstance(exc, RedisUnavailable):
-                click.echo(
-                    f"error: {exc}; check redis.url ({where(cfg.redis.url)}) and that "
-                    "Redis is running",
-                    err=True,
+                raise CommandError(
+                    ExitCode.REDIS_UNAVAILABLE,
+                    f"{exc}; check redis.url ({where(cfg.redis.url)}) and that Redis is running",
                 )
-                return ExitCode.REDIS_UNAVAILABLE
             if exc is not None:
                 raise exc
         if signals.code is not None:

@@ -326,10 +326,15 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         yield path
         return
     tmp_dir = Path(cfg.paths.data_dir) / "downloads"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
     url_path = urlsplit(source.location).path
     suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
+    except OSError as exc:
+        raise ShardUnreadable(
+            "unreadable_shard", f"no temporary copy in {tmp_dir} (paths.data_dir): {exc}"
+        ) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -446,6 +451,8 @@ class Ingest:
         problem = check_shard_id(source.shard)
         if problem:
             log.error("skipping %s: %s", source.location, problem)
+            self.stats.shards_unreadable += 1
+            self.stats.unreadable.append(f"{source.location}: {problem}")
             await self._count_error("bad_shard_id")
             return
         if status.shard_is_reported(self.output, source.shard):
