@@ -451,6 +451,8 @@ class Ingest:
         problem = check_shard_id(source.shard)
         if problem:
             log.error("skipping %s: %s", source.location, problem)
+            self.stats.shards_unreadable += 1
+            self.stats.unreadable.append(f"{source.location}: {problem}")
             await self._count_error("bad_shard_id")
             return
         if status.shard_is_reported(self.output, source.shard):

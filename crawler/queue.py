@@ -241,6 +241,15 @@ class WorkQueue:
                 duplicates.append(it.id)
         if duplicates:
             await self._drop(duplicates)
+        if strays:  # unless their shard was enqueued without placeholders (see RECORD)
+            pipe = self.client.pipeline(transaction=False)
+            for p in strays:
+                pipe.exists(self.keys.shard_meta(p.fields["s"]))
+                pipe.hexists(self.keys.shard_meta(p.fields["s"]), "pending")
+            found = await pipe.execute()
+            legacy = {p.id for i, p in enumerate(strays) if found[2 * i] and not found[2 * i + 1]}
+            own += [it for it in items if it.id in legacy]
+            strays = [p for p in strays if p.id not in legacy]
         return own, strays
 
     async def settle(self, poison: Sequence[Poison]) -> None:

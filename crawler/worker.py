@@ -631,8 +631,10 @@ class Worker:
                     and shard_dir.name[:1] not in "_."
                 ):
                     sweep_temporary(shard_dir)
-            # reports and summaries of writers that were killed or failed
+            # temporary reports and summaries of writers that were killed or failed
+            # (`.tmp-*` and `.<name>.<pid>.tmp` files)
             sweep_temporary(out / status.STATUS_DIR)
+            sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
 
     async def _lag_loop(self) -> None:
         """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""
