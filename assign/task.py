@@ -6,13 +6,13 @@ Blocking work (download, rewrite) lives here so that the worker can run it in a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import secrets
-import shutil
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from assign.status import load_stored_images
 
 # Shard ids become file names: no separators, no hidden files, nothing odd.
 _SAFE_SHARD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
-_REMOTE_SCHEMES = ("http", "https", "file")
+_REMOTE_SCHEMES = ("http", "https")
 
 
 class BadTask(ValueError):
@@ -57,7 +57,10 @@ class AssignSettings:
     keep_empty_documents: bool
     # Destination directory for every shard; empty: <task.output>/_shards.
     output: str
-    download_timeout_s: float
+    # Downloads a shard named by URL to a local file: the crawler's one shard downloader
+    # (`crawler.ingest.download_blocking`: the address guard, the size and time limits).
+    # None: a shard named by URL cannot be rewritten.
+    download: Callable[[str, Path], None] | None = None
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -74,11 +77,20 @@ def process(task: ShardTask, settings: AssignSettings) -> ShardReport:
     target = destination(task, settings)
     options = _options(task, settings)
     described = describe(options, task.report if settings.downloaded_only else None)
+    if settings.downloaded_only:
+        # The report is rewritten in place after `retry`: a rewrite follows its content, so a
+        # new report never finds the rewrite of an older one "already complete".
+        described["status_report_sha256"] = _sha256(Path(task.report))
     done = completed_report(target, described)
     if done is not None:
         return done
-    with _local_source(task, target.parent, settings.download_timeout_s) as source:
+    with _local_source(task, target.parent, settings.download) as source:
         return rewrite_shard(source, target, options, settings=described)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def record_failure(task: ShardTask, settings: AssignSettings, message: str) -> Path:
@@ -102,21 +114,25 @@ def _options(task: ShardTask, settings: AssignSettings) -> AssignOptions:
 
 
 @contextlib.contextmanager
-def _local_source(task: ShardTask, work_dir: Path, timeout_s: float) -> Iterator[Path]:
-    scheme = urllib.parse.urlsplit(task.source).scheme.lower()
+def _local_source(
+    task: ShardTask, work_dir: Path, download: Callable[[str, Path], None] | None
+) -> Iterator[Path]:
+    parts = urllib.parse.urlsplit(task.source)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        yield Path(urllib.request.url2pathname(parts.path))
+        return
     if scheme not in _REMOTE_SCHEMES:
         yield Path(task.source)
         return
+    if download is None:
+        raise BadTask(f"shard {task.shard}: source {task.source} is a URL and no downloader is set")
     work_dir.mkdir(parents=True, exist_ok=True)
     for leftover in work_dir.glob(f".{task.shard}.source.*.tmp"):  # from a killed worker
         leftover.unlink(missing_ok=True)
     temp = work_dir / f".{task.shard}.source.{secrets.token_hex(4)}.tmp"
     try:
-        with (
-            urllib.request.urlopen(task.source, timeout=timeout_s) as response,
-            open(temp, "wb") as out,
-        ):
-            shutil.copyfileobj(response, out, 1 << 20)
+        download(task.source, temp)
         yield temp
     finally:
         temp.unlink(missing_ok=True)

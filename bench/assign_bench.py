@@ -184,6 +184,15 @@ def same_documents(a: Path, b: Path) -> bool:
         return all(orjson.loads(x) == orjson.loads(y) for x, y in zip(left, right, strict=True))
 
 
+def describe_shard(source: Path) -> str:
+    docs = [orjson.loads(line) for line in source.read_bytes().splitlines()]
+    images = sum(len(d["image_info"]) for d in docs)
+    sentences = sum(len(d["text_list"]) for d in docs)
+    return (f"shard: {len(docs)} docs, {source.stat().st_size / 1e6:.1f} MB, "
+            f"{images / len(docs):.2f} images/doc, {sentences / len(docs):.1f} sentences/doc, "
+            f"max {max(len(d['text_list']) for d in docs)} sentences")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--docs", type=int, default=5000)
@@ -196,14 +205,7 @@ def main() -> None:
         work = Path(tmp)
         source = work / "docs_shard_0_v2.jsonl"
         build_shard(source, args.docs, args.seed)
-        docs = [orjson.loads(line) for line in source.read_bytes().splitlines()]
-        images = sum(len(d["image_info"]) for d in docs)
-        sentences = sum(len(d["text_list"]) for d in docs)
-        print(f"shard: {args.docs} docs, {source.stat().st_size / 1e6:.1f} MB, "
-              f"{images / args.docs:.2f} images/doc, {sentences / args.docs:.1f} sentences/doc, "
-              f"max {max(len(d['text_list']) for d in docs)} sentences")  # fmt: skip
-        del docs
-
+        print(describe_shard(source))
         warm = work / "warm.jsonl"
         warm.write_bytes(b"".join(source.read_bytes().splitlines(keepends=True)[:200]))
         rewrite_shard(warm, work / "out" / "warm.jsonl", AssignOptions())

@@ -31,6 +31,8 @@ class RedisConfig:
     # redis:// or rediss:// URL (password in the URL). Empty: start a private redis-server
     # with AOF persistence inside paths.data_dir (the `run` command only).
     url: str = ""
+    # A file holding the Redis password (a container secret), used when the URL has none.
+    password_file: str = ""
     # Prefix of every key this project writes, so that several crawls can share one Redis.
     namespace: str = "mmc4"
     # Seconds between reconnect attempts while Redis is unreachable (doubles up to 30 s).
@@ -115,6 +117,9 @@ class WorkerConfig:
     grace_period_s: float = 30.0
     # Crawl worker processes started by `run`.
     processes: int = 1
+    # Seconds between a worker's one-line INFO summaries (images done, rate, failures by
+    # kind); each kind of failure is also logged once per host per this interval.
+    log_interval_s: float = 60.0
 
 
 @dataclass
@@ -328,6 +333,7 @@ RANGES: dict[str, Range] = {
     "worker.heartbeat_interval_s": POSITIVE,
     "worker.grace_period_s": AT_LEAST_0,
     "worker.processes": Range(1, 1024),
+    "worker.log_interval_s": Range(1, 86400),
     "fetch.connect_timeout_s": POSITIVE,
     "fetch.total_timeout_s": POSITIVE,
     "fetch.min_timeout_s": POSITIVE,

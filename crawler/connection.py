@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -31,9 +32,17 @@ def redis_url(cfg: Config) -> str:
 
 
 def connect(cfg: Config) -> aioredis.Redis:
-    """A client that retries briefly on connection errors; callers retry longer outages."""
+    """A client that retries briefly on connection errors; callers retry longer outages.
+    A password in the URL wins over redis.password_file."""
+    password = None
+    if cfg.redis.password_file:
+        try:
+            password = Path(cfg.redis.password_file).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"redis.password_file: {exc}") from None
     return aioredis.Redis.from_url(
         redis_url(cfg),
+        password=password,
         health_check_interval=30,
         socket_connect_timeout=5,
         socket_timeout=cfg.redis.socket_timeout_s,  # > every BLOCK the crawler uses (0.5 s)

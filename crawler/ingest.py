@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import io
 import logging
 import lzma
 import os
@@ -37,6 +38,7 @@ import aiofiles
 import braceexpand
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from crawler import status
 from crawler.config import Config
@@ -53,8 +55,9 @@ MAX_NAME_BYTES = 255
 # Shard ids become directory and report file names (`<shard>.summary.json`, temporary
 # names with a suffix): well under the 255-byte name limit of common file systems.
 MAX_SHARD_ID_BYTES = 200
-# The ingest lock of a shard expires this long after its holder last showed life (each
-# batch, each backpressure check), so a killed ingest holds a shard up for at most this.
+# The ingest lock of a shard expires this long after its holder last renewed it (a third of
+# this, while it holds the shard: downloading, reading, waiting for room), so a killed
+# ingest holds a shard up for at most this.
 LOCK_TTL_S = 60
 
 # The MMC4 shard numbers that never existed (the corpus README's "missing shards"). A brace
@@ -118,7 +121,10 @@ def expand_sources(patterns: list[str]) -> list[ShardSource]:
     out: list[ShardSource] = []
     seen: set[str] = set()
     for pattern in patterns:
-        expanded = list(braceexpand.braceexpand(pattern))
+        try:
+            expanded = list(braceexpand.braceexpand(pattern))
+        except ValueError:  # braceexpand.UnbalancedBracesError (not in its type stubs)
+            expanded = [pattern]  # not a pattern: a name with a brace in it
         from_braces = expanded != [pattern]
         for loc in expanded:
             locs = [loc]
@@ -142,6 +148,15 @@ def missing_local(sources: list[ShardSource]) -> list[ShardSource]:
     return [
         s for s in sources if not s.remote and not s.known_gap and not os.path.isfile(s.location)
     ]
+
+
+def missing_message(sources: list[ShardSource]) -> str | None:
+    """The one-line error for local shards that do not exist (`missing_local`), or None."""
+    missing = missing_local(sources)
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return f"no such shard file: {missing[0].location}{more}"
 
 
 def check_shard_id(shard: str) -> str | None:
@@ -257,7 +272,9 @@ def _open_decoded(path: Path) -> Iterator[_LineReader]:
             if not members:
                 raise ShardUnreadable("unreadable_shard", f"{path}: zip archive has no members")
             with zf.open(members[0]) as fh:
-                yield fh
+                # a zip member's own readline(limit) steps 512 bytes at a time in Python; a
+                # buffer's is C. Small, so that damage loses little of what precedes it.
+                yield io.BufferedReader(fh, buffer_size=1 << 16)  # type: ignore[type-var]
     elif name.endswith(".gz"):
         with gzip.open(path, "rb") as fh:
             yield fh
@@ -318,10 +335,15 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         yield path
         return
     tmp_dir = Path(cfg.paths.data_dir) / "downloads"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
     url_path = urlsplit(source.location).path
     suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
+    except OSError as exc:
+        raise ShardUnreadable(
+            "unreadable_shard", f"no temporary copy in {tmp_dir} (paths.data_dir): {exc}"
+        ) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -372,6 +394,11 @@ async def download(url: str, dest: Path, cfg: Config) -> None:
         ) from None
     except (aiohttp.ClientError, OSError, ValueError) as exc:  # BlockedAddress is an OSError
         raise ShardUnreadable("unreadable_shard", f"{url}: {exc}") from exc
+
+
+def download_blocking(url: str, dest: Path, cfg: Config) -> None:
+    """`download` for a caller in a thread of its own (the assignment rewrite)."""
+    asyncio.run(download(url, dest, cfg))
 
 
 # ---- ingest ----------------------------------------------------------------------------------
@@ -433,6 +460,8 @@ class Ingest:
         problem = check_shard_id(source.shard)
         if problem:
             log.error("skipping %s: %s", source.location, problem)
+            self.stats.shards_unreadable += 1
+            self.stats.unreadable.append(f"{source.location}: {problem}")
             await self._count_error("bad_shard_id")
             return
         if status.shard_is_reported(self.output, source.shard):
@@ -456,10 +485,11 @@ class Ingest:
             log.warning("shard %s is being ingested by another process", source.shard)
             self.stats.shards_skipped += 1
             return
+        keeper = asyncio.create_task(self._keep_lock(lock))
         try:
             start_line = int(meta.get(b"ingest_line", b"0"))
             async with local_copy(source, self.cfg) as path:
-                await self._ingest_file(source, path, start_line, lock)
+                await self._ingest_file(source, path, start_line)
             self.stats.shards += 1
         except ShardMissing as exc:
             if source.known_gap:
@@ -475,18 +505,26 @@ class Ingest:
             self.stats.unreadable.append(f"{source.shard}: {exc}")
             await self._count_error(exc.kind)
         finally:
+            keeper.cancel()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):  # a stopping process does not wait on Redis
                     if await self.client.get(lock) == token.encode():
                         await self.client.delete(lock)
 
+    async def _keep_lock(self, lock: str) -> None:
+        """Renew the shard's ingest lock while this process holds the shard."""
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            try:
+                await self.client.expire(lock, LOCK_TTL_S)
+            except (RedisError, OSError) as exc:
+                log.warning("ingest lock %s not renewed: %s", lock, exc)
+
     async def _count_error(self, kind: str, n: int = 1) -> None:
         key = self.keys.ingest_errors
         await self._redis(lambda: self.client.hincrby(key, kind, n), "ingest errors")
 
-    async def _ingest_file(
-        self, source: ShardSource, path: Path, start_line: int, lock: str
-    ) -> None:
+    async def _ingest_file(self, source: ShardSource, path: Path, start_line: int) -> None:
         seen: set[str] = set()
         batch = Batch(source.shard)
         line_no = 0
@@ -521,7 +559,7 @@ class Ingest:
                     if fresh:
                         batch.add(entry)
                 if fresh and batch.size >= ing.batch_size:
-                    await self._flush(batch, source, line_no, lock)
+                    await self._flush(batch, source, line_no)
                     batch = Batch(source.shard)
                 if line_no % 5000 == 0:
                     await asyncio.sleep(0)  # stay responsive while skipping a resumed prefix
@@ -533,28 +571,33 @@ class Ingest:
             log.error("shard %s ends at line %d: %s", source.shard, line_no, exc)
         finally:
             lines.close()  # a stop (or a Redis error) leaves the file closed, not to the GC
-        await self._flush(batch, source, line_no, lock)
+        await self._flush(batch, source, line_no)
         total = len(seen)
         await self._redis(lambda: self.queue.seal(source.shard, total), "seal")
         log.info("shard %s enqueued: %d images", source.shard, total)
         if unreadable is not None:
             raise unreadable
 
-    async def _flush(self, batch: Batch, source: ShardSource, line_no: int, lock: str) -> None:
-        await self._wait_for_room(lock)
+    async def _flush(self, batch: Batch, source: ShardSource, line_no: int) -> None:
+        await self._wait_for_room()
         if self.stop.is_set():
             raise Stopped  # before the transaction: the resume point stays at the last batch
         for err in batch.errors[:20]:
             log.warning("%s %s", source.shard, err)
         meta = self.keys.shard_meta(source.shard)
 
+        tried = False
+
         async def apply() -> None:
             # Rides out a Redis restart without applying the batch twice: the transaction
             # moves ingest_line to line_no, so after a lost reply meta tells.
-            applied = await self.client.hget(meta, "ingest_line")
-            if applied is not None and int(applied) >= line_no > 0 and not batch.unreadable:
-                return
-            pipe = await self._batch_pipeline(batch, source, line_no, lock)
+            nonlocal tried
+            if tried:
+                applied = await self.client.hget(meta, "ingest_line")
+                if applied is not None and int(applied) >= line_no > 0 and not batch.unreadable:
+                    return
+            tried = True
+            pipe = await self._batch_pipeline(batch, source, line_no)
             await pipe.execute()
 
         await self._redis(apply, "ingest")
@@ -566,9 +609,7 @@ class Ingest:
         self.stats.flagged_duplicates += batch.flagged
         self.stats.skipped_duplicates += batch.skipped_flagged
 
-    async def _batch_pipeline(
-        self, batch: Batch, source: ShardSource, line_no: int, lock: str
-    ) -> Any:
+    async def _batch_pipeline(self, batch: Batch, source: ShardSource, line_no: int) -> Any:
         """One transaction: the batch's items, its ingest-time records, counters, resume point."""
         pipe = self.client.pipeline(transaction=True)
         meta = self.keys.shard_meta(source.shard)
@@ -593,12 +634,11 @@ class Ingest:
         for kind, n in errors.items():
             if n:
                 pipe.hincrby(self.keys.ingest_errors, kind, n)
-        pipe.expire(lock, LOCK_TTL_S)
         return pipe
 
-    async def _wait_for_room(self, lock: str) -> None:
-        """Backpressure: wait while the queue holds ingest.max_queue_depth items or more,
-        keeping the shard's lock alive; a stop request ends the wait at once."""
+    async def _wait_for_room(self) -> None:
+        """Backpressure: wait while the queue holds ingest.max_queue_depth items or more; a
+        stop request ends the wait at once."""
         limit = self.cfg.ingest.max_queue_depth
         waiting = False
         while True:
@@ -608,7 +648,6 @@ class Ingest:
             if not waiting:
                 log.info("queue full (%d items): waiting for room", depth)
                 waiting = True
-            await self._redis(lambda: self.client.expire(lock, LOCK_TTL_S), "ingest lock")
             await self._pause(self.cfg.ingest.backpressure_poll_s)
 
     async def _pause(self, seconds: float) -> None:

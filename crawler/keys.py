@@ -38,6 +38,8 @@ key                                type    holds
 ``ns:worker:<id>``                 hash    heartbeat of one worker process (expires)
 ``ns:history``                     list    [time, done, queued] samples for rate and ETA
 ``ns:hosts:failed``                zset    host -> failed images (top 10,000 kept)
+``mmc4:embedded:identity``         string  random token of the data directory whose embedded
+                                           Redis this is (outside every namespace)
 =================================  ======  ==================================================
 """
 
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 
 CRAWL_GROUP = "crawl"
 ASSIGN_GROUP = "assign"
+EMBEDDED_IDENTITY = "mmc4:embedded:identity"
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ assignment worker.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from crawler import safefs
 
 # Terminal statuses. HTTP failures are recorded as http_<code> (http_404, http_503, ...).
 OK = "ok"
@@ -75,7 +75,6 @@ RECORD_FIELDS = (
 )
 
 STATUS_DIR = "_status"
-TMP_SUFFIX = ".tmp"  # of a report or summary being written: `.<name>.<pid>.tmp`
 SHARDS_DIR = "_shards"
 
 
@@ -133,31 +132,19 @@ def shard_is_reported(output: Path, shard: str) -> bool:
     return ReportPaths(output, shard).report.is_file()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write data under a temporary name, fsync, rename: never a partial file at path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(
     output: Path, shard: str, records: list[bytes], summary: dict[str, Any]
 ) -> ReportPaths:
     """Write a shard's records (sorted by image name) and its summary."""
     paths = ReportPaths(output, shard)
+    problem = safefs.check_part(shard)
+    if problem:
+        raise safefs.UnsafePath(f"shard {problem}")
     records = sorted(records, key=lambda r: orjson.loads(r)["image_name"])
     body = b"".join(r + b"\n" for r in records)
-    write_atomic(paths.summary, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    write_atomic(paths.report, gzip.compress(body, compresslevel=6))
+    root, summary_bytes = str(output), orjson.dumps(summary, option=orjson.OPT_INDENT_2)
+    safefs.write(root, STATUS_DIR, paths.summary.name, summary_bytes, durable=True)
+    safefs.write(root, STATUS_DIR, paths.report.name, gzip.compress(body, 6), durable=True)
     return paths
 
 

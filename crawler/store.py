@@ -15,18 +15,17 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
-import itertools
 import os
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from crawler import images
+from crawler import images, safefs
 from crawler.images import ImageResult, ImageSettings
+from crawler.safefs import UnsafePath
 from crawler.status import STATUS_DIR, WRITE_ERROR
 
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = safefs.TMP_PREFIX
 # Not a terminal status: the image was fine but the output refused it (see UNWRITABLE_ERRNOS).
 OUTPUT_UNWRITABLE = "output_unwritable"
 # Errors that say the output as a whole cannot take files now, whatever the image.
@@ -43,9 +42,6 @@ class Store:
 
     def relative(self, shard: str, name: str) -> str:
         return f"{shard}/{name}"
-
-    def path(self, shard: str, name: str) -> Path:
-        return self.output / shard / name
 
     def all_new(self, shards: Iterable[str]) -> bool:
         """Whether every one of these shards is known to have had no directory when first
@@ -69,55 +65,48 @@ class Store:
         return out
 
 
-_made_dirs: set[Path] = set()  # per process: shard directories already created
-_tmp_names = itertools.count()  # with the pid and a per-process random part: unique names
-_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+Target = tuple[str, str, str]  # (output directory, shard, image name): what a pool job writes
 
 
-def write_atomic(final: Path, data: bytes) -> None:
-    """Write `data` under `final` via a temporary file in the same directory and a rename."""
-    if final.parent not in _made_dirs:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _made_dirs.add(final.parent)
-    tmp = f"{final.parent}/{TMP_PREFIX}{_process_tag()}-{next(_tmp_names)}"
-    try:
-        fd = os.open(tmp, _TMP_FLAGS, 0o644)
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked (signals, odd file systems)
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def check_target(shard: str, name: str) -> str | None:
+    """Why an image cannot be stored as OUTPUT/<shard>/<name>, or None: each part is one
+    plain name (`safefs.check_part`), and shard ids starting with '_' are the crawl's own
+    directories (`_status` and the like), never an image's."""
+    problem = safefs.check_part(shard)
+    if problem:
+        return f"shard {problem}"
+    if shard.startswith("_"):
+        return f"shard {shard!r} starts with '_' (reserved for the crawl's own directories)"
+    problem = safefs.check_part(name)
+    return f"image name {problem}" if problem else None
 
 
-_tag: tuple[int, str] | None = None
+def write_atomic(target: Target, data: bytes) -> None:
+    """Write `data` as OUTPUT/<shard>/<name> (`safefs.write`: a temporary file, a rename, no
+    link followed). Raises UnsafePath for a target `check_target` refuses."""
+    root, shard, name = target
+    problem = check_target(shard, name)
+    if problem:
+        raise UnsafePath(problem)
+    safefs.write(root, shard, name, data)
 
 
-def _process_tag() -> str:
-    """The pid and a random part, fixed per process (a forked child gets its own)."""
-    global _tag
-    if _tag is None or _tag[0] != os.getpid():
-        _tag = (os.getpid(), uuid.uuid4().hex[:8])
-    return f"{_tag[0]}-{_tag[1]}"
-
-
-def shrink_and_store(data: bytes, settings: ImageSettings, final: str) -> ImageResult:
-    """Pool job: check and shrink a downloaded image, then write what is kept to `final`.
+def shrink_and_store(data: bytes, settings: ImageSettings, target: Target) -> ImageResult:
+    """Pool job: check and shrink a downloaded image, then write what is kept to `target`.
 
     The result carries no image bytes (`stored_bytes` says how many were written); a failed
-    write is status "write_error" with the OS error.
+    write, or a target outside the output (`check_target`), is status "write_error" with
+    the reason.
     """
+    problem = check_target(target[1], target[2])
+    if problem:
+        return ImageResult(WRITE_ERROR, "", f"refused: {problem}")
     img = images.process_image(data, settings)
     if img.status != "ok":
         return img
     out = data if img.keep_original else (img.data or b"")
     try:
-        write_atomic(Path(final), out)
+        write_atomic(target, out)
     except OSError as exc:
         # A full or read-only output is the machine's problem, not the image's: no record
         # (the worker pauses and hands the item back); anything else is this image's.
@@ -126,11 +115,14 @@ def shrink_and_store(data: bytes, settings: ImageSettings, final: str) -> ImageR
     return dataclasses.replace(img, data=None, stored_bytes=len(out))
 
 
-def verify_stored(final: str, settings: ImageSettings) -> ImageResult | None:
-    """Pool job: the result for a file an earlier run stored, or None when it is missing or
-    not a valid image (then it is fetched again)."""
+def verify_stored(target: Target, settings: ImageSettings) -> ImageResult | None:
+    """Pool job: the result for a file an earlier run stored, or None when it is missing, not
+    a valid image, or reached through a link (then it is fetched again)."""
+    root, shard, name = target
+    if check_target(shard, name):
+        return None
     try:
-        data = Path(final).read_bytes()
+        data = safefs.read(root, shard, name)
     except OSError:
         return None
     img = images.process_image(data, settings)
@@ -150,10 +142,10 @@ def output_problem(output: Path) -> str:
     PROBE_BYTES is written, synced and removed in the output and in its report directory.
     (Blocking: call it in a thread.)"""
     for directory in (output, output / STATUS_DIR):
-        probe = directory / f"{TMP_PREFIX}probe-{_process_tag()}"
+        probe = directory / f"{TMP_PREFIX}probe-{safefs.process_tag()}"
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(probe, _TMP_FLAGS, 0o644)
+            fd = os.open(probe, safefs.TMP_FLAGS, 0o644)
             try:
                 view = memoryview(bytes(PROBE_BYTES))
                 while view:

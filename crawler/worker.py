@@ -40,6 +40,7 @@ from crawler.diagnostics import task_stacks
 from crawler.fetch import OTHER_HOST, Fetcher, FetchResult, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
+from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pool import ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
@@ -131,6 +132,8 @@ class Worker:
         self.store = Store(cfg.output_dir)
         self.settings = images.settings_from(cfg)
         self.metrics = Metrics()
+        self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
+        self.log_stats = LogStats()
         self.failed_hosts: dict[str, int] = {}
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
@@ -191,6 +194,7 @@ class Worker:
             self._loop(self._heartbeat, hb, max_backoff_s=hb),
             self._lag_loop(),
             self._gc_loop(),
+            self._summary_loop(),
         ]
         bg = [asyncio.create_task(c) for c in background]
         try:
@@ -404,6 +408,8 @@ class Worker:
             return
         self.stats.count(rec["status"], rec["bytes"])
         self.metrics.image(rec["status"], rec["bytes"], rec["source_bytes"])
+        if rec["status"] != "ok":
+            self.failure_log.failure(host, rec["status"], str(rec.get("error") or ""))
         if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
         self.results.append(result)
@@ -474,7 +480,7 @@ class Worker:
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
-        final = str(self.store.path(item.shard, item.name))
+        final = (str(self.store.output), item.shard, item.name)
         self._waiting_bytes += len(body)
         self.stats.peak_waiting_bytes = max(self.stats.peak_waiting_bytes, self._waiting_bytes)
         try:
@@ -504,7 +510,7 @@ class Worker:
 
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
-        final = str(self.store.path(item.shard, item.name))
+        final = (str(self.store.output), item.shard, item.name)
         img = await self._pool.run(verify_stored, final, self.settings)
         if img is None:
             return None  # gone, or not a valid image after all: fetch again
@@ -624,10 +630,16 @@ class Worker:
         out = self.cfg.output_dir
         if out.is_dir():
             for shard_dir in out.iterdir():
-                if shard_dir.is_dir() and not shard_dir.name.startswith(("_", ".")):
+                if (
+                    shard_dir.is_dir()
+                    and not shard_dir.is_symlink()
+                    and shard_dir.name[:1] not in "_."
+                ):
                     sweep_temporary(shard_dir)
-            # reports and summaries of writers that were killed or failed
-            sweep_temporary(out / status.STATUS_DIR, pattern=f".*{status.TMP_SUFFIX}")
+            # temporary reports and summaries of writers that were killed or failed
+            # (`.tmp-*` and `.<name>.<pid>.tmp` files)
+            sweep_temporary(out / status.STATUS_DIR)
+            sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
 
     async def _lag_loop(self) -> None:
         """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""
@@ -639,6 +651,14 @@ class Worker:
             self.metrics.loop_lag.observe(lag)
             if lag > 1.0:
                 log.warning("event loop was blocked for %.1fs", lag)
+
+    async def _summary_loop(self) -> None:
+        """The periodic one-line INFO summary (see crawler.logs)."""
+        while True:
+            await asyncio.sleep(self.cfg.worker.log_interval_s)
+            log.info(
+                "worker %s: %s", self.id, self.log_stats.line(self.stats.by_status, len(self.held))
+            )
 
     async def _gc_loop(self) -> None:
         """Collect cyclic garbage on a timer (automatic collection is off: see _tune_gc)."""

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
+from aiohttp import web
 
 from assign.solve import assign
 from assign.worker import AssignWorker, run_assign_worker
@@ -124,16 +127,51 @@ async def test_downloaded_only_worker_keeps_stored_images_with_local_paths(
     assert summary["dropped_images"] > 0 and summary["settings"]["downloaded_only"] is True
 
 
+@contextlib.asynccontextmanager
+async def serving(path: Path) -> AsyncIterator[str]:
+    """`path` served over HTTP on loopback; yields its URL."""
+
+    async def handler(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(path)
+
+    app = web.Application()
+    app.router.add_get(f"/{path.name}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/{path.name}"
+    finally:
+        await runner.cleanup()
+
+
 async def test_remote_source_is_downloaded_first(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
     output = tmp_path / "crawl"
     source, report = write_crawl(output, "shard2")
-    # file:// goes through the same urllib download path as http(s), without a network.
-    await announce(aredis, namespace, "shard2", source.as_uri(), report, output)
-    await run_assign_worker(make_config(namespace, output), once=True)
+    cfg = make_config(namespace, output)
+    cfg.fetch.allow_private_addresses = True  # the source is served on loopback
+    async with serving(source) as url:
+        await announce(aredis, namespace, "shard2", url, report, output)
+        await run_assign_worker(cfg, once=True)
     assert len(read_docs(output / "_shards" / "shard2.jsonl")) == 6
     assert not list((output / "_shards").glob(".*.tmp"))
+
+
+async def test_a_remote_source_is_downloaded_through_the_crawls_address_guard(
+    tmp_path: Path, namespace: str, aredis: aioredis.Redis
+) -> None:
+    output = tmp_path / "crawl"
+    source, report = write_crawl(output, "shard4")
+    cfg = make_config(namespace, output)  # loopback is not a public address: refused
+    cfg.queue.max_deliveries = 1
+    async with serving(source) as url:
+        await announce(aredis, namespace, "shard4", url, report, output)
+        await run_assign_worker(cfg, once=True)
+    assert not (output / "_shards" / "shard4.jsonl").exists()
+    error = orjson.loads((output / "_shards" / "shard4.error.json").read_bytes())
+    assert "127.0.0.1" in error["error"]
 
 
 async def test_entry_left_pending_by_a_dead_worker_is_claimed_after_the_lease(
@@ -222,3 +260,20 @@ async def test_a_running_worker_passes_its_health_check_and_a_stopped_one_does_n
         await asyncio.wait_for(running, 10)
     assert await aredis.keys(f"{namespace}:assign-worker:*") == []
     assert CliRunner().invoke(main, check).exit_code == 1
+
+
+async def test_an_entry_naming_paths_outside_the_output_is_dropped_and_nothing_written_there(
+    tmp_path: Path, namespace: str, aredis: aioredis.Redis
+) -> None:
+    output = tmp_path / "crawl"
+    source, report = write_crawl(output, "shard0")
+    elsewhere = tmp_path / "elsewhere"
+    foreign_report = tmp_path / "stolen" / "_status" / "shard0.jsonl.gz"
+    foreign_report.parent.mkdir(parents=True)
+    foreign_report.write_bytes(report.read_bytes())
+    await announce(aredis, namespace, "shard0", str(source), report, elsewhere)
+    await announce(aredis, namespace, "shard0", str(source), foreign_report, output)
+    await run_assign_worker(make_config(namespace, output), once=True)
+    assert not elsewhere.exists()
+    assert not (output / "_shards").exists()
+    assert await pending_count(aredis, namespace) == 0

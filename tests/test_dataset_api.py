@@ -11,11 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import orjson
 import pytest
 import requests
+import schemathesis
+import schemathesis.specs.openapi.checks
 from crawling import image_doc, write_docs
 from dataset_helpers import Corpus, Server, crawl_corpus, serving
+from schemathesis import GenerationMode
 
 from crawler import status
 from crawler.dataset.index import index_shard
@@ -343,3 +347,59 @@ def test_dataset_token_prints_a_token_and_the_hash_the_server_accepts() -> None:
     check = TokenCheck([lines["hash"].strip()])
     assert check.accepts(f"Bearer {lines['token'].strip()}")
     assert not check.accepts(f"Bearer {lines['token'].strip()}x")
+
+
+# ---- property-based: the running server against its own OpenAPI document ------------------
+
+
+CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    schemathesis.specs.openapi.checks.status_code_conformance,
+    schemathesis.specs.openapi.checks.content_type_conformance,
+    schemathesis.specs.openapi.checks.response_schema_conformance,
+]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_no_input_allowed_or_forbidden_by_the_schema_gets_a_5xx(
+    server: Server, mode: GenerationMode
+) -> None:
+    schema = schemathesis.openapi.from_url(f"{server.base}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 3
+    session = requests.Session()
+    for operation in operations:
+
+        @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+        @hypothesis.settings(
+            max_examples=30,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        def property_holds(case: Any) -> None:
+            case.call_and_validate(
+                base_url=server.base, session=session, headers=server.auth, checks=CHECKS
+            )
+
+        property_holds()
+
+
+def test_a_shard_whose_files_no_longer_match_its_meta_answers_503_not_garbage(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    shutil.copytree(corpus.output, output)
+    docs = output / "_dataset" / f"{corpus.shards[0]}.docs.jsonl"
+    with serving(output, tmp_path / "log") as srv:
+        docs.write_bytes(docs.read_bytes()[:-100])  # as if caught in the middle of re-indexing
+        r = requests.get(
+            f"{srv.base}/datasets/mmc4", headers=srv.auth, params={"shard": corpus.shards[0]}
+        )
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert r.json()["error"] == "reindexing"
+        other = requests.get(
+            f"{srv.base}/datasets/mmc4", headers=srv.auth, params={"shard": corpus.shards[1]}
+        )
+        assert other.status_code == 200 and other.json()["documents"]

@@ -414,15 +414,55 @@ def test_redis_is_durable_and_health_checked() -> None:
     redis = services()["redis"]
     command = argv(redis["command"])
     assert command[0] == "redis-server"
+    if not command[1].startswith("--"):
+        command = command[1:]  # a configuration file first
     options = dict(zip(command[1::2], command[2::2], strict=False))
     assert options.get("--appendonly") == "yes"
     assert options.get("--appendfsync") in ("always", "everysec")
     # the queue must never be evicted
     assert options.get("--maxmemory-policy", "noeviction") == "noeviction"
-    assert healthcheck_argv("redis") == ["redis-cli", "ping"]
+    check = healthcheck_argv("redis")
+    assert check is not None and check[1:] == ["redis-cli", "ping", "|", "grep", "-q", "PONG"]
     data = [m for m in mounts("redis") if m.target == "/data"]
     assert data and data[0].named, "Redis keeps its AOF in a named volume"
     assert str(redis["image"]).startswith("redis:7")
+
+
+def test_redis_requires_the_generated_password_and_is_published_nowhere() -> None:
+    redis, secret = services()["redis"], services()["redis-secret"]
+    assert "ports" not in redis
+    assert redis["depends_on"]["redis-secret"]["condition"] == "service_completed_successfully"
+    assert argv(redis["command"])[1] == "/run/mmc4/redis-auth.conf"
+    script = " ".join(argv(secret["command"]))
+    assert "/dev/urandom" in script and "requirepass" in script and "redis-auth.conf" in script
+    assert "REDISCLI_AUTH" in " ".join(argv(redis["healthcheck"]["test"]))
+    for name in our_services():
+        cfg = effective_config(name)
+        assert cfg.redis.password_file == "/run/mmc4/redis-password", name
+        secret_mounts = [m for m in mounts(name) if m.target == "/run/mmc4"]
+        assert secret_mounts and secret_mounts[0].read_only, name
+        assert services()[name]["depends_on"]["redis-secret"]["condition"] == (
+            "service_completed_successfully"
+        )
+
+
+def test_published_ports_are_on_loopback_unless_asked_otherwise() -> None:
+    for name, svc in services().items():
+        for port in svc.get("ports", []):
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name}: {port}"
+    raw = COMPOSE.read_text(encoding="utf-8")
+    assert raw.count("${MMC4_PUBLISH_HOST:-127.0.0.1}:") == len(
+        [p for svc in services().values() for p in svc.get("ports", [])]
+    )
+
+
+def test_every_base_image_is_pinned_to_a_version() -> None:
+    df = dockerfile()
+    images = [base_image(stage[0][1], df.args) for stage in df.stages]
+    images += [str(svc["image"]) for n, svc in services().items() if not ours(n)]
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and re.match(r"v?\d+\.\d+\.\d+", tag), f"{image} is not pinned to a version"
 
 
 def test_the_crawl_worker_health_check_is_a_heartbeat_check() -> None:
@@ -533,7 +573,7 @@ def test_raw_compose_uses_x_anchors_for_shared_settings() -> None:
 
 def test_dockerfile_final_stage_is_slim_python_311() -> None:
     df = dockerfile()
-    assert base_image(df.final[0][1], df.args) == "python:3.11-slim"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base_image(df.final[0][1], df.args))
     final_runs = " ".join(df.all("RUN"))
     assert "build-essential" not in final_runs, "compilers belong to the builder stage"
     if len(df.stages) > 1:

@@ -7,6 +7,7 @@ import gzip
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,7 +152,7 @@ def test_enqueue_waits_for_redis_then_gives_up_with_one_line_and_exit_code_3(
     assert done.returncode == ExitCode.REDIS_UNAVAILABLE
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Redis" in errors[0] and url in errors[0]
+    assert len(errors) == 1 and "Redis" in errors[0] and url.split("/")[2] in errors[0]
 
 
 def test_enqueue_rides_out_redis_down_at_start_and_mid_run(namespace: str, tmp_path: Path) -> None:
@@ -300,3 +301,76 @@ def test_documents_flagged_as_url_duplicates_are_counted_and_left_out_only_when_
         assert int(meta[b"total"]) == len(expected)
     finally:
         client.close()
+
+
+def test_sigterm_stops_enqueue_waiting_on_a_stalled_shard_download(
+    namespace: str, tmp_path: Path
+) -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/docs_shard_6_v2.jsonl"
+        args = enqueue_args(
+            namespace, tmp_path, "--set", "fetch.allow_private_addresses=true", "enqueue", url
+        )
+        proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2.0)  # started, connected, waiting for a response
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            out, _err = proc.communicate(timeout=STOP_BOUND_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == ExitCode.TERMINATED
+    assert orjson.loads(out)["stopped"] is True
+    assert not list((tmp_path / "data" / "downloads").iterdir())  # no partial copy left
+
+
+STUCK = """
+import asyncio, sys
+from crawler import early
+early.install()
+from crawler.signals import StopSignals
+
+async def main():
+    signals = StopSignals()
+    signals.install()
+    print("ready", flush=True)
+    await asyncio.sleep(60)  # a stop that never comes to an end on its own
+
+asyncio.run(main())
+"""
+
+
+def test_a_second_signal_exits_at_once_with_the_first_signals_code() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK], env=clean_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert proc.poll() is None  # the first asks; this process does not stop by itself
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=STOP_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == ExitCode.INTERRUPTED
+
+
+def test_run_on_a_missing_local_shard_is_the_same_error_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "no_such_shard.jsonl"
+    args = [
+        sys.executable, "-m", "crawler", "--output", str(tmp_path / "out"),
+        "--set", f"paths.data_dir={tmp_path / 'data'}", "run", "--no-progress", str(missing),
+    ]  # fmt: skip
+    done = run_enqueue(args)
+    assert done.returncode == ExitCode.NOT_FOUND
+    assert done.stderr.strip().splitlines() == [f"error: no such shard file: {missing}"]
+    assert not (tmp_path / "data" / "redis").exists()  # no embedded Redis was started

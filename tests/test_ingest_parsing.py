@@ -105,3 +105,8 @@ def test_plain_gzip_and_zip_shards_stream_the_same_lines(tmp_path: Path) -> None
 @pytest.mark.parametrize("shard", ["", "_status", ".x", "a/b", "a\nb"])
 def test_unusable_shard_ids_are_refused(shard: str) -> None:
     assert ingest.check_shard_id(shard)
+
+
+def test_a_name_with_unbalanced_braces_is_taken_as_it_is(tmp_path: Path) -> None:
+    (source,) = ingest.expand_sources([str(tmp_path / "odd{name.jsonl")])
+    assert source.location == str(tmp_path / "odd{name.jsonl")

@@ -14,10 +14,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from crawling import crawl_config, image_doc
+from crawling import crawl, crawl_config, image_doc, own_names, report
 
+from crawler import status
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
+from crawler.testweb import ImageWeb, make_docs, write_shard
 
 
 def shard_bytes(n: int, tag: str) -> bytes:
@@ -232,3 +234,43 @@ async def test_a_shard_over_the_decompressed_limit_ends_there_and_completes_as_u
     assert 0 < int(meta[b"total"]) < 4000 and b"shard_too_large" in meta[b"unreadable"]
     assert await aredis.xlen(keys.queue) == int(meta[b"total"])
     assert (await aredis.hgetall(keys.ingest_errors))[b"shard_too_large"] == b"1"
+
+
+async def test_a_truncated_shard_is_crawled_as_far_as_it_reads_and_completes_as_unreadable(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    web.reset_flaky()
+    docs = make_docs(web, 60, seed=5, sizes="small", images_per_doc=(1, 2))
+    cut = tmp_path / "docs_shard_20_v2.jsonl.gz"
+    write_shard(cut, docs[:50])
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    whole = tmp_path / "docs_shard_21_v2.jsonl"
+    docs[50]["could_have_url_duplicate"] = 1  # crawled (the default), and counted
+    write_shard(whole, docs[50:])
+    cfg = crawl_config(namespace, tmp_path)
+    await crawl(cfg, [str(cut), str(whole)])  # ends: no shard is left waiting
+    for shard, damaged in (("docs_shard_20_v2", True), ("docs_shard_21_v2", False)):
+        summary = orjson.loads(status.ReportPaths(cfg.output_dir, shard).summary.read_bytes())
+        records = report(cfg, shard)
+        assert summary["records"] == summary["total"] == len(records) > 0
+        assert bool(summary["unreadable"]) is damaged
+    assert len(report(cfg, "docs_shard_20_v2")) < len(own_names(docs[:50]))
+    assert len(report(cfg, "docs_shard_21_v2")) == len(own_names(docs[50:]))
+    summary = orjson.loads(
+        status.ReportPaths(cfg.output_dir, "docs_shard_21_v2").summary.read_bytes()
+    )
+    assert summary["flagged_duplicates"] == 1 and summary["skipped_duplicates"] == 0
+
+
+async def test_remote_shards_without_a_writable_data_dir_are_unreadable_not_a_crash(
+    shard_server: str, aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "data").write_text("a file where the data directory should be")
+    cfg = crawl_config(namespace, tmp_path)
+    local = tmp_path / "docs_shard_5_v2.jsonl"
+    local.write_bytes(shard_bytes(2, "local"))
+    ingest = Ingest(cfg, aredis)
+    await ingest.run(expand_sources([shard_server + "/docs_shard_0_v2.jsonl", str(local)]))
+    assert ingest.stats.shards_unreadable == 1 and ingest.stats.shards == 1
+    assert "paths.data_dir" in ingest.stats.unreadable[0]

@@ -154,7 +154,8 @@ async def test_shrink_and_store_runs_in_the_pool(pool: ImagePool, tmp_path: Path
     buf = io.BytesIO()
     Image.new("RGB", (1600, 1200), (10, 200, 30)).save(buf, "JPEG")
     final = tmp_path / "shard" / "a.jpg"
-    result = await pool.run(shrink_and_store, ImageSettings(), str(final), data=buf.getvalue())
+    target = (str(tmp_path), "shard", "a.jpg")
+    result = await pool.run(shrink_and_store, ImageSettings(), target, data=buf.getvalue())
     assert result.status == "ok" and result.data is None
     assert (result.width, result.height) == (800, 600)
     assert final.stat().st_size == result.stored_bytes

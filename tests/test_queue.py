@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from crawling import crawl, crawl_config, image_doc, report, write_docs
 
 from crawler import status
+from crawler.config import Config
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue, encode_result
@@ -17,10 +18,17 @@ from crawler.shards import Shards
 from crawler.testweb import ImageWeb
 
 
+def short_leases(cfg: Config, lease_s: float) -> Config:
+    """Leases shorter than a configuration may set (at least 1 s): these tests drive a
+    WorkQueue directly and wait out leases many times."""
+    cfg.queue.lease_timeout_s = lease_s
+    return cfg
+
+
 async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
-    cfg = crawl_config(namespace, tmp_path, queue={"lease_timeout_s": 0.2})
+    cfg = short_leases(crawl_config(namespace, tmp_path), 0.2)
     q = WorkQueue(aredis, Keys(namespace), cfg.queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
@@ -55,7 +63,7 @@ async def test_items_enqueued_in_batches_read_back_in_order(
 async def test_renewed_leases_are_not_reclaimed(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
-    cfg = crawl_config(namespace, tmp_path, queue={"lease_timeout_s": 0.3})
+    cfg = short_leases(crawl_config(namespace, tmp_path), 0.3)
     q = WorkQueue(aredis, Keys(namespace), cfg.queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
@@ -72,7 +80,7 @@ async def test_an_item_delivered_too_often_becomes_a_dead_letter_with_a_reason(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
     keys = Keys(namespace)
-    cfg = crawl_config(namespace, tmp_path, queue={"lease_timeout_s": 0.05, "max_deliveries": 3})
+    cfg = short_leases(crawl_config(namespace, tmp_path, queue={"max_deliveries": 3}), 0.05)
     q = WorkQueue(aredis, keys, cfg.queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
@@ -229,3 +237,25 @@ async def test_deferred_items_come_back_by_redis_time_whatever_the_workers_clock
     assert await q.promote() == 1
     [back] = await q.read("w", 10, 10)
     assert (back.shard, back.name, back.url) == ("s", "a.jpg", "http://h.example/a.jpg")
+
+
+async def test_a_shard_enqueued_without_placeholders_still_completes_by_count(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    """A shard in flight from before placeholders (meta without `pending`): its items are
+    taken, recorded once each, and it completes when done reaches total."""
+    keys = Keys(namespace)
+    q = WorkQueue(aredis, keys, crawl_config(namespace, tmp_path).queue)
+    await q.ensure_group()
+    await aredis.hset(keys.shard_meta("old"), mapping={"source": "old.jsonl", "total": 2})
+    for name in ("a.jpg", "b.jpg"):
+        await aredis.xadd(keys.queue, {"s": "old", "n": name, "u": f"http://h.example/{name}"})
+    items = await q.read("w", 10, 10)
+    assert [i.name for i in items] == ["a.jpg", "b.jpg"]
+    results = [
+        encode_result(i.id, "old", i.name, status.make_record(i.name, i.url, "ok")) for i in items
+    ]
+    assert await q.record(results[:1]) == []
+    assert await q.record(results) == ["old"]  # a.jpg's second result is not counted
+    assert await aredis.hget(keys.shard_meta("old"), "done") == b"2"
+    assert await aredis.xlen(keys.dead) == 0

@@ -4,18 +4,27 @@ them with a terminal status and the rest of the crawl is undisturbed."""
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
 import socket
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
 import pytest
+import redis
 from crawling import crawl, crawl_config, image_doc, report, write_docs
+from PIL import Image
+from redis_server import RedisProcess
 
-from crawler import fetch, guard, ingest, status
-from crawler.config import FetchConfig
+from crawler import connection, fetch, guard, ingest, status, store
+from crawler import embedded as embedded_module
+from crawler.config import Config, FetchConfig
+from crawler.embedded import EmbeddedRedis
+from crawler.images import ImageSettings
+from crawler.keys import EMBEDDED_IDENTITY
 from crawler.testweb import ImageWeb
 
 # Spellings of 127.0.0.1 that the C library (and so `connect`) accepts.
@@ -156,3 +165,167 @@ async def test_a_crawl_records_refused_addresses_and_fetches_everything_else(
     assert {recs[f"g{i}.jpg"]["status"] for i in range(len(good))} == {status.OK}
     assert {recs[f"b{i}.jpg"]["status"] for i in range(len(bad))} == {status.BLOCKED_ADDRESS}
     assert not (cfg.output_dir / "sec" / "b0.jpg").exists()
+
+
+# ---- paths ----------------------------------------------------------------------------------
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (20, 90, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "shard, name",
+    [("s", "../../escaped.png"), ("../../escaped_dir", "a.jpg"), ("s", ".."), ("..", "x"),
+     ("s", "a/b.jpg"), ("s", ".hidden.jpg"), ("s", "nul\0.jpg"), ("", "a.jpg"), ("s", ""),
+     ("_status", "s.jsonl.gz"), ("_status", "s.summary.json"), ("_shards", "a.jpg"),
+     ("s", "x" * 256)],
+)  # fmt: skip
+def test_the_store_refuses_any_target_that_is_not_one_name_under_a_shard_directory(
+    tmp_path: Path, shard: str, name: str
+) -> None:
+    root = tmp_path / "out"
+    root.mkdir()
+    status_dir = root / status.STATUS_DIR
+    status_dir.mkdir()
+    (status_dir / "s.jsonl.gz").write_bytes(b"report")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = store.shrink_and_store(_jpeg(), ImageSettings(), (str(root), shard, name))
+    assert result.status == status.WRITE_ERROR and "refused" in result.error
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (status_dir / "s.jsonl.gz").read_bytes() == b"report"
+
+
+def test_a_symlinked_shard_directory_is_not_followed(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "s").symlink_to(elsewhere, target_is_directory=True)
+    result = store.shrink_and_store(_jpeg(), ImageSettings(), (str(root), "s", "a.jpg"))
+    assert result.status == status.WRITE_ERROR
+    assert list(elsewhere.iterdir()) == []
+    (elsewhere / "b.jpg").write_bytes(_jpeg())
+    assert store.verify_stored((str(root), "s", "b.jpg"), ImageSettings()) is None
+
+
+def test_a_link_at_the_final_name_is_replaced_not_written_through(tmp_path: Path) -> None:
+    root, victim = tmp_path / "out", tmp_path / "victim.txt"
+    (root / "s").mkdir(parents=True)
+    victim.write_text("keep me")
+    (root / "s" / "a.jpg").symlink_to(victim)
+    assert store.verify_stored((str(root), "s", "a.jpg"), ImageSettings()) is None
+    result = store.shrink_and_store(_jpeg(), ImageSettings(), (str(root), "s", "a.jpg"))
+    assert result.status == status.OK
+    assert victim.read_text() == "keep me"
+    assert not (root / "s" / "a.jpg").is_symlink()
+
+
+def test_reports_are_written_only_as_plain_files_in_a_plain_status_directory(
+    tmp_path: Path,
+) -> None:
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    for bad in ("../escaped", ".hidden", "a/b", ""):
+        with pytest.raises(OSError):
+            status.write_report(root, bad, [], {})
+    (root / status.STATUS_DIR).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(OSError):
+        status.write_report(root, "s", [], {})
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_a_crawl_into_a_symlinked_shard_directory_records_write_errors_only_there(
+    namespace: str, tmp_path: Path, web: ImageWeb
+) -> None:
+    cfg = crawl_config(namespace, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg.output_dir.mkdir(parents=True)
+    (cfg.output_dir / "linked").symlink_to(elsewhere, target_is_directory=True)
+    urls = [web.url(i % 6, f"/img/40x30/l{i}.jpg") for i in range(6)]
+    names = [f"i{i}.jpg" for i in range(6)]
+    linked = write_docs(tmp_path / "linked.jsonl", [image_doc(urls, names)])
+    fine = write_docs(tmp_path / "fine.jsonl", [image_doc(urls, names)])
+    await crawl(cfg, [str(linked), str(fine)])
+    assert {r["status"] for r in report(cfg, "linked").values()} == {status.WRITE_ERROR}
+    assert len(report(cfg, "linked")) == 6
+    assert {r["status"] for r in report(cfg, "fine").values()} == {status.OK}
+    assert list(elsewhere.iterdir()) == []
+
+
+# ---- the embedded Redis ---------------------------------------------------------------------
+
+
+def test_the_embedded_redis_requires_its_generated_password_kept_private(
+    tmp_path: Path,
+) -> None:
+    embedded = EmbeddedRedis(tmp_path / "state")
+    url = embedded.start()
+    try:
+        box = tmp_path / "state" / "redis"
+        assert stat.S_IMODE(box.stat().st_mode) == 0o700
+        for name in ("password", "identity", "url", "redis.conf"):
+            assert stat.S_IMODE((box / name).stat().st_mode) == 0o600, name
+        password = (box / "password").read_text().strip()
+        assert len(password) >= 32 and f":{password}@127.0.0.1:" in url
+        assert (box / "url").read_text().strip() == url
+        anonymous = redis.Redis(host="127.0.0.1", port=int(url.rsplit(":", 1)[1].split("/")[0]))
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        anonymous.close()
+        assert embedded_module.running_url(tmp_path / "state") == url
+    finally:
+        embedded.stop()
+
+
+def test_a_reused_url_file_pointing_at_another_redis_is_not_trusted(tmp_path: Path) -> None:
+    """A Redis that answers at the URL of a killed run, without this directory's password or
+    identity, is never used: a fresh private Redis is started instead."""
+    stranger = RedisProcess(tmp_path / "stranger")
+    stranger.start()
+    embedded = EmbeddedRedis(tmp_path / "state")
+    try:
+        box = tmp_path / "state" / "redis"
+        box.mkdir(parents=True)
+        for stale in (stranger.url, f"redis://:wrong@127.0.0.1:{stranger.port}/0"):
+            (box / "url").write_text(stale)
+            assert embedded_module.running_url(tmp_path / "state") is None
+            url = embedded.start()
+            assert f":{stranger.port}/" not in url
+            client = redis.Redis.from_url(url)
+            assert client.get(EMBEDDED_IDENTITY) == (box / "identity").read_text().strip().encode()
+            client.close()
+            embedded.stop()
+        with redis.Redis.from_url(stranger.url) as c:
+            assert c.get(EMBEDDED_IDENTITY) is None  # nothing was written to the stranger
+    finally:
+        embedded.stop()
+        stranger.stop()
+
+
+def test_a_url_file_of_a_live_embedded_redis_is_reused(tmp_path: Path) -> None:
+    first = EmbeddedRedis(tmp_path / "state")
+    url = first.start()
+    try:
+        assert EmbeddedRedis(tmp_path / "state").start() == url
+    finally:
+        first.stop()
+
+
+async def test_a_password_file_authenticates_a_url_without_a_password(tmp_path: Path) -> None:
+    embedded = EmbeddedRedis(tmp_path / "state")
+    url = embedded.start()
+    try:
+        cfg = Config()
+        cfg.redis.url = "redis://" + url.split("@", 1)[1]
+        with pytest.raises(redis.AuthenticationError):
+            await connection.connect(cfg).ping()
+        cfg.redis.password_file = str(tmp_path / "state" / "redis" / "password")
+        client = connection.connect(cfg)
+        assert await client.ping()
+        await client.aclose()
+    finally:
+        embedded.stop()

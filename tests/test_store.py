@@ -23,7 +23,7 @@ def jpeg(width: int, height: int) -> bytes:
 
 def test_a_large_image_is_shrunk_written_and_only_its_fields_come_back(tmp_path: Path) -> None:
     final = tmp_path / "shard" / "a.jpg"
-    result = shrink_and_store(jpeg(2000, 1000), SETTINGS, str(final))
+    result = shrink_and_store(jpeg(2000, 1000), SETTINGS, (str(tmp_path), "shard", "a.jpg"))
     assert result.status == "ok" and result.data is None
     written = final.read_bytes()
     assert result.stored_bytes == len(written)
@@ -36,41 +36,43 @@ def test_a_large_image_is_shrunk_written_and_only_its_fields_come_back(tmp_path:
 def test_a_small_image_is_written_byte_for_byte(tmp_path: Path) -> None:
     data = jpeg(300, 200)
     final = tmp_path / "s" / "b.jpg"
-    result = shrink_and_store(data, SETTINGS, str(final))
+    result = shrink_and_store(data, SETTINGS, (str(tmp_path), "s", "b.jpg"))
     assert result.keep_original and final.read_bytes() == data
     assert result.stored_bytes == len(data)
 
 
 def test_not_an_image_writes_nothing(tmp_path: Path) -> None:
     final = tmp_path / "s" / "c.jpg"
-    result = shrink_and_store(b"<html>nope</html>", SETTINGS, str(final))
+    result = shrink_and_store(b"<html>nope</html>", SETTINGS, (str(tmp_path), "s", "c.jpg"))
     assert result.status == "not_an_image"
     assert not final.exists()
 
 
 def test_a_failed_write_is_a_write_error_and_leaves_no_temporary(tmp_path: Path) -> None:
     (tmp_path / "s").write_text("a file where the shard directory should be")
-    result = shrink_and_store(jpeg(100, 100), SETTINGS, str(tmp_path / "s" / "d.jpg"))
+    result = shrink_and_store(jpeg(100, 100), SETTINGS, (str(tmp_path), "s", "d.jpg"))
     assert result.status == "write_error" and result.error
     blocked = tmp_path / "ro"
     blocked.mkdir()
     (blocked / "e.jpg").mkdir()  # a directory under the final name: the rename fails
-    result = shrink_and_store(jpeg(100, 100), SETTINGS, str(blocked / "e.jpg"))
+    result = shrink_and_store(jpeg(100, 100), SETTINGS, (str(tmp_path), "ro", "e.jpg"))
     assert result.status == "write_error"
     assert not [p for p in blocked.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
 def test_a_stored_file_is_recognised_and_a_broken_one_is_not(tmp_path: Path) -> None:
     data = jpeg(400, 300)
-    good, broken = tmp_path / "good.jpg", tmp_path / "broken.jpg"
+    (tmp_path / "s").mkdir()
+    good, broken = tmp_path / "s" / "good.jpg", tmp_path / "s" / "broken.jpg"
     good.write_bytes(data)
     broken.write_bytes(data[: len(data) // 2])
-    found = verify_stored(str(good), SETTINGS)
+    found = verify_stored((str(tmp_path), "s", "good.jpg"), SETTINGS)
     assert found is not None and found.data is None
     assert (found.width, found.height, found.stored_bytes) == (400, 300, len(data))
     assert found.sha256 == hashlib.sha256(data).hexdigest()
-    assert verify_stored(str(broken), SETTINGS) is None
-    assert verify_stored(str(tmp_path / "missing.jpg"), SETTINGS) is None
+    assert verify_stored((str(tmp_path), "s", "broken.jpg"), SETTINGS) is None
+    assert verify_stored((str(tmp_path), "s", "missing.jpg"), SETTINGS) is None
+    assert verify_stored((str(tmp_path), "none", "good.jpg"), SETTINGS) is None
 
 
 def test_on_disk_answers_for_a_whole_batch(tmp_path: Path) -> None:

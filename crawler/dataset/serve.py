@@ -9,6 +9,7 @@ import sys
 
 from aiohttp import web
 
+from crawler import early
 from crawler.config import Config
 from crawler.dataset.api import make_app
 from crawler.dataset.auth import BadTokenHash, TokenCheck
@@ -44,6 +45,8 @@ async def serve(cfg: Config, host: str, port: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if early.stop_requested:  # a signal that came while the server was starting
+        stop.set()
     try:
         await stop.wait()
     finally:

@@ -1,0 +1,438 @@
+"""Training-ready tar shards (WebDataset) of whole documents, from the dataset index.
+
+Each sample is one document, keyed ``<shard>-<line>``. Its ``.json`` is the rewritten shard's
+document with only the stored images left in ``image_info`` (and their rows of
+``similarity_matrix``), plus ``id``. Two layouts:
+
+- ``base64`` (OpenFlamingo's MMC4 loader): ``image_info[i]["image_base64"]`` holds the file;
+- ``members``: each image is a member of its own, ``<key>.<i>.<ext>``, and
+  ``image_info[i]["image_member"]`` names it (``<i>.<ext>``): smaller, no base64.
+
+Tars are ``OUT/<shard>-<n>.tar``, at most ``max_docs`` documents and about ``max_bytes``
+each. Every tar is written under a temporary name and renamed when whole, then recorded in
+``OUT/_progress/<shard>.json``; a rerun with the same settings skips finished shards and
+resumes an unfinished one after its last recorded tar. Shards run in parallel processes;
+each holds one document at a time (and its shard's list of stored images).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import multiprocessing
+import os
+import signal
+import tarfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Empty
+from typing import IO, Any
+
+import numpy as np
+import orjson
+
+from assign.shardio import atomic_writer, write_atomically
+from assign.status import StoredImage, load_stored_images
+from crawler import status
+from crawler.dataset.index import RECORD, DatasetIndex, Filter, IndexPaths
+
+PROGRESS_DIR = "_progress"
+LAYOUTS = ("base64", "members")
+_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif"}
+_TAR_END = 2 * tarfile.BLOCKSIZE  # two zero blocks end an archive
+_PROGRESS_EVERY = 64  # documents between progress messages from a worker
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    out: str
+    layout: str = "base64"
+    min_stored: int = 1
+    all_stored: bool = False
+    min_images: int = 0
+    skip_url_duplicates: bool = False
+    max_docs: int = 1000
+    max_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.max_docs < 1 or self.max_bytes < 1:
+            raise ValueError("max_docs and max_bytes must be at least 1")
+
+    @property
+    def filter(self) -> Filter:
+        return Filter(
+            min_images=self.min_images,
+            min_stored=self.min_stored,
+            all_stored=self.all_stored,
+            skip_url_duplicates=self.skip_url_duplicates,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What makes two exports of a shard the same (the output directory does not)."""
+        out = asdict(self)
+        del out["out"]
+        return out
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    docs: int = 0
+    images: int = 0
+    bytes: int = 0
+    tars: int = 0
+    missing_files: int = 0  # recorded as stored, not on disk: left out
+    skipped: bool = False  # finished by an earlier run
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportSummary:
+    shards: int = 0
+    skipped_shards: int = 0
+    failed_shards: int = 0
+    docs: int = 0
+    images: int = 0
+    bytes: int = 0
+    tars: int = 0
+    missing_files: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, r: ShardResult) -> None:
+        self.shards += 1
+        self.skipped_shards += r.skipped
+        self.failed_shards += bool(r.errors)
+        self.docs += r.docs
+        self.images += r.images
+        self.bytes += r.bytes
+        self.tars += r.tars
+        self.missing_files += r.missing_files
+        self.errors += r.errors
+
+
+def sample_key(shard: str, line: int) -> str:
+    """WebDataset splits a member's name at its first dot: the key has none."""
+    return f"{shard.replace('.', '_')}-{line:09d}"
+
+
+def _progress_path(out: Path, shard: str) -> Path:
+    return out / PROGRESS_DIR / f"{shard}.json"
+
+
+def _load_progress(path: Path) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class _TarSink:
+    """The shard's tars, one at a time: members go to the open tar; ``close`` renames it."""
+
+    def __init__(self, out: Path, shard: str, number: int, settings: ExportSettings) -> None:
+        self.out, self.shard, self.number, self.settings = out, shard, number, settings
+        self._stack: contextlib.ExitStack | None = None
+        self._file: IO[bytes] | None = None
+        self.docs = 0
+        self.first_line = self.last_line = -1
+
+    @property
+    def name(self) -> str:
+        return f"{self.shard}-{self.number:06d}.tar"
+
+    def size(self) -> int:
+        return self._file.tell() if self._file is not None else 0
+
+    def fits(self, members: list[tuple[str, bytes]]) -> bool:
+        if self.docs == 0:
+            return True
+        if self.docs >= self.settings.max_docs:
+            return False
+        need = sum(tarfile.BLOCKSIZE + -(-len(b) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                   for _, b in members)  # fmt: skip
+        return self.size() + need + _TAR_END <= self.settings.max_bytes
+
+    def add(self, line: int, members: list[tuple[str, bytes]]) -> None:
+        if self._file is None:
+            self._stack = contextlib.ExitStack()
+            self._file = self._stack.enter_context(atomic_writer(self.out / self.name))
+        for name, data in members:
+            # tarfile makes the header; the body goes straight to the file (no copy loop).
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o444
+            self._file.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            self._file.write(data)
+            pad = -len(data) % tarfile.BLOCKSIZE
+            if pad:
+                self._file.write(bytes(pad))
+        self.docs += 1
+        self.first_line = line if self.first_line < 0 else self.first_line
+        self.last_line = line
+
+    def close(self) -> dict[str, Any] | None:
+        """Finish the open tar (atomically in place); its progress entry, or None."""
+        if self._file is None or self._stack is None:
+            return None
+        end = _TAR_END + -(self.size() + _TAR_END) % tarfile.RECORDSIZE
+        self._file.write(bytes(end))  # the end-of-archive blocks, padded as tarfile pads
+        size = self.size()
+        self._stack.close()
+        entry = {"name": self.name, "docs": self.docs, "bytes": size,
+                 "first_line": self.first_line, "last_line": self.last_line}  # fmt: skip
+        self._file = self._stack = None
+        return entry
+
+    def abandon(self) -> None:
+        if self._stack is not None:
+            with contextlib.suppress(Exception):
+                self._stack.__exit__(RuntimeError, RuntimeError("abandoned"), None)
+        self._file = self._stack = None
+
+
+def _image_files(output: Path, shard: str) -> dict[str, StoredImage]:
+    report = status.ReportPaths(output, shard).report
+    return load_stored_images(report, images_dir=output) if report.is_file() else {}
+
+
+def _sample(
+    raw: bytes, shard: str, line: int, stored: dict[str, StoredImage], settings: ExportSettings,
+    result: ShardResult,
+) -> tuple[list[tuple[str, bytes]], int] | None:  # fmt: skip
+    """The tar members of one document, and its image count; None: left out."""
+    doc = orjson.loads(raw)
+    key = sample_key(shard, line)
+    infos = doc.get("image_info") or []
+    matrix = doc.get("similarity_matrix")
+    kept_infos: list[dict[str, Any]] = []
+    kept_rows: list[Any] = []
+    members: list[tuple[str, bytes]] = []
+    for i, info in enumerate(infos):
+        name = info.get("image_name") if isinstance(info, dict) else None
+        image = stored.get(name) if isinstance(name, str) else None
+        if image is None:
+            continue
+        try:
+            data = Path(image.local_path).read_bytes()
+        except OSError:
+            result.missing_files += 1
+            continue
+        info = dict(info)
+        if settings.layout == "base64":
+            info["image_base64"] = base64.b64encode(data).decode("ascii")
+        else:
+            ext = _EXTENSIONS.get(str(image.mimetype), "bin")
+            info["image_member"] = f"{len(kept_infos)}.{ext}"
+            members.append((f"{key}.{info['image_member']}", data))
+        kept_infos.append(info)
+        if isinstance(matrix, list) and i < len(matrix):
+            kept_rows.append(matrix[i])
+    n = len(kept_infos)
+    if n < settings.min_stored or (settings.all_stored and n != len(infos)):
+        return None  # a file recorded as stored is gone: the document no longer qualifies
+    doc["image_info"] = kept_infos
+    if isinstance(matrix, list):
+        doc["similarity_matrix"] = kept_rows
+    doc["id"] = f"{shard}:{line}"
+    members.insert(0, (f"{key}.json", orjson.dumps(doc)))
+    return members, n
+
+
+_progress_queue: Any = None
+
+
+def _init_worker(queue: Any) -> None:
+    global _progress_queue
+    _progress_queue = queue
+    # The parent's handlers (crawler.early) only remember a signal: a worker ends on SIGTERM,
+    # and leaves Ctrl-C to the parent.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _report(docs: int, nbytes: int) -> None:
+    if _progress_queue is not None:
+        _progress_queue.put((docs, nbytes))
+
+
+def export_shard(output: Path, shard: str, settings: ExportSettings) -> ShardResult:
+    """Export one indexed shard (resuming an unfinished earlier run); errors are returned."""
+    result = ShardResult(shard)
+    try:
+        _export_shard(output, shard, settings, result)
+    except (OSError, ValueError, orjson.JSONDecodeError) as exc:
+        result.errors.append(f"{shard}: {type(exc).__name__}: {exc}")
+    return result
+
+
+def _export_shard(output: Path, shard: str, settings: ExportSettings, result: ShardResult) -> None:
+    out = Path(settings.out)
+    paths = IndexPaths(output, shard)
+    meta = orjson.loads(paths.meta.read_bytes())
+    described = {**settings.describe(), "source": [meta["shard_stat"], meta["report_stat"]]}
+    progress_path = _progress_path(out, shard)
+    progress = _load_progress(progress_path)
+    if progress is not None and progress.get("settings") != described:
+        for tar in progress.get("tars", []):
+            (out / str(tar.get("name"))).unlink(missing_ok=True)
+        progress = None
+    if progress is None:
+        progress = {"shard": shard, "settings": described, "tars": [], "complete": False}
+    tars: list[dict[str, Any]] = progress["tars"]
+    if progress.get("complete"):
+        result.skipped = True
+        result.tars = len(tars)
+        result.docs = sum(int(t["docs"]) for t in tars)
+        _report(result.docs, 0)
+        return
+    after = int(tars[-1]["last_line"]) if tars else -1
+    result.docs = sum(int(t["docs"]) for t in tars)
+    _report(result.docs, 0)
+    records = np.fromfile(paths.records, dtype=RECORD)
+    flt = settings.filter
+    chosen = records[flt.mask(records["n_images"], records["n_stored"], records["dup"])]
+    chosen = chosen[chosen["line"] > after] if after >= 0 else chosen
+    stored = _image_files(output, shard)
+    sink = _TarSink(out, shard, len(tars), settings)
+    for leftover in out.glob(f".{shard}-*.tar.*.tmp"):  # tars a killed run was writing
+        leftover.unlink(missing_ok=True)
+    pending_docs = pending_bytes = 0
+    try:
+        with open(meta["shard_file"], "rb") as src:
+            for rec in chosen:
+                src.seek(int(rec["src_offset"]))
+                raw = src.read(int(rec["src_length"]))
+                line = int(rec["line"])
+                sample = _sample(raw, shard, line, stored, settings, result)
+                if sample is None:
+                    continue
+                members, n_images = sample
+                if not sink.fits(members):
+                    _finish_tar(sink, tars, progress, progress_path, result)
+                    sink = _TarSink(out, shard, len(tars), settings)
+                before = sink.size()
+                sink.add(line, members)
+                result.images += n_images
+                pending_docs += 1
+                pending_bytes += sink.size() - before
+                if pending_docs >= _PROGRESS_EVERY:
+                    _report(pending_docs, pending_bytes)
+                    pending_docs = pending_bytes = 0
+        _finish_tar(sink, tars, progress, progress_path, result)
+    except BaseException:
+        sink.abandon()
+        raise
+    _report(pending_docs, pending_bytes)
+    progress["complete"] = True
+    _write_progress(progress_path, progress)
+
+
+def _finish_tar(
+    sink: _TarSink, tars: list[dict[str, Any]], progress: dict[str, Any], path: Path,
+    result: ShardResult,
+) -> None:  # fmt: skip
+    entry = sink.close()
+    if entry is None:
+        return
+    tars.append(entry)
+    result.docs += int(entry["docs"])
+    result.bytes += int(entry["bytes"])
+    result.tars += 1
+    _write_progress(path, progress)
+
+
+def _write_progress(path: Path, progress: dict[str, Any]) -> None:
+    write_atomically(path, orjson.dumps(progress, option=orjson.OPT_APPEND_NEWLINE))
+
+
+def plan(
+    output: Path, settings: ExportSettings, only: list[str] | None = None
+) -> tuple[list[str], int]:
+    """The indexed shards to export, in order, and how many documents match."""
+    index = DatasetIndex(output)
+    index.refresh()
+    shards = [s for s in index.shards if not only or s in only]
+    flt = settings.filter
+    total = sum(index.total(Filter(**{**flt.__dict__, "shard": s})) for s in shards)
+    index.close()
+    return shards, total
+
+
+def export(
+    output: Path, settings: ExportSettings, *, processes: int = 0, progress: bool = True,
+    only: list[str] | None = None,
+) -> ExportSummary:  # fmt: skip
+    """Export every indexed shard of ``output`` (or ``only`` these) into ``settings.out``."""
+    started = time.perf_counter()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    shards, total = plan(output, settings, only)
+    summary = ExportSummary()
+    workers = max(1, min(processes or (os.cpu_count() or 1), len(shards) or 1))
+    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    queue = ctx.SimpleQueue() if hasattr(ctx, "SimpleQueue") else ctx.Queue()
+    bar = _ProgressBar(queue, total, enabled=progress)
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(queue,))
+    bar.start()
+    try:
+        jobs = [(output, shard, settings) for shard in shards]
+        for result in pool.imap_unordered(_export_job, jobs):
+            summary.add(result)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # each tar in the making is left as a temporary file, removed next run
+        raise
+    finally:
+        pool.join()
+        bar.stop()
+    summary.seconds = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _export_job(job: tuple[Path, str, ExportSettings]) -> ShardResult:
+    return export_shard(*job)
+
+
+class _ProgressBar:
+    """A tqdm bar fed by the workers' (documents, bytes) messages, drained by a thread."""
+
+    def __init__(self, queue: Any, total: int, *, enabled: bool) -> None:
+        self.queue, self.total, self.enabled = queue, total, enabled
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, unit="doc", disable=not self.enabled, dynamic_ncols=True,
+                   smoothing=0.1)  # fmt: skip
+        written = 0
+        try:
+            while True:
+                try:
+                    msg = self.queue.get()
+                except (EOFError, OSError, Empty):
+                    return
+                if msg is None:
+                    return
+                docs, nbytes = msg
+                written += nbytes
+                bar.update(docs)
+                bar.set_postfix_str(f"{written / 1e6:,.0f} MB", refresh=False)
+        finally:
+            bar.close()
