@@ -398,8 +398,9 @@ class Fetcher:
 
 class _Judge:
     """While nothing has been heard from any host, an attempt runs under the ceiling; this
-    brings its deadline forward as soon as response times are known (checked every
-    `times.floor_s`). `begun`: the loop time the attempt started at."""
+    brings its deadline forward once response times are known (checked every
+    `times.floor_s`): to the host's deadline from then on, since the first responses to come
+    back are the fastest of their burst. `begun`: the loop time the attempt started at."""
 
     __slots__ = ("begun", "deadline", "handle", "host", "progress", "times")
 
@@ -422,9 +423,10 @@ class _Judge:
             self.handle = loop.call_later(self.times.floor_s, self._judge)
             return
         when = self.deadline.when()
-        if when is None or self.begun + adaptive < when:
-            self.progress.deadline_s = adaptive
-            self.deadline.reschedule(max(loop.time(), self.begun + adaptive))
+        new = loop.time() + adaptive
+        if when is None or new < when:
+            self.progress.deadline_s = new - self.begun
+            self.deadline.reschedule(new)
 
     def cancel(self) -> None:
         self.handle.cancel()
