@@ -10,10 +10,10 @@ A slow host shows itself slow (its responses are timed when they complete), so i
 grow with it; a server that never answers shows nothing and keeps the short deadline.
 
 Whether a timeout is worth another attempt depends on what the host did meanwhile: if it
-completed other responses while this one got nowhere, the fault is this URL's (a request the
-server never answers, a body it trickles), and another attempt would end the same way; if it
-completed nothing, the host as a whole may be overloaded or briefly away, and a retry may find
-it back.
+completed other responses while this one got nowhere, the fault is most likely this URL's (a
+request the server never answers, a body it trickles), and it gets one more attempt only (the
+crawler's own load may have been to blame the first time); if the host completed nothing, it
+may be overloaded or briefly away as a whole, and the usual attempts apply.
 """
 
 from __future__ import annotations

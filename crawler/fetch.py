@@ -92,6 +92,8 @@ class FetchResult:
     retry_after: float | None = None
     transient: bool = False
     hops: Hops | None = None  # with OTHER_HOST: the chain so far
+    # With TIMEOUT: the host completed other responses meanwhile (see crawler.deadlines).
+    host_answered: bool = False
 
     @property
     def ok(self) -> bool:
@@ -264,10 +266,10 @@ class Fetcher:
                 return await self._follow(target, progress, hops)
         except TimeoutError:
             # Retried only if the host completed nothing meanwhile (see crawler.deadlines).
-            this_url = self.times.answered_since(progress.host, started)
-            note = "; the host answered others meanwhile" if this_url else ""
+            answered = self.times.answered_since(progress.host, started)
+            note = "; the host answered others meanwhile" if answered else ""
             error = f"deadline exceeded ({progress.describe(hops.count + 1)}{note})"
-            return FetchResult(status.TIMEOUT, error=error, transient=not this_url)
+            return FetchResult(status.TIMEOUT, error=error, transient=True, host_answered=answered)
         except aiohttp.ClientConnectorDNSError as exc:
             if _blocked(exc):
                 return FetchResult(status.BLOCKED_ADDRESS, error=str(exc.os_error))

@@ -423,6 +423,7 @@ class Worker:
                 return existing
         attempts = 0
         res: FetchResult | None = None
+        suspect = False  # timed out while its host answered other requests
         for attempts in range(1, self.cfg.fetch.max_attempts + 1):
             started = time.monotonic()
             res, answered_by = await self._fetch_politely(item.url, host)
@@ -433,6 +434,10 @@ class Worker:
                 self.gate.penalize(answered_by, min(res.retry_after, limit))
             if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
                 break
+            if res.status == status.TIMEOUT and (suspect or res.host_answered):
+                if suspect:  # timed out again: a third try would end the same way
+                    break
+                suspect = True
             await asyncio.sleep(self._backoff(attempts, res))
         assert res is not None
         if not res.ok:
