@@ -135,6 +135,7 @@ class Worker:
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
         self.log_stats = LogStats()
         self.failed_hosts: dict[str, int] = {}
+        self.gone_hosts: dict[str, int] = {}  # the part of failed_hosts that is 404/410
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
         self.to_hand_back: list[Item] = []  # fetched, but the output refused them
@@ -412,6 +413,8 @@ class Worker:
             self.failure_log.failure(host, rec["status"], str(rec.get("error") or ""))
         if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
+            if rec["status"] in status.GONE_STATUSES:
+                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + 1
         self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
@@ -684,15 +687,22 @@ class Worker:
         pipe.zcard(self.keys.deferred)
         pipe.xlen(self.keys.dead)
         failed, self.failed_hosts = self.failed_hosts, {}
+        gone, self.gone_hosts = self.gone_hosts, {}
         for host, n in failed.items():
             pipe.zincrby(self.keys.hosts_failed, n, host)
+        for host, n in gone.items():
+            pipe.zincrby(self.keys.hosts_gone, n, host)
         if failed:
             pipe.zremrangebyrank(self.keys.hosts_failed, 0, -10_001)
+        if gone:
+            pipe.zremrangebyrank(self.keys.hosts_gone, 0, -10_001)
         try:
             replies = await pipe.execute()
         except (RedisError, OSError):
             for host, n in failed.items():  # keep them for the next beat
                 self.failed_hosts[host] = self.failed_hosts.get(host, 0) + n
+            for host, n in gone.items():
+                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + n
             raise
         self.metrics.redis_ok()
         length, deferred, dead = replies[2:5]
