@@ -150,6 +150,15 @@ def missing_local(sources: list[ShardSource]) -> list[ShardSource]:
     ]
 
 
+def missing_message(sources: list[ShardSource]) -> str | None:
+    """The one-line error for local shards that do not exist (`missing_local`), or None."""
+    missing = missing_local(sources)
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return f"no such shard file: {missing[0].location}{more}"
+
+
 def check_shard_id(shard: str) -> str | None:
     """Why a shard id is unusable as a directory name and a Redis key, or None."""
     if not shard or shard.startswith((".", "_")):
