@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run test lint format bench clean
+.PHONY: install demo run test lint format bench bench-dataset clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/system-deps.sh
@@ -44,5 +44,11 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/crawl_bench.py
 
+# The dataset API (page latency at depth, images against nginx) and the export benchmarks.
+bench-dataset: $(STAMP)
+	@bash scripts/system-deps.sh bench-dataset
+	$(BIN)/python bench/api_bench.py
+	$(BIN)/python bench/export_bench.py
+
 clean:
-	rm -rf $(VENV) .venv-bench mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bench bench_data mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from assign.rewrite import ShardReport, describe, rewrite_shard
 from assign.shardio import is_shard_file, output_name
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
+from crawler import logs
 from crawler.config import Config
 from crawler.errors import ReportingGroup
 
@@ -107,7 +107,10 @@ def worker_command(
     from assign.worker import run_assign_worker
     from crawler.config import ConfigError, load
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        logs.setup()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     outer_path, outer_overrides = _outer_configuration(ctx)
     try:
         cfg = load(config_path or outer_path, overrides=[*outer_overrides, *overrides])

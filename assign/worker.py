@@ -31,6 +31,7 @@ from crawler.connection import connect
 from crawler.dataset.index import index_shard
 from crawler.ingest import download_blocking
 from crawler.keys import ASSIGN_GROUP, Keys
+from crawler.status import STATUS_DIR
 from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger("assign.worker")
@@ -171,6 +172,7 @@ class AssignWorker:
         entry_id, fields = entry
         try:
             task = ShardTask.from_fields(fields, default_output=self.cfg.paths.output)
+            _check_paths(task, self.cfg.paths.output)
         except (BadTask, UnicodeDecodeError) as exc:
             log.error("assign: dropping stream entry %r: %s", entry_id, exc)
             await self.ack(entry_id)
@@ -219,6 +221,17 @@ class AssignWorker:
             self.stream, ASSIGN_GROUP, min=entry_id, max=entry_id, count=1
         )
         return int(pending[0]["times_delivered"]) if pending else 1
+
+
+def _check_paths(task: ShardTask, output: str) -> None:
+    """Raise BadTask unless the entry's paths are the ones the crawl writes under this
+    worker's output: the output itself, and its ``_status/<shard>.jsonl.gz`` report (an
+    entry is read from Redis, not trusted to name where to read and write)."""
+    if os.path.realpath(task.output) != os.path.realpath(output):
+        raise BadTask(f"shard {task.shard}: output {task.output!r} is not {output!r}")
+    expected = os.path.join(output, STATUS_DIR, f"{task.shard}.jsonl.gz")
+    if task.report and os.path.realpath(task.report) != os.path.realpath(expected):
+        raise BadTask(f"shard {task.shard}: report {task.report!r} is not {expected!r}")
 
 
 def _consumer_name() -> str:

@@ -42,7 +42,8 @@ def _jpegs(directory: Path, count: int, rng: random.Random) -> list[Path]:
     out = []
     for i in range(count):
         w, h = rng.choice([(800, 600), (640, 480), (600, 800), (512, 512)])
-        img = Image.effect_noise((w, h), 40).convert("RGB")
+        # smooth noise: photo-like sizes (tens of kB at 800 px), not incompressible static
+        img = Image.effect_noise((w // 16, h // 16), 60).convert("RGB").resize((w, h))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         path = directory / f"sample{i}.jpg"

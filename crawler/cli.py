@@ -15,7 +15,7 @@ import click
 import orjson
 
 from crawler import config as config_mod
-from crawler import early, monitor, status
+from crawler import early, logs, monitor, status
 from crawler.config import Config
 from crawler.errors import CommandError, ReportingGroup
 from crawler.exitcodes import ExitCode
@@ -72,7 +72,18 @@ pass_state = click.make_pass_decorator(State)
 )  # fmt: skip
 @click.option("--redis-url", help="Redis URL (redis://, rediss://); same as redis.url.")
 @click.option("--output", help="Output directory; same as paths.output.")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Debug logging (-vv: also the traceback of a failure). Default level: INFO, or "
+    "$MMC4_LOG_LEVEL.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    help="Log lines as text or JSON objects (default: text, or $MMC4_LOG_FORMAT).",
+)
 @click.version_option(package_name="mmc4-crawler")
 @click.pass_context
 def main(
@@ -82,13 +93,14 @@ def main(
     redis_url: str | None,
     output: str | None,
     verbose: int,
+    log_format: str | None,
 ) -> None:
     """Crawl the images of MMC4 shards into a local corpus, politely and resumably."""
     ctx.meta["mmc4.verbose"] = verbose
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(
-        level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    try:
+        logs.setup(verbose, log_format)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     extra = list(overrides)
     if redis_url:
         extra.append(f"redis.url={redis_url}")
@@ -141,23 +153,22 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     once. Exit code 1 when a shard was unreadable, 3 when Redis stayed unreachable for
     ingest.redis_wait_s, 5 when a local shard path does not exist.
     """
-    from crawler.ingest import expand_sources, missing_local
+    from crawler.ingest import expand_sources, missing_message
 
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
     _guard(cfg)
     sources = expand_sources(cfg.ingest.shards)
-    missing = missing_local(sources)
+    missing = missing_message(sources)
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        click.echo(f"error: no such shard file: {missing[0].location}{more}", err=True)
-        sys.exit(ExitCode.NOT_FOUND)
+        raise CommandError(ExitCode.NOT_FOUND, missing)
     sys.exit(_run(_enqueue(cfg, sources)))
 
 
 async def _enqueue(cfg: Config, sources: list[Any]) -> int:
     from crawler.connection import RedisUnavailable, connect, retrying
+    from crawler.embedded import where
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
     from crawler.signals import StopSignals
@@ -191,12 +202,10 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
         if task.done() and not task.cancelled():
             exc = task.exception()
             if isinstance(exc, RedisUnavailable):
-                click.echo(
-                    f"error: {exc}; check redis.url ({_safe_url(cfg.redis.url)}) and that "
-                    "Redis is running",
-                    err=True,
+                raise CommandError(
+                    ExitCode.REDIS_UNAVAILABLE,
+                    f"{exc}; check redis.url ({where(cfg.redis.url)}) and that Redis is running",
                 )
-                return ExitCode.REDIS_UNAVAILABLE
             if exc is not None:
                 raise exc
         if signals.code is not None:
@@ -210,15 +219,6 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
             async with asyncio.timeout(2):
                 await client.aclose()
         signals.uninstall()
-
-
-def _safe_url(url: str) -> str:
-    """A Redis URL without its password."""
-    head, sep, tail = url.rpartition("@")
-    if not sep:
-        return url
-    scheme, _, _ = head.partition("://")
-    return f"{scheme}://***@{tail}"
 
 
 @main.command()

@@ -117,6 +117,9 @@ class WorkerConfig:
     grace_period_s: float = 30.0
     # Crawl worker processes started by `run`.
     processes: int = 1
+    # Seconds between a worker's one-line INFO summaries (images done, rate, failures by
+    # kind); each kind of failure is also logged once per host per this interval.
+    log_interval_s: float = 60.0
 
 
 @dataclass
@@ -331,6 +334,7 @@ RANGES: dict[str, Range] = {
     "worker.heartbeat_interval_s": POSITIVE,
     "worker.grace_period_s": AT_LEAST_0,
     "worker.processes": Range(1, 1024),
+    "worker.log_interval_s": Range(1, 86400),
     "fetch.connect_timeout_s": POSITIVE,
     "fetch.total_timeout_s": POSITIVE,
     "fetch.max_redirects": Range(0, 100),

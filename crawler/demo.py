@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from crawler.config import Config
+from crawler.errors import CommandError
+from crawler.exitcodes import ExitCode
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sample_shard.jsonl"
 
@@ -25,6 +27,7 @@ def start_web(port: int, hosts: int = 8) -> subprocess.Popen[str]:
          "--port", str(port)],
         stdout=subprocess.PIPE,
         text=True,
+        process_group=0,  # a Ctrl-C stops the crawl (which drains), not the web under it
     )  # fmt: skip
     deadline = time.monotonic() + 30
     assert proc.stdout is not None
@@ -35,7 +38,10 @@ def start_web(port: int, hosts: int = 8) -> subprocess.Popen[str]:
         if "READY" in line:
             return proc
     proc.kill()
-    raise RuntimeError(f"the local image web did not start on port {port}")
+    raise CommandError(
+        ExitCode.ADDRESS_IN_USE,
+        f"the local image web did not start on port {port}: is the port in use? (--port)",
+    )
 
 
 def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:

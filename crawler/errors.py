@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import sys
 import traceback
 from typing import Any
 
 import click
+import orjson
 from redis import exceptions as redis_exc
 
+from crawler import logs
 from crawler.config import ConfigError
 from crawler.exitcodes import ExitCode
 
@@ -100,7 +103,11 @@ def report(exc: BaseException, *, verbose: int, redis_url: str = "") -> ExitCode
     if verbose >= 2:
         traceback.print_exception(exc, file=sys.stderr)
     logging.shutdown()
-    click.echo(f"error: {message}", err=True)
+    if os.environ.get(logs.FORMAT_ENV) == "json":
+        line = {"level": "ERROR", "message": f"error: {message}", "exit_code": int(code)}
+        click.echo(orjson.dumps(line).decode(), err=True)
+    else:
+        click.echo(f"error: {message}", err=True)
     return code
 
 

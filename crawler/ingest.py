@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import io
 import logging
 import lzma
 import os
@@ -149,6 +150,15 @@ def missing_local(sources: list[ShardSource]) -> list[ShardSource]:
     ]
 
 
+def missing_message(sources: list[ShardSource]) -> str | None:
+    """The one-line error for local shards that do not exist (`missing_local`), or None."""
+    missing = missing_local(sources)
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return f"no such shard file: {missing[0].location}{more}"
+
+
 def check_shard_id(shard: str) -> str | None:
     """Why a shard id is unusable as a directory name and a Redis key, or None."""
     if not shard or shard.startswith((".", "_")):
@@ -262,7 +272,9 @@ def _open_decoded(path: Path) -> Iterator[_LineReader]:
             if not members:
                 raise ShardUnreadable("unreadable_shard", f"{path}: zip archive has no members")
             with zf.open(members[0]) as fh:
-                yield fh
+                # a zip member's own readline(limit) steps 512 bytes at a time in Python; a
+                # buffer's is C. Small, so that damage loses little of what precedes it.
+                yield io.BufferedReader(fh, buffer_size=1 << 16)  # type: ignore[type-var]
     elif name.endswith(".gz"):
         with gzip.open(path, "rb") as fh:
             yield fh
@@ -323,10 +335,15 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         yield path
         return
     tmp_dir = Path(cfg.paths.data_dir) / "downloads"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
     url_path = urlsplit(source.location).path
     suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
+    try:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
+    except OSError as exc:
+        raise ShardUnreadable(
+            "unreadable_shard", f"no temporary copy in {tmp_dir} (paths.data_dir): {exc}"
+        ) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -443,6 +460,8 @@ class Ingest:
         problem = check_shard_id(source.shard)
         if problem:
             log.error("skipping %s: %s", source.location, problem)
+            self.stats.shards_unreadable += 1
+            self.stats.unreadable.append(f"{source.location}: {problem}")
             await self._count_error("bad_shard_id")
             return
         if status.shard_is_reported(self.output, source.shard):
@@ -567,12 +586,17 @@ class Ingest:
             log.warning("%s %s", source.shard, err)
         meta = self.keys.shard_meta(source.shard)
 
+        tried = False
+
         async def apply() -> None:
             # Rides out a Redis restart without applying the batch twice: the transaction
             # moves ingest_line to line_no, so after a lost reply meta tells.
-            applied = await self.client.hget(meta, "ingest_line")
-            if applied is not None and int(applied) >= line_no > 0 and not batch.unreadable:
-                return
+            nonlocal tried
+            if tried:
+                applied = await self.client.hget(meta, "ingest_line")
+                if applied is not None and int(applied) >= line_no > 0 and not batch.unreadable:
+                    return
+            tried = True
             pipe = await self._batch_pipeline(batch, source, line_no)
             await pipe.execute()
 

@@ -2,6 +2,10 @@
 
 Workers are separate processes (``python -m crawler worker``) supervised here: one that dies
 is restarted, and its leased items are reclaimed by the fleet after the lease timeout.
+
+Stopping: the first SIGINT (Ctrl-C) or SIGTERM stops ingest and sends each worker one SIGTERM
+(it finishes or hands back its items within worker.grace_period_s); a second signal exits at
+once. The exit code is 130 after SIGINT, 143 after SIGTERM, 0 when the crawl finished.
 """
 
 from __future__ import annotations
@@ -14,62 +18,105 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from redis.exceptions import RedisError
 from tqdm import tqdm
 
 from crawler import monitor
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.embedded import EmbeddedRedis, where
-from crawler.ingest import Ingest, expand_sources
+from crawler.errors import CommandError, redact
+from crawler.exitcodes import ExitCode
+from crawler.ingest import Ingest, expand_sources, missing_message
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import ReportWriteError, Shards
+from crawler.signals import StopSignals
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def worker_command(config_args: Sequence[str]) -> list[str]:
+def worker_command(config_args: Sequence[str], *extra: str) -> list[str]:
     """A worker that stops when this process dies (a killed `run` leaves no workers behind)."""
     return [
-        sys.executable, "-m", "crawler", *config_args, "worker", "--parent-pid", str(os.getpid())
+        sys.executable, "-m", "crawler", *config_args, *extra,
+        "worker", "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
 
 
 class Supervisor:
-    """Keeps N worker processes alive; stops them with SIGTERM (graceful)."""
+    """Keeps N worker processes alive until `stop`; never blocks the event loop.
 
-    def __init__(self, n: int, command: list[str], env: dict[str, str]) -> None:
+    Each worker runs in its own process group, so a Ctrl-C in the terminal reaches `run`
+    alone and each worker gets exactly one SIGTERM from `stop` (a graceful drain); a second
+    Ctrl-C ends `run` at once and the workers with it (their parent-death signal is a
+    second SIGTERM, which a worker honours at once). A worker that exits 0 was told to stop
+    and is not restarted; one that fails or is killed is. With `metrics_port` set, worker i
+    serves its metrics on `metrics_port + i`.
+    """
+
+    def __init__(
+        self, n: int, config_args: Sequence[str], env: dict[str, str], metrics_port: int = 0
+    ) -> None:
         self.n = n
-        self.command = command
+        self.config_args = list(config_args)
         self.env = env
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.metrics_port = metrics_port
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         self.restarts = 0
+        self.stopping = False
+
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        extra = ["--set", f"metrics.port={self.metrics_port + i}"] if self.metrics_port else []
+        return subprocess.Popen(
+            worker_command(self.config_args, *extra), env=self.env, process_group=0
+        )
 
     def start(self) -> None:
-        while len(self.procs) < self.n:
-            self.procs.append(subprocess.Popen(self.command, env=self.env))
+        for i, proc in enumerate(self.procs):
+            if proc is None:
+                self.procs[i] = self._spawn(i)
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for p in self.procs if p is not None and p.poll() is None)
 
     def check(self) -> None:
+        """Restart workers that failed; forget those that exited 0 (told to stop)."""
+        if self.stopping:
+            return
         for i, proc in enumerate(self.procs):
-            if proc.poll() is not None:
-                log.warning("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
-                self.restarts += 1
-                self.procs[i] = subprocess.Popen(self.command, env=self.env)
+            if proc is None or proc.poll() is None:
+                continue
+            if proc.returncode == 0:
+                log.warning("worker pid %d stopped (exit 0); not restarted", proc.pid)
+                self.procs[i] = None
+                continue
+            log.warning("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
+            self.restarts += 1
+            self.procs[i] = self._spawn(i)
 
-    def stop(self, timeout: float) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
+    async def stop(self, timeout: float) -> None:
+        """One SIGTERM to each worker (a graceful drain); SIGKILL what is left after
+        `timeout` seconds."""
+        self.stopping = True
+        running = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for proc in running:
+            if proc.poll() is None:
+                log.error("worker pid %d did not stop within %.0f s; killing it", proc.pid, timeout)
                 proc.kill()
+                await asyncio.sleep(0)
                 proc.wait()
 
 
@@ -86,6 +133,23 @@ async def finished(keys: Keys, client: Any) -> bool:
     return await monitor.leased(client, keys) == 0
 
 
+async def _unless_stopped(stop: asyncio.Event, coro: Awaitable[T]) -> T | None:
+    """Await `coro`, or cancel it and return None as soon as `stop` is set: a stop is
+    honoured at once whatever Redis is doing."""
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+        await task
+    return None
+
+
 async def run_all(
     cfg: Config,
     config_args: Sequence[str],
@@ -93,82 +157,120 @@ async def run_all(
     progress: bool = True,
     with_assign: bool = True,
 ) -> int:
-    """Crawl cfg.ingest.shards to the end. Returns a process exit code."""
+    """Crawl cfg.ingest.shards to the end. Returns a process exit code (`ExitCode`): OK when
+    every image has a status, INTERRUPTED/TERMINATED after SIGINT/SIGTERM (the workers
+    drained; rerunning resumes), TERMINATED when every worker was stopped from outside."""
+    sources = expand_sources(cfg.ingest.shards)
+    if not sources:
+        raise CommandError(ExitCode.USAGE, "no shards given (ingest.shards or arguments)")
+    missing = missing_message(sources)
+    if missing:
+        raise CommandError(ExitCode.NOT_FOUND, missing)
     embedded: EmbeddedRedis | None = None
     if not cfg.redis.url:
         embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
         cfg.redis.url = embedded.start()
         log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
     env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
-    sources = expand_sources(cfg.ingest.shards)
-    if not sources:
-        log.error("no shards given (ingest.shards or arguments)")
-        return 2
     keys = Keys(cfg.redis.namespace)
     client = connect(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(cfg.worker.processes, worker_command(config_args), env)
+    signals = StopSignals()
+    signals.install()
+    stop = signals.event
+    supervisor = Supervisor(cfg.worker.processes, config_args, env, cfg.metrics.port)
     assign_task: asyncio.Task[None] | None = None
     assign_stop = asyncio.Event()
+    workers_gone = False
     try:
-        await WorkQueue(client, keys, cfg.queue).ensure_group()
-        done_before = (await monitor.snapshot(client, keys, history=2)).done
+        queue = WorkQueue(client, keys, cfg.queue)
+        start = await _unless_stopped(stop, monitor.snapshot(client, keys, history=2))
+        if start is None:
+            return signals.code or ExitCode.INTERRUPTED
+        await _unless_stopped(stop, queue.ensure_group())
+        if stop.is_set():
+            return signals.code or ExitCode.INTERRUPTED
         supervisor.start()
         if with_assign:
             assign_task = _start_assign(cfg, assign_stop)
         ingest = Ingest(cfg, client)
         ingest_task = asyncio.create_task(ingest.run(sources, stop))
         bar = tqdm(total=0, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-        shards = Shards(client, keys, WorkQueue(client, keys, cfg.queue), cfg.output_dir)
+        shards = Shards(client, keys, queue, cfg.output_dir)
+
+        async def step() -> bool:
+            """One look at the crawl; True when it is finished."""
+            if progress:
+                _show(bar, await monitor.snapshot(client, keys, history=2))
+            if ingest_task.done():
+                ingest_task.result()  # re-raise a crash of ingest
+                try:
+                    await shards.finalize_all()
+                except ReportWriteError as exc:  # the workers pause until it can be written
+                    log.warning("%s; retrying", exc)
+                return await finished(keys, client)
+            return False
+
         try:
             while not stop.is_set():
-                await asyncio.sleep(0.5)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
                 supervisor.check()
-                if progress:
-                    _show(bar, await monitor.snapshot(client, keys, history=2))
-                if ingest_task.done():
-                    ingest_task.result()  # re-raise a crash of ingest
-                    try:
-                        await shards.finalize_all()
-                    except ReportWriteError as exc:  # the workers pause until it can be written
-                        log.warning("%s; retrying", exc)
-                    if await finished(keys, client):
-                        break
+                if supervisor.alive == 0 and not stop.is_set():
+                    log.warning("every worker was stopped from outside: stopping")
+                    workers_gone = True
+                    break
+                if await _unless_stopped(stop, step()):
+                    break
         finally:
             bar.close()
             if not ingest_task.done():
                 ingest_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                     await ingest_task
-        interrupted = stop.is_set()
-        supervisor.stop(cfg.worker.grace_period_s + 10)
+        interrupted = stop.is_set() or workers_gone
+        if interrupted:
+            log.warning("stopping: workers drain for up to %.0f s", cfg.worker.grace_period_s)
+        await supervisor.stop(cfg.worker.grace_period_s + 10)
         if assign_task is not None:
-            await _finish_assign(assign_task, assign_stop, client, keys, interrupted)
-        snap = await monitor.snapshot(client, keys, history=2)
-        print(monitor.render_text(snap), file=sys.stderr)
+            await _finish_assign(assign_task, assign_stop, client, keys, stop, interrupted)
+        try:  # the final status, unless Redis is unavailable
+            snap = await _unless_stopped(_deadline(5.0), monitor.snapshot(client, keys, history=2))
+        except (RedisError, OSError) as exc:
+            log.warning("no final status: %s", redact(str(exc)))
+            snap = None
+        if snap is not None:
+            print(monitor.render_text(snap), file=sys.stderr)
         st = ingest.stats
         print(
             f"ingest: {st.shards} shards, {st.shards_skipped} skipped, {st.shards_missing} "
-            f"missing, {st.lines} lines ({st.bad_lines} bad), {st.items} items, "
+            f"missing, {st.shards_known_gaps} known gaps, {st.shards_unreadable} unreadable, "
+            f"{st.lines} lines ({st.bad_lines} bad), {st.items} items, "
             f"{st.bad_entries} bad entries, {st.duplicate_names} duplicate names",
             file=sys.stderr,
         )
-        if not interrupted and st.items == 0 and st.shards_skipped and snap.done == done_before:
+        nothing_new = snap is not None and snap.done == start.done
+        if not interrupted and st.items == 0 and st.shards_skipped and nothing_new:
             print(
                 f"nothing to do: the {st.shards_skipped} shards given are already reported in "
                 f"{cfg.output_dir / '_status'} (`retry --status ...` fetches failures again; "
                 "another --output starts a new corpus)",
                 file=sys.stderr,
             )
-        return 130 if interrupted else 0
+        if workers_gone:
+            return ExitCode.TERMINATED
+        return signals.code or ExitCode.OK
     finally:
-        supervisor.stop(5)
+        await supervisor.stop(5)
         await client.aclose()
         if embedded is not None:
             embedded.stop()
+
+
+def _deadline(seconds: float) -> asyncio.Event:
+    """An event set after `seconds`."""
+    event = asyncio.Event()
+    asyncio.get_running_loop().call_later(seconds, event.set)
+    return event
 
 
 def _show(bar: Any, snap: monitor.Snapshot) -> None:
@@ -190,19 +292,27 @@ def _start_assign(cfg: Config, stop: asyncio.Event) -> asyncio.Task[None] | None
 
 
 async def _finish_assign(
-    task: asyncio.Task[None], stop: asyncio.Event, client: Any, keys: Keys, interrupted: bool
+    task: asyncio.Task[None],
+    assign_stop: asyncio.Event,
+    client: Any,
+    keys: Keys,
+    stop: asyncio.Event,
+    interrupted: bool,
 ) -> None:
-    """Let the assignment worker finish the announced shards, then stop it."""
+    """Let the assignment worker finish the announced shards (unless stopped), then stop it."""
     deadline = time.monotonic() + 600
     while not interrupted and not task.done() and time.monotonic() < deadline:
-        if await _assign_caught_up(client, keys):
+        if stop.is_set() or await _unless_stopped(stop, _assign_caught_up(client, keys)):
             break
-        await asyncio.sleep(0.5)
-    stop.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.5)
+    assign_stop.set()
     try:
-        await asyncio.wait_for(task, timeout=60)
+        await asyncio.wait_for(task, timeout=10 if stop.is_set() else 60)
     except TimeoutError:
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            await task
 
 
 async def _assign_caught_up(client: Any, keys: Keys) -> bool:

@@ -31,7 +31,7 @@ for i = 2, #ARGV, 2 do
     added = added + 1
   end
 end
-if placeholders > 0 then redis.call('HINCRBY', KEYS[3], 'pending', placeholders) end
+redis.call('HINCRBY', KEYS[3], 'pending', placeholders)
 return added
 """
 
@@ -41,7 +41,9 @@ return added
 # placeholder); a result for any other image (unknown shard, stray item, shard already
 # reported) leaves a dead-letter entry instead, unless it is a dead letter itself (its
 # caller writes that entry). A result not from the queue (ingest's bad_url/bad_name) is
-# recorded if the image has no record yet.
+# recorded if the image has no record yet. A shard whose meta has no `pending` field was
+# enqueued without placeholders (by an earlier version): its results are recorded once per
+# image and it completes when `done` reaches `total`.
 # KEYS: 1 queue stream, 2 counts hash, 3 errors hash, 4 shards:complete set, 5 dead stream,
 #       then for result i: meta hash, records hash (2 keys each)
 # ARGV: 1 consumer group, 2 dead stream max length, then for result i: stream id ("" when
@@ -75,6 +77,17 @@ for i = 0, n - 1 do
           completed[#completed + 1] = shard
         end
       end
+    elseif not cur and redis.call('EXISTS', meta) == 1
+        and redis.call('HEXISTS', meta, 'pending') == 0 then
+      redis.call('HSET', records, name, rec)
+      redis.call('HINCRBY', KEYS[2], status, 1)
+      redis.call('HINCRBY', KEYS[2], 'bytes', tonumber(nbytes))
+      local done = redis.call('HINCRBY', meta, 'done', 1)
+      local total = redis.call('HGET', meta, 'total')
+      if total and tonumber(total) == done then
+        redis.call('SADD', KEYS[4], shard)
+        completed[#completed + 1] = shard
+      end
     elseif not cur and status ~= 'dead_letter' then
       local url, err = '', ''
       local ok, decoded = pcall(cjson.decode, rec)
@@ -99,7 +112,7 @@ return completed
 # Returns: 1 when the shard is already complete, else 0.
 SEAL = """
 redis.call('HSET', KEYS[1], 'total', ARGV[2])
-if tonumber(redis.call('HGET', KEYS[1], 'pending') or '0') <= 0 then
+if redis.call('HINCRBY', KEYS[1], 'pending', 0) <= 0 then
   redis.call('SADD', KEYS[2], ARGV[1])
   return 1
 end

@@ -24,7 +24,7 @@ from crawler.ingest import check_shard_id
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.queue import text as _s
-from crawler.store import sweep_temporary
+from crawler.store import UNWRITABLE_ERRNOS, sweep_temporary
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,11 @@ class Shards:
         try:
             meta_key, records_key = self.keys.shard_meta(shard), self.keys.shard_records(shard)
             meta = {_s(k): _s(v) for k, v in (await self.client.hgetall(meta_key)).items()}
-            if "total" not in meta or _int(meta.get("pending")) > 0:
+            if (
+                "total" not in meta
+                or _int(meta.get("pending")) > 0
+                or ("pending" not in meta and _int(meta.get("done")) < _int(meta["total"]))
+            ):  # (a shard enqueued without placeholders completes by count)
                 await self.client.srem(self.keys.shards_complete, shard)
                 return False
             raw = [v async for _k, v in self.client.hscan_iter(records_key, count=2000)]
@@ -84,7 +88,9 @@ class Shards:
                 # killed writers can go now.
                 await asyncio.to_thread(sweep_temporary, self.output / shard, 0)
             except OSError as exc:
-                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+                if exc.errno in UNWRITABLE_ERRNOS:
+                    raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+                raise
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(records_key, meta_key)
             pipe.srem(self.keys.shards_open, shard)

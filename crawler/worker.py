@@ -40,6 +40,7 @@ from crawler.diagnostics import task_stacks
 from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
+from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
@@ -132,6 +133,8 @@ class Worker:
         self.store = Store(cfg.output_dir)
         self.settings = images.settings_from(cfg)
         self.metrics = Metrics()
+        self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
+        self.log_stats = LogStats()
         self.failed_hosts: dict[str, int] = {}
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
@@ -192,6 +195,7 @@ class Worker:
             self._loop(self._heartbeat, hb, max_backoff_s=hb),
             self._lag_loop(),
             self._gc_loop(),
+            self._summary_loop(),
         ]
         bg = [asyncio.create_task(c) for c in background]
         try:
@@ -405,6 +409,8 @@ class Worker:
             return
         self.stats.count(rec["status"], rec["bytes"])
         self.metrics.image(rec["status"], rec["bytes"], rec["source_bytes"])
+        if rec["status"] != "ok":
+            self.failure_log.failure(host, rec["status"], str(rec.get("error") or ""))
         if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
         self.results.append(result)
@@ -629,8 +635,10 @@ class Worker:
                     and shard_dir.name[:1] not in "_."
                 ):
                     sweep_temporary(shard_dir)
-            # reports and summaries of writers that were killed or failed
+            # temporary reports and summaries of writers that were killed or failed
+            # (`.tmp-*` and `.<name>.<pid>.tmp` files)
             sweep_temporary(out / status.STATUS_DIR)
+            sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
 
     async def _lag_loop(self) -> None:
         """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""
@@ -642,6 +650,14 @@ class Worker:
             self.metrics.loop_lag.observe(lag)
             if lag > 1.0:
                 log.warning("event loop was blocked for %.1fs", lag)
+
+    async def _summary_loop(self) -> None:
+        """The periodic one-line INFO summary (see crawler.logs)."""
+        while True:
+            await asyncio.sleep(self.cfg.worker.log_interval_s)
+            log.info(
+                "worker %s: %s", self.id, self.log_stats.line(self.stats.by_status, len(self.held))
+            )
 
     async def _gc_loop(self) -> None:
         """Collect cyclic garbage on a timer (automatic collection is off: see _tune_gc)."""

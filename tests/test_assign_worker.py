@@ -260,3 +260,20 @@ async def test_a_running_worker_passes_its_health_check_and_a_stopped_one_does_n
         await asyncio.wait_for(running, 10)
     assert await aredis.keys(f"{namespace}:assign-worker:*") == []
     assert CliRunner().invoke(main, check).exit_code == 1
+
+
+async def test_an_entry_naming_paths_outside_the_output_is_dropped_and_nothing_written_there(
+    tmp_path: Path, namespace: str, aredis: aioredis.Redis
+) -> None:
+    output = tmp_path / "crawl"
+    source, report = write_crawl(output, "shard0")
+    elsewhere = tmp_path / "elsewhere"
+    foreign_report = tmp_path / "stolen" / "_status" / "shard0.jsonl.gz"
+    foreign_report.parent.mkdir(parents=True)
+    foreign_report.write_bytes(report.read_bytes())
+    await announce(aredis, namespace, "shard0", str(source), report, elsewhere)
+    await announce(aredis, namespace, "shard0", str(source), foreign_report, output)
+    await run_assign_worker(make_config(namespace, output), once=True)
+    assert not elsewhere.exists()
+    assert not (output / "_shards").exists()
+    assert await pending_count(aredis, namespace) == 0

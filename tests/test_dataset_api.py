@@ -384,3 +384,22 @@ def test_no_input_allowed_or_forbidden_by_the_schema_gets_a_5xx(
             )
 
         property_holds()
+
+
+def test_a_shard_whose_files_no_longer_match_its_meta_answers_503_not_garbage(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    shutil.copytree(corpus.output, output)
+    docs = output / "_dataset" / f"{corpus.shards[0]}.docs.jsonl"
+    with serving(output, tmp_path / "log") as srv:
+        docs.write_bytes(docs.read_bytes()[:-100])  # as if caught in the middle of re-indexing
+        r = requests.get(
+            f"{srv.base}/datasets/mmc4", headers=srv.auth, params={"shard": corpus.shards[0]}
+        )
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert r.json()["error"] == "reindexing"
+        other = requests.get(
+            f"{srv.base}/datasets/mmc4", headers=srv.auth, params={"shard": corpus.shards[1]}
+        )
+        assert other.status_code == 200 and other.json()["documents"]

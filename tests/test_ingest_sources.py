@@ -246,6 +246,7 @@ async def test_a_truncated_shard_is_crawled_as_far_as_it_reads_and_completes_as_
     data = cut.read_bytes()
     cut.write_bytes(data[: len(data) * 2 // 3])
     whole = tmp_path / "docs_shard_21_v2.jsonl"
+    docs[50]["could_have_url_duplicate"] = 1  # crawled (the default), and counted
     write_shard(whole, docs[50:])
     cfg = crawl_config(namespace, tmp_path)
     await crawl(cfg, [str(cut), str(whole)])  # ends: no shard is left waiting
@@ -256,3 +257,20 @@ async def test_a_truncated_shard_is_crawled_as_far_as_it_reads_and_completes_as_
         assert bool(summary["unreadable"]) is damaged
     assert len(report(cfg, "docs_shard_20_v2")) < len(own_names(docs[:50]))
     assert len(report(cfg, "docs_shard_21_v2")) == len(own_names(docs[50:]))
+    summary = orjson.loads(
+        status.ReportPaths(cfg.output_dir, "docs_shard_21_v2").summary.read_bytes()
+    )
+    assert summary["flagged_duplicates"] == 1 and summary["skipped_duplicates"] == 0
+
+
+async def test_remote_shards_without_a_writable_data_dir_are_unreadable_not_a_crash(
+    shard_server: str, aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    (tmp_path / "data").write_text("a file where the data directory should be")
+    cfg = crawl_config(namespace, tmp_path)
+    local = tmp_path / "docs_shard_5_v2.jsonl"
+    local.write_bytes(shard_bytes(2, "local"))
+    ingest = Ingest(cfg, aredis)
+    await ingest.run(expand_sources([shard_server + "/docs_shard_0_v2.jsonl", str(local)]))
+    assert ingest.stats.shards_unreadable == 1 and ingest.stats.shards == 1
+    assert "paths.data_dir" in ingest.stats.unreadable[0]

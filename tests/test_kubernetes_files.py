@@ -305,6 +305,24 @@ def test_every_mmc4_variable_names_a_real_setting_and_parses(directory: Path) ->
         effective_config(env)  # unknown settings and bad values raise ConfigError
 
 
+def secret_file(workload: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """(Secret, key) whose value the container sees as the file PATH (a read-only mount)."""
+    volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(root):
+            continue
+        secret = volumes[mount["name"]].get("secret")
+        assert secret is not None, f"{path} is on a volume that is not a Secret"
+        assert mount.get("readOnly"), f"{path}: mount the Secret read-only"
+        relative = path[len(root) :]
+        items = {i["path"]: i["key"] for i in secret.get("items", [])}
+        key = items.get(relative) if items else relative
+        assert key is not None, f"{path}: no key of {secret['secretName']} lands there"
+        return str(secret["secretName"]), str(key)
+    pytest.fail(f"{path} is not mounted in {container['name']}")
+
+
 @pytest.mark.parametrize("directory", BUILDS, ids=name_of)
 def test_every_role_reaches_the_one_redis_with_the_password_from_the_secret(
     directory: Path,
@@ -313,16 +331,29 @@ def test_every_role_reaches_the_one_redis_with_the_password_from_the_secret(
     service = find(docs, "Service", "redis")
     redis_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "redis")
     namespaces = set()
-    for where, container in our_containers(docs):
-        env = container_env(container, docs)
-        cfg = effective_config(env)
-        url = urlsplit(cfg.redis.url)
-        assert url.scheme == "redis", f"{where}: redis.url {cfg.redis.url!r}"
-        assert url.hostname == "redis" and url.port == redis_port, f"{where}: {cfg.redis.url}"
-        assert url.password == SAMPLE_PASSWORD, f"{where}: the URL has no password from the Secret"
-        assert set(env.secrets.values()) == {SECRET}, f"{where}: {env.secrets}"
-        namespaces.add(cfg.redis.namespace)
+    for workload in workloads(docs):
+        for container in filter(ours, containers(workload)):
+            where = f"{workload['kind']}/{workload['metadata']['name']}"
+            cfg = effective_config(container_env(container, docs))
+            url = urlsplit(cfg.redis.url)
+            assert url.scheme == "redis", f"{where}: redis.url {cfg.redis.url!r}"
+            assert url.hostname == "redis" and url.port == redis_port, f"{where}: {cfg.redis.url}"
+            # as in docker/compose.yaml: the password is a file (redis.password_file), never
+            # in the URL, the environment or a command line
+            assert url.password is None, f"{where}: a password in redis.url"
+            assert cfg.redis.password_file, f"{where}: no redis.password_file"
+            assert secret_file(workload, container, cfg.redis.password_file) == SECRET, where
+            namespaces.add(cfg.redis.namespace)
     assert len(namespaces) == 1, f"the roles use different key namespaces: {namespaces}"
+
+
+def test_the_password_file_setting_matches_compose() -> None:
+    from test_docker_files import effective_config as compose_config
+
+    docs = base_docs()
+    worker = containers(find(docs, "Deployment", "worker"))[0]
+    ours_cfg = effective_config(container_env(worker, docs))
+    assert ours_cfg.redis.password_file == compose_config("worker").redis.password_file
 
 
 def test_the_shared_output_is_mounted_where_paths_output_points() -> None:
@@ -509,18 +540,35 @@ def test_the_status_service_reaches_the_port_serve_listens_on() -> None:
 
 
 def test_redis_is_durable_bounded_and_password_protected() -> None:
+    from test_docker_files import services
+
     docs = base_docs()
     statefulset = find(docs, "StatefulSet", "redis")
     assert statefulset["spec"]["replicas"] == 1
     (container,) = containers(statefulset)
+    # the Redis of docker/compose.yaml
+    assert container["image"] == services()["redis"]["image"]
     args = [str(a) for a in container["args"]]
-    flags = dict(zip(args[::2], args[1::2], strict=True))
+    assert args[0] == "redis-server" and args[1].endswith(".conf"), args[:2]
+    flags = dict(zip(args[2::2], args[3::2], strict=True))
     assert flags["--appendonly"] == "yes"
     assert flags["--appendfsync"] == "always"
     assert flags["--maxmemory-policy"] == "noeviction"
-    env = container_env(container, docs)
-    assert expand(flags["--requirepass"], env.values) == SAMPLE_PASSWORD
-    assert set(env.secrets.values()) == {SECRET}
+    assert "--requirepass" not in flags, "the password stays off the command line"
+    # an init container writes `requirepass <the Secret's password>` into that config file, on
+    # a volume in memory that the Redis container mounts
+    conf = args[1]
+    (init,) = pod_spec(statefulset)["initContainers"]
+    assert init["image"] == container["image"]
+    script = " ".join(init["command"])
+    assert "requirepass" in script and conf in script
+    files = re.findall(r"\$\(cat ([^)]+)\)", script)
+    assert len(files) == 1 and secret_file(statefulset, init, files[0]) == SECRET
+    volumes = {v["name"]: v for v in pod_spec(statefulset)["volumes"]}
+    conf_dir = conf.rsplit("/", 1)[0]
+    for c in (init, container):
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == conf_dir)
+        assert "emptyDir" in volumes[mount["name"]]
     # the AOF lives on the StatefulSet's own volume
     claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
     data = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
@@ -533,9 +581,10 @@ def test_redis_is_durable_bounded_and_password_protected() -> None:
     named = {p["name"]: p["containerPort"] for p in container["ports"]}
     for p in service["spec"]["ports"]:
         assert named.get(p["targetPort"], p["targetPort"]) == 6379 == p["port"]
+    # the probes authenticate with REDISCLI_AUTH and need PONG (an auth error is not healthy)
     for probe in probes(container).values():
-        assert probe["exec"]["command"] == ["redis-cli", "ping"]  # REDISCLI_AUTH authenticates
-    assert env.secrets.get("REDISCLI_AUTH") == SECRET
+        assert probe["exec"]["command"] == ["sh", "-c", "redis-cli ping | grep -q PONG"]
+    assert container_env(container, docs).secrets.get("REDISCLI_AUTH") == SECRET
 
 
 # --- autoscaling (KEDA) --------------------------------------------------------------------------

@@ -237,3 +237,25 @@ async def test_deferred_items_come_back_by_redis_time_whatever_the_workers_clock
     assert await q.promote() == 1
     [back] = await q.read("w", 10, 10)
     assert (back.shard, back.name, back.url) == ("s", "a.jpg", "http://h.example/a.jpg")
+
+
+async def test_a_shard_enqueued_without_placeholders_still_completes_by_count(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    """A shard in flight from before placeholders (meta without `pending`): its items are
+    taken, recorded once each, and it completes when done reaches total."""
+    keys = Keys(namespace)
+    q = WorkQueue(aredis, keys, crawl_config(namespace, tmp_path).queue)
+    await q.ensure_group()
+    await aredis.hset(keys.shard_meta("old"), mapping={"source": "old.jsonl", "total": 2})
+    for name in ("a.jpg", "b.jpg"):
+        await aredis.xadd(keys.queue, {"s": "old", "n": name, "u": f"http://h.example/{name}"})
+    items = await q.read("w", 10, 10)
+    assert [i.name for i in items] == ["a.jpg", "b.jpg"]
+    results = [
+        encode_result(i.id, "old", i.name, status.make_record(i.name, i.url, "ok")) for i in items
+    ]
+    assert await q.record(results[:1]) == []
+    assert await q.record(results) == ["old"]  # a.jpg's second result is not counted
+    assert await aredis.hget(keys.shard_meta("old"), "done") == b"2"
+    assert await aredis.xlen(keys.dead) == 0

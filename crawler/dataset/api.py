@@ -29,7 +29,14 @@ from aiohttp import web
 from crawler.config import Config
 from crawler.dataset import openapi
 from crawler.dataset.auth import TokenCheck
-from crawler.dataset.index import IMAGE_ROUTE, SHARD_ID, DatasetIndex, Filter, Page
+from crawler.dataset.index import (
+    IMAGE_ROUTE,
+    SHARD_ID,
+    DatasetIndex,
+    Filter,
+    Page,
+    ShardChanged,
+)
 
 log = logging.getLogger("crawler.dataset.api")
 
@@ -77,6 +84,20 @@ def _error(status: int, error: str, message: str, **extra: object) -> web.Respon
 
 def _bad(exc: BadParameter) -> web.Response:
     return _error(400, "bad_parameter", exc.message, parameter=exc.parameter)
+
+
+@web.middleware
+async def _changing(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ShardChanged as exc:
+        return _json(
+            {"error": "reindexing", "message": f"shard {exc} is being re-indexed, ask again"},
+            503,
+            {"Retry-After": "1"},
+        )
 
 
 @web.middleware
@@ -253,7 +274,7 @@ async def _refresh_loop(app: web.Application) -> None:
 def make_app(cfg: Config, tokens: TokenCheck) -> web.Application:
     index = DatasetIndex(cfg.output_dir)
     index.refresh()
-    app = web.Application(middlewares=[_auth])
+    app = web.Application(middlewares=[_auth, _changing])
     app[INDEX_KEY] = index
     app[CONFIG_KEY] = cfg
     app[TOKENS_KEY] = tokens

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import multiprocessing
 import os
 import signal
@@ -140,7 +139,6 @@ class _TarSink:
         self.out, self.shard, self.number, self.settings = out, shard, number, settings
         self._stack: contextlib.ExitStack | None = None
         self._file: IO[bytes] | None = None
-        self._tar: tarfile.TarFile | None = None
         self.docs = 0
         self.first_line = self.last_line = -1
 
@@ -161,37 +159,41 @@ class _TarSink:
         return self.size() + need + _TAR_END <= self.settings.max_bytes
 
     def add(self, line: int, members: list[tuple[str, bytes]]) -> None:
-        if self._tar is None:
+        if self._file is None:
             self._stack = contextlib.ExitStack()
             self._file = self._stack.enter_context(atomic_writer(self.out / self.name))
-            self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         for name, data in members:
+            # tarfile makes the header; the body goes straight to the file (no copy loop).
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = 0o444
-            info.mtime = 0
-            self._tar.addfile(info, io.BytesIO(data))
+            self._file.write(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            self._file.write(data)
+            pad = -len(data) % tarfile.BLOCKSIZE
+            if pad:
+                self._file.write(bytes(pad))
         self.docs += 1
         self.first_line = line if self.first_line < 0 else self.first_line
         self.last_line = line
 
     def close(self) -> dict[str, Any] | None:
         """Finish the open tar (atomically in place); its progress entry, or None."""
-        if self._tar is None or self._stack is None:
+        if self._file is None or self._stack is None:
             return None
-        self._tar.close()
+        end = _TAR_END + -(self.size() + _TAR_END) % tarfile.RECORDSIZE
+        self._file.write(bytes(end))  # the end-of-archive blocks, padded as tarfile pads
         size = self.size()
         self._stack.close()
         entry = {"name": self.name, "docs": self.docs, "bytes": size,
                  "first_line": self.first_line, "last_line": self.last_line}  # fmt: skip
-        self._tar = self._file = self._stack = None
+        self._file = self._stack = None
         return entry
 
     def abandon(self) -> None:
         if self._stack is not None:
             with contextlib.suppress(Exception):
                 self._stack.__exit__(RuntimeError, RuntimeError("abandoned"), None)
-        self._tar = self._file = self._stack = None
+        self._file = self._stack = None
 
 
 def _image_files(output: Path, shard: str) -> dict[str, StoredImage]:

@@ -264,6 +264,10 @@ def shard_files(directory: Path) -> Iterator[tuple[str, Path]]:
 # Reading
 
 
+class ShardChanged(RuntimeError):
+    """A shard's files no longer match its meta (it is being re-indexed): ask again soon."""
+
+
 @dataclass(frozen=True)
 class Filter:
     """Which documents a request wants."""
@@ -433,7 +437,13 @@ class DatasetIndex:
 
     def records(self, shard: str) -> Records:
         def load() -> Records:
-            return np.fromfile(IndexPaths(self.output, shard).records, dtype=RECORD)
+            try:
+                recs = np.fromfile(IndexPaths(self.output, shard).records, dtype=RECORD)
+            except FileNotFoundError:
+                raise ShardChanged(shard) from None
+            if recs.nbytes != self.metas[shard]["records_bytes"]:
+                raise ShardChanged(shard)
+            return recs
 
         out: Records = self._records.get_or(shard, load)
         return out
@@ -522,9 +532,17 @@ class DatasetIndex:
     # -- documents --------------------------------------------------------------------------
 
     def _fd(self, shard: str) -> int:
-        fd: int = self._fds.get_or(
-            shard, lambda: os.open(IndexPaths(self.output, shard).docs, os.O_RDONLY)
-        )
+        def open_docs() -> int:
+            try:
+                fd = os.open(IndexPaths(self.output, shard).docs, os.O_RDONLY)
+            except FileNotFoundError:
+                raise ShardChanged(shard) from None
+            if os.fstat(fd).st_size != self.metas[shard]["docs_bytes"]:
+                os.close(fd)
+                raise ShardChanged(shard)
+            return fd
+
+        fd: int = self._fds.get_or(shard, open_docs)
         return fd
 
     def document(self, hit: Hit) -> bytes:

@@ -98,6 +98,7 @@ def document(max_limit: int) -> dict[str, Any]:
     }
     count = {"type": "integer", "minimum": 0, "maximum": 0xFFFF}
     unauthorized = _error("No token, or not a valid one (WWW-Authenticate: Bearer).")
+    busy = _error("The shard is being re-indexed this moment (Retry-After).")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -143,6 +144,7 @@ def document(max_limit: int) -> dict[str, Any]:
                         },
                         "400": _error("A parameter is not valid (named in `parameter`)."),
                         "401": unauthorized,
+                        "503": busy,
                     },
                 }
             },
@@ -169,6 +171,7 @@ def document(max_limit: int) -> dict[str, Any]:
                         },
                         "401": unauthorized,
                         "404": _error("No such document."),
+                        "503": busy,
                     },
                 }
             },

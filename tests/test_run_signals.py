@@ -1,0 +1,138 @@
+"""`run` under signals: Ctrl-C drains once, a second Ctrl-C forces, SIGTERM is honoured
+within the grace period while Redis is down, and the exit codes say which signal it was."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis_server import RedisProcess
+
+from crawler.exitcodes import ExitCode
+from crawler.testweb import ImageWeb, write_shard
+
+GRACE_S = 3
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def slow_shard(web: ImageWeb, tmp_path: Path) -> Path:
+    docs = [  # every image waits 2 s for its headers: the crawl is still going when signalled
+        {"image_info": [{"image_name": f"s{i}.jpg",
+                         "raw_url": web.url(i % 6, f"/fault/slow/2000/x{i}.jpg")}],
+         "text_list": ["t"], "similarity_matrix": [[0.5]]}
+        for i in range(60)
+    ]  # fmt: skip
+    path = tmp_path / "slow_shard.jsonl"
+    write_shard(path, docs)
+    return path
+
+
+@contextlib.contextmanager
+def running(
+    redis_url: str, namespace: str, cwd: Path
+) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
+    """`run` with two workers in its own session, as a terminal starts it; yields it and its
+    workers once they crawl."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "crawler", "-v", "--redis-url", redis_url,
+         "--set", f"redis.namespace={namespace}", "--set", "fetch.allow_private_addresses=true",
+         "--set", "worker.processes=2", "--set", "worker.image_processes=1",
+         "--set", f"worker.grace_period_s={GRACE_S}", "--set", "redis.socket_timeout_s=5",
+         "--output", "out", "run", "--no-progress", "--no-assign", "slow_shard.jsonl"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(run.pid)) < 2:
+            assert run.poll() is None, run.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "run started no workers"
+            time.sleep(0.1)
+        time.sleep(3)  # the workers are crawling
+        yield run, workers
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+
+
+def _ended(run: subprocess.Popen[str], within_s: float) -> str:
+    try:
+        _, err = run.communicate(timeout=within_s)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"run did not end within {within_s} s")
+    return err
+
+
+def test_ctrl_c_drains_each_worker_once_and_exits_130(
+    slow_shard: Path, namespace: str, tmp_path: Path
+) -> None:
+    from crawling import TEST_REDIS_URL
+
+    with running(TEST_REDIS_URL, namespace, tmp_path) as (run, workers):
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        err = _ended(run, GRACE_S + 30)
+        assert run.returncode == ExitCode.INTERRUPTED, err[-3000:]
+        assert "second signal" not in err  # each worker got one signal: a graceful drain
+        assert "restarting" not in err  # and none was restarted
+        assert err.count("stopping: finishing in-flight work") == 2
+        assert not any(_running(w) for w in workers)
+
+
+def test_a_second_ctrl_c_ends_run_at_once(slow_shard: Path, namespace: str, tmp_path: Path) -> None:
+    from crawling import TEST_REDIS_URL
+
+    with running(TEST_REDIS_URL, namespace, tmp_path) as (run, workers):
+        os.killpg(run.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(run.pid, signal.SIGINT)
+        _ended(run, 5)
+        assert run.returncode == ExitCode.INTERRUPTED
+        deadline = time.monotonic() + 10  # the workers follow their parent at once
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(w) for w in workers)
+
+
+def test_sigterm_is_honoured_within_the_grace_period_while_redis_is_down(
+    slow_shard: Path, namespace: str, tmp_path: Path
+) -> None:
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    try:
+        with running(server.url, namespace, tmp_path) as (run, workers):
+            server.kill()
+            time.sleep(1)
+            os.kill(run.pid, signal.SIGTERM)
+            err = _ended(run, GRACE_S + 40)
+            assert run.returncode == ExitCode.TERMINATED, err[-3000:]
+            assert not any(_running(w) for w in workers)
+    finally:
+        server.stop()
