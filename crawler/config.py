@@ -174,6 +174,11 @@ class ImagesConfig:
     max_side: int = 800
     # Decompression-bomb guard: images with more pixels are refused (too_many_pixels).
     max_pixels: int = 100_000_000
+    # Animations with more frames are refused (too_many_frames).
+    max_frames: int = 1000
+    # Seconds one image's work may take; past it, its image process is killed and replaced
+    # and the image is recorded as image_timeout.
+    job_timeout_s: float = 30.0
     jpeg_quality: int = 90
     webp_quality: int = 90
     # Filter of the final shrinking step: "bilinear" (antialiased, as torchvision), "box"
@@ -346,6 +351,8 @@ RANGES: dict[str, Range] = {
     "limits.host_backlog": AT_LEAST_1,
     "images.max_side": AT_LEAST_1,
     "images.max_pixels": AT_LEAST_1,
+    "images.max_frames": Range(1, 1_000_000),
+    "images.job_timeout_s": Range(0.1, 3600),
     "images.jpeg_quality": Range(1, 100),
     "images.webp_quality": Range(1, 100),
     "metrics.port": PORT,

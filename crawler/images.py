@@ -12,6 +12,8 @@ Rules
   decoded. ``image/*`` types Pillow is not allowed to read here (HEIC, TGA, EPS, ...) are
   ``unsupported_image``.
 * More than ``max_pixels`` pixels (from the header, before any decoding) is ``too_many_pixels``.
+* An animation of more than ``max_frames`` frames is ``too_many_frames`` (counted from the
+  header for WebP and APNG; a GIF's frames are walked, headers only, up to ``max_frames`` + 1).
 * Every image is decoded before it is accepted, so truncated or corrupt files are
   ``decode_error`` (``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced off).
 * The stored image has its longer side at most ``max_side``, aspect ratio kept, never enlarged
@@ -77,6 +79,7 @@ __all__ = [
 class ImageSettings:
     max_side: int = 800
     max_pixels: int = 100_000_000  # decompression-bomb guard
+    max_frames: int = 1000  # an animation with more frames is too_many_frames
     jpeg_quality: int = 90
     webp_quality: int = 90
     # Filter of the final shrinking step: "bilinear", "box", "bicubic" or "lanczos".
@@ -89,7 +92,8 @@ class ImageSettings:
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
-    # "ok", "not_an_image", "decode_error", "too_many_pixels", "unsupported_image"
+    # "ok", "not_an_image", "decode_error", "too_many_pixels", "too_many_frames",
+    # "unsupported_image"
     # (and "write_error" from the pool job that stores it)
     status: str
     # Detected by libmagic from the input bytes (never the HTTP header).
@@ -189,6 +193,7 @@ def settings_from(cfg: Config) -> ImageSettings:
     return ImageSettings(
         max_side=cfg.images.max_side,
         max_pixels=cfg.images.max_pixels,
+        max_frames=cfg.images.max_frames,
         jpeg_quality=cfg.images.jpeg_quality,
         webp_quality=cfg.images.webp_quality,
         resample=cfg.images.resample,
@@ -333,7 +338,9 @@ def _process_other(
     img: ImageFile.ImageFile, data: bytes, mimetype: str, fmt: str, settings: ImageSettings
 ) -> ImageResult:
     w, h = img.size
-    frames = int(getattr(img, "n_frames", 1)) if fmt in ("GIF", "WEBP", "PNG") else 1
+    frames = _frame_count(img, fmt, settings.max_frames)
+    if frames > settings.max_frames:
+        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
     same = _SAME_FORMAT.get(fmt)
     within = w <= settings.max_side and h <= settings.max_side
     img.load()  # first frame, fully decoded: validation and pixels in one go
@@ -369,6 +376,23 @@ def _process_other(
         same = "PNG" if out.mode in ("RGBA", "LA") else "JPEG"
     encoded = _encode(out, same, settings, icc)
     return _stored(encoded, same, mimetype, out.size, (disp_w, disp_h), frames)
+
+
+def _frame_count(img: ImageFile.ImageFile, fmt: str, limit: int) -> int:
+    """Frames of an animation, counted up to `limit` + 1: WebP and APNG state their count,
+    a GIF is walked frame by frame (headers only, nothing decoded), never further than that."""
+    if fmt not in ("GIF", "WEBP", "PNG"):
+        return 1
+    if fmt != "GIF":
+        return int(getattr(img, "n_frames", 1))
+    try:
+        img.seek(limit)
+    except EOFError:
+        count = int(getattr(img, "n_frames", 1))  # fewer than limit + 1: known now
+    else:
+        count = limit + 1
+    img.seek(0)
+    return count
 
 
 def _normalize_mode(img: Image.Image) -> tuple[Image.Image, bool]:

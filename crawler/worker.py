@@ -37,12 +37,12 @@ from crawler import early, images, status
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.diagnostics import task_stacks
-from crawler.fetch import OTHER_HOST, Fetcher, FetchResult, client_session
+from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
 from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
-from crawler.pool import ImagePool
+from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
@@ -75,7 +75,7 @@ class WorkerStats:
     dead_lettered: int = 0
     deferred: int = 0
     redis_calls: int = 0
-    # Most bytes of downloaded bodies waiting for (or in) an image process at once.
+    # Most bytes of response bodies held at once: arriving, or waiting for (or in) image work.
     peak_waiting_bytes: int = 0
 
     def count(self, st: str, nbytes: int) -> None:
@@ -120,6 +120,7 @@ def make_pool(cfg: Config) -> ImagePool:
         initargs=images.init_args(cfg),
         preload=["crawler.store"],
         cpus=cpus,
+        job_timeout_s=cfg.images.job_timeout_s,
     )
 
 
@@ -148,10 +149,8 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._waiting_bytes = 0  # bodies handed to the image pool and not yet done
-        self._waiting_budget = cfg.worker.max_waiting_image_mb << 20
-        self._image_room = asyncio.Event()
-        self._image_room.set()
+        # Bodies being read or waiting for their image work (fetch.BodyBudget).
+        self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
         self._last_sweep = 0.0
         self._output_probed = False
         self._pool: ImagePool
@@ -173,7 +172,9 @@ class Worker:
         self._pool = make_pool(self.cfg)
         await self._pool.start()
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
-        self.fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections)
+        self.fetcher = Fetcher(
+            self.cfg.fetch, session, self.cfg.worker.max_connections, self.bodies
+        )
         _tune_gc()
         await self._probe_output()
         await self._retrying(self.queue.ensure_group)
@@ -471,22 +472,22 @@ class Worker:
 
     async def _room_for_images(self) -> None:
         """Wait while the image pool already has its fill of downloaded bodies."""
-        while self._waiting_bytes > self._waiting_budget:
-            self._image_room.clear()
-            await self._image_room.wait()
+        await self.bodies.room()
 
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
         final = (str(self.store.output), item.shard, item.name)
-        self._waiting_bytes += len(body)
-        self.stats.peak_waiting_bytes = max(self.stats.peak_waiting_bytes, self._waiting_bytes)
         try:
             img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
+        except ImageJobTimeout as exc:
+            return status.make_record(
+                item.name, item.url, status.IMAGE_TIMEOUT, error=str(exc), http_code=http_code,
+                attempts=attempts, source_bytes=len(body),
+            )  # fmt: skip
         finally:
-            self._waiting_bytes -= len(body)
-            if self._waiting_bytes <= self._waiting_budget:
-                self._image_room.set()
+            self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
+            self.stats.peak_waiting_bytes = self.bodies.peak
         if img.status == OUTPUT_UNWRITABLE:
             raise OutputUnwritable(img.error)
         common = {
@@ -509,7 +510,10 @@ class Worker:
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
         final = (str(self.store.output), item.shard, item.name)
-        img = await self._pool.run(verify_stored, final, self.settings)
+        try:
+            img = await self._pool.run(verify_stored, final, self.settings)
+        except ImageJobTimeout:
+            return None  # fetched again, and then recorded as what it is
         if img is None:
             return None  # gone, or not a valid image after all: fetch again
         return status.make_record(
