@@ -428,15 +428,14 @@ class Worker:
         attempts = 0
         res: FetchResult | None = None
         for attempts in range(1, self.cfg.fetch.max_attempts + 1):
-            started = time.monotonic()
             res, answered_by = await self._fetch_politely(item.url, host)
-            self.metrics.fetch_seconds.observe(time.monotonic() - started)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
                 limit = self.cfg.fetch.retry_after_max_s
                 self.gate.penalize(answered_by, min(res.retry_after, limit))
             if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
                 break
+            self.metrics.retries.inc()
             await asyncio.sleep(self._backoff(attempts, res.retry_after))
         assert res is not None
         if not res.ok:
@@ -461,13 +460,22 @@ class Worker:
     async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
         """Fetch within `host`'s limits; a redirect to another host waits for that host's
         limits before it is followed. Returns the result and the host that gave it."""
+        m = self.metrics
+        waiting = time.monotonic()
         async with self.gate.slot(host):
             await self._room_for_images()
+            started = time.monotonic()
+            m.host_wait_seconds.observe(started - waiting)
             res = await self.fetcher.fetch(url)
+            m.fetch_seconds.observe(time.monotonic() - started)
         while res.status == OTHER_HOST:
             host = URL(res.final_url).host or ""
+            waiting = time.monotonic()
             async with self.gate.slot(host):
+                started = time.monotonic()
+                m.host_wait_seconds.observe(started - waiting)
                 res = await self.fetcher.fetch(res.final_url, res.hops)
+                m.fetch_seconds.observe(time.monotonic() - started)
         return res, host
 
     async def _room_for_images(self) -> None:
@@ -478,6 +486,7 @@ class Worker:
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
         final = (str(self.store.output), item.shard, item.name)
+        started = time.monotonic()
         try:
             img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
         except ImageJobTimeout as exc:
@@ -486,6 +495,7 @@ class Worker:
                 attempts=attempts, source_bytes=len(body),
             )  # fmt: skip
         finally:
+            self.metrics.image_seconds.observe(time.monotonic() - started)
             self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
             self.stats.peak_waiting_bytes = self.bodies.peak
         if img.status == OUTPUT_UNWRITABLE:
@@ -687,9 +697,6 @@ class Worker:
             },
         )
         pipe.expire(key, int(self.cfg.worker.heartbeat_interval_s * 3) + 1)
-        pipe.xlen(self.keys.queue)
-        pipe.zcard(self.keys.deferred)
-        pipe.xlen(self.keys.dead)
         failed, self.failed_hosts = self.failed_hosts, {}
         gone, self.gone_hosts = self.gone_hosts, {}
         for host, n in failed.items():
@@ -701,7 +708,7 @@ class Worker:
         if gone:
             pipe.zremrangebyrank(self.keys.hosts_gone, 0, -10_001)
         try:
-            replies = await pipe.execute()
+            await pipe.execute()
         except (RedisError, OSError):
             for host, n in failed.items():  # keep them for the next beat
                 self.failed_hosts[host] = self.failed_hosts.get(host, 0) + n
@@ -709,12 +716,6 @@ class Worker:
                 self.gone_hosts[host] = self.gone_hosts.get(host, 0) + n
             raise
         self.metrics.redis_ok()
-        length, deferred, dead = replies[2:5]
-        leased = sum(int(g["pending"]) for g in await self.client.xinfo_groups(self.keys.queue))
-        self.metrics.queue_depth.set(max(0, int(length) - leased))
-        self.metrics.leased.set(leased)
-        self.metrics.deferred_depth.set(int(deferred))
-        self.metrics.dead_letters.set(int(dead))
         self.metrics.held.set(len(self.held))
         self.metrics.tick()
         await self._sample_history()
