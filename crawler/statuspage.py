@@ -63,6 +63,19 @@ async def fleet_metrics(request: web.Request) -> web.Response:
         "# TYPE mmc4_fleet_images gauge",
     ]
     lines += [f'mmc4_fleet_images{{status="{k}"}} {v}' for k, v in snap.by_status.items()]
+    gauges = [
+        ("mmc4_fleet_stored_bytes", "Bytes of stored images", snap.bytes),
+        ("mmc4_fleet_shards", "Shards given to ingest (the whole crawl)", snap.shards_total),
+        ("mmc4_fleet_shards_reported", "Shards whose report is written", snap.shards_done),
+        ("mmc4_fleet_finished", "1 when every shard given is reported", int(snap.finished)),
+    ]
+    if snap.total is not None:
+        gauges.append((
+            "mmc4_fleet_images_expected",
+            "Images of the whole crawl (an estimate while shards are unread)", snap.total,
+        ))  # fmt: skip
+    for name, text, value in gauges:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

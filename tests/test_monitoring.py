@@ -161,3 +161,5 @@ def test_the_status_api_and_fleet_metrics(status_page: str) -> None:
         text = resp.read().decode()
     assert 'mmc4_fleet_images{status="ok"} 4321' in text
     assert "mmc4_fleet_queue_depth 1" in text
+    assert "mmc4_fleet_stored_bytes 1000000000" in text
+    assert "mmc4_fleet_finished 0" in text
