@@ -6,6 +6,7 @@ Blocking work (download, rewrite) lives here so that the worker can run it in a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import secrets
@@ -76,11 +77,20 @@ def process(task: ShardTask, settings: AssignSettings) -> ShardReport:
     target = destination(task, settings)
     options = _options(task, settings)
     described = describe(options, task.report if settings.downloaded_only else None)
+    if settings.downloaded_only:
+        # The report is rewritten in place after `retry`: a rewrite follows its content, so a
+        # new report never finds the rewrite of an older one "already complete".
+        described["status_report_sha256"] = _sha256(Path(task.report))
     done = completed_report(target, described)
     if done is not None:
         return done
     with _local_source(task, target.parent, settings.download) as source:
         return rewrite_shard(source, target, options, settings=described)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def record_failure(task: ShardTask, settings: AssignSettings, message: str) -> Path:

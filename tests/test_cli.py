@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import orjson
@@ -19,6 +20,7 @@ from click.testing import CliRunner
 from crawling import TEST_REDIS_URL, crawl, crawl_config, report
 
 from crawler.cli import main
+from crawler.status import read_report
 from crawler.testweb import ImageWeb, make_docs, write_shard
 
 
@@ -201,3 +203,38 @@ def test_commands_that_need_redis_say_so_without_a_url() -> None:
     env = {"MMC4_REDIS__URL": ""}
     result = CliRunner().invoke(main, ["worker"], env=env)
     assert result.exit_code == 2 and "redis.url is not set" in result.output
+
+
+def test_a_shard_rewrite_follows_its_latest_report_after_retry(
+    web: ImageWeb, tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    docs = [  # four images answer 503 once (fetched once: recorded http_503), then serve
+        {"image_info": [{"image_name": f"i{i}.jpg",
+                         "raw_url": web.url(i % 6, f"/fault/flaky/1/{tag}-{i}/x{i}.jpg"
+                                            if i < 4 else f"/fault/slow/1/x{i}.jpg")}],
+         "text_list": ["t"], "similarity_matrix": [[0.5]]}
+        for i in range(10)
+    ]  # fmt: skip
+    write_shard(tmp_path / "stale_shard.jsonl", docs)
+    base = [
+        "--set", "fetch.allow_private_addresses=true", "--set", "fetch.max_attempts=1",
+        "--set", "limits.host_rate=50", "--set", "limits.local_host_rate=50",
+        "--set", "worker.image_processes=1", "--set", "assign.downloaded_only=true",
+        "--output", "out", "--set", "paths.data_dir=state",
+    ]  # fmt: skip
+    rewrite_report = tmp_path / "out" / "_shards" / "stale_shard.report.json"
+
+    def kept() -> tuple[int, int]:
+        records = read_report(tmp_path / "out" / "_status" / "stale_shard.jsonl.gz")
+        ok = sum(1 for r in records if r["status"] == "ok")
+        return ok, orjson.loads(rewrite_report.read_bytes())["kept_images"]
+
+    first = mmc4(*base, "run", "--no-progress", "stale_shard.jsonl", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert kept() == (6, 6)
+    retried = mmc4(*base, "retry", "--status", "http_503", cwd=tmp_path)
+    assert retried.returncode == 0 and "4 images re-queued" in retried.stdout, retried.stderr
+    second = mmc4(*base, "run", "--no-progress", "stale_shard.jsonl", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert kept() == (10, 10)  # the rewrite follows the new report
