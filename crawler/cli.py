@@ -153,17 +153,16 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     once. Exit code 1 when a shard was unreadable, 3 when Redis stayed unreachable for
     ingest.redis_wait_s, 5 when a local shard path does not exist.
     """
-    from crawler.ingest import expand_sources, missing_local
+    from crawler.ingest import expand_sources, missing_message
 
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
     _guard(cfg)
     sources = expand_sources(cfg.ingest.shards)
-    missing = missing_local(sources)
+    missing = missing_message(sources)
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CommandError(ExitCode.NOT_FOUND, f"no such shard file: {missing[0].location}{more}")
+        raise CommandError(ExitCode.NOT_FOUND, missing)
     sys.exit(_run(_enqueue(cfg, sources)))
 
 

@@ -31,7 +31,7 @@ from crawler.connection import connect
 from crawler.embedded import EmbeddedRedis, where
 from crawler.errors import CommandError, redact
 from crawler.exitcodes import ExitCode
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest, expand_sources, missing_message
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import ReportWriteError, Shards
@@ -160,15 +160,18 @@ async def run_all(
     """Crawl cfg.ingest.shards to the end. Returns a process exit code (`ExitCode`): OK when
     every image has a status, INTERRUPTED/TERMINATED after SIGINT/SIGTERM (the workers
     drained; rerunning resumes), TERMINATED when every worker was stopped from outside."""
+    sources = expand_sources(cfg.ingest.shards)
+    if not sources:
+        raise CommandError(ExitCode.USAGE, "no shards given (ingest.shards or arguments)")
+    missing = missing_message(sources)
+    if missing:
+        raise CommandError(ExitCode.NOT_FOUND, missing)
     embedded: EmbeddedRedis | None = None
     if not cfg.redis.url:
         embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
         cfg.redis.url = embedded.start()
         log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
     env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
-    sources = expand_sources(cfg.ingest.shards)
-    if not sources:
-        raise CommandError(ExitCode.USAGE, "no shards given (ingest.shards or arguments)")
     keys = Keys(cfg.redis.namespace)
     client = connect(cfg)
     signals = StopSignals()
@@ -240,7 +243,8 @@ async def run_all(
         st = ingest.stats
         print(
             f"ingest: {st.shards} shards, {st.shards_skipped} skipped, {st.shards_missing} "
-            f"missing, {st.lines} lines ({st.bad_lines} bad), {st.items} items, "
+            f"missing, {st.shards_known_gaps} known gaps, {st.shards_unreadable} unreadable, "
+            f"{st.lines} lines ({st.bad_lines} bad), {st.items} items, "
             f"{st.bad_entries} bad entries, {st.duplicate_names} duplicate names",
             file=sys.stderr,
         )
@@ -270,12 +274,18 @@ def _deadline(seconds: float) -> asyncio.Event:
 
 
 def _show(bar: Any, snap: monitor.Snapshot) -> None:
-    bar.total = snap.done + snap.remaining
+    """The bar covers the whole crawl: its total is `Snapshot.total` (an estimate, marked
+    ``total~`` in the bar, while shards are still unread; no total while none is read)."""
+    bar.total = snap.total
     bar.n = snap.done
-    bar.set_postfix(
-        queued=snap.queued, leased=snap.leased, ok=snap.by_status.get("ok", 0),
-        failed=snap.done - snap.by_status.get("ok", 0), refresh=False,
+    postfix: dict[str, Any] = {}
+    if snap.total_is_estimate:
+        postfix["total~"] = snap.total if snap.total is not None else "?"
+    postfix.update(
+        shards=f"{snap.shards_done}/{snap.shards_total}", queued=snap.queued,
+        ok=snap.by_status.get("ok", 0), failed=snap.done - snap.by_status.get("ok", 0),
     )  # fmt: skip
+    bar.set_postfix(postfix, refresh=False)
     bar.refresh()
 
 

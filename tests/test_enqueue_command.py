@@ -360,3 +360,17 @@ def test_a_second_signal_exits_at_once_with_the_first_signals_code() -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == ExitCode.INTERRUPTED
+
+
+def test_run_on_a_missing_local_shard_is_the_same_error_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "no_such_shard.jsonl"
+    args = [
+        sys.executable, "-m", "crawler", "--output", str(tmp_path / "out"),
+        "--set", f"paths.data_dir={tmp_path / 'data'}", "run", "--no-progress", str(missing),
+    ]  # fmt: skip
+    done = run_enqueue(args)
+    assert done.returncode == ExitCode.NOT_FOUND
+    assert done.stderr.strip().splitlines() == [f"error: no such shard file: {missing}"]
+    assert not (tmp_path / "data" / "redis").exists()  # no embedded Redis was started

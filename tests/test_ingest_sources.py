@@ -246,6 +246,7 @@ async def test_a_truncated_shard_is_crawled_as_far_as_it_reads_and_completes_as_
     data = cut.read_bytes()
     cut.write_bytes(data[: len(data) * 2 // 3])
     whole = tmp_path / "docs_shard_21_v2.jsonl"
+    docs[50]["could_have_url_duplicate"] = 1  # crawled (the default), and counted
     write_shard(whole, docs[50:])
     cfg = crawl_config(namespace, tmp_path)
     await crawl(cfg, [str(cut), str(whole)])  # ends: no shard is left waiting
@@ -256,6 +257,10 @@ async def test_a_truncated_shard_is_crawled_as_far_as_it_reads_and_completes_as_
         assert bool(summary["unreadable"]) is damaged
     assert len(report(cfg, "docs_shard_20_v2")) < len(own_names(docs[:50]))
     assert len(report(cfg, "docs_shard_21_v2")) == len(own_names(docs[50:]))
+    summary = orjson.loads(
+        status.ReportPaths(cfg.output_dir, "docs_shard_21_v2").summary.read_bytes()
+    )
+    assert summary["flagged_duplicates"] == 1 and summary["skipped_duplicates"] == 0
 
 
 async def test_remote_shards_without_a_writable_data_dir_are_unreadable_not_a_crash(
