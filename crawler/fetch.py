@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.http_exceptions import DecompressSizeError
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
@@ -220,6 +221,77 @@ class Slots:
         self._free += 1
 
 
+class BodyBudget:
+    """Bytes of response bodies one worker holds: being read, or read and waiting for their
+    image work (the worker gives them back when that is done).
+
+    A new request waits while the budget is spent (`room`). A body being read takes its bytes
+    as they arrive (`take`); past the limit, a read waits for room (image work gives bodies
+    back), except when reads in progress alone overspend it: then the oldest read goes on, so
+    reads never all wait for each other. Held at most: `limit`, plus one body of up to
+    max_body_bytes, plus what each waiting read had received (aiohttp pauses a connection
+    once ~512 KiB are buffered).
+    """
+
+    __slots__ = ("_changed", "_next", "_readers", "_waiters", "limit", "peak", "reading", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # bytes held: being read, or read and not given back
+        self.reading = 0  # of which: of reads in progress
+        self.peak = 0
+        self._readers: dict[int, None] = {}  # reads in progress, oldest first
+        self._next = 0
+        self._waiters = 0
+        self._changed = asyncio.Event()
+
+    async def room(self) -> None:
+        """Wait until the budget is not spent."""
+        while self.used > self.limit:
+            await self._wait()
+
+    def start_read(self) -> int:
+        self._next += 1
+        self._readers[self._next] = None
+        return self._next
+
+    def end_read(self, reader: int, taken: int) -> None:
+        """`reader` is done; the `taken` bytes it holds stay counted until given back."""
+        oldest = next(iter(self._readers), None)
+        self._readers.pop(reader, None)
+        self.reading -= taken
+        if reader == oldest:
+            self._wake()  # another read is the oldest now
+
+    async def take(self, reader: int, n: int) -> None:
+        """Count `n` bytes that arrived for `reader`; wait while that overspends."""
+        self.used += n
+        self.reading += n
+        self.peak = max(self.peak, self.used)
+        while self.used > self.limit and not (
+            self.used - self.reading <= self.limit and next(iter(self._readers)) == reader
+        ):
+            await self._wait()
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+        if self.used <= self.limit or self._waiters:
+            self._wake()
+
+    async def _wait(self) -> None:
+        changed = self._changed
+        self._waiters += 1
+        try:
+            await changed.wait()
+        finally:
+            self._waiters -= 1
+
+    def _wake(self) -> None:
+        if self._waiters:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+
 class Fetcher:
     """One request at a time per call, redirects followed by hand, under a hard deadline.
 
@@ -229,10 +301,17 @@ class Fetcher:
     """
 
     def __init__(
-        self, cfg: FetchConfig, session: aiohttp.ClientSession, max_connections: int
+        self,
+        cfg: FetchConfig,
+        session: aiohttp.ClientSession,
+        max_connections: int,
+        budget: BodyBudget | None = None,
     ) -> None:
+        """`budget`: bodies are read within it; an ok result's body stays counted in it until
+        the caller gives it back."""
         self.cfg = cfg
         self.session = session
+        self.budget = budget
         self.policy = AddressPolicy.of(cfg)
         self._slots = Slots(max_connections)
 
@@ -244,6 +323,21 @@ class Fetcher:
 
     async def _fetch(self, url: str, hops: Hops) -> FetchResult:
         progress = _Progress()
+        try:
+            res = await self._attempt(url, hops, progress)
+        except BaseException:
+            self._drop_body(progress)
+            raise
+        if not res.ok:
+            self._drop_body(progress)  # read, then the deadline struck: not the caller's
+        return res
+
+    def _drop_body(self, progress: _Progress) -> None:
+        if progress.held and self.budget is not None:
+            self.budget.give_back(progress.held)
+            progress.held = 0
+
+    async def _attempt(self, url: str, hops: Hops, progress: _Progress) -> FetchResult:
         started = time.monotonic()
         try:
             async with asyncio.timeout(max(0.0, self.cfg.total_timeout_s - hops.spent_s)):
@@ -366,7 +460,8 @@ class Fetcher:
             return FetchResult(
                 status.TOO_LARGE, code, f"Content-Length {resp.content_length} > {cap}"
             )
-        body = await _read_capped(resp, cap, progress)
+        body = await _read_capped(resp, cap, progress, self.budget)
+        progress.held = len(body or b"")
         if body is None:
             return FetchResult(status.TOO_LARGE, code, f"body larger than {cap} bytes")
         return FetchResult(status.OK, code, body=body, final_url=str(url))
@@ -375,11 +470,12 @@ class Fetcher:
 class _Progress:
     """How far a request got: what a deadline error reports."""
 
-    __slots__ = ("body_bytes", "headers")
+    __slots__ = ("body_bytes", "headers", "held")
 
     def __init__(self) -> None:
         self.headers = False
         self.body_bytes = 0
+        self.held = 0  # bytes of a body read whole, counted in the fetcher's budget
 
     def describe(self, request_number: int) -> str:
         """`request_number`: 1 for the item's URL, 2 after the first redirect, ..."""
@@ -389,17 +485,51 @@ class _Progress:
         return f"{self.body_bytes} body bytes read{hop}"
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int, progress: _Progress) -> bytes | None:
+async def _read_capped(
+    resp: aiohttp.ClientResponse, cap: int, progress: _Progress, budget: BodyBudget | None
+) -> bytes | None:
+    """The body, or None when it is (or inflates to) more than `cap` bytes. With a `budget`,
+    the bytes are taken from it as they arrive; on success they stay taken (the caller gives
+    them back when done with the body)."""
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():  # what has arrived, not cut into pieces
-        size += len(chunk)
-        progress.body_bytes = size
-        if size > cap:
-            resp.close()
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    size = taken = 0
+    reader = budget.start_read() if budget is not None else 0
+    done = False
+    try:
+        async for chunk in resp.content.iter_any():  # what has arrived, not cut into pieces
+            size += len(chunk)
+            progress.body_bytes = size
+            if size > cap:
+                resp.close()
+                return None
+            chunks.append(chunk)
+            if budget is not None:
+                taken += len(chunk)
+                await budget.take(reader, len(chunk))
+        done = True
+        return b"".join(chunks)
+    except aiohttp.ClientPayloadError as exc:
+        if not _inflated_too_far(exc):
+            raise
+        resp.close()
+        return None
+    finally:
+        if budget is not None:
+            budget.end_read(reader, taken)
+            if not done:
+                budget.give_back(taken)
+
+
+def _inflated_too_far(exc: BaseException) -> bool:
+    """Whether aiohttp stopped a compressed body that inflates past its decompression limit."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, DecompressSizeError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _blocked(exc: Any) -> bool:

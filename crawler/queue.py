@@ -116,6 +116,15 @@ def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
     return Item(item_id, shard, name, url)
 
 
+_STRAY = "not an image of shard {shard!r} (unknown shard, stray entry, or shard already reported)"
+
+
+def _poison(item: Item, reason: str) -> Poison:
+    """A parsed item that still cannot be worked on: a dead letter naming why."""
+    shown = {"s": item.shard, "n": item.name, "u": item.url}
+    return Poison(item.id, status.DEAD_LETTER, reason, shown)
+
+
 class WorkQueue:
     def __init__(self, client: aioredis.Redis, keys: Keys, cfg: QueueConfig) -> None:
         self.client = client
@@ -223,39 +232,57 @@ class WorkQueue:
         pipe = self.client.pipeline(transaction=False)
         for it in items:
             pipe.hget(self.keys.shard_records(it.shard), it.name)
-        marks = await pipe.execute()
+        marks = await pipe.execute(raise_on_error=False)
         own: list[Item] = []
-        strays: list[Poison] = []
+        strays: list[Item] = []
+        unreadable: list[Poison] = []
         duplicates: list[str] = []
         for it, mark in zip(items, marks, strict=True):
-            if mark == b"":
+            if isinstance(mark, ResponseError):  # not a hash (WRONGTYPE): nowhere to record
+                reason = f"the records of shard {it.shard!r} cannot be read: {mark}"
+                unreadable.append(_poison(it, reason))
+            elif isinstance(mark, Exception):
+                raise mark
+            elif mark == b"":
                 own.append(it)
             elif mark is None:
-                reason = (
-                    f"not an image of shard {it.shard!r} (unknown shard, stray entry, or shard "
-                    "already reported)"
-                )
-                shown = {"s": it.shard, "n": it.name, "u": it.url}
-                strays.append(Poison(it.id, status.DEAD_LETTER, reason, shown))
+                strays.append(it)
             else:
                 duplicates.append(it.id)
         if duplicates:
             await self._drop(duplicates)
         if strays:  # unless their shard was enqueued without placeholders (see RECORD)
             pipe = self.client.pipeline(transaction=False)
-            for p in strays:
-                pipe.exists(self.keys.shard_meta(p.fields["s"]))
-                pipe.hexists(self.keys.shard_meta(p.fields["s"]), "pending")
-            found = await pipe.execute()
-            legacy = {p.id for i, p in enumerate(strays) if found[2 * i] and not found[2 * i + 1]}
-            own += [it for it in items if it.id in legacy]
-            strays = [p for p in strays if p.id not in legacy]
-        return own, strays
+            for it in strays:
+                pipe.exists(self.keys.shard_meta(it.shard))
+                pipe.hexists(self.keys.shard_meta(it.shard), "pending")
+            found = await pipe.execute(raise_on_error=False)
+            for i, it in enumerate(strays):
+                if found[2 * i] == 1 and found[2 * i + 1] == 0:
+                    own.append(it)
+                else:
+                    unreadable.append(_poison(it, _STRAY.format(shard=it.shard)))
+        return own, unreadable
 
     async def settle(self, poison: Sequence[Poison]) -> None:
         """Give poison its end, in one transaction: a bad_url/bad_name record for an image of
         its shard (RECORD leaves a dead-letter entry for an image its shard does not have),
-        else a dead-letter entry naming the reason; either way it leaves the queue."""
+        else a dead-letter entry naming the reason; either way it leaves the queue.
+
+        Should Redis refuse the record of one (an error reply, not an outage), each is
+        settled alone, and one whose record is refused gets a dead-letter entry instead: no
+        entry can keep poison in the queue, or the reclaim that meets it from working."""
+        try:
+            await self._settle(poison)
+        except ResponseError:
+            for p in poison:
+                try:
+                    await self._settle([p])
+                except ResponseError as exc:
+                    why = f"{p.reason} (its record was refused: {exc})"
+                    await self._settle([Poison(p.id, status.DEAD_LETTER, why, p.fields)])
+
+    async def _settle(self, poison: Sequence[Poison]) -> None:
         results: list[Result] = []
         dead: list[Poison] = []
         for p in poison:

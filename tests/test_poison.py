@@ -40,6 +40,8 @@ POISON: list[tuple[dict[bytes, bytes], str]] = [
     ({b"s": b"_status", b"n": b"SHARD0.jsonl.gz", b"u": b"http://127.0.0.2/a"}, "shard id"),
     ({b"s": b"SHARD1", b"n": b"intruder.jpg", b"u": b"URL"}, "not an image of shard"),
     ({b"s": b"no_such_shard", b"n": b"a.jpg", b"u": b"URL"}, "not an image of shard"),
+    # its shard's records key is not a hash (the test makes it a string)
+    ({b"s": b"wrongtype_shard", b"n": b"a.jpg", b"u": b"URL"}, "cannot be read: WRONGTYPE"),
 ]
 
 
@@ -64,6 +66,7 @@ async def test_poison_entries_end_as_records_or_dead_letters_and_every_shard_has
     try:
         await queue.ensure_group()
         await Ingest(cfg, client).run(expand_sources([paths[0]]))
+        await client.set(keys.shard_records("wrongtype_shard"), "not a hash")
         ids = []
         for fields, _why in POISON:
             real = {
