@@ -20,6 +20,7 @@ from typing import Any
 
 ENV_PREFIX = "MMC4_"
 RESAMPLE_FILTERS = ("bilinear", "box", "bicubic", "lanczos")
+IMAGE_FORMATS = ("keep", "jpeg", "webp")
 
 
 class ConfigError(ValueError):
@@ -185,6 +186,11 @@ class ImagesConfig:
     # (area average, as img2dataset's INTER_AREA; cheapest), "bicubic", "lanczos" (sharpest,
     # slowest). Larger images are first reduced by whole factors (JPEG at a smaller DCT scale).
     resample: str = "bilinear"
+    # Format of stored images: "keep" (each image in its own format, re-encoded only when it
+    # is shrunk or rotated; a name's extension may then not match its bytes), "jpeg" or
+    # "webp" (every image in that format, at jpeg_quality / webp_quality; as img2dataset's
+    # encode_format). Files are named by the shard's image_name either way.
+    format: str = "keep"
 
 
 @dataclass
@@ -262,6 +268,10 @@ class Config:
         for net in self.fetch.allow_networks:
             _check(_is_network(net), f"fetch.allow_networks: {net!r} is not a network")
         _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
+        _check(
+            self.images.format in IMAGE_FORMATS,
+            f"images.format must be one of {', '.join(IMAGE_FORMATS)}",
+        )
         url = self.redis.url
         _check(
             not url or url.startswith(("redis://", "rediss://", "unix://")),

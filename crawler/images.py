@@ -48,6 +48,13 @@ Kept or re-encoded, per format
 * BMP, TIFF, ICO, AVIF, JPEG 2000, PPM, PCX: always re-encoded, first frame: JPEG when there is
   no alpha (an all-opaque alpha counts as none), PNG with alpha.
 
+``images.format`` = ``jpeg`` or ``webp`` (as img2dataset's ``encode_format``): images of any
+other format are stored in that one (first frame, upright, shrunk as above; alpha composited
+onto white for JPEG, kept for WebP) at ``jpeg_quality`` / ``webp_quality``; images already in
+it follow the rules above. The file keeps the shard's ``image_name`` whatever its format, so
+under ``keep`` the extension of a name may not match the bytes (a ``.jpg`` holding a PNG): the
+record's ``mimetype`` says what the file is.
+
 Process-global state: `init_worker` sets ``Image.MAX_IMAGE_PIXELS``; `process_image` forces
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` off and silences Pillow's warnings for its own duration
 (``warnings.catch_warnings``, so call it from one thread per process, as the pool does).
@@ -84,6 +91,8 @@ class ImageSettings:
     webp_quality: int = 90
     # Filter of the final shrinking step: "bilinear", "box", "bicubic" or "lanczos".
     resample: str = "bilinear"
+    # "keep" (the rules above), or "jpeg" / "webp": every stored image in that format.
+    format: str = "keep"
 
     def __reduce__(self) -> tuple[type[ImageSettings], tuple[object, ...]]:
         # Sent with every pool job: positional, as ImageResult (see there).
@@ -156,6 +165,8 @@ _OPEN_FORMATS: dict[str, tuple[str, ...]] = {
 }
 # Formats whose files are stored unchanged when small and valid, and re-encoded to themselves.
 _SAME_FORMAT = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF"}
+# images.format: the one format every stored image has ("keep": none).
+_UNIFORM = {"jpeg": "JPEG", "webp": "WEBP"}
 _FORMAT_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
@@ -197,6 +208,7 @@ def settings_from(cfg: Config) -> ImageSettings:
         jpeg_quality=cfg.images.jpeg_quality,
         webp_quality=cfg.images.webp_quality,
         resample=cfg.images.resample,
+        format=cfg.images.format,
     )
 
 
@@ -283,9 +295,42 @@ def _process(
     if w * h > settings.max_pixels:
         raise _Refused("too_many_pixels", f"{w}x{h} exceeds {settings.max_pixels} pixels")
     fmt = img.format or ""
+    target = _UNIFORM.get(settings.format)
+    if target is not None and _SAME_FORMAT.get(fmt) != target:
+        return _process_to(img, mimetype, fmt, target, settings)
     if fmt in ("JPEG", "MPO"):
         return _process_jpeg(img, data, mimetype, settings)
     return _process_other(img, data, mimetype, fmt, settings)
+
+
+def _process_to(
+    img: ImageFile.ImageFile, mimetype: str, fmt: str, target: str, settings: ImageSettings
+) -> ImageResult:
+    """Store an image of another format as `target` (``images.format``): first frame,
+    upright, shrunk, alpha composited onto white for JPEG."""
+    frames = _frame_count(img, fmt, settings.max_frames)
+    if frames > settings.max_frames:
+        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
+    img.load()
+    orientation = 1 if fmt == "GIF" else _orientation(img)
+    w, h = img.size
+    swapped = orientation in (5, 6, 7, 8)
+    disp_w, disp_h = (h, w) if swapped else (w, h)
+    tw, th = target_size(disp_w, disp_h, settings.max_side)
+    out, colour_kept = _normalize_mode(img)
+    icc = img.info.get("icc_profile") if colour_kept else None
+    sw, sh = (th, tw) if swapped else (tw, th)
+    if out.size != (sw, sh):
+        out = out.resize((sw, sh), _RESAMPLE[settings.resample], reducing_gap=_REDUCING_GAP)
+    if orientation != 1:
+        out = out.transpose(_TRANSPOSE[orientation])
+    if target == "JPEG" and out.mode in ("RGBA", "LA"):
+        rgba = out.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        out = flat
+    encoded = _encode(out, target, settings, icc)
+    return _stored(encoded, target, mimetype, out.size, (disp_w, disp_h), frames)
 
 
 def _orientation(img: Image.Image) -> int:

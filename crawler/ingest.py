@@ -444,6 +444,7 @@ class Ingest:
         if stop is not None:
             self.stop = stop
         try:
+            await self._plan(sources)
             for source in sources:
                 if self.stop.is_set():
                     raise Stopped
@@ -456,6 +457,17 @@ class Ingest:
         b = self.cfg.redis.reconnect_backoff_s
         return await retrying(fn, b, what=what, give_up_after_s=self.redis_wait_s)
 
+    async def _plan(self, sources: list[ShardSource]) -> None:
+        """Name every shard of the crawl in Redis (progress and ETA cover them all)."""
+        names = [s.shard for s in sources if not check_shard_id(s.shard)]
+        for start in range(0, len(names), 5000):
+            chunk = names[start : start + 5000]
+
+            async def add(chunk: list[str] = chunk) -> None:
+                await self.client.sadd(self.keys.plan_shards, *chunk)
+
+            await self._redis(add, "plan")
+
     async def ingest_shard(self, source: ShardSource) -> None:
         problem = check_shard_id(source.shard)
         if problem:
@@ -467,6 +479,11 @@ class Ingest:
         if status.shard_is_reported(self.output, source.shard):
             log.info("shard %s already complete (report exists)", source.shard)
             self.stats.shards_skipped += 1
+
+            async def reported() -> None:
+                await self.client.sadd(self.keys.shards_reported, source.shard)
+
+            await self._redis(reported, "plan")
             return
         meta_key = self.keys.shard_meta(source.shard)
         meta = await self._redis(lambda: self.client.hgetall(meta_key), "ingest")
@@ -499,11 +516,13 @@ class Ingest:
                 log.warning("shard missing, skipped: %s", exc)
                 self.stats.shards_missing += 1
                 await self._count_error("missing_shard")
+            await self._unplan(source.shard)
         except ShardUnreadable as exc:
             log.error("shard %s unreadable (%s): %s", source.shard, exc.kind, exc)
             self.stats.shards_unreadable += 1
             self.stats.unreadable.append(f"{source.shard}: {exc}")
             await self._count_error(exc.kind)
+            await self._unplan(source.shard)
         finally:
             keeper.cancel()
             with contextlib.suppress(Exception):
@@ -519,6 +538,11 @@ class Ingest:
                 await self.client.expire(lock, LOCK_TTL_S)
             except (RedisError, OSError) as exc:
                 log.warning("ingest lock %s not renewed: %s", lock, exc)
+
+    async def _unplan(self, shard: str) -> None:
+        """A shard that yields no images leaves the crawl's plan (progress, ETA)."""
+        key = self.keys.plan_shards
+        await self._redis(lambda: self.client.srem(key, shard), "plan")
 
     async def _count_error(self, kind: str, n: int = 1) -> None:
         key = self.keys.ingest_errors

@@ -48,6 +48,10 @@ FAILURE_STATUSES = (
 )  # fmt: skip
 
 
+# Failures that another try will not change: the image is gone (HTTP 404 Not Found, 410 Gone).
+GONE_STATUSES = ("http_404", "http_410")
+
+
 def is_failure_status(name: str) -> bool:
     """A status a failed image can have: one of FAILURE_STATUSES or http_<code>."""
     code = name.removeprefix("http_")

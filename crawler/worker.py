@@ -136,6 +136,7 @@ class Worker:
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
         self.log_stats = LogStats()
         self.failed_hosts: dict[str, int] = {}
+        self.gone_hosts: dict[str, int] = {}  # the part of failed_hosts that is 404/410
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
         self.to_hand_back: list[Item] = []  # fetched, but the output refused them
@@ -413,6 +414,8 @@ class Worker:
             self.failure_log.failure(host, rec["status"], str(rec.get("error") or ""))
         if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
+            if rec["status"] in status.GONE_STATUSES:
+                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + 1
         self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
@@ -425,15 +428,14 @@ class Worker:
         attempts = 0
         res: FetchResult | None = None
         for attempts in range(1, self.cfg.fetch.max_attempts + 1):
-            started = time.monotonic()
             res, answered_by = await self._fetch_politely(item.url, host)
-            self.metrics.fetch_seconds.observe(time.monotonic() - started)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
                 limit = self.cfg.fetch.retry_after_max_s
                 self.gate.penalize(answered_by, min(res.retry_after, limit))
             if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
                 break
+            self.metrics.retries.inc()
             await asyncio.sleep(self._backoff(attempts, res.retry_after))
         assert res is not None
         if not res.ok:
@@ -458,13 +460,22 @@ class Worker:
     async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
         """Fetch within `host`'s limits; a redirect to another host waits for that host's
         limits before it is followed. Returns the result and the host that gave it."""
+        m = self.metrics
+        waiting = time.monotonic()
         async with self.gate.slot(host):
             await self._room_for_images()
+            started = time.monotonic()
+            m.host_wait_seconds.observe(started - waiting)
             res = await self.fetcher.fetch(url)
+            m.fetch_seconds.observe(time.monotonic() - started)
         while res.status == OTHER_HOST:
             host = URL(res.final_url).host or ""
+            waiting = time.monotonic()
             async with self.gate.slot(host):
+                started = time.monotonic()
+                m.host_wait_seconds.observe(started - waiting)
                 res = await self.fetcher.fetch(res.final_url, res.hops)
+                m.fetch_seconds.observe(time.monotonic() - started)
         return res, host
 
     async def _room_for_images(self) -> None:
@@ -475,6 +486,7 @@ class Worker:
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
         final = (str(self.store.output), item.shard, item.name)
+        started = time.monotonic()
         try:
             img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
         except ImageJobTimeout as exc:
@@ -483,6 +495,7 @@ class Worker:
                 attempts=attempts, source_bytes=len(body),
             )  # fmt: skip
         finally:
+            self.metrics.image_seconds.observe(time.monotonic() - started)
             self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
             self.stats.peak_waiting_bytes = self.bodies.peak
         if img.status == OUTPUT_UNWRITABLE:
@@ -684,27 +697,25 @@ class Worker:
             },
         )
         pipe.expire(key, int(self.cfg.worker.heartbeat_interval_s * 3) + 1)
-        pipe.xlen(self.keys.queue)
-        pipe.zcard(self.keys.deferred)
-        pipe.xlen(self.keys.dead)
         failed, self.failed_hosts = self.failed_hosts, {}
+        gone, self.gone_hosts = self.gone_hosts, {}
         for host, n in failed.items():
             pipe.zincrby(self.keys.hosts_failed, n, host)
+        for host, n in gone.items():
+            pipe.zincrby(self.keys.hosts_gone, n, host)
         if failed:
             pipe.zremrangebyrank(self.keys.hosts_failed, 0, -10_001)
+        if gone:
+            pipe.zremrangebyrank(self.keys.hosts_gone, 0, -10_001)
         try:
-            replies = await pipe.execute()
+            await pipe.execute()
         except (RedisError, OSError):
             for host, n in failed.items():  # keep them for the next beat
                 self.failed_hosts[host] = self.failed_hosts.get(host, 0) + n
+            for host, n in gone.items():
+                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + n
             raise
         self.metrics.redis_ok()
-        length, deferred, dead = replies[2:5]
-        leased = sum(int(g["pending"]) for g in await self.client.xinfo_groups(self.keys.queue))
-        self.metrics.queue_depth.set(max(0, int(length) - leased))
-        self.metrics.leased.set(leased)
-        self.metrics.deferred_depth.set(int(deferred))
-        self.metrics.dead_letters.set(int(dead))
         self.metrics.held.set(len(self.held))
         self.metrics.tick()
         await self._sample_history()
