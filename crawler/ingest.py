@@ -100,10 +100,17 @@ def _is_remote(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def _url_path(url: str) -> str:
+    try:
+        return urlsplit(url).path
+    except ValueError:  # unparseable (a broken IPv6 host...): its download says so
+        return url.split("#", 1)[0].split("?", 1)[0]
+
+
 def shard_id(location: str) -> str:
     """The file name of a path or URL without its shard suffix. For a URL the name comes from
     the path alone (query and fragment removed first)."""
-    path = urlsplit(location).path if _is_remote(location) else location
+    path = _url_path(location) if _is_remote(location) else location
     name = path.rstrip("/").rsplit("/", 1)[-1]
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
@@ -336,7 +343,7 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         yield path
         return
     tmp_dir = Path(cfg.paths.data_dir) / "downloads"
-    url_path = urlsplit(source.location).path
+    url_path = _url_path(source.location)
     suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
