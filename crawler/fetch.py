@@ -14,7 +14,7 @@ import contextlib
 import email.utils
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,7 +228,8 @@ class BodyBudget:
     A new request waits while the budget is spent (`room`). A body being read takes its bytes
     as they arrive (`take`); past the limit, a read waits for room (image work gives bodies
     back), except when reads in progress alone overspend it: then the oldest read goes on, so
-    reads never all wait for each other. Held at most: `limit`, plus one body of up to
+    reads never all wait for each other. Time a read waits here does not count against its
+    deadline. Held at most: `limit`, plus one body of up to
     max_body_bytes, plus what each waiting read had received (aiohttp pauses a connection
     once ~512 KiB are buffered).
     """
@@ -263,14 +264,20 @@ class BodyBudget:
         if reader == oldest:
             self._wake()  # another read is the oldest now
 
-    async def take(self, reader: int, n: int) -> None:
-        """Count `n` bytes that arrived for `reader`; wait while that overspends."""
+    def take(self, reader: int, n: int) -> None:
+        """Count `n` bytes that arrived for `reader`."""
         self.used += n
         self.reading += n
         self.peak = max(self.peak, self.used)
-        while self.used > self.limit and not (
+
+    def must_wait(self, reader: int) -> bool:
+        """Whether `reader` must wait before reading on (see the class docstring)."""
+        return self.used > self.limit and not (
             self.used - self.reading <= self.limit and next(iter(self._readers)) == reader
-        ):
+        )
+
+    async def wait_turn(self, reader: int) -> None:
+        while self.must_wait(reader):
             await self._wait()
 
     def give_back(self, n: int) -> None:
@@ -340,7 +347,9 @@ class Fetcher:
     async def _attempt(self, url: str, hops: Hops, progress: _Progress) -> FetchResult:
         started = time.monotonic()
         try:
-            async with asyncio.timeout(max(0.0, self.cfg.total_timeout_s - hops.spent_s)):
+            async with asyncio.timeout(
+                max(0.0, self.cfg.total_timeout_s - hops.spent_s)
+            ) as progress.deadline:
                 return await self._follow(URL(url, encoded=False), progress, hops)
         except TimeoutError:
             error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
@@ -363,7 +372,7 @@ class Fetcher:
             text = str(exc) or type(exc).__name__
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
         finally:
-            hops.spent_s += time.monotonic() - started
+            hops.spent_s += time.monotonic() - started - progress.paused_s
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
         while hops.count <= self.cfg.max_redirects:
@@ -470,12 +479,31 @@ class Fetcher:
 class _Progress:
     """How far a request got: what a deadline error reports."""
 
-    __slots__ = ("body_bytes", "headers", "held")
+    __slots__ = ("body_bytes", "deadline", "headers", "held", "paused_s")
 
     def __init__(self) -> None:
         self.headers = False
         self.body_bytes = 0
         self.held = 0  # bytes of a body read whole, counted in the fetcher's budget
+        self.deadline: asyncio.Timeout | None = None
+        self.paused_s = 0.0  # reading paused for the worker's memory budget
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Reading paused for the worker's own budget: the deadline stops meanwhile (a busy
+        worker does not turn its own backlog into timeouts)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        when = self.deadline.when() if self.deadline is not None else None
+        if self.deadline is not None and when is not None:
+            self.deadline.reschedule(None)
+        try:
+            yield
+        finally:
+            waited = loop.time() - started
+            self.paused_s += waited
+            if self.deadline is not None and when is not None:
+                self.deadline.reschedule(when + waited)
 
     def describe(self, request_number: int) -> str:
         """`request_number`: 1 for the item's URL, 2 after the first redirect, ..."""
@@ -505,7 +533,10 @@ async def _read_capped(
             chunks.append(chunk)
             if budget is not None:
                 taken += len(chunk)
-                await budget.take(reader, len(chunk))
+                budget.take(reader, len(chunk))
+                if budget.must_wait(reader):
+                    with progress.paused():
+                        await budget.wait_turn(reader)
         done = True
         return b"".join(chunks)
     except aiohttp.ClientPayloadError as exc:
