@@ -78,6 +78,7 @@ class ShardUnreadable(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+        self.sealed = False  # what was read before it is enqueued and the shard sealed
 
 
 class Stopped(Exception):
@@ -522,7 +523,8 @@ class Ingest:
             self.stats.shards_unreadable += 1
             self.stats.unreadable.append(f"{source.shard}: {exc}")
             await self._count_error(exc.kind)
-            await self._unplan(source.shard)
+            if not exc.sealed:  # a sealed shard completes with the images read before
+                await self._unplan(source.shard)
         finally:
             keeper.cancel()
             with contextlib.suppress(Exception):
@@ -600,6 +602,7 @@ class Ingest:
         await self._redis(lambda: self.queue.seal(source.shard, total), "seal")
         log.info("shard %s enqueued: %d images", source.shard, total)
         if unreadable is not None:
+            unreadable.sealed = True
             raise unreadable
 
     async def _flush(self, batch: Batch, source: ShardSource, line_no: int) -> None:
