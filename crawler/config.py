@@ -20,6 +20,7 @@ from typing import Any
 
 ENV_PREFIX = "MMC4_"
 RESAMPLE_FILTERS = ("bilinear", "box", "bicubic", "lanczos")
+IMAGE_FORMATS = ("keep", "jpeg", "webp")
 
 
 class ConfigError(ValueError):
@@ -178,12 +179,22 @@ class ImagesConfig:
     max_side: int = 800
     # Decompression-bomb guard: images with more pixels are refused (too_many_pixels).
     max_pixels: int = 100_000_000
+    # Animations with more frames are refused (too_many_frames).
+    max_frames: int = 1000
+    # Seconds one image's work may take; past it, its image process is killed and replaced
+    # and the image is recorded as image_timeout.
+    job_timeout_s: float = 30.0
     jpeg_quality: int = 90
     webp_quality: int = 90
     # Filter of the final shrinking step: "bilinear" (antialiased, as torchvision), "box"
     # (area average, as img2dataset's INTER_AREA; cheapest), "bicubic", "lanczos" (sharpest,
     # slowest). Larger images are first reduced by whole factors (JPEG at a smaller DCT scale).
     resample: str = "bilinear"
+    # Format of stored images: "keep" (each image in its own format, re-encoded only when it
+    # is shrunk or rotated; a name's extension may then not match its bytes), "jpeg" or
+    # "webp" (every image in that format, at jpeg_quality / webp_quality; as img2dataset's
+    # encode_format). Files are named by the shard's image_name either way.
+    format: str = "keep"
 
 
 @dataclass
@@ -261,6 +272,10 @@ class Config:
         for net in self.fetch.allow_networks:
             _check(_is_network(net), f"fetch.allow_networks: {net!r} is not a network")
         _check(self.assign.solver in ("lapjv", "scipy"), "assign.solver must be lapjv or scipy")
+        _check(
+            self.images.format in IMAGE_FORMATS,
+            f"images.format must be one of {', '.join(IMAGE_FORMATS)}",
+        )
         url = self.redis.url
         _check(
             not url or url.startswith(("redis://", "rediss://", "unix://")),
@@ -351,6 +366,8 @@ RANGES: dict[str, Range] = {
     "limits.host_backlog": AT_LEAST_1,
     "images.max_side": AT_LEAST_1,
     "images.max_pixels": AT_LEAST_1,
+    "images.max_frames": Range(1, 1_000_000),
+    "images.job_timeout_s": Range(0.1, 3600),
     "images.jpeg_quality": Range(1, 100),
     "images.webp_quality": Range(1, 100),
     "metrics.port": PORT,

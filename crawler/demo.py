@@ -19,16 +19,21 @@ from crawler.errors import CommandError
 from crawler.exitcodes import ExitCode
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sample_shard.jsonl"
+SAMPLE_PORT = 18650  # the port in the sample's URLs
 
 
-def start_web(port: int, hosts: int = 8) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(hosts),
-         "--port", str(port)],
-        stdout=subprocess.PIPE,
-        text=True,
-        process_group=0,  # a Ctrl-C stops the crawl (which drains), not the web under it
-    )  # fmt: skip
+def start_web(port: int, log: Path, hosts: int = 8) -> subprocess.Popen[str]:
+    """The loopback image web, its own log in `log` (not on the demo's terminal)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(hosts),
+             "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            process_group=0,  # a Ctrl-C stops the crawl (which drains), not the web under it
+        )  # fmt: skip
     deadline = time.monotonic() + 30
     assert proc.stdout is not None
     while time.monotonic() < deadline:
@@ -40,8 +45,20 @@ def start_web(port: int, hosts: int = 8) -> subprocess.Popen[str]:
     proc.kill()
     raise CommandError(
         ExitCode.ADDRESS_IN_USE,
-        f"the local image web did not start on port {port}: is the port in use? (--port)",
+        f"the local image web did not start on port {port}: is the port in use? (--port; "
+        f"its log: {log})",
     )
+
+
+def sample_for(port: int, data_dir: Path) -> Path:
+    """The sample shard, its URLs on `port` (a copy in `data_dir` unless it is SAMPLE_PORT)."""
+    if port == SAMPLE_PORT:
+        return SAMPLE
+    copy = data_dir / SAMPLE.name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    text = SAMPLE.read_text(encoding="utf-8").replace(f":{SAMPLE_PORT}/", f":{port}/")
+    copy.write_text(text, encoding="utf-8")
+    return copy
 
 
 def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:
@@ -49,12 +66,11 @@ def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int
     from crawler.runner import run_all
 
     if not SAMPLE.is_file():
-        print(f"sample shard not found at {SAMPLE}", file=sys.stderr)
-        return 2
-    cfg.ingest.shards = [str(SAMPLE)]
+        raise CommandError(ExitCode.NOT_FOUND, f"sample shard not found at {SAMPLE}")
     cfg.paths.output = output
     if cfg.paths.data_dir == "mmc4_data":
         cfg.paths.data_dir = "mmc4_data/demo"
+    cfg.ingest.shards = [str(sample_for(port, Path(cfg.paths.data_dir)))]
     cfg.fetch.allow_private_addresses = True  # the sample web lives on loopback
     cfg.limits.host_rate = max(cfg.limits.host_rate, 20.0)
     cfg.limits.local_host_rate = max(cfg.limits.local_host_rate, 20.0)
@@ -74,7 +90,7 @@ def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int
     args = [*argv]
     for item in overrides:
         args += ["--set", item]
-    web = start_web(port)
+    web = start_web(port, Path(cfg.paths.data_dir) / "demo-web.log")
     try:
         code = _run(run_all(cfg, args))
     finally:

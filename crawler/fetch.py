@@ -14,12 +14,13 @@ import contextlib
 import email.utils
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.http_exceptions import DecompressSizeError
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
@@ -223,6 +224,84 @@ class Slots:
         self._free += 1
 
 
+class BodyBudget:
+    """Bytes of response bodies one worker holds: being read, or read and waiting for their
+    image work (the worker gives them back when that is done).
+
+    A new request waits while the budget is spent (`room`). A body being read takes its bytes
+    as they arrive (`take`); past the limit, a read waits for room (image work gives bodies
+    back), except when reads in progress alone overspend it: then the oldest read goes on, so
+    reads never all wait for each other. Time a read waits here does not count against its
+    deadline. Held at most: `limit`, plus one body of up to
+    max_body_bytes, plus what each waiting read had received (aiohttp pauses a connection
+    once ~512 KiB are buffered).
+    """
+
+    __slots__ = ("_changed", "_next", "_readers", "_waiters", "limit", "peak", "reading", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # bytes held: being read, or read and not given back
+        self.reading = 0  # of which: of reads in progress
+        self.peak = 0
+        self._readers: dict[int, None] = {}  # reads in progress, oldest first
+        self._next = 0
+        self._waiters = 0
+        self._changed = asyncio.Event()
+
+    async def room(self) -> None:
+        """Wait until the budget is not spent."""
+        while self.used > self.limit:
+            await self._wait()
+
+    def start_read(self) -> int:
+        self._next += 1
+        self._readers[self._next] = None
+        return self._next
+
+    def end_read(self, reader: int, taken: int) -> None:
+        """`reader` is done; the `taken` bytes it holds stay counted until given back."""
+        oldest = next(iter(self._readers), None)
+        self._readers.pop(reader, None)
+        self.reading -= taken
+        if reader == oldest:
+            self._wake()  # another read is the oldest now
+
+    def take(self, reader: int, n: int) -> None:
+        """Count `n` bytes that arrived for `reader`."""
+        self.used += n
+        self.reading += n
+        self.peak = max(self.peak, self.used)
+
+    def must_wait(self, reader: int) -> bool:
+        """Whether `reader` must wait before reading on (see the class docstring)."""
+        return self.used > self.limit and not (
+            self.used - self.reading <= self.limit and next(iter(self._readers)) == reader
+        )
+
+    async def wait_turn(self, reader: int) -> None:
+        while self.must_wait(reader):
+            await self._wait()
+
+    def give_back(self, n: int) -> None:
+        self.used -= n
+        if self.used <= self.limit or self._waiters:
+            self._wake()
+
+    async def _wait(self) -> None:
+        changed = self._changed
+        self._waiters += 1
+        try:
+            await changed.wait()
+        finally:
+            self._waiters -= 1
+
+    def _wake(self) -> None:
+        if self._waiters:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+
 class Fetcher:
     """One request at a time per call, redirects followed by hand, under a hard deadline.
 
@@ -232,10 +311,17 @@ class Fetcher:
     """
 
     def __init__(
-        self, cfg: FetchConfig, session: aiohttp.ClientSession, max_connections: int
+        self,
+        cfg: FetchConfig,
+        session: aiohttp.ClientSession,
+        max_connections: int,
+        budget: BodyBudget | None = None,
     ) -> None:
+        """`budget`: bodies are read within it; an ok result's body stays counted in it until
+        the caller gives it back."""
         self.cfg = cfg
         self.session = session
+        self.budget = budget
         self.policy = AddressPolicy.of(cfg)
         self._slots = Slots(max_connections)
         self.times = ResponseTimes(cfg.min_timeout_s, cfg.total_timeout_s)
@@ -248,24 +334,40 @@ class Fetcher:
 
     async def _fetch(self, url: str, hops: Hops) -> FetchResult:
         progress = _Progress()
+        try:
+            res = await self._attempt(url, hops, progress)
+        except BaseException:
+            self._drop_body(progress)
+            raise
+        if not res.ok:
+            self._drop_body(progress)  # read, then the deadline struck: not the caller's
+        return res
+
+    def _drop_body(self, progress: _Progress) -> None:
+        if progress.held and self.budget is not None:
+            self.budget.give_back(progress.held)
+            progress.held = 0
+
+    async def _attempt(self, url: str, hops: Hops, progress: _Progress) -> FetchResult:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         judge: _Judge | None = None
         try:
             target = URL(url, encoded=False)
             host = target.host or ""
-            budget = self.cfg.total_timeout_s - hops.spent_s
+            ceiling = self.cfg.total_timeout_s - hops.spent_s
             adaptive = self.times.deadline_s(host)
-            limit = budget if adaptive is None else min(budget, adaptive - hops.spent_s)
-            if limit < budget:
+            limit = ceiling if adaptive is None else min(ceiling, adaptive - hops.spent_s)
+            if limit < ceiling:
                 progress.deadline_s = adaptive
             async with asyncio.timeout(max(0.0, limit)) as deadline:
+                progress.deadline = deadline
                 if adaptive is None:  # nothing heard yet: judged again once something is
                     begun = loop.time() - hops.spent_s
                     judge = _Judge(self.times, deadline, host, begun, progress)
                 return await self._follow(target, progress, hops)
         except TimeoutError:
-            # Retried only if the host completed nothing meanwhile (see crawler.deadlines).
+            # What the host did meanwhile decides the retries (see crawler.deadlines).
             answered = self.times.answered_since(progress.host, started)
             note = "; the host answered others meanwhile" if answered else ""
             error = f"deadline exceeded ({progress.describe(hops.count + 1)}{note})"
@@ -288,7 +390,7 @@ class Fetcher:
             text = str(exc) or type(exc).__name__
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
         finally:
-            hops.spent_s += time.monotonic() - started
+            hops.spent_s += time.monotonic() - started - progress.paused_s
             if judge is not None:
                 judge.cancel()
 
@@ -300,7 +402,7 @@ class Fetcher:
             hops.seen.add(str(url))
             progress.headers = False
             progress.host = url.host or ""
-            sent = time.monotonic()
+            sent = time.monotonic() - progress.paused_s  # minus pauses: see _Progress.paused
             async with self.session.get(url, allow_redirects=False) as resp:
                 progress.headers = True
                 if resp.status in (301, 302, 303, 307, 308):
@@ -321,13 +423,13 @@ class Fetcher:
                             status.TOO_MANY_REDIRECTS, resp.status, f"redirect loop at {nxt}"
                         )
                     hops.count += 1
-                    self.times.observe(url.host or "", time.monotonic() - sent)
+                    self.times.observe(url.host or "", time.monotonic() - progress.paused_s - sent)
                     if nxt.host != url.host and hops.count <= self.cfg.max_redirects:
                         return FetchResult(OTHER_HOST, resp.status, final_url=str(nxt), hops=hops)
                     url = nxt
                     continue
                 result = await self._response(resp, url, progress)
-                self.times.observe(url.host or "", time.monotonic() - sent)
+                self.times.observe(url.host or "", time.monotonic() - progress.paused_s - sent)
                 return result
         return FetchResult(
             status.TOO_MANY_REDIRECTS,
@@ -392,7 +494,8 @@ class Fetcher:
             return FetchResult(
                 status.TOO_LARGE, code, f"Content-Length {resp.content_length} > {cap}"
             )
-        body = await _read_capped(resp, cap, progress)
+        body = await _read_capped(resp, cap, progress, self.budget)
+        progress.held = len(body or b"")
         if body is None:
             return FetchResult(status.TOO_LARGE, code, f"body larger than {cap} bytes")
         return FetchResult(status.OK, code, body=body, final_url=str(url))
@@ -425,8 +528,11 @@ class _Judge:
             self.handle = loop.call_later(self.times.floor_s, self._judge)
             return
         when = self.deadline.when()
+        if when is None:  # paused for the worker's memory budget: judged after
+            self.handle = loop.call_later(self.times.floor_s, self._judge)
+            return
         new = loop.time() + adaptive
-        if when is None or new < when:
+        if new < when:
             self.progress.deadline_s = new - self.begun
             self.deadline.reschedule(new)
 
@@ -437,13 +543,33 @@ class _Judge:
 class _Progress:
     """How far a request got: what a deadline error reports."""
 
-    __slots__ = ("body_bytes", "deadline_s", "headers", "host")
+    __slots__ = ("body_bytes", "deadline", "deadline_s", "headers", "held", "host", "paused_s")
 
     def __init__(self) -> None:
         self.host = ""  # of the request under way
         self.headers = False
         self.body_bytes = 0
         self.deadline_s: float | None = None  # the host's adaptive deadline, when it applied
+        self.held = 0  # bytes of a body read whole, counted in the fetcher's budget
+        self.deadline: asyncio.Timeout | None = None
+        self.paused_s = 0.0  # reading paused for the worker's memory budget
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Reading paused for the worker's own budget: the deadline stops meanwhile (a busy
+        worker does not turn its own backlog into timeouts)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        when = self.deadline.when() if self.deadline is not None else None
+        if self.deadline is not None and when is not None:
+            self.deadline.reschedule(None)
+        try:
+            yield
+        finally:
+            waited = loop.time() - started
+            self.paused_s += waited
+            if self.deadline is not None and when is not None:
+                self.deadline.reschedule(when + waited)
 
     def describe(self, request_number: int) -> str:
         """`request_number`: 1 for the item's URL, 2 after the first redirect, ..."""
@@ -454,17 +580,54 @@ class _Progress:
         return f"{self.body_bytes} body bytes read{hop}{within}"
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int, progress: _Progress) -> bytes | None:
+async def _read_capped(
+    resp: aiohttp.ClientResponse, cap: int, progress: _Progress, budget: BodyBudget | None
+) -> bytes | None:
+    """The body, or None when it is (or inflates to) more than `cap` bytes. With a `budget`,
+    the bytes are taken from it as they arrive; on success they stay taken (the caller gives
+    them back when done with the body)."""
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():  # what has arrived, not cut into pieces
-        size += len(chunk)
-        progress.body_bytes = size
-        if size > cap:
-            resp.close()
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    size = taken = 0
+    reader = budget.start_read() if budget is not None else 0
+    done = False
+    try:
+        async for chunk in resp.content.iter_any():  # what has arrived, not cut into pieces
+            size += len(chunk)
+            progress.body_bytes = size
+            if size > cap:
+                resp.close()
+                return None
+            chunks.append(chunk)
+            if budget is not None:
+                taken += len(chunk)
+                budget.take(reader, len(chunk))
+                if budget.must_wait(reader):
+                    with progress.paused():
+                        await budget.wait_turn(reader)
+        done = True
+        return b"".join(chunks)
+    except aiohttp.ClientPayloadError as exc:
+        if not _inflated_too_far(exc):
+            raise
+        resp.close()
+        return None
+    finally:
+        if budget is not None:
+            budget.end_read(reader, taken)
+            if not done:
+                budget.give_back(taken)
+
+
+def _inflated_too_far(exc: BaseException) -> bool:
+    """Whether aiohttp stopped a compressed body that inflates past its decompression limit."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, DecompressSizeError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _blocked(exc: Any) -> bool:

@@ -12,6 +12,8 @@ Rules
   decoded. ``image/*`` types Pillow is not allowed to read here (HEIC, TGA, EPS, ...) are
   ``unsupported_image``.
 * More than ``max_pixels`` pixels (from the header, before any decoding) is ``too_many_pixels``.
+* An animation of more than ``max_frames`` frames is ``too_many_frames`` (counted from the
+  header for WebP and APNG; a GIF's frames are walked, headers only, up to ``max_frames`` + 1).
 * Every image is decoded before it is accepted, so truncated or corrupt files are
   ``decode_error`` (``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced off).
 * The stored image has its longer side at most ``max_side``, aspect ratio kept, never enlarged
@@ -46,6 +48,13 @@ Kept or re-encoded, per format
 * BMP, TIFF, ICO, AVIF, JPEG 2000, PPM, PCX: always re-encoded, first frame: JPEG when there is
   no alpha (an all-opaque alpha counts as none), PNG with alpha.
 
+``images.format`` = ``jpeg`` or ``webp`` (as img2dataset's ``encode_format``): images of any
+other format are stored in that one (first frame, upright, shrunk as above; alpha composited
+onto white for JPEG, kept for WebP) at ``jpeg_quality`` / ``webp_quality``; images already in
+it follow the rules above. The file keeps the shard's ``image_name`` whatever its format, so
+under ``keep`` the extension of a name may not match the bytes (a ``.jpg`` holding a PNG): the
+record's ``mimetype`` says what the file is.
+
 Process-global state: `init_worker` sets ``Image.MAX_IMAGE_PIXELS``; `process_image` forces
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` off and silences Pillow's warnings for its own duration
 (``warnings.catch_warnings``, so call it from one thread per process, as the pool does).
@@ -77,10 +86,13 @@ __all__ = [
 class ImageSettings:
     max_side: int = 800
     max_pixels: int = 100_000_000  # decompression-bomb guard
+    max_frames: int = 1000  # an animation with more frames is too_many_frames
     jpeg_quality: int = 90
     webp_quality: int = 90
     # Filter of the final shrinking step: "bilinear", "box", "bicubic" or "lanczos".
     resample: str = "bilinear"
+    # "keep" (the rules above), or "jpeg" / "webp": every stored image in that format.
+    format: str = "keep"
 
     def __reduce__(self) -> tuple[type[ImageSettings], tuple[object, ...]]:
         # Sent with every pool job: positional, as ImageResult (see there).
@@ -89,7 +101,8 @@ class ImageSettings:
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
-    # "ok", "not_an_image", "decode_error", "too_many_pixels", "unsupported_image"
+    # "ok", "not_an_image", "decode_error", "too_many_pixels", "too_many_frames",
+    # "unsupported_image"
     # (and "write_error" from the pool job that stores it)
     status: str
     # Detected by libmagic from the input bytes (never the HTTP header).
@@ -152,6 +165,8 @@ _OPEN_FORMATS: dict[str, tuple[str, ...]] = {
 }
 # Formats whose files are stored unchanged when small and valid, and re-encoded to themselves.
 _SAME_FORMAT = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "GIF": "GIF"}
+# images.format: the one format every stored image has ("keep": none).
+_UNIFORM = {"jpeg": "JPEG", "webp": "WEBP"}
 _FORMAT_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose).
@@ -189,9 +204,11 @@ def settings_from(cfg: Config) -> ImageSettings:
     return ImageSettings(
         max_side=cfg.images.max_side,
         max_pixels=cfg.images.max_pixels,
+        max_frames=cfg.images.max_frames,
         jpeg_quality=cfg.images.jpeg_quality,
         webp_quality=cfg.images.webp_quality,
         resample=cfg.images.resample,
+        format=cfg.images.format,
     )
 
 
@@ -278,9 +295,42 @@ def _process(
     if w * h > settings.max_pixels:
         raise _Refused("too_many_pixels", f"{w}x{h} exceeds {settings.max_pixels} pixels")
     fmt = img.format or ""
+    target = _UNIFORM.get(settings.format)
+    if target is not None and _SAME_FORMAT.get(fmt) != target:
+        return _process_to(img, mimetype, fmt, target, settings)
     if fmt in ("JPEG", "MPO"):
         return _process_jpeg(img, data, mimetype, settings)
     return _process_other(img, data, mimetype, fmt, settings)
+
+
+def _process_to(
+    img: ImageFile.ImageFile, mimetype: str, fmt: str, target: str, settings: ImageSettings
+) -> ImageResult:
+    """Store an image of another format as `target` (``images.format``): first frame,
+    upright, shrunk, alpha composited onto white for JPEG."""
+    frames = _frame_count(img, fmt, settings.max_frames)
+    if frames > settings.max_frames:
+        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
+    img.load()
+    orientation = 1 if fmt == "GIF" else _orientation(img)
+    w, h = img.size
+    swapped = orientation in (5, 6, 7, 8)
+    disp_w, disp_h = (h, w) if swapped else (w, h)
+    tw, th = target_size(disp_w, disp_h, settings.max_side)
+    out, colour_kept = _normalize_mode(img)
+    icc = img.info.get("icc_profile") if colour_kept else None
+    sw, sh = (th, tw) if swapped else (tw, th)
+    if out.size != (sw, sh):
+        out = out.resize((sw, sh), _RESAMPLE[settings.resample], reducing_gap=_REDUCING_GAP)
+    if orientation != 1:
+        out = out.transpose(_TRANSPOSE[orientation])
+    if target == "JPEG" and out.mode in ("RGBA", "LA"):
+        rgba = out.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        out = flat
+    encoded = _encode(out, target, settings, icc)
+    return _stored(encoded, target, mimetype, out.size, (disp_w, disp_h), frames)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -333,7 +383,9 @@ def _process_other(
     img: ImageFile.ImageFile, data: bytes, mimetype: str, fmt: str, settings: ImageSettings
 ) -> ImageResult:
     w, h = img.size
-    frames = int(getattr(img, "n_frames", 1)) if fmt in ("GIF", "WEBP", "PNG") else 1
+    frames = _frame_count(img, fmt, settings.max_frames)
+    if frames > settings.max_frames:
+        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
     same = _SAME_FORMAT.get(fmt)
     within = w <= settings.max_side and h <= settings.max_side
     img.load()  # first frame, fully decoded: validation and pixels in one go
@@ -369,6 +421,23 @@ def _process_other(
         same = "PNG" if out.mode in ("RGBA", "LA") else "JPEG"
     encoded = _encode(out, same, settings, icc)
     return _stored(encoded, same, mimetype, out.size, (disp_w, disp_h), frames)
+
+
+def _frame_count(img: ImageFile.ImageFile, fmt: str, limit: int) -> int:
+    """Frames of an animation, counted up to `limit` + 1: WebP and APNG state their count,
+    a GIF is walked frame by frame (headers only, nothing decoded), never further than that."""
+    if fmt not in ("GIF", "WEBP", "PNG"):
+        return 1
+    if fmt != "GIF":
+        return int(getattr(img, "n_frames", 1))
+    try:
+        img.seek(limit)
+    except EOFError:
+        count = int(getattr(img, "n_frames", 1))  # fewer than limit + 1: known now
+    else:
+        count = limit + 1
+    img.seek(0)
+    return count
 
 
 def _normalize_mode(img: Image.Image) -> tuple[Image.Image, bool]:

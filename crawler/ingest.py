@@ -78,6 +78,7 @@ class ShardUnreadable(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+        self.sealed = False  # what was read before it is enqueued and the shard sealed
 
 
 class Stopped(Exception):
@@ -99,10 +100,17 @@ def _is_remote(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def _url_path(url: str) -> str:
+    try:
+        return urlsplit(url).path
+    except ValueError:  # unparseable (a broken IPv6 host...): its download says so
+        return url.split("#", 1)[0].split("?", 1)[0]
+
+
 def shard_id(location: str) -> str:
     """The file name of a path or URL without its shard suffix. For a URL the name comes from
     the path alone (query and fragment removed first)."""
-    path = urlsplit(location).path if _is_remote(location) else location
+    path = _url_path(location) if _is_remote(location) else location
     name = path.rstrip("/").rsplit("/", 1)[-1]
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
@@ -335,7 +343,7 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         yield path
         return
     tmp_dir = Path(cfg.paths.data_dir) / "downloads"
-    url_path = urlsplit(source.location).path
+    url_path = _url_path(source.location)
     suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -444,6 +452,7 @@ class Ingest:
         if stop is not None:
             self.stop = stop
         try:
+            await self._plan(sources)
             for source in sources:
                 if self.stop.is_set():
                     raise Stopped
@@ -456,6 +465,17 @@ class Ingest:
         b = self.cfg.redis.reconnect_backoff_s
         return await retrying(fn, b, what=what, give_up_after_s=self.redis_wait_s)
 
+    async def _plan(self, sources: list[ShardSource]) -> None:
+        """Name every shard of the crawl in Redis (progress and ETA cover them all)."""
+        names = [s.shard for s in sources if not check_shard_id(s.shard)]
+        for start in range(0, len(names), 5000):
+            chunk = names[start : start + 5000]
+
+            async def add(chunk: list[str] = chunk) -> None:
+                await self.client.sadd(self.keys.plan_shards, *chunk)
+
+            await self._redis(add, "plan")
+
     async def ingest_shard(self, source: ShardSource) -> None:
         problem = check_shard_id(source.shard)
         if problem:
@@ -467,6 +487,11 @@ class Ingest:
         if status.shard_is_reported(self.output, source.shard):
             log.info("shard %s already complete (report exists)", source.shard)
             self.stats.shards_skipped += 1
+
+            async def reported() -> None:
+                await self.client.sadd(self.keys.shards_reported, source.shard)
+
+            await self._redis(reported, "plan")
             return
         meta_key = self.keys.shard_meta(source.shard)
         meta = await self._redis(lambda: self.client.hgetall(meta_key), "ingest")
@@ -499,11 +524,14 @@ class Ingest:
                 log.warning("shard missing, skipped: %s", exc)
                 self.stats.shards_missing += 1
                 await self._count_error("missing_shard")
+            await self._unplan(source.shard)
         except ShardUnreadable as exc:
             log.error("shard %s unreadable (%s): %s", source.shard, exc.kind, exc)
             self.stats.shards_unreadable += 1
             self.stats.unreadable.append(f"{source.shard}: {exc}")
             await self._count_error(exc.kind)
+            if not exc.sealed:  # a sealed shard completes with the images read before
+                await self._unplan(source.shard)
         finally:
             keeper.cancel()
             with contextlib.suppress(Exception):
@@ -519,6 +547,11 @@ class Ingest:
                 await self.client.expire(lock, LOCK_TTL_S)
             except (RedisError, OSError) as exc:
                 log.warning("ingest lock %s not renewed: %s", lock, exc)
+
+    async def _unplan(self, shard: str) -> None:
+        """A shard that yields no images leaves the crawl's plan (progress, ETA)."""
+        key = self.keys.plan_shards
+        await self._redis(lambda: self.client.srem(key, shard), "plan")
 
     async def _count_error(self, kind: str, n: int = 1) -> None:
         key = self.keys.ingest_errors
@@ -576,6 +609,7 @@ class Ingest:
         await self._redis(lambda: self.queue.seal(source.shard, total), "seal")
         log.info("shard %s enqueued: %d images", source.shard, total)
         if unreadable is not None:
+            unreadable.sealed = True
             raise unreadable
 
     async def _flush(self, batch: Batch, source: ShardSource, line_no: int) -> None:

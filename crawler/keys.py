@@ -38,6 +38,11 @@ key                                type    holds
 ``ns:worker:<id>``                 hash    heartbeat of one worker process (expires)
 ``ns:history``                     list    [time, done, queued] samples for rate and ETA
 ``ns:hosts:failed``                zset    host -> failed images (top 10,000 kept)
+``ns:hosts:gone``                  zset    host -> images that answered 404 or 410
+                                           (permanent failures; top 10,000 kept)
+``ns:plan:shards``                 set     every shard given to ingest (`run`, `enqueue`):
+                                           the whole crawl, for progress and ETA
+``ns:shards:reported``             set     shards whose report is written
 ``mmc4:embedded:identity``         string  random token of the data directory whose embedded
                                            Redis this is (outside every namespace)
 =================================  ======  ==================================================
@@ -127,6 +132,18 @@ class Keys:
     @property
     def hosts_failed(self) -> str:
         return f"{self.ns}:hosts:failed"
+
+    @property
+    def hosts_gone(self) -> str:
+        return f"{self.ns}:hosts:gone"
+
+    @property
+    def plan_shards(self) -> str:
+        return f"{self.ns}:plan:shards"
+
+    @property
+    def shards_reported(self) -> str:
+        return f"{self.ns}:shards:reported"
 
     @property
     def all_pattern(self) -> str:

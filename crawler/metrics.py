@@ -1,13 +1,18 @@
 """Prometheus metrics of one worker process, and the HTTP endpoints that serve them.
 
-Names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``). Hosts never appear
-as labels (unbounded cardinality): the status page lists the top failing hosts instead.
+Names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``); no ``_created``
+series. A worker exports what it does; facts of the whole crawl (queue depth, leased, dead
+letters, images by status) are served once, as ``mmc4_fleet_*``, by ``serve`` (one name per
+fact). Hosts never appear as labels (unbounded cardinality): the status page lists the top
+failing hosts instead.
 """
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable
+from importlib import metadata
 
 from aiohttp import web
 from prometheus_client import (
@@ -15,12 +20,23 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no _created series
+
 FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("mmc4-crawler")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
 
 
 class Metrics:
@@ -35,10 +51,34 @@ class Metrics:
             "mmc4_fetched_bytes_total", "Bytes downloaded (decompressed bodies)", registry=r
         )
         self.stored_bytes = Counter("mmc4_stored_bytes_total", "Bytes written", registry=r)
+        Info("mmc4_build", "Version of the crawler and its Python", registry=r).info(
+            {"version": _version(), "python": platform.python_version()}
+        )  # exported as mmc4_build_info{version=...,python=...} 1
         self.fetch_seconds = Histogram(
             "mmc4_fetch_duration_seconds",
-            "Time of one HTTP attempt, waiting for the host included",
+            "Time of one HTTP request to a host, from sending it to the end of the body (the "
+            "wait for the host's limits is mmc4_host_wait_seconds)",
             buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.host_wait_seconds = Histogram(
+            "mmc4_host_wait_seconds",
+            "Time a request waited for its host's rate and concurrency limits (politeness) and "
+            "for room among the bodies waiting for image processing",
+            buckets=FETCH_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "mmc4_fetch_retries_total",
+            "HTTP attempts repeated after a transient failure (timeout, connection error, 429, "
+            "5xx)",
+            registry=r,
+        )
+        self.image_seconds = Histogram(
+            "mmc4_image_processing_seconds",
+            "Time from handing a downloaded body to the image processes to its stored result "
+            "(decode, shrink, encode, write; waiting for a free process included)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=r,
         )
         self.throttled = Counter(
@@ -73,12 +113,6 @@ class Metrics:
         self.rate = Gauge(
             "mmc4_worker_images_per_second", "Images/s of this worker (last minute)", registry=r
         )
-        self.queue_depth = Gauge("mmc4_queue_depth", "Items waiting in the queue", registry=r)
-        self.leased = Gauge("mmc4_queue_leased", "Items leased by workers (fleet)", registry=r)
-        self.deferred_depth = Gauge(
-            "mmc4_queue_deferred", "Items deferred for busy hosts (fleet)", registry=r
-        )
-        self.dead_letters = Gauge("mmc4_dead_letters", "Dead letters (fleet)", registry=r)
         self.last_redis_ok = Gauge(
             "mmc4_last_redis_success_timestamp_seconds", "Last successful Redis call", registry=r
         )

@@ -39,11 +39,20 @@ class Snapshot:
     dead_letters: int
     ingest_errors: dict[str, int]
     rate: float  # images/s over the last minute or so
-    eta_s: float | None
+    eta_s: float | None  # to the end of the whole crawl (`total`), at `rate`
     shards_open: list[ShardProgress] = field(default_factory=list)
     shards_complete_pending: int = 0
-    workers: list[dict[str, str]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
     history: list[tuple[float, int, int]] = field(default_factory=list)
+    shards_total: int = 0  # every shard given to ingest (`run`, `enqueue`)
+    shards_done: int = 0  # of those, reported
+    # Images of the whole crawl: enqueued ones plus, for shards not (fully) read yet, the
+    # average images per shard read so far. None while no shard has been read to its end.
+    total: int | None = None
+    total_is_estimate: bool = False
+    finished: bool = False  # every shard given is reported; nothing queued, leased, deferred
+    failing_hosts_permanent: list[dict[str, Any]] = field(default_factory=list)  # 404, 410
+    failing_hosts_transient: list[dict[str, Any]] = field(default_factory=list)  # the rest
 
     @property
     def remaining(self) -> int:
@@ -65,6 +74,11 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
     pipe.smembers(keys.shards_open)
     pipe.scard(keys.shards_complete)
     pipe.lrange(keys.history, 0, history - 1)
+    pipe.scard(keys.plan_shards)
+    pipe.scard(keys.shards_reported)
+    pipe.sintercard(2, [keys.shards_reported, keys.shards_open])
+    pipe.zrevrange(keys.hosts_failed, 0, 49, withscores=True)
+    pipe.zrevrange(keys.hosts_gone, 0, 49, withscores=True)
     (
         length,
         deferred,
@@ -74,6 +88,11 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
         open_shards,
         complete,
         hist,
+        planned,
+        reported,
+        reopened,
+        failed_hosts,
+        gone_hosts,
     ) = await pipe.execute()
     in_flight = await leased(client, keys)
     by_status = {_s(k): int(v) for k, v in counts.items() if _s(k) != "bytes" and int(v)}
@@ -93,13 +112,73 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
         dead_letters=int(dead),
         ingest_errors={_s(k): int(v) for k, v in ingest_errors.items()},
         rate=rate,
-        eta_s=(remaining / rate) if rate > 0 else None,
+        eta_s=None,
         shards_complete_pending=int(complete),
         history=samples,
+        shards_total=int(planned),
+        shards_done=int(reported) - int(reopened),
     )
     snap.shards_open = await _shards(client, keys, sorted(_s(s) for s in open_shards))
     snap.workers = await _workers(client, keys)
+    snap.total, snap.total_is_estimate = estimate_total(snap)
+    if snap.total is not None and rate > 0:
+        snap.eta_s = max(0, snap.total - done) / rate
+    snap.finished = (
+        remaining == 0
+        and not snap.shards_open
+        and not snap.shards_complete_pending
+        and snap.shards_done >= snap.shards_total
+        and (snap.shards_total > 0 or done > 0)
+    )
+    if snap.finished:
+        snap.eta_s = 0.0
+    snap.failing_hosts_permanent, snap.failing_hosts_transient = _failing_hosts(
+        failed_hosts, gone_hosts
+    )
     return snap
+
+
+def estimate_total(snap: Snapshot) -> tuple[int | None, bool]:
+    """Images of the whole crawl, and whether that is an estimate: what is enqueued (done,
+    queued, leased, deferred) plus, for each shard given but not read to its end, the average
+    images of the shards read to their end. None while no shard has been read to its end."""
+    known = snap.done + snap.remaining
+    unsealed = [s for s in snap.shards_open if s.total is None]
+    sealed = [s.total for s in snap.shards_open if s.total is not None]
+    not_started = max(0, snap.shards_total - snap.shards_done - len(snap.shards_open))
+    if not unsealed and not not_started:
+        return known, False
+    read_whole = snap.shards_done + len(sealed)
+    if not read_whole:
+        return None, True
+    images_reported = max(0, snap.done - sum(s.done for s in snap.shards_open))
+    average = (images_reported + sum(sealed)) / read_whole
+    rest = sum(max(0.0, average - s.images) for s in unsealed) + not_started * average
+    return known + round(rest), True
+
+
+def _failing_hosts(
+    failed: list[tuple[Any, float]], gone: list[tuple[Any, float]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Hosts by failed images, split into permanent (404/410) and transient failures."""
+    gone_by_host = {_s(h): int(n) for h, n in gone}
+    permanent = [{"host": h, "failed": n} for h, n in gone_by_host.items()][:20]
+    rest = {_s(h): int(n) - gone_by_host.get(_s(h), 0) for h, n in failed}
+    ranked = sorted(((n, h) for h, n in rest.items() if n > 0), reverse=True)
+    transient = [{"host": h, "failed": n} for n, h in ranked[:20]]
+    return permanent, transient
+
+
+def _number(text: str) -> Any:
+    """A heartbeat field as a number when it is one."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 async def leased(client: aioredis.Redis, keys: Keys) -> int:
@@ -149,14 +228,14 @@ async def _shards(client: aioredis.Redis, keys: Keys, shards: list[str]) -> list
     return out
 
 
-async def _workers(client: aioredis.Redis, keys: Keys) -> list[dict[str, str]]:
+async def _workers(client: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
     names = [k async for k in client.scan_iter(match=keys.worker_pattern, count=500)]
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(name)
     out = []
     for name, fields in zip(names, await pipe.execute(), strict=True):
-        info = {_s(k): _s(v) for k, v in fields.items()}
+        info: dict[str, Any] = {_s(k): _number(_s(v)) for k, v in fields.items()}
         info["id"] = _s(name).rsplit(":", 1)[-1]
         out.append(info)
     return sorted(out, key=lambda w: w["id"])
@@ -203,11 +282,31 @@ def format_duration(seconds: float | None) -> str:
     return (f"{d}d " if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
+def progress_text(snap: Snapshot) -> str:
+    """``done of total (percent)``, the total marked ``~`` (estimate) or ``?`` (unknown)."""
+    if snap.finished:
+        return f"{snap.done} of {snap.done} images (100%): finished"
+    if snap.total is None:
+        return f"{snap.done} of ? images (total unknown until a shard is read to its end)"
+    mark = "~" if snap.total_is_estimate else ""
+    pct = 100.0 * snap.done / snap.total if snap.total else 0.0
+    note = " (estimate: shards not read yet count as the average so far)"
+    return f"{snap.done} of {mark}{snap.total} images ({pct:.0f}%)" + (
+        note if snap.total_is_estimate else ""
+    )
+
+
 def render_text(snap: Snapshot) -> str:
+    eta = format_duration(snap.eta_s)
+    if snap.total_is_estimate and snap.eta_s is not None:
+        eta = "~" + eta
     lines = [
+        f"progress: {progress_text(snap)}",
+        f"shards: {snap.shards_done} of {snap.shards_total} reported, "
+        f"{len(snap.shards_open)} in flight",
         f"queue: {snap.queued} waiting, {snap.leased} leased, {snap.deferred} deferred",
         f"done: {snap.done} images, {snap.bytes / 1e6:.1f} MB stored",
-        f"rate: {snap.rate:.1f} images/s   ETA: {format_duration(snap.eta_s)}",
+        f"rate: {snap.rate:.1f} images/s   ETA: {eta}",
         f"dead letters: {snap.dead_letters}",
     ]
     if snap.by_status:
@@ -221,6 +320,13 @@ def render_text(snap: Snapshot) -> str:
         for sh in snap.shards_open[:50]:
             total = "enqueueing" if sh.total is None else str(sh.total)
             lines.append(f"  {sh.shard:<40} {sh.done}/{total}")
+    for label, hosts in (
+        ("failing hosts, permanent (404/410)", snap.failing_hosts_permanent),
+        ("failing hosts, transient", snap.failing_hosts_transient),
+    ):
+        if hosts:
+            lines.append(f"{label}:")
+            lines += [f"  {h['host']:<40} {h['failed']}" for h in hosts[:10]]
     lines.append(f"workers: {len(snap.workers)}")
     for w in snap.workers:
         lines.append(

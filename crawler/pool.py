@@ -14,6 +14,9 @@ crawl's hot path those threads cost more of the worker's CPU than its HTTP.)
 * A child that dies (killed, out of memory, a crash in a decoder) fails the jobs it held with
   `ImageProcessDied` and is replaced; the other children and the waiting jobs carry on.
 * A child whose parent dies sees its socket close and exits.
+* With `job_timeout_s`, a job that runs longer (a hung or runaway decoder) fails with
+  `ImageJobTimeout`; its process is killed and replaced, and the jobs queued behind it in
+  that process go back to the front of the waiting line (they had not started).
 
 Children come from a fork server that has imported `preload` once, and run `initializer`
 before their first job.
@@ -33,6 +36,7 @@ import pickle
 import signal
 import socket
 import struct
+import time
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -54,6 +58,13 @@ class ImageJobError(RuntimeError):
     """A job raised in its process; the message names the exception."""
 
 
+class ImageJobTimeout(RuntimeError):
+    """A job ran longer than the pool's job_timeout_s; its process was killed."""
+
+
+_Job = tuple[int, Callable[..., Any], tuple[Any, ...], "bytes | None", "asyncio.Future[Any]"]
+
+
 class _Child:
     """One image process (replaced when it dies) and the jobs it holds."""
 
@@ -62,7 +73,9 @@ class _Child:
         self.index = index
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.transport: asyncio.Transport | None = None
-        self.held: dict[int, asyncio.Future[Any]] = {}
+        # Jobs sent and not answered, in the order the process runs them.
+        self.held: dict[int, _Job] = {}
+        self.since = 0.0  # when the first held job started (time.monotonic)
         self.alive = False  # connected and initialised: jobs may be sent
         self.ready: asyncio.Future[None] | None = None
 
@@ -76,12 +89,13 @@ class _Child:
             else:
                 self.ready.set_exception(ImageJobError(f"image process could not start: {value}"))
             return
-        fut = self.held.pop(job, None)
-        if fut is not None and not fut.done():
+        sent = self.held.pop(job, None)
+        self.since = time.monotonic()  # the next held job starts now
+        if sent is not None and not sent[4].done():
             if ok:
-                fut.set_result(value)
+                sent[4].set_result(value)
             else:
-                fut.set_exception(ImageJobError(value))
+                sent[4].set_exception(ImageJobError(value))
         self.pool._dispatch(self)
 
     def lost(self) -> None:
@@ -139,13 +153,18 @@ class ImagePool:
         preload: Sequence[str] = (),
         depth: int = 2,
         cpus: Sequence[int] = (),
+        job_timeout_s: float = 0.0,
     ) -> None:
-        """`cpus`: pin process i to CPU cpus[i % len(cpus)] (none given: no pinning)."""
+        """`cpus`: pin process i to CPU cpus[i % len(cpus)] (none given: no pinning).
+        `job_timeout_s` > 0: the longest one job may run (see the module docstring)."""
         if size < 1 or depth < 1:
             raise ValueError("an image pool needs at least one process and a depth of one")
         self.size = size
         self.depth = depth
         self.restarts = 0
+        self.timeouts = 0  # jobs failed with ImageJobTimeout
+        self.job_timeout_s = job_timeout_s
+        self._watchdog: asyncio.Task[None] | None = None
         self._initializer = initializer
         self._initargs = tuple(initargs)
         self._cpus = tuple(cpus)
@@ -154,9 +173,7 @@ class ImagePool:
             self._ctx.set_forkserver_preload(list(preload))
         self._children: list[_Child] = []
         # Jobs not yet sent: pickled only when sent, so a waiting body exists once in memory.
-        self._waiting: collections.deque[
-            tuple[int, Callable[..., Any], tuple[Any, ...], bytes | None, asyncio.Future[Any]]
-        ] = collections.deque()
+        self._waiting: collections.deque[_Job] = collections.deque()
         self._jobs = itertools.count()
         self._closing = False
         self._restarting: set[asyncio.Task[None]] = set()
@@ -168,6 +185,8 @@ class ImagePool:
             child = _Child(self, index)
             self._children.append(child)
             await self._spawn(child)
+        if self.job_timeout_s > 0:
+            self._watchdog = asyncio.ensure_future(self._watch())
 
     @property
     def pids(self) -> list[int]:
@@ -188,6 +207,8 @@ class ImagePool:
     async def close(self, timeout_s: float = 5.0) -> None:
         """Stop every process now: jobs still held or waiting fail with ImageProcessDied."""
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in list(self._restarting):
             task.cancel()
         for child in self._children:
@@ -203,7 +224,8 @@ class ImagePool:
     def _dispatch(self, child: _Child) -> None:
         """Send waiting jobs to `child` while it has room."""
         while child.alive and len(child.held) < self.depth and self._waiting:
-            job, fn, args, data, fut = self._waiting.popleft()
+            sent = self._waiting.popleft()
+            job, fn, args, data, fut = sent
             if fut.done():  # cancelled while waiting
                 continue
             try:
@@ -211,7 +233,9 @@ class ImagePool:
             except Exception as exc:  # an argument that cannot cross processes
                 fut.set_exception(ImageJobError(f"cannot send the job: {exc}"))
                 continue
-            child.held[job] = fut
+            if not child.held:
+                child.since = time.monotonic()
+            child.held[job] = sent
             assert child.transport is not None
             size = 0 if data is None else len(data)
             child.transport.writelines((_JOB_HEAD.pack(len(meta), size), meta, data or b""))
@@ -256,7 +280,7 @@ class ImagePool:
         held, child.held = child.held, {}
         code = child.proc.exitcode if child.proc is not None else None
         why = "the image pool closed" if self._closing else f"image process {child.index} died"
-        for fut in held.values():
+        for *_job, fut in held.values():
             if not fut.done():
                 fut.set_exception(ImageProcessDied(f"{why} (exit code {code})"))
         if self._closing:
@@ -265,6 +289,36 @@ class ImagePool:
         task = asyncio.ensure_future(self._replace(child))
         self._restarting.add(task)
         task.add_done_callback(self._restarting.discard)
+
+    async def _watch(self) -> None:
+        """Kill the process of any job that has run longer than job_timeout_s."""
+        tick = min(1.0, self.job_timeout_s / 4)
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for child in self._children:
+                if child.alive and child.held and now - child.since > self.job_timeout_s:
+                    self._overrun(child)
+
+    def _overrun(self, child: _Child) -> None:
+        held, child.held = list(child.held.values()), {}
+        child.alive = False  # nothing more is sent to it; `lost` follows the kill
+        running, queued = held[0], held[1:]
+        self.timeouts += 1
+        log.warning(
+            "image job ran longer than %.1fs: killing image process %d",
+            self.job_timeout_s, child.index,
+        )  # fmt: skip
+        if not running[4].done():
+            running[4].set_exception(
+                ImageJobTimeout(f"image work took longer than {self.job_timeout_s:g}s")
+            )
+        self._waiting.extendleft(reversed(queued))  # not started: first in line again
+        if child.proc is not None and child.proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, signal.SIGKILL)
+        for other in self._children:
+            self._dispatch(other)
 
     async def _replace(self, child: _Child) -> None:
         if child.proc is not None:

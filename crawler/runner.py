@@ -274,12 +274,18 @@ def _deadline(seconds: float) -> asyncio.Event:
 
 
 def _show(bar: Any, snap: monitor.Snapshot) -> None:
-    bar.total = snap.done + snap.remaining
+    """The bar covers the whole crawl: its total is `Snapshot.total` (an estimate, marked
+    ``total~`` in the bar, while shards are still unread; no total while none is read)."""
+    bar.total = snap.total
     bar.n = snap.done
-    bar.set_postfix(
-        queued=snap.queued, leased=snap.leased, ok=snap.by_status.get("ok", 0),
-        failed=snap.done - snap.by_status.get("ok", 0), refresh=False,
+    postfix: dict[str, Any] = {}
+    if snap.total_is_estimate:
+        postfix["total~"] = snap.total if snap.total is not None else "?"
+    postfix.update(
+        shards=f"{snap.shards_done}/{snap.shards_total}", queued=snap.queued,
+        ok=snap.by_status.get("ok", 0), failed=snap.done - snap.by_status.get("ok", 0),
     )  # fmt: skip
+    bar.set_postfix(postfix, refresh=False)
     bar.refresh()
 
 

@@ -95,6 +95,7 @@ class Shards:
             pipe.delete(records_key, meta_key)
             pipe.srem(self.keys.shards_open, shard)
             pipe.srem(self.keys.shards_complete, shard)
+            pipe.sadd(self.keys.shards_reported, shard)
             pipe.xadd(
                 self.keys.shards_done,
                 {

@@ -32,6 +32,8 @@ OPTED_OUT = "opted_out"
 NOT_AN_IMAGE = "not_an_image"
 DECODE_ERROR = "decode_error"
 TOO_MANY_PIXELS = "too_many_pixels"
+TOO_MANY_FRAMES = "too_many_frames"
+IMAGE_TIMEOUT = "image_timeout"  # the image's processing ran past images.job_timeout_s
 UNSUPPORTED_IMAGE = "unsupported_image"
 BAD_URL = "bad_url"
 BAD_NAME = "bad_name"
@@ -41,9 +43,13 @@ WRITE_ERROR = "write_error"
 # Every terminal status but ok, in the order `retry --status` lists them.
 FAILURE_STATUSES = (
     TIMEOUT, CONNECTION_ERROR, DNS_ERROR, BLOCKED_ADDRESS, TOO_MANY_REDIRECTS, TOO_LARGE,
-    OPTED_OUT, NOT_AN_IMAGE, DECODE_ERROR, TOO_MANY_PIXELS, UNSUPPORTED_IMAGE, BAD_URL,
-    BAD_NAME, DEAD_LETTER, WRITE_ERROR,
+    OPTED_OUT, NOT_AN_IMAGE, DECODE_ERROR, TOO_MANY_PIXELS, TOO_MANY_FRAMES, IMAGE_TIMEOUT,
+    UNSUPPORTED_IMAGE, BAD_URL, BAD_NAME, DEAD_LETTER, WRITE_ERROR,
 )  # fmt: skip
+
+
+# Failures that another try will not change: the image is gone (HTTP 404 Not Found, 410 Gone).
+GONE_STATUSES = ("http_404", "http_410")
 
 
 def is_failure_status(name: str) -> bool:

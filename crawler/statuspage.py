@@ -1,7 +1,9 @@
 """The status page a person opens in a browser, its JSON API and fleet-level metrics.
 
 ``mmc4-crawl serve`` runs this app: ``/`` (HTML that polls ``/api/status`` every two seconds:
-queue depth over time, rate, ETA, status mix, shard progress, top failing hosts, workers),
+progress of the whole crawl (an estimate while shards are unread), images done, rate and queue
+depth over time on a time axis, ETA, bytes stored, shards reported of all, a "finished" state,
+status mix, failing hosts (permanent 404/410 apart from transient), shards, workers),
 ``/api/status`` (JSON), ``/metrics`` (fleet gauges for Prometheus) and ``/healthz``.
 """
 
@@ -61,6 +63,19 @@ async def fleet_metrics(request: web.Request) -> web.Response:
         "# TYPE mmc4_fleet_images gauge",
     ]
     lines += [f'mmc4_fleet_images{{status="{k}"}} {v}' for k, v in snap.by_status.items()]
+    gauges = [
+        ("mmc4_fleet_stored_bytes", "Bytes of stored images", snap.bytes),
+        ("mmc4_fleet_shards", "Shards given to ingest (the whole crawl)", snap.shards_total),
+        ("mmc4_fleet_shards_reported", "Shards whose report is written", snap.shards_done),
+        ("mmc4_fleet_finished", "1 when every shard given is reported", int(snap.finished)),
+    ]
+    if snap.total is not None:
+        gauges.append((
+            "mmc4_fleet_images_expected",
+            "Images of the whole crawl (an estimate while shards are unread)", snap.total,
+        ))  # fmt: skip
+    for name, text, value in gauges:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {value}"]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
@@ -112,23 +127,37 @@ table { border-collapse: collapse; background: #fff; } td, th { padding: .25em .
 .bar > div { background: #3b78d8; height: 100%; }
 svg { background: #fff; border: 1px solid #ddd; border-radius: 6px; }
 #updated { color: #888; font-size: 12px; } .cols { display: flex; flex-wrap: wrap; gap: 2em; }
+.state { font-size: 13px; padding: .1em .5em; border-radius: 4px; background: #e8eef7; }
+.state.finished { background: #2e7d32; color: #fff; } td.none { color: #888; }
 </style></head>
 <body>
-<h1>mmc4-crawler <span id="updated">connecting…</span></h1>
+<h1>mmc4-crawler <span id="state" class="state">…</span>
+<span id="updated">connecting…</span></h1>
 <div class="cards">
+  <div class="card"><div class="v" id="progress">–</div>
+    <div class="k" id="progress-k">of the crawl</div></div>
   <div class="card"><div class="v" id="done">–</div><div class="k">images done</div></div>
+  <div class="card"><div class="v" id="total">–</div>
+    <div class="k" id="total-k">images in all</div></div>
   <div class="card"><div class="v" id="rate">–</div><div class="k">images/s</div></div>
-  <div class="card"><div class="v" id="eta">–</div><div class="k">ETA</div></div>
+  <div class="card"><div class="v" id="eta">–</div><div class="k" id="eta-k">ETA</div></div>
+  <div class="card"><div class="v" id="shards-count">–</div>
+    <div class="k">shards reported</div></div>
+  <div class="card"><div class="v" id="bytes">–</div><div class="k">stored</div></div>
   <div class="card"><div class="v" id="queued">–</div><div class="k">queued</div></div>
   <div class="card"><div class="v" id="leased">–</div><div class="k">leased</div></div>
   <div class="card"><div class="v" id="dead">–</div><div class="k">dead letters</div></div>
   <div class="card"><div class="v" id="workers">–</div><div class="k">workers</div></div>
 </div>
-<h2>Queue depth over time</h2>
-<svg id="chart" width="720" height="160" viewBox="0 0 720 160"></svg>
+<div class="cols">
+<div><h2>Images done over time</h2><svg id="done-chart" width="460" height="170"></svg></div>
+<div><h2>Rate over time (images/s)</h2><svg id="rate-chart" width="460" height="170"></svg></div>
+<div><h2>Queue depth over time</h2><svg id="chart" width="460" height="170"></svg></div>
+</div>
 <div class="cols">
 <div><h2>Status mix</h2><table id="statuses"></table></div>
-<div><h2>Top failing hosts</h2><table id="hosts"></table></div>
+<div><h2>Failing hosts: permanent (404, 410)</h2><table id="hosts-permanent"></table></div>
+<div><h2>Failing hosts: transient</h2><table id="hosts-transient"></table></div>
 </div>
 <h2>Shards in flight</h2><table id="shards"></table>
 <h2>Workers</h2><table id="workerlist"></table>
@@ -136,42 +165,88 @@ svg { background: #fff; border: 1px solid #ddd; border-radius: 6px; }
 const fmt = n => Number(n).toLocaleString("en-US");
 const esc = s => String(s).replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",
   '"':"&quot;"}[c]));
+const set = (id, text) => { document.getElementById(id).textContent = text; };
 function rows(id, head, body) {
   document.getElementById(id).innerHTML = "<tr>" + head.map(h => "<th>" + h + "</th>").join("")
-    + "</tr>" + body.join("");
+    + "</tr>" + (body.length ? body.join("") : '<tr><td colspan="' + head.length
+    + '" class="none">none</td></tr>');
 }
 function bar(frac) {
   return '<div class="bar"><div style="width:' + Math.round(100 * Math.min(1, frac))
     + '%"></div></div>';
 }
-function chart(history) {
-  const svg = document.getElementById("chart");
-  if (history.length < 2) { svg.innerHTML = '<text x="10" y="80">collecting samples…</text>';
-    return; }
-  const t0 = history[0][0], t1 = history[history.length - 1][0];
-  const qmax = Math.max(1, ...history.map(h => h[2]));
-  const pts = history.map(h => ((h[0] - t0) / Math.max(1, t1 - t0) * 700 + 10).toFixed(1)
-    + "," + (150 - h[2] / qmax * 130).toFixed(1)).join(" ");
-  svg.innerHTML = '<polyline fill="none" stroke="#3b78d8" stroke-width="2" points="' + pts
-    + '"/><text x="12" y="16" font-size="11">max ' + fmt(qmax) + '</text>';
+function bytes(n) {
+  const units = ["B", "kB", "MB", "GB", "TB", "PB"];
+  let i = 0; while (n >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
+const hhmmss = t => new Date(t * 1000).toTimeString().slice(0, 8);
+// A line over time: x is wall-clock time (labelled), y from 0 to the series' maximum.
+function lineChart(id, points) {
+  const svg = document.getElementById(id), W = 460, H = 170, L = 50, R = 10, T = 12, B = 30;
+  if (points.length < 2) {
+    svg.innerHTML = '<text x="10" y="80">collecting samples…</text>'; return; }
+  const t0 = points[0][0], t1 = points[points.length - 1][0], span = Math.max(1, t1 - t0);
+  const vmax = Math.max(1e-9, ...points.map(p => p[1]));
+  const x = t => L + (t - t0) / span * (W - L - R), y = v => H - B - v / vmax * (H - B - T);
+  let out = '<line class="axis" x1="' + L + '" y1="' + (H - B) + '" x2="' + (W - R) + '" y2="'
+    + (H - B) + '" stroke="#999"/><line class="axis" x1="' + L + '" y1="' + T + '" x2="' + L
+    + '" y2="' + (H - B) + '" stroke="#999"/>';
+  for (let i = 0; i <= 3; i++) {
+    const t = t0 + span * i / 3;
+    out += '<text class="time-axis" font-size="10" text-anchor="middle" x="' + x(t).toFixed(1)
+      + '" y="' + (H - B + 14) + '">' + hhmmss(t) + "</text>";
+  }
+  out += '<text class="value-axis" font-size="10" text-anchor="end" x="' + (L - 4) + '" y="'
+    + (T + 8) + '">' + fmt(Math.round(vmax * 10) / 10) + '</text><text font-size="10" '
+    + 'text-anchor="end" x="' + (L - 4) + '" y="' + (H - B) + '">0</text>';
+  const pts = points.map(p => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1)).join(" ");
+  svg.innerHTML = out + '<polyline fill="none" stroke="#3b78d8" stroke-width="2" points="'
+    + pts + '"/>';
+}
+function rates(history) {
+  const out = [];
+  for (let i = 1; i < history.length; i++) {
+    const dt = history[i][0] - history[i - 1][0];
+    if (dt > 0) out.push([history[i][0], Math.max(0, (history[i][1] - history[i - 1][1]) / dt)]);
+  }
+  return out;
 }
 async function refresh() {
   try {
-    const s = await (await fetch("/api/status")).json();
-    document.getElementById("done").textContent = fmt(s.done);
-    document.getElementById("rate").textContent = s.rate.toFixed(1);
-    document.getElementById("eta").textContent = s.eta;
-    document.getElementById("queued").textContent = fmt(s.queued);
-    document.getElementById("leased").textContent = fmt(s.leased);
-    document.getElementById("dead").textContent = fmt(s.dead_letters);
-    document.getElementById("workers").textContent = fmt(s.workers.length);
-    chart(s.history);
+    const resp = await fetch("/api/status");
+    const s = await resp.json();
+    if (!resp.ok) throw new Error(s.error || resp.status);
+    const state = document.getElementById("state");
+    state.textContent = s.finished ? "finished" : "crawling";
+    state.className = "state " + (s.finished ? "finished" : "crawling");
+    const est = s.total_is_estimate ? "~" : "";
+    set("progress", s.total ? est + (100 * s.done / s.total).toFixed(1) + "%" : "?");
+    set("progress-k", s.total_is_estimate ? "of the crawl (estimate)" : "of the crawl");
+    set("done", fmt(s.done));
+    set("total", s.total === null ? "?" : est + fmt(s.total));
+    set("total-k", s.total_is_estimate ? "images in all (estimate: unread shards at the "
+      + "average so far)" : "images in all");
+    set("rate", s.rate.toFixed(1));
+    set("eta", s.finished ? "done" : (s.eta_s === null ? "unknown" : est + s.eta));
+    set("eta-k", s.total_is_estimate ? "ETA (estimate)" : "ETA");
+    set("shards-count", fmt(s.shards_done) + " / " + fmt(s.shards_total));
+    set("bytes", bytes(s.bytes));
+    set("queued", fmt(s.queued));
+    set("leased", fmt(s.leased));
+    set("dead", fmt(s.dead_letters));
+    set("workers", fmt(s.workers.length));
+    lineChart("done-chart", s.history.map(h => [h[0], h[1]]));
+    lineChart("rate-chart", rates(s.history));
+    lineChart("chart", s.history.map(h => [h[0], h[2]]));
     const total = Math.max(1, s.done);
     rows("statuses", ["status", "images", ""], Object.entries(s.by_status).map(([k, v]) =>
       "<tr><td>" + esc(k) + '</td><td class="n">' + fmt(v) + "</td><td>" + bar(v / total)
       + "</td></tr>"));
-    rows("hosts", ["host", "failed"], s.top_failing_hosts.map(h =>
-      "<tr><td>" + esc(h.host) + '</td><td class="n">' + fmt(h.failed) + "</td></tr>"));
+    const hostRows = list => list.map(h =>
+      "<tr><td>" + esc(h.host) + '</td><td class="n">' + fmt(h.failed) + "</td></tr>");
+    rows("hosts-permanent", ["host", "images"], hostRows(s.failing_hosts_permanent));
+    rows("hosts-transient", ["host", "images"], hostRows(s.failing_hosts_transient));
     rows("shards", ["shard", "done", "total", ""], s.shards_open.map(sh =>
       "<tr><td>" + esc(sh.shard) + '</td><td class="n">' + fmt(sh.done) + '</td><td class="n">'
       + (sh.total === null ? "enqueueing" : fmt(sh.total)) + "</td><td>"
@@ -180,10 +255,9 @@ async function refresh() {
       "<tr><td>" + esc(w.id) + '</td><td class="n">' + fmt(w.processed || 0)
       + '</td><td class="n">' + fmt(w.held || 0) + '</td><td class="n">' + esc(w.rate || 0)
       + "</td></tr>"));
-    document.getElementById("updated").textContent = "updated "
-      + new Date().toLocaleTimeString();
+    set("updated", "updated " + new Date().toLocaleTimeString());
   } catch (e) {
-    document.getElementById("updated").textContent = "status unavailable: " + e;
+    set("updated", "status unavailable: " + e.message);
   }
 }
 refresh(); setInterval(refresh, 2000);

@@ -46,6 +46,7 @@ empty means a 64×64 JPEG named after the fault; image query options apply to it
                                          until the client leaves
     /fault/drop[/...]                    closes the connection without any response
     /fault/gzip[/<tail>]                 the image with ``Content-Encoding: gzip``
+    /fault/frames/<n>                    an animated GIF of n 1x1 frames (23 bytes each)
     /fault/zip-bomb/<bytes>              that many zero bytes, gzip-compressed (``?enc=deflate``:
                                          zlib), served with the matching ``Content-Encoding``
 
@@ -282,6 +283,19 @@ def render_image(spec: ImageSpec) -> bytes:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SpecError(f"cannot write mode {frames[0].mode} as {pil_format}: {exc}") from None
     return buf.getvalue()
+
+
+_GIF_HEAD = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
+_GIF_FRAME = (
+    b"\x21\xf9\x04\x00\x0a\x00\x00\x00"  # graphic control extension: 0.1 s
+    b"\x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00"  # image descriptor: 1x1 at 0,0
+    b"\x02\x02\x44\x01\x00"  # LZW: clear, pixel 0, end
+)
+
+
+def gif_of_frames(count: int) -> bytes:
+    """An animated GIF of `count` 1x1 frames, 23 bytes each (a frame bomb when large)."""
+    return _GIF_HEAD + _GIF_FRAME * count + b"\x3b"
 
 
 def _zeros_compressed(size: int, enc: str) -> bytes:
@@ -1008,6 +1022,11 @@ class ImageWeb:
             body = gzip.compress(await self._image_bytes(spec), mtime=0)
             ctype = q.get("ctype", spec.content_type)
             return await self._send(request, body, ctype, headers={"Content-Encoding": "gzip"})
+        if kind == "frames":
+            count = arg_int(0, "frame count")
+            if not 1 <= count <= 10_000_000:
+                raise SpecError("frames must be in 1..10000000")
+            return await self._send(request, gif_of_frames(count), "image/gif")
         if kind == "zip-bomb":
             size = arg_int(0, "decompressed size in bytes")
             if not 0 < size <= 1 << 31:

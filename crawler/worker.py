@@ -37,12 +37,12 @@ from crawler import early, images, status
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.diagnostics import task_stacks
-from crawler.fetch import OTHER_HOST, Fetcher, FetchResult, client_session
+from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
 from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
-from crawler.pool import ImagePool
+from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
@@ -75,7 +75,7 @@ class WorkerStats:
     dead_lettered: int = 0
     deferred: int = 0
     redis_calls: int = 0
-    # Most bytes of downloaded bodies waiting for (or in) an image process at once.
+    # Most bytes of response bodies held at once: arriving, or waiting for (or in) image work.
     peak_waiting_bytes: int = 0
 
     def count(self, st: str, nbytes: int) -> None:
@@ -120,6 +120,7 @@ def make_pool(cfg: Config) -> ImagePool:
         initargs=images.init_args(cfg),
         preload=["crawler.store"],
         cpus=cpus,
+        job_timeout_s=cfg.images.job_timeout_s,
     )
 
 
@@ -135,6 +136,7 @@ class Worker:
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
         self.log_stats = LogStats()
         self.failed_hosts: dict[str, int] = {}
+        self.gone_hosts: dict[str, int] = {}  # the part of failed_hosts that is 404/410
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
         self.to_hand_back: list[Item] = []  # fetched, but the output refused them
@@ -147,10 +149,8 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._waiting_bytes = 0  # bodies handed to the image pool and not yet done
-        self._waiting_budget = cfg.worker.max_waiting_image_mb << 20
-        self._image_room = asyncio.Event()
-        self._image_room.set()
+        # Bodies being read or waiting for their image work (fetch.BodyBudget).
+        self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
         self._last_sweep = 0.0
         self._output_probed = False
         self._pool: ImagePool
@@ -172,7 +172,9 @@ class Worker:
         self._pool = make_pool(self.cfg)
         await self._pool.start()
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
-        self.fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections)
+        self.fetcher = Fetcher(
+            self.cfg.fetch, session, self.cfg.worker.max_connections, self.bodies
+        )
         _tune_gc()
         await self._probe_output()
         await self._retrying(self.queue.ensure_group)
@@ -412,6 +414,8 @@ class Worker:
             self.failure_log.failure(host, rec["status"], str(rec.get("error") or ""))
         if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
+            if rec["status"] in status.GONE_STATUSES:
+                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + 1
         self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
@@ -425,9 +429,7 @@ class Worker:
         res: FetchResult | None = None
         suspect = False  # timed out while its host answered other requests
         for attempts in range(1, self.cfg.fetch.max_attempts + 1):
-            started = time.monotonic()
             res, answered_by = await self._fetch_politely(item.url, host)
-            self.metrics.fetch_seconds.observe(time.monotonic() - started)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
                 limit = self.cfg.fetch.retry_after_max_s
@@ -438,6 +440,7 @@ class Worker:
                 if suspect:  # timed out again: a third try would end the same way
                     break
                 suspect = True
+            self.metrics.retries.inc()
             await asyncio.sleep(self._backoff(attempts, res))
         assert res is not None
         if not res.ok:
@@ -467,33 +470,44 @@ class Worker:
     async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
         """Fetch within `host`'s limits; a redirect to another host waits for that host's
         limits before it is followed. Returns the result and the host that gave it."""
+        m = self.metrics
+        waiting = time.monotonic()
         async with self.gate.slot(host):
             await self._room_for_images()
+            started = time.monotonic()
+            m.host_wait_seconds.observe(started - waiting)
             res = await self.fetcher.fetch(url)
+            m.fetch_seconds.observe(time.monotonic() - started)
         while res.status == OTHER_HOST:
             host = URL(res.final_url).host or ""
+            waiting = time.monotonic()
             async with self.gate.slot(host):
+                started = time.monotonic()
+                m.host_wait_seconds.observe(started - waiting)
                 res = await self.fetcher.fetch(res.final_url, res.hops)
+                m.fetch_seconds.observe(time.monotonic() - started)
         return res, host
 
     async def _room_for_images(self) -> None:
         """Wait while the image pool already has its fill of downloaded bodies."""
-        while self._waiting_bytes > self._waiting_budget:
-            self._image_room.clear()
-            await self._image_room.wait()
+        await self.bodies.room()
 
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
         final = (str(self.store.output), item.shard, item.name)
-        self._waiting_bytes += len(body)
-        self.stats.peak_waiting_bytes = max(self.stats.peak_waiting_bytes, self._waiting_bytes)
+        started = time.monotonic()
         try:
             img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
+        except ImageJobTimeout as exc:
+            return status.make_record(
+                item.name, item.url, status.IMAGE_TIMEOUT, error=str(exc), http_code=http_code,
+                attempts=attempts, source_bytes=len(body),
+            )  # fmt: skip
         finally:
-            self._waiting_bytes -= len(body)
-            if self._waiting_bytes <= self._waiting_budget:
-                self._image_room.set()
+            self.metrics.image_seconds.observe(time.monotonic() - started)
+            self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
+            self.stats.peak_waiting_bytes = self.bodies.peak
         if img.status == OUTPUT_UNWRITABLE:
             raise OutputUnwritable(img.error)
         common = {
@@ -516,7 +530,10 @@ class Worker:
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
         final = (str(self.store.output), item.shard, item.name)
-        img = await self._pool.run(verify_stored, final, self.settings)
+        try:
+            img = await self._pool.run(verify_stored, final, self.settings)
+        except ImageJobTimeout:
+            return None  # fetched again, and then recorded as what it is
         if img is None:
             return None  # gone, or not a valid image after all: fetch again
         return status.make_record(
@@ -690,27 +707,25 @@ class Worker:
             },
         )
         pipe.expire(key, int(self.cfg.worker.heartbeat_interval_s * 3) + 1)
-        pipe.xlen(self.keys.queue)
-        pipe.zcard(self.keys.deferred)
-        pipe.xlen(self.keys.dead)
         failed, self.failed_hosts = self.failed_hosts, {}
+        gone, self.gone_hosts = self.gone_hosts, {}
         for host, n in failed.items():
             pipe.zincrby(self.keys.hosts_failed, n, host)
+        for host, n in gone.items():
+            pipe.zincrby(self.keys.hosts_gone, n, host)
         if failed:
             pipe.zremrangebyrank(self.keys.hosts_failed, 0, -10_001)
+        if gone:
+            pipe.zremrangebyrank(self.keys.hosts_gone, 0, -10_001)
         try:
-            replies = await pipe.execute()
+            await pipe.execute()
         except (RedisError, OSError):
             for host, n in failed.items():  # keep them for the next beat
                 self.failed_hosts[host] = self.failed_hosts.get(host, 0) + n
+            for host, n in gone.items():
+                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + n
             raise
         self.metrics.redis_ok()
-        length, deferred, dead = replies[2:5]
-        leased = sum(int(g["pending"]) for g in await self.client.xinfo_groups(self.keys.queue))
-        self.metrics.queue_depth.set(max(0, int(length) - leased))
-        self.metrics.leased.set(leased)
-        self.metrics.deferred_depth.set(int(deferred))
-        self.metrics.dead_letters.set(int(dead))
         self.metrics.held.set(len(self.held))
         self.metrics.tick()
         await self._sample_history()

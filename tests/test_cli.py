@@ -238,3 +238,20 @@ def test_a_shard_rewrite_follows_its_latest_report_after_retry(
     second = mmc4(*base, "run", "--no-progress", "stale_shard.jsonl", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert kept() == (10, 10)  # the rewrite follows the new report
+
+
+def test_the_demo_crawls_on_any_port_and_a_rerun_says_there_is_nothing_to_do(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = str(s.getsockname()[1])
+    first = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = orjson.loads(
+        (tmp_path / "out" / "_status" / "sample_shard.summary.json").read_bytes()
+    )
+    assert summary["by_status"].get("ok", 0) > summary["records"] * 0.8  # the web answered
+    again = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=120)
+    assert again.returncode == 0
+    assert "nothing to do" in again.stderr

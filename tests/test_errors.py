@@ -207,3 +207,12 @@ def test_commands_find_the_private_redis_of_a_running_run(tmp_path: Path) -> Non
         embedded.stop()
     gone = cli("--set", "paths.data_dir=state", "status", cwd=tmp_path)
     one_line_error(gone, ExitCode.USAGE, "redis.url is not set", "state")
+
+
+def test_the_demo_on_a_port_in_use_is_exit_code_6(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))  # the sample web's first host
+        s.listen()
+        port = s.getsockname()[1]
+        result = cli("demo", "--port", str(port), "--output", "out", cwd=tmp_path)
+    one_line_error(result, ExitCode.ADDRESS_IN_USE, f"port {port}", "--port")

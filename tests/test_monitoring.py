@@ -63,6 +63,12 @@ async def test_a_worker_serves_prometheus_metrics_and_health(
             assert 'mmc4_images_total{status="ok"} 12.0' in text
             assert 'mmc4_images_total{status="http_404"} 1.0' in text
             assert "mmc4_fetch_duration_seconds_bucket" in text
+            assert "mmc4_host_wait_seconds_bucket" in text  # politeness apart from the fetch
+            assert "mmc4_image_processing_seconds_bucket" in text
+            assert "mmc4_fetch_retries_total" in text
+            assert 'mmc4_build_info{python="' in text and 'version="' in text
+            assert "_created" not in text
+            assert "mmc4_queue_depth" not in text  # fleet facts: `serve`'s mmc4_fleet_*
             assert "process_resident_memory_bytes" in text
             assert "mmc4_stored_bytes_total" in text
             assert tag not in text and "127.0.0" not in text  # no hosts in labels
@@ -155,3 +161,5 @@ def test_the_status_api_and_fleet_metrics(status_page: str) -> None:
         text = resp.read().decode()
     assert 'mmc4_fleet_images{status="ok"} 4321' in text
     assert "mmc4_fleet_queue_depth 1" in text
+    assert "mmc4_fleet_stored_bytes 1000000000" in text
+    assert "mmc4_fleet_finished 0" in text

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def slow_shard(web: ImageWeb, tmp_path: Path) -> Path:
 
 @contextlib.contextmanager
 def running(
-    redis_url: str, namespace: str, cwd: Path
+    redis_url: str, namespace: str, cwd: Path, *extra: str
 ) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
     """`run` with two workers in its own session, as a terminal starts it; yields it and its
     workers once they crawl."""
@@ -62,6 +64,7 @@ def running(
          "--set", f"redis.namespace={namespace}", "--set", "fetch.allow_private_addresses=true",
          "--set", "worker.processes=2", "--set", "worker.image_processes=1",
          "--set", f"worker.grace_period_s={GRACE_S}", "--set", "redis.socket_timeout_s=5",
+         *extra,
          "--output", "out", "run", "--no-progress", "--no-assign", "slow_shard.jsonl"],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
@@ -136,3 +139,36 @@ def test_sigterm_is_honoured_within_the_grace_period_while_redis_is_down(
             assert not any(_running(w) for w in workers)
     finally:
         server.stop()
+
+
+def _two_free_ports() -> int:
+    """A port P with P and P + 1 both free."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = int(a.getsockname()[1])
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_each_worker_of_run_serves_metrics_on_its_own_port(
+    slow_shard: Path, namespace: str, tmp_path: Path
+) -> None:
+    from crawling import TEST_REDIS_URL
+
+    port = _two_free_ports()
+    with running(TEST_REDIS_URL, namespace, tmp_path, "--set", f"metrics.port={port}") as (
+        run,
+        _workers,
+    ):
+        for p in (port, port + 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10) as resp:
+                assert b"mmc4_build_info" in resp.read()
+        os.killpg(run.pid, signal.SIGINT)
+        err = _ended(run, GRACE_S + 30)
+    assert "restarting" not in err and "Traceback" not in err

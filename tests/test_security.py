@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import operator
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -19,13 +21,14 @@ from crawling import crawl, crawl_config, image_doc, report, write_docs
 from PIL import Image
 from redis_server import RedisProcess
 
-from crawler import connection, fetch, guard, ingest, status, store
+from crawler import connection, fetch, guard, images, ingest, status, store
 from crawler import embedded as embedded_module
 from crawler.config import Config, FetchConfig
 from crawler.embedded import EmbeddedRedis
 from crawler.images import ImageSettings
 from crawler.keys import EMBEDDED_IDENTITY
-from crawler.testweb import ImageWeb
+from crawler.pool import ImageJobTimeout, ImagePool
+from crawler.testweb import ImageWeb, gif_of_frames
 
 # Spellings of 127.0.0.1 that the C library (and so `connect`) accepts.
 LOOPBACK_SPELLINGS = [
@@ -329,3 +332,126 @@ async def test_a_password_file_authenticates_a_url_without_a_password(tmp_path: 
         await client.aclose()
     finally:
         embedded.stop()
+
+
+# ---- image work -----------------------------------------------------------------------------
+
+
+async def test_a_runaway_image_job_kills_only_its_process_and_the_rest_carry_on() -> None:
+    """One process, depth 2: a job that never ends, with two jobs queued behind it. It fails
+    with ImageJobTimeout; its process is replaced; the others run to completion."""
+    pool = ImagePool(1, depth=2, job_timeout_s=0.5)
+    await pool.start()
+    try:
+        (pid,) = pool.pids
+        hung = asyncio.ensure_future(pool.run(time.sleep, 60))
+        await asyncio.sleep(0.05)
+        behind = [asyncio.ensure_future(pool.run(operator.add, i, 1)) for i in range(2)]
+        with pytest.raises(ImageJobTimeout):
+            await asyncio.wait_for(hung, 20)
+        assert await asyncio.wait_for(asyncio.gather(*behind), 30) == [1, 2]
+        assert pool.timeouts == 1 and pool.restarts == 1 and pool.pids != [pid]
+        assert await pool.run(operator.mul, 6, 7) == 42
+    finally:
+        await pool.close()
+
+
+def test_an_animation_with_more_frames_than_allowed_is_too_many_frames() -> None:
+    settings = ImageSettings(max_frames=50)
+    assert images.process_image(gif_of_frames(50), settings).status == status.OK
+    bomb = images.process_image(gif_of_frames(20_000), settings)
+    assert bomb.status == status.TOO_MANY_FRAMES and "50" in bomb.error
+    webp = io.BytesIO()
+    tiles = [Image.new("RGB", (4, 4), (i, 0, 0)) for i in range(60)]
+    tiles[0].save(webp, "WEBP", save_all=True, append_images=tiles[1:], lossless=True)
+    assert images.process_image(webp.getvalue(), settings).status == status.TOO_MANY_FRAMES
+
+
+# ---- bodies ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("enc", ["gzip", "deflate"])
+async def test_a_compressed_body_that_inflates_past_the_cap_is_too_large_not_retried(
+    web: ImageWeb, enc: str
+) -> None:
+    cfg = FetchConfig(allow_private_addresses=True, max_body_bytes=2_000_000)
+    small, huge = await _fetch_all(
+        cfg,
+        [web.url(0, f"/fault/zip-bomb/3000000?enc={enc}"),
+         web.url(1, f"/fault/zip-bomb/60000000?enc={enc}")],
+    )  # fmt: skip
+    for res in (small, huge):
+        assert res.status == status.TOO_LARGE and not res.transient, res.error
+
+
+async def test_bodies_count_against_the_budget_while_they_arrive(web: ImageWeb) -> None:
+    """A 1 MiB budget, twelve 3.9 MB bodies at once: while they arrive, no more than the
+    budget, plus the oldest body, plus what each waiting read had buffered (aiohttp pauses a
+    connection at ~512 KiB; 768 KiB allowed) is held, not all twelve; all arrive whole."""
+    cfg = FetchConfig(allow_private_addresses=True, max_body_bytes=4_000_000)
+    budget = fetch.BodyBudget(1 << 20)
+    session = fetch.client_session(cfg, max_connections=12)
+    fetcher = fetch.Fetcher(cfg, session, max_connections=12, budget=budget)
+    urls = [web.url(i % 6, f"/fault/huge/3900000?n=budget{i}") for i in range(12)]
+
+    async def fetch_and_release(url: str) -> fetch.FetchResult:
+        res = await fetcher.fetch(url)
+        await asyncio.sleep(0.05)  # the image work
+        budget.give_back(len(res.body))
+        return res
+
+    try:
+        results = await asyncio.gather(*(fetch_and_release(u) for u in urls))
+    finally:
+        await session.close()
+    assert [len(r.body) for r in results] == [3_900_000] * 12
+    assert budget.used == 0
+    assert budget.peak <= (1 << 20) + 3_900_000 + 12 * (768 << 10) < 12 * 3_900_000 // 3
+
+
+async def test_a_crawl_with_bombs_records_each_once_and_fetches_everything_else(
+    namespace: str, tmp_path: Path, web: ImageWeb
+) -> None:
+    cfg = crawl_config(namespace, tmp_path)
+    good = [web.url(i % 6, f"/img/48x32/bombs{i}.jpg") for i in range(8)]
+    bombs = {
+        "gzip.jpg": (web.url(0, "/fault/zip-bomb/60000000"), status.TOO_LARGE),
+        "deflate.jpg": (web.url(1, "/fault/zip-bomb/5000000?enc=deflate"), status.TOO_LARGE),
+        "frames.gif": (web.url(2, "/fault/frames/80000"), status.TOO_MANY_FRAMES),
+        "pixels.png": (web.url(3, "/fault/bomb/x.png"), status.TOO_MANY_PIXELS),
+    }
+    names = [f"g{i}.jpg" for i in range(len(good))] + list(bombs)
+    urls = good + [u for u, _ in bombs.values()]
+    shard = write_docs(tmp_path / "bombs.jsonl", [image_doc(urls, names)])
+    await crawl(cfg, [str(shard)])
+    recs = report(cfg, "bombs")
+    assert len(recs) == len(names)
+    assert {recs[f"g{i}.jpg"]["status"] for i in range(len(good))} == {status.OK}
+    for name, (_url, expected) in bombs.items():
+        assert recs[name]["status"] == expected, recs[name]
+        assert recs[name]["attempts"] <= 1, recs[name]
+
+
+async def test_a_read_paused_for_the_workers_budget_is_not_charged_to_its_deadline(
+    web: ImageWeb,
+) -> None:
+    """The budget is spent by a body waiting for image work for 2 s; a read meanwhile waits
+    for room, past its 1 s deadline, and still ends ok."""
+    cfg = FetchConfig(allow_private_addresses=True, total_timeout_s=1.0)
+    budget = fetch.BodyBudget(1000)
+    waiting = budget.start_read()
+    budget.take(waiting, 5000)
+    budget.end_read(waiting, 5000)  # read whole, waiting for its image work
+    session = fetch.client_session(cfg, max_connections=2)
+    fetcher = fetch.Fetcher(cfg, session, max_connections=2, budget=budget)
+    try:
+        read = asyncio.ensure_future(fetcher.fetch(web.url(0, "/img/400x300/paused.png")))
+        await asyncio.sleep(2.0)
+        assert not read.done()
+        budget.give_back(5000)
+        res = await asyncio.wait_for(read, 10)
+    finally:
+        await session.close()
+    assert res.status == status.OK, res.error
+    budget.give_back(len(res.body))
+    assert budget.used == 0

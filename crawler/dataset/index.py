@@ -336,7 +336,7 @@ class DatasetIndex:
         self.shards: list[str] = []
         self._position: dict[str, int] = {}
         self._hist = np.zeros((0, 5), dtype=np.int64)  # shard index, images, stored, dup, n
-        self._totals: dict[Filter, npt.NDArray[np.int64]] = {}
+        self._totals = _Lru(256)  # filter -> cumulative counts per shard
         self._records = _Lru(cache_shards)
         self._matches = _Lru(cache_shards * 4)
         self._fds = _Lru(cache_shards, evict=os.close)
@@ -366,6 +366,7 @@ class DatasetIndex:
             if meta is None or meta.get("shard") != shard:
                 continue
             self._seen[shard] = mtime
+            meta["_histogram"] = np.array(meta.get("histogram", []), dtype=np.int64).reshape(-1, 4)
             self.metas[shard] = meta
             self._forget(shard)
             changed = True
@@ -389,12 +390,10 @@ class DatasetIndex:
     def _rebuild(self) -> None:
         self.shards = sorted(self.metas, key=shard_sort_key)
         self._position = {s: i for i, s in enumerate(self.shards)}
-        rows = [
-            [i, *row]
-            for i, s in enumerate(self.shards)
-            for row in self.metas[s].get("histogram", [])
-        ]
-        self._hist = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        hists = [self.metas[s]["_histogram"] for s in self.shards]
+        rows = np.concatenate([np.zeros((0, 4), dtype=np.int64), *hists])
+        owner = np.repeat(np.arange(len(hists), dtype=np.int64), [len(h) for h in hists])
+        self._hist = np.column_stack((owner, rows))
         self._totals.clear()
 
     def close(self) -> None:
@@ -407,13 +406,14 @@ class DatasetIndex:
     def _cumulative(self, flt: Filter) -> npt.NDArray[np.int64]:
         """Matching documents up to and including each shard (in shard order)."""
         key = Filter(**{**flt.__dict__, "shard": None})
-        cum = self._totals.get(key)
-        if cum is None:
+
+        def count() -> npt.NDArray[np.int64]:
             h = self._hist
             ok = key.mask(h[:, 1], h[:, 2], h[:, 3])
             per_shard = np.bincount(h[ok, 0], weights=h[ok, 4], minlength=len(self.shards))
-            cum = np.cumsum(per_shard.astype(np.int64))
-            self._totals[key] = cum
+            return np.cumsum(per_shard.astype(np.int64))
+
+        cum: npt.NDArray[np.int64] = self._totals.get_or(key, count)
         return cum
 
     def _shard_range(self, flt: Filter) -> tuple[int, int, int]:
