@@ -1,8 +1,9 @@
-"""End-to-end crawl benchmark: this crawler vs img2dataset vs the bare image cost (issue 4).
+"""End-to-end crawl benchmark: this crawler vs img2dataset vs the bare image cost.
 
 Usage::
 
-    .venv/bin/python bench/crawl_bench.py [--images 10000] [--webs clean,realistic] [--profile]
+    .venv/bin/python bench/crawl_bench.py [--images 10000] [--webs clean,realistic,faulty]
+    .venv/bin/python bench/crawl_bench.py --webs faulty --images 3000 --skip-bare   # quicker
     .venv/bin/python bench/crawl_bench.py --long [--long-images 200000]
 
 What it does, per web (``clean``: no added latency, CPU-bound; ``realistic``: lognormal latency,
@@ -30,6 +31,18 @@ timeout):
 4. prints images/s, CPU ms per image (user+sys of the whole process tree: children are reaped
    by this process as a subreaper, plus the Redis server for the crawler), Redis round trips
    per image, peak RSS per process role, and the ratios.
+
+``faulty`` is the realistic web again (its slow hosts answer ``--slow-delay-ms`` late instead
+of trickling) crawled twice by each tool: the same URLs without faults, then with
+``--fault-share`` of them replaced by faults of every class (``FAULT_MIX``: servers that never
+answer, trickling bodies, 429/503 with Retry-After, resets, redirect loops, 50-200 MB bodies,
+HTML, bombs, 404; some of the 429/503s and resets happen once only, so a retry recovers them).
+The crawler runs with its own fetch settings there (deadlines, attempts), img2dataset with
+``--timeout``/``--attempts``. Printed per tool: wall time and images/s with and without faults,
+the faulty/no-faults ratio, the time until 99 % and 100 % of the URLs had their record (the
+crawler: the records' times; img2dataset: its last answer from the web, by the web's arrival
+log), how many of the faults a retry recovers ended as stored images, and the crawler's last
+records.
 
 ``--long`` crawls ``--long-images`` URLs (the same pool bytes under many URLs) on the clean web
 with the crawler only, and prints throughput and worker/pool RSS every ``--sample-every`` s.
