@@ -45,9 +45,11 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -136,17 +138,21 @@ class Web:
         self.served.stop(timeout=15)
 
 
-def start_web(name: str, args: argparse.Namespace, first_host: int) -> Web:
+def start_web(
+    name: str, args: argparse.Namespace, first_host: int, log_path: Path | None = None
+) -> Web:
     extra = ["--seed", str(args.seed)]
+    latency = ["--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5"]
+    latency += ["--slow-host-share", str(args.slow_share)]
     if name == "realistic":
-        extra += [
-            "--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5",
-            "--slow-host-share", str(args.slow_share), "--slow-mode", "trickle",
-            "--slow-bytes-per-s", str(args.slow_bps),
-        ]  # fmt: skip
+        extra += [*latency, "--slow-mode", "trickle", "--slow-bytes-per-s", str(args.slow_bps)]
+    if name == "faulty":  # slow hosts answer late (trickling bodies are one of its faults)
+        extra += [*latency, "--slow-mode", "delay", "--slow-delay-ms", str(args.slow_delay_ms)]
     log = os.environ.get("BENCH_WEB_LOG")
+    if log_path is None and log:
+        log_path = Path(f"{log}-{name}.jsonl")
     served = testweb.start_subprocess(
-        args.hosts, 0, first_host=first_host, log_path=f"{log}-{name}.jsonl" if log else None,
+        args.hosts, 0, first_host=first_host, log_path=log_path,
         extra_args=extra, timeout=60, cwd=ROOT, env=clean_env(),
     )  # fmt: skip
     return Web(name, served)
@@ -196,6 +202,14 @@ def make_workload(
         sep = "&" if "?" in path else "?"
         urls.append(f"{web.bases[rng.randrange(len(web.bases))]}{path}{sep}u={i}")
         spec_of.append(k)
+    return write_workload(urls, spec_of, rng, shard_images, out)
+
+
+def write_workload(
+    urls: list[str], spec_of: list[int], rng: random.Random, shard_images: int, out: Path
+) -> Workload:
+    """Shards (MMC4-shaped documents of 1-6 images) and a URL list for img2dataset."""
+    n = len(urls)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     words = [
@@ -241,6 +255,51 @@ def make_workload(
     url_list = out / "urls.txt"
     url_list.write_text("".join(u + "\n" for u in urls))
     return Workload(urls, spec_of, shards, url_list)
+
+
+# The faulty web: each kind its share of the faulty URLs (testweb.FAULT_KINDS names). Every
+# class a crawl meets: servers that never answer, bodies that trickle (2-20 kB/s: some finish
+# within a deadline, most never do), 429/503 with Retry-After (for good, or once), resets
+# (for good, or once), redirect loops, 50-200 MB bodies (with and without Content-Length),
+# HTML, decompression bombs, and the commonest of all, 404.
+FAULT_MIX: dict[str, float] = {
+    "hang": 1.0, "trickle": 1.0, "429": 0.5, "503-retry": 0.5, "flaky-retry-after": 1.0,
+    "reset": 0.5, "flaky-reset": 1.0, "redirect-loop": 1.0, "huge": 0.5, "huge-chunked": 0.5,
+    "html": 1.0, "bomb": 1.0, "404": 1.0,
+}  # fmt: skip
+# Faults a retry recovers: the image is there on the second request.
+RECOVERABLE = ("flaky-retry-after", "flaky-reset")
+
+
+@dataclass
+class Faults:
+    urls: list[str]  # the clean workload's URLs with some replaced by faults
+    kinds: dict[int, str]  # URL index -> fault kind
+
+    @property
+    def recoverable(self) -> set[int]:
+        return {i for i, k in self.kinds.items() if k in RECOVERABLE}
+
+
+def add_faults(urls: list[str], share: float, seed: int, tag: str) -> Faults:
+    """A share of `urls` replaced by faults on the same host (same positions and kinds for
+    every `tag`; the tag names the faults, so that each run meets flaky faults afresh)."""
+    pick = random.Random(seed * 7919 + 1)
+    kinds = list(FAULT_MIX)
+    weights = [FAULT_MIX[k] for k in kinds]
+    bases = sorted({u.split("/", 3)[0] + "//" + u.split("/", 3)[2] for u in urls})
+    out = list(urls)
+    chosen: dict[int, str] = {}
+    for i, url in enumerate(urls):
+        if pick.random() >= share:
+            continue
+        kind = pick.choices(kinds, weights)[0]
+        base = url.split("/", 3)[0] + "//" + url.split("/", 3)[2]
+        other = bases[(bases.index(base) + 1) % len(bases)]
+        path = testweb.fault_path(kind, random.Random(seed + i), f"{tag}-{i}", other)
+        out[i] = f"{base}{path}{'&' if '?' in path else '?'}u={i}"
+        chosen[i] = kind
+    return Faults(out, chosen)
 
 
 async def _fetch_all(urls: list[str], concurrency: int) -> list[bytes]:
@@ -350,6 +409,12 @@ class RunResult:
     redis_top: list[tuple[str, int]] = field(default_factory=list)
     series: list[dict[str, float]] = field(default_factory=list)
     note: str = ""
+    t99: float = 0.0  # seconds from the start until 99 % of the URLs had their record / result
+    t100: float = 0.0  # ... until every URL had
+    recovered: int | None = None  # faults a retry recovers that ended as stored images
+    recoverable: int = 0  # faults a retry recovers, in the workload
+    retried_ok: int = 0  # images stored after more than one attempt (the crawler's records)
+    last: list[str] = field(default_factory=list)  # the last records made (the crawler's)
 
     @property
     def rate(self) -> float:
@@ -358,6 +423,18 @@ class RunResult:
     @property
     def cpu_ms(self) -> float:
         return 1000 * self.cpu_s / self.images if self.images else 0.0
+
+
+def image_name(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:12] + ".jpg"
+
+
+def quantile_time(times: list[float], q: float) -> float:
+    """The time by which a share `q` of `times` had passed."""
+    if not times:
+        return 0.0
+    ordered = sorted(times)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def crawler_role(p: psutil.Process) -> str | None:
@@ -371,7 +448,16 @@ def crawler_role(p: psutil.Process) -> str | None:
     return "other"
 
 
-def crawler_command(args: argparse.Namespace, rds: PrivateRedis, ns: str, out: Path) -> list[str]:
+def crawler_command(
+    args: argparse.Namespace, rds: PrivateRedis, ns: str, out: Path, own_fetch: bool = False
+) -> list[str]:
+    """`own_fetch`: the crawler's own fetch settings (deadlines, attempts), not --timeout and
+    --attempts."""
+    fetch = [
+        f"fetch.total_timeout_s={args.timeout}",
+        f"fetch.connect_timeout_s={args.timeout}",
+        f"fetch.max_attempts={args.attempts}",
+    ]
     sets = [
         f"redis.namespace={ns}",
         f"paths.data_dir={out / '_data'}",
@@ -380,9 +466,7 @@ def crawler_command(args: argparse.Namespace, rds: PrivateRedis, ns: str, out: P
         "limits.local_host_rate=0",
         f"limits.host_concurrency={args.host_concurrency}",
         "limits.host_backlog=100000",
-        f"fetch.total_timeout_s={args.timeout}",
-        f"fetch.connect_timeout_s={args.timeout}",
-        f"fetch.max_attempts={args.attempts}",
+        *([] if own_fetch else fetch),
         f"worker.processes={args.workers}",
         *args.crawler_set,
     ]
@@ -403,12 +487,14 @@ def run_crawler(
     keep: list[int],
     profile: Path | None = None,
     series_every: float = 0.0,
+    own_fetch: bool = False,
+    recoverable: set[int] | None = None,
 ) -> RunResult:
-    ns = f"bench-{name}-{os.getpid()}"
+    ns = f"bench-{name.replace('/', '-')}-{os.getpid()}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cmd = crawler_command(args, rds, ns, out)
+    cmd = crawler_command(args, rds, ns, out, own_fetch)
     cmd += ["run", *map(str, wl.shards), "--no-progress", "--no-assign"]
     keys = Keys(ns)
     n = len(wl.urls)
@@ -428,7 +514,7 @@ def run_crawler(
 
     say(f"{name}: crawler run on {n} URLs ({len(wl.shards)} shards)")
     c0, w0, r0, k0 = children_cpu_s(), web.cpu(), rds.cpu(), rds.counters()
-    t0 = time.monotonic()
+    t0, epoch0 = time.monotonic(), time.time()
     log = open(out.parent / f"{out.name}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=out, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
     keep_now = [*keep, proc.pid]
@@ -479,11 +565,20 @@ def run_crawler(
     by_status: Counter[str] = Counter()
     names: set[str] = set()
     records = 0
+    done_at: list[float] = []  # seconds from the start until each record was made
+    last: list[tuple[float, dict[str, Any]]] = []
+    ok_names: set[str] = set()
+    retried_ok = 0
     for rep in sorted((out / cstatus.STATUS_DIR).glob("*.jsonl.gz")):
         for rec in cstatus.read_report(rep):
             records += 1
             names.add(rec["image_name"])
             by_status[rec["status"]] += 1
+            done_at.append(float(rec["time"]) - epoch0)
+            last.append((done_at[-1], rec))
+            if rec["status"] == cstatus.OK:
+                ok_names.add(rec["image_name"])
+                retried_ok += int(rec["attempts"]) > 1
     expected = {hashlib.sha256(u.encode()).hexdigest()[:12] + ".jpg" for u in wl.urls}
     note = ""
     if records != n or names != expected:
@@ -515,6 +610,19 @@ def run_crawler(
         redis_top=top,
         series=sampler.series,
         note=note,
+        t99=quantile_time(done_at, 0.99),
+        t100=max(done_at, default=0.0),
+        recovered=(
+            None
+            if recoverable is None
+            else sum(image_name(wl.urls[i]) in ok_names for i in recoverable)
+        ),
+        retried_ok=retried_ok,
+        last=[
+            f"{t:6.1f}s {r['status']} after {r['attempts']} attempt(s) {r['error'][:70]!r} "
+            f"{r['raw_url'].split('/', 3)[-1][:60]}"
+            for t, r in sorted(last, key=lambda tr: tr[0])[-6:]
+        ],
     )
     say(f"{name}: crawler done in {wall:.1f}s ({res.rate:.0f} img/s), {records}/{n} records")
     return res
@@ -544,8 +652,17 @@ def img2dataset_command(args: argparse.Namespace) -> Path | None:
 
 
 def run_img2dataset(
-    name: str, args: argparse.Namespace, web: Web, wl: Workload, out: Path, *, keep: list[int]
+    name: str,
+    args: argparse.Namespace,
+    web: Web,
+    wl: Workload,
+    out: Path,
+    *,
+    keep: list[int],
+    arrivals: Path | None = None,
+    recoverable: set[int] | None = None,
 ) -> RunResult:
+    """`arrivals`: the web's arrival log, for the time by which each URL was answered."""
     exe = img2dataset_command(args)
     n = len(wl.urls)
     if exe is None:
@@ -595,6 +712,12 @@ def run_img2dataset(
         note = f"img2dataset exited {proc.returncode}"
     if counted != n:
         note += f" ACCOUNTING MISMATCH: stats count {counted} != {n}"
+    ok_urls: set[str] = set()
+    for f in out.glob("*/*.json"):
+        meta = json.loads(f.read_text())
+        if meta.get("status") == "success":
+            ok_urls.add(meta.get("url", ""))
+    answered = answer_times(arrivals, t0, n) if arrivals is not None else []
     res = RunResult(
         name=f"img2dataset/{name}",
         images=n,
@@ -609,9 +732,31 @@ def run_img2dataset(
         sys_by_role=sampler.cpu_by_role(kernel_only=True),
         procs=sampler.count_by_role(),
         note=note.strip(),
+        t99=quantile_time(answered, 0.99),
+        t100=max(answered, default=0.0),
+        recovered=(
+            None if recoverable is None else sum(wl.urls[i] in ok_urls for i in recoverable)
+        ),
     )
     say(f"{name}: img2dataset done in {wall:.1f}s ({res.rate:.0f} img/s), {counted}/{n} counted")
     return res
+
+
+_URL_INDEX = re.compile(r"[?&]u=(\d+)")
+
+
+def answer_times(log: Path, t0: float, n: int) -> list[float]:
+    """Seconds from `t0` (monotonic) until each of the `n` URLs of a run had its last answer,
+    from the web's arrival log (the requests of that run: those started after `t0`; a URL
+    never seen counts as answered at the end)."""
+    last: dict[int, float] = {}
+    for a in testweb.read_arrivals(log):
+        m = _URL_INDEX.search(a.path)
+        if a.start >= t0 and m is not None:
+            i = int(m.group(1))
+            last[i] = max(last.get(i, 0.0), a.end - t0)
+    end = max(last.values(), default=0.0)
+    return [last.get(i, end) for i in range(n)]
 
 
 @dataclass
@@ -850,7 +995,13 @@ def machine() -> dict[str, Any]:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=10_000, help="URLs per run (default mode)")
-    p.add_argument("--webs", default="clean,realistic", help="comma list: clean, realistic")
+    p.add_argument(
+        "--webs", default="clean,realistic,faulty", help="comma list: clean, realistic, faulty"
+    )
+    p.add_argument("--fault-share", type=float, default=0.05, help="share of faulty URLs")
+    p.add_argument(
+        "--faulty-images", type=int, default=0, help="URLs per run on the faulty web (0: --images)"
+    )
     p.add_argument("--hosts", type=int, default=32)
     p.add_argument("--pool", type=int, default=400, help="distinct image specs")
     p.add_argument("--shard-images", type=int, default=2000, help="images per shard file")
@@ -905,7 +1056,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--i2d-shards-per-process", type=int, default=4)
     p.add_argument("--latency-ms", type=float, default=150.0)
     p.add_argument("--slow-share", type=float, default=0.03)
-    p.add_argument("--slow-bps", type=int, default=50_000)
+    p.add_argument("--slow-bps", type=int, default=50_000, help="realistic web's slow hosts")
+    p.add_argument(
+        "--slow-delay-ms", type=float, default=2000.0, help="faulty web's slow hosts' delay"
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -943,6 +1097,13 @@ def main() -> int:
     web: Web | None = None
     try:
         for i, name in enumerate(webs):
+            if name == "faulty":
+                arrivals = workdir / "arrivals-faulty.jsonl"
+                web = start_web(name, args, first_host=2 + i * 64, log_path=arrivals)
+                results += run_faulty(args, web, rds, pool, workdir, arrivals)
+                web.stop()
+                web = None
+                continue
             web = start_web(name, args, first_host=2 + i * 64)
             keep = [web.pid, rds.proc.pid]
             say(f"{name} web: {len(web.bases)} hosts, pid {web.pid}, slow hosts {web.slow}")
@@ -987,6 +1148,7 @@ def main() -> int:
             web.stop()
         rds.stop()
     print_table(results, bare)
+    print_faulty(results, args)
     if args.json:
         dump_json(args.json, results, bare, meta)
     if not args.keep:
@@ -994,6 +1156,86 @@ def main() -> int:
     else:
         say(f"kept {workdir}")
     return 1 if any("MISMATCH" in r.note for r in results) else 0
+
+
+def run_faulty(
+    args: argparse.Namespace,
+    web: Web,
+    rds: PrivateRedis,
+    pool: list[str],
+    workdir: Path,
+    arrivals: Path,
+) -> list[RunResult]:
+    """The realistic web with and without faults: each tool crawls the same URLs twice, the
+    second time with a share of them replaced by faults (same positions, same kinds)."""
+    keep = [web.pid, rds.proc.pid]
+    say(f"faulty web: {len(web.bases)} hosts, pid {web.pid}, slow hosts {web.slow}")
+    warm_up(web, pool)
+    n = args.faulty_images or args.images
+    clean = make_workload(web, pool, n, args.seed, args.shard_images, workdir / "in-no-faults")
+    out: list[RunResult] = []
+    for tool in ("crawler", "img2dataset"):
+        if tool == "img2dataset" and args.skip_img2dataset:
+            continue
+        faults = add_faults(clean.urls, args.fault_share, args.seed, tool)
+        wl = write_workload(
+            faults.urls, clean.spec_of, random.Random(args.seed + 1), args.shard_images,
+            workdir / f"in-faulty-{tool}",
+        )  # fmt: skip
+        kinds = Counter(faults.kinds.values())
+        say(f"faulty/{tool}: {len(faults.kinds)} of {n} URLs are faults "
+            f"({len(faults.recoverable)} recoverable by a retry): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))  # fmt: skip
+        for label, work, recoverable in (
+            ("no-faults", clean, None),
+            ("faulty", wl, faults.recoverable),
+        ):
+            if tool == "crawler":
+                res = run_crawler(
+                    label, args, web, rds, work, workdir / f"out-crawler-{label}", keep=keep,
+                    own_fetch=True, recoverable=recoverable,
+                )  # fmt: skip
+            else:
+                res = run_img2dataset(
+                    label, args, web, work, workdir / f"out-i2d-{label}", keep=keep,
+                    arrivals=arrivals, recoverable=recoverable,
+                )  # fmt: skip
+            res.recoverable = len(recoverable or ())
+            out.append(res)
+    return out
+
+
+def print_faulty(results: list[RunResult], args: argparse.Namespace) -> None:
+    by = {r.name: r for r in results}
+    if "crawler/faulty" not in by:
+        return
+    print(
+        f"faulty web: {100 * args.fault_share:g} % of the URLs faults of every class "
+        "(bench/crawl_bench.py FAULT_MIX), the realistic web's latency and slow hosts; "
+        "no-faults: the same URLs without them. The crawler with its own fetch settings "
+        f"(deadlines, attempts), img2dataset with --timeout {int(args.timeout)} "
+        f"--retries {args.attempts - 1}."
+    )
+    head = (
+        f"{'':<13}{'no-faults wall':>15}{'img/s':>7}{'t99':>7}{'t100':>7}"
+        f"{'faulty wall':>13}{'img/s':>7}{'t99':>7}{'t100':>7}"
+        f"{'faulty/no-faults (wall, t100)':>31}{'recovered by retrying':>23}"
+    )
+    print(head)
+    for tool in ("crawler", "img2dataset"):
+        c, f = by.get(f"{tool}/no-faults"), by.get(f"{tool}/faulty")
+        if c is None or f is None or not c.wall_s:
+            continue
+        ratio = f"{f.wall_s / c.wall_s:.2f}x, {f.t100 / c.t100 if c.t100 else 0:.2f}x"
+        print(
+            f"{tool:<13}{c.wall_s:>14.1f}s{c.rate:>7.1f}{c.t99:>6.1f}s{c.t100:>6.1f}s"
+            f"{f.wall_s:>12.1f}s{f.rate:>7.1f}{f.t99:>6.1f}s{f.t100:>6.1f}s"
+            f"{ratio:>31}{f'{f.recovered} of {f.recoverable}':>23}"
+        )
+    for r in (by.get("crawler/no-faults"), by.get("crawler/faulty")):
+        if r is not None and r.last:
+            print(f"{r.name}: the last records\n  " + "\n  ".join(r.last))
+    print()
 
 
 def print_long(res: RunResult) -> None:

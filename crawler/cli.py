@@ -233,7 +233,8 @@ def worker(state: State, check: bool, until_idle: bool, parent_pid: int) -> None
     """A crawl worker: lease items, fetch, shrink, store, record. Needs redis.url.
 
     --check (container health check): exit 0 when a worker on this host (hostname) has a
-    fresh heartbeat in Redis, 1 when it is missing or stale.
+    fresh heartbeat in Redis, 1 when it is missing or stale, or the worker is paused because
+    its output cannot be written (the reason is printed).
 
     SIGTERM: stop taking work, finish or hand back in-flight items within
     worker.grace_period_s, flush results, exit 0. A second signal exits at once.

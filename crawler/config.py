@@ -130,8 +130,12 @@ class FetchConfig:
     # Extra request headers, e.g. {"Accept" = "image/*"}.
     headers: dict[str, str] = field(default_factory=dict)
     connect_timeout_s: float = 10.0
-    # Hard deadline for one request, headers and body included (a trickling server ends here).
+    # Hard deadline for one attempt, headers and body of all its redirect hops included (a
+    # trickling server ends here).
     total_timeout_s: float = 30.0
+    # Within that ceiling an attempt gets twice the slowest of its host's recent responses, but
+    # at least this (a host answering in 200 ms is not waited on for 30 s).
+    min_timeout_s: float = 3.0
     max_redirects: int = 5
     # Bodies larger than this are cut off and recorded as too_large.
     max_body_bytes: int = 20_000_000
@@ -347,6 +351,7 @@ RANGES: dict[str, Range] = {
     "worker.log_interval_s": Range(1, 86400),
     "fetch.connect_timeout_s": POSITIVE,
     "fetch.total_timeout_s": POSITIVE,
+    "fetch.min_timeout_s": POSITIVE,
     "fetch.max_redirects": Range(0, 100),
     "fetch.max_body_bytes": AT_LEAST_1,
     "fetch.max_attempts": Range(1, 100),

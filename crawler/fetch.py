@@ -14,7 +14,7 @@ import contextlib
 import email.utils
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from yarl import URL
 
 from crawler import status
 from crawler.config import FetchConfig
+from crawler.deadlines import ResponseTimes
 from crawler.guard import AddressPolicy, BlockedAddress, check_parsed
 
 
@@ -92,6 +93,8 @@ class FetchResult:
     retry_after: float | None = None
     transient: bool = False
     hops: Hops | None = None  # with OTHER_HOST: the chain so far
+    # With TIMEOUT: the host completed other responses meanwhile (see crawler.deadlines).
+    host_answered: bool = False
 
     @property
     def ok(self) -> bool:
@@ -228,7 +231,8 @@ class BodyBudget:
     A new request waits while the budget is spent (`room`). A body being read takes its bytes
     as they arrive (`take`); past the limit, a read waits for room (image work gives bodies
     back), except when reads in progress alone overspend it: then the oldest read goes on, so
-    reads never all wait for each other. Held at most: `limit`, plus one body of up to
+    reads never all wait for each other. Time a read waits here does not count against its
+    deadline. Held at most: `limit`, plus one body of up to
     max_body_bytes, plus what each waiting read had received (aiohttp pauses a connection
     once ~512 KiB are buffered).
     """
@@ -263,14 +267,20 @@ class BodyBudget:
         if reader == oldest:
             self._wake()  # another read is the oldest now
 
-    async def take(self, reader: int, n: int) -> None:
-        """Count `n` bytes that arrived for `reader`; wait while that overspends."""
+    def take(self, reader: int, n: int) -> None:
+        """Count `n` bytes that arrived for `reader`."""
         self.used += n
         self.reading += n
         self.peak = max(self.peak, self.used)
-        while self.used > self.limit and not (
+
+    def must_wait(self, reader: int) -> bool:
+        """Whether `reader` must wait before reading on (see the class docstring)."""
+        return self.used > self.limit and not (
             self.used - self.reading <= self.limit and next(iter(self._readers)) == reader
-        ):
+        )
+
+    async def wait_turn(self, reader: int) -> None:
+        while self.must_wait(reader):
             await self._wait()
 
     def give_back(self, n: int) -> None:
@@ -314,6 +324,7 @@ class Fetcher:
         self.budget = budget
         self.policy = AddressPolicy.of(cfg)
         self._slots = Slots(max_connections)
+        self.times = ResponseTimes(cfg.min_timeout_s, cfg.total_timeout_s)
 
     async def fetch(self, url: str, hops: Hops | None = None) -> FetchResult:
         """Fetch `url`, following redirects on the same host. A redirect to another host ends
@@ -339,12 +350,28 @@ class Fetcher:
 
     async def _attempt(self, url: str, hops: Hops, progress: _Progress) -> FetchResult:
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        judge: _Judge | None = None
         try:
-            async with asyncio.timeout(max(0.0, self.cfg.total_timeout_s - hops.spent_s)):
-                return await self._follow(URL(url, encoded=False), progress, hops)
+            target = URL(url, encoded=False)
+            host = target.host or ""
+            ceiling = self.cfg.total_timeout_s - hops.spent_s
+            adaptive = self.times.deadline_s(host)
+            limit = ceiling if adaptive is None else min(ceiling, adaptive - hops.spent_s)
+            if limit < ceiling:
+                progress.deadline_s = adaptive
+            async with asyncio.timeout(max(0.0, limit)) as deadline:
+                progress.deadline = deadline
+                if adaptive is None:  # nothing heard yet: judged again once something is
+                    begun = loop.time() - hops.spent_s
+                    judge = _Judge(self.times, deadline, host, begun, progress)
+                return await self._follow(target, progress, hops)
         except TimeoutError:
-            error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
-            return FetchResult(status.TIMEOUT, error=error, transient=True)
+            # What the host did meanwhile decides the retries (see crawler.deadlines).
+            answered = self.times.answered_since(progress.host, started)
+            note = "; the host answered others meanwhile" if answered else ""
+            error = f"deadline exceeded ({progress.describe(hops.count + 1)}{note})"
+            return FetchResult(status.TIMEOUT, error=error, transient=True, host_answered=answered)
         except aiohttp.ClientConnectorDNSError as exc:
             if _blocked(exc):
                 return FetchResult(status.BLOCKED_ADDRESS, error=str(exc.os_error))
@@ -363,7 +390,9 @@ class Fetcher:
             text = str(exc) or type(exc).__name__
             return FetchResult(status.CONNECTION_ERROR, error=text, transient=True)
         finally:
-            hops.spent_s += time.monotonic() - started
+            hops.spent_s += time.monotonic() - started - progress.paused_s
+            if judge is not None:
+                judge.cancel()
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
         while hops.count <= self.cfg.max_redirects:
@@ -372,6 +401,8 @@ class Fetcher:
                 return FetchResult(refused[0], error=refused[1], final_url=str(url))
             hops.seen.add(str(url))
             progress.headers = False
+            progress.host = url.host or ""
+            sent = time.monotonic() - progress.paused_s  # minus pauses: see _Progress.paused
             async with self.session.get(url, allow_redirects=False) as resp:
                 progress.headers = True
                 if resp.status in (301, 302, 303, 307, 308):
@@ -392,11 +423,14 @@ class Fetcher:
                             status.TOO_MANY_REDIRECTS, resp.status, f"redirect loop at {nxt}"
                         )
                     hops.count += 1
+                    self.times.observe(url.host or "", time.monotonic() - progress.paused_s - sent)
                     if nxt.host != url.host and hops.count <= self.cfg.max_redirects:
                         return FetchResult(OTHER_HOST, resp.status, final_url=str(nxt), hops=hops)
                     url = nxt
                     continue
-                return await self._response(resp, url, progress)
+                result = await self._response(resp, url, progress)
+                self.times.observe(url.host or "", time.monotonic() - progress.paused_s - sent)
+                return result
         return FetchResult(
             status.TOO_MANY_REDIRECTS,
             error=f"more than {self.cfg.max_redirects} redirects",
@@ -467,22 +501,83 @@ class Fetcher:
         return FetchResult(status.OK, code, body=body, final_url=str(url))
 
 
+class _Judge:
+    """While nothing has been heard from any host, an attempt runs under the ceiling; this
+    brings its deadline forward once response times are known (checked every
+    `times.floor_s`): to the host's deadline from then on, since the first responses to come
+    back are the fastest of their burst. `begun`: the loop time the attempt started at."""
+
+    __slots__ = ("begun", "deadline", "handle", "host", "progress", "times")
+
+    def __init__(
+        self,
+        times: ResponseTimes,
+        deadline: asyncio.Timeout,
+        host: str,
+        begun: float,
+        progress: _Progress,
+    ) -> None:
+        self.times, self.deadline, self.host = times, deadline, host
+        self.begun, self.progress = begun, progress
+        self.handle = asyncio.get_running_loop().call_later(times.floor_s, self._judge)
+
+    def _judge(self) -> None:
+        loop = asyncio.get_running_loop()
+        adaptive = self.times.deadline_s(self.host)
+        if adaptive is None:
+            self.handle = loop.call_later(self.times.floor_s, self._judge)
+            return
+        when = self.deadline.when()
+        if when is None:  # paused for the worker's memory budget: judged after
+            self.handle = loop.call_later(self.times.floor_s, self._judge)
+            return
+        new = loop.time() + adaptive
+        if new < when:
+            self.progress.deadline_s = new - self.begun
+            self.deadline.reschedule(new)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
 class _Progress:
     """How far a request got: what a deadline error reports."""
 
-    __slots__ = ("body_bytes", "headers", "held")
+    __slots__ = ("body_bytes", "deadline", "deadline_s", "headers", "held", "host", "paused_s")
 
     def __init__(self) -> None:
+        self.host = ""  # of the request under way
         self.headers = False
         self.body_bytes = 0
+        self.deadline_s: float | None = None  # the host's adaptive deadline, when it applied
         self.held = 0  # bytes of a body read whole, counted in the fetcher's budget
+        self.deadline: asyncio.Timeout | None = None
+        self.paused_s = 0.0  # reading paused for the worker's memory budget
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Reading paused for the worker's own budget: the deadline stops meanwhile (a busy
+        worker does not turn its own backlog into timeouts)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        when = self.deadline.when() if self.deadline is not None else None
+        if self.deadline is not None and when is not None:
+            self.deadline.reschedule(None)
+        try:
+            yield
+        finally:
+            waited = loop.time() - started
+            self.paused_s += waited
+            if self.deadline is not None and when is not None:
+                self.deadline.reschedule(when + waited)
 
     def describe(self, request_number: int) -> str:
         """`request_number`: 1 for the item's URL, 2 after the first redirect, ..."""
         hop = f" (hop {request_number})" if request_number > 1 else ""
+        within = "" if self.deadline_s is None else f"; {self.deadline_s:.1f} s for this host"
         if not self.headers:
-            return f"no response headers{hop}"
-        return f"{self.body_bytes} body bytes read{hop}"
+            return f"no response headers{hop}{within}"
+        return f"{self.body_bytes} body bytes read{hop}{within}"
 
 
 async def _read_capped(
@@ -505,7 +600,10 @@ async def _read_capped(
             chunks.append(chunk)
             if budget is not None:
                 taken += len(chunk)
-                await budget.take(reader, len(chunk))
+                budget.take(reader, len(chunk))
+                if budget.must_wait(reader):
+                    with progress.paused():
+                        await budget.wait_turn(reader)
         done = True
         return b"".join(chunks)
     except aiohttp.ClientPayloadError as exc:

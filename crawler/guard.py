@@ -57,6 +57,10 @@ def literal_address(host: str) -> IPAddress | None:
     if not host or not (host[0].isdigit() or ":" in host):
         return None  # a name (every numeric spelling starts with a digit)
     try:
+        return ipaddress.ip_address(host)  # the usual spelling: no C library call
+    except ValueError:
+        pass
+    try:
         info = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     except (socket.gaierror, UnicodeError, ValueError):
         return None

@@ -78,6 +78,7 @@ class ShardUnreadable(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+        self.sealed = False  # what was read before it is enqueued and the shard sealed
 
 
 class Stopped(Exception):
@@ -99,10 +100,17 @@ def _is_remote(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def _url_path(url: str) -> str:
+    try:
+        return urlsplit(url).path
+    except ValueError:  # unparseable (a broken IPv6 host...): its download says so
+        return url.split("#", 1)[0].split("?", 1)[0]
+
+
 def shard_id(location: str) -> str:
     """The file name of a path or URL without its shard suffix. For a URL the name comes from
     the path alone (query and fragment removed first)."""
-    path = urlsplit(location).path if _is_remote(location) else location
+    path = _url_path(location) if _is_remote(location) else location
     name = path.rstrip("/").rsplit("/", 1)[-1]
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
@@ -335,7 +343,7 @@ async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
         yield path
         return
     tmp_dir = Path(cfg.paths.data_dir) / "downloads"
-    url_path = urlsplit(source.location).path
+    url_path = _url_path(source.location)
     suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
     try:
         tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -522,7 +530,8 @@ class Ingest:
             self.stats.shards_unreadable += 1
             self.stats.unreadable.append(f"{source.shard}: {exc}")
             await self._count_error(exc.kind)
-            await self._unplan(source.shard)
+            if not exc.sealed:  # a sealed shard completes with the images read before
+                await self._unplan(source.shard)
         finally:
             keeper.cancel()
             with contextlib.suppress(Exception):
@@ -600,6 +609,7 @@ class Ingest:
         await self._redis(lambda: self.queue.seal(source.shard, total), "seal")
         log.info("shard %s enqueued: %d images", source.shard, total)
         if unreadable is not None:
+            unreadable.sealed = True
             raise unreadable
 
     async def _flush(self, batch: Batch, source: ShardSource, line_no: int) -> None:

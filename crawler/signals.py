@@ -42,7 +42,8 @@ class StopSignals:
         loop = asyncio.get_running_loop()
         for sig in _HANDLED:
             loop.add_signal_handler(sig, self._on_signal, int(sig))
-        for signum in list(early.stop_requested):  # arrived while the command started
+        arrived, early.stop_requested[:] = list(early.stop_requested), []
+        for signum in arrived:  # arrived while the command started: acted on once, here
             self._on_signal(signum)
 
     def uninstall(self) -> None:

@@ -40,6 +40,10 @@ empty means a 64×64 JPEG named after the fault; image query options apply to it
                                          e.g. ``noai``, ``noimageai``, ``googlebot:%20noai``;
                                          ``?tag=`` overrides, ``?header=`` names another header)
     /fault/reset[/<tail>]                Content-Length of the image, half the body, then a TCP RST
+    /fault/flaky-reset/<k>/<id>[/<tail>]  /fault/reset for the first k requests of (k, id), then
+                                         the image
+    /fault/hang[/...]                    never answers: no status line, the connection held open
+                                         until the client leaves
     /fault/drop[/...]                    closes the connection without any response
     /fault/gzip[/<tail>]                 the image with ``Content-Encoding: gzip``
     /fault/frames/<n>                    an animated GIF of n 1x1 frames (23 bytes each)
@@ -102,6 +106,7 @@ __all__ = [
     "WebProcess",
     "check_concurrency",
     "check_rate",
+    "fault_path",
     "make_docs",
     "max_concurrency",
     "min_interval",
@@ -1034,6 +1039,18 @@ class ImageWeb:
             return await self._send(request, body, "image/jpeg", headers=headers)
         if kind == "reset":
             return await self._reset(request, args)
+        if kind == "flaky-reset":
+            k = arg_int(0, "failure count")
+            if len(args) < 2:
+                raise SpecError("/fault/flaky-reset/<k>/<id>")
+            key = (-k, args[1])
+            seen = self._flaky[key]
+            self._flaky[key] = seen + 1
+            if seen < k:
+                return await self._reset(request, args[2:])
+            return await self._serve_image(request, args[2:], f"flaky-reset-{args[1]}")
+        if kind == "hang":
+            return await self._hang(request)
         if kind == "drop":
             state = _REQ.get()
             state.broken = True
@@ -1083,6 +1100,13 @@ class ImageWeb:
             await resp.write(block[:n])
             left -= n
         return resp
+
+    @staticmethod
+    async def _hang(request: web.Request) -> web.StreamResponse:
+        _REQ.get().broken = True
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.5)
+        return web.Response()
 
     async def _reset(self, request: web.Request, args: Sequence[str]) -> web.StreamResponse:
         body = await self._image_bytes(self._spec_from_tail(request, args, "reset"))
@@ -1184,7 +1208,9 @@ async def _cancel_others() -> None:
     await asyncio.gather(*others, return_exceptions=True)
 
 
-def _fault_path(kind: str, rng: random.Random, name: str, other_base: str) -> str:
+def fault_path(kind: str, rng: random.Random, name: str, other_base: str) -> str:
+    """The path of a ``kind`` fault (see :data:`FAULT_KINDS`) named ``name``; ``other_base`` is
+    the host a cross-host redirect leads to."""
     w, h = rng.choice([(320, 240), (480, 360), (640, 480), (500, 500)])
     img_tail = f"{w}x{h}/{name}.jpg"
     simple = {
@@ -1216,6 +1242,12 @@ def _fault_path(kind: str, rng: random.Random, name: str, other_base: str) -> st
         "wrong-ctype": f"/img/{img_tail}?ctype=text/html",
         "gzip": f"/fault/gzip/{img_tail}",
         "reset": f"/fault/reset/{img_tail}",
+        "flaky-reset": f"/fault/flaky-reset/1/{name}/{img_tail}",
+        "flaky-retry-after": f"/fault/flaky/1/{name}/{img_tail}?status="
+        + rng.choice(["429", "503"])
+        + f"&retry_after={rng.randint(1, 2)}",
+        "hang": f"/fault/hang/{name}",
+        "huge-chunked": f"/fault/huge/{rng.choice([50, 200]) * 1_000_000}?cl=0&n={name}",
         "drop": f"/fault/drop/{name}",
         "huge": f"/fault/huge/{rng.choice([20, 50, 200]) * 1_000_000}?n={name}",
     }
@@ -1252,6 +1284,10 @@ FAULT_KINDS: dict[str, float] = {
     "reset": 0.01,
     "drop": 0.01,
     "huge": 0.0,
+    "flaky-reset": 0.0,
+    "flaky-retry-after": 0.0,
+    "hang": 0.0,
+    "huge-chunked": 0.0,
 }
 
 _WORDS_TEXT = (
@@ -1363,7 +1399,7 @@ def make_docs(
             for kind, p in fault_rates.items():
                 if u < p:
                     other = bases[(host + 1) % len(bases)]
-                    path = _fault_path(kind, rng, name, other)
+                    path = fault_path(kind, rng, name, other)
                     break
                 u -= p
             if path is None:

@@ -427,6 +427,7 @@ class Worker:
                 return existing
         attempts = 0
         res: FetchResult | None = None
+        suspect = False  # timed out while its host answered other requests
         for attempts in range(1, self.cfg.fetch.max_attempts + 1):
             res, answered_by = await self._fetch_politely(item.url, host)
             if res.retry_after is not None:
@@ -435,8 +436,12 @@ class Worker:
                 self.gate.penalize(answered_by, min(res.retry_after, limit))
             if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
                 break
+            if res.status == status.TIMEOUT and (suspect or res.host_answered):
+                if suspect:  # timed out again: a third try would end the same way
+                    break
+                suspect = True
             self.metrics.retries.inc()
-            await asyncio.sleep(self._backoff(attempts, res.retry_after))
+            await asyncio.sleep(self._backoff(attempts, res))
         assert res is not None
         if not res.ok:
             return status.make_record(
@@ -449,8 +454,13 @@ class Worker:
             )
         return await self._store_image(item, res.body, res.http_code, attempts)
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+    def _backoff(self, attempt: int, res: FetchResult) -> float:
+        """Seconds before the next attempt: none after a timeout (its deadline has spaced the
+        attempts already), else jittered exponential backoff, at least any Retry-After."""
         f = self.cfg.fetch
+        retry_after = res.retry_after
+        if res.status == status.TIMEOUT:
+            return 0.0
         delay = min(f.backoff_max_s, f.backoff_base_s * 2 ** (attempt - 1))
         delay = random.uniform(delay / 2, delay)  # jitter
         if retry_after is not None:

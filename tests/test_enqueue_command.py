@@ -374,3 +374,26 @@ def test_run_on_a_missing_local_shard_is_the_same_error_before_anything_starts(
     assert done.returncode == ExitCode.NOT_FOUND
     assert done.stderr.strip().splitlines() == [f"error: no such shard file: {missing}"]
     assert not (tmp_path / "data" / "redis").exists()  # no embedded Redis was started
+
+
+def test_sigterm_stops_enqueue_waiting_for_an_unreachable_redis(
+    namespace: str, tmp_path: Path
+) -> None:
+    shard = tmp_path / "docs_shard_7_v2.jsonl"
+    write_shard(shard, 5)
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    args = enqueue_args(
+        namespace, tmp_path, "--set", "ingest.redis_wait_s=0", "enqueue", str(shard), url=url
+    )  # 0: it would wait for Redis forever
+    proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=STOP_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == ExitCode.TERMINATED
+    assert b"Traceback" not in err

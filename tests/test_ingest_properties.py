@@ -22,7 +22,7 @@ from crawling import TEST_REDIS_URL, crawl_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crawler.ingest import Ingest, IngestStats, expand_sources
+from crawler.ingest import Ingest, IngestStats, check_shard_id, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
@@ -163,3 +163,17 @@ def test_any_bytes_in_a_gzip_or_zip_shard_are_read_or_counted_unreadable_never_r
     assert stats.shards + stats.shards_unreadable == 1
     assert stats.items == queued
     assert stats.bad_lines <= stats.lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    location=st.text(max_size=80)
+    | st.text(max_size=60).map(lambda t: "http://" + t)
+    | st.sampled_from(["http://[::1/x.jsonl", "https://h/a.jsonl?x=/../y#/../z", "http://h/{"])
+)
+def test_any_shard_location_expands_without_raising_to_a_usable_or_refused_shard_id(
+    location: str,
+) -> None:
+    for source in expand_sources([location]):
+        problem = check_shard_id(source.shard)
+        assert problem is not None or ("/" not in source.shard and source.shard not in ("", ".."))

@@ -274,3 +274,13 @@ async def test_remote_shards_without_a_writable_data_dir_are_unreadable_not_a_cr
     await ingest.run(expand_sources([shard_server + "/docs_shard_0_v2.jsonl", str(local)]))
     assert ingest.stats.shards_unreadable == 1 and ingest.stats.shards == 1
     assert "paths.data_dir" in ingest.stats.unreadable[0]
+
+
+async def test_a_shard_url_that_does_not_parse_is_unreadable_not_a_crash(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    cfg = crawl_config(namespace, tmp_path)
+    ingest = Ingest(cfg, aredis)
+    await ingest.run(expand_sources(["http://[::1/docs_shard_0_v2.jsonl"]))
+    assert ingest.stats.shards_unreadable == 1
+    assert ingest.stats.unreadable[0].startswith("docs_shard_0_v2:")

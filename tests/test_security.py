@@ -430,3 +430,28 @@ async def test_a_crawl_with_bombs_records_each_once_and_fetches_everything_else(
     for name, (_url, expected) in bombs.items():
         assert recs[name]["status"] == expected, recs[name]
         assert recs[name]["attempts"] <= 1, recs[name]
+
+
+async def test_a_read_paused_for_the_workers_budget_is_not_charged_to_its_deadline(
+    web: ImageWeb,
+) -> None:
+    """The budget is spent by a body waiting for image work for 2 s; a read meanwhile waits
+    for room, past its 1 s deadline, and still ends ok."""
+    cfg = FetchConfig(allow_private_addresses=True, total_timeout_s=1.0)
+    budget = fetch.BodyBudget(1000)
+    waiting = budget.start_read()
+    budget.take(waiting, 5000)
+    budget.end_read(waiting, 5000)  # read whole, waiting for its image work
+    session = fetch.client_session(cfg, max_connections=2)
+    fetcher = fetch.Fetcher(cfg, session, max_connections=2, budget=budget)
+    try:
+        read = asyncio.ensure_future(fetcher.fetch(web.url(0, "/img/400x300/paused.png")))
+        await asyncio.sleep(2.0)
+        assert not read.done()
+        budget.give_back(5000)
+        res = await asyncio.wait_for(read, 10)
+    finally:
+        await session.close()
+    assert res.status == status.OK, res.error
+    budget.give_back(len(res.body))
+    assert budget.used == 0

@@ -195,6 +195,33 @@ async def test_broken_connections(tw: ImageWeb, session: aiohttp.ClientSession, 
     assert resp.status == 200
 
 
+async def test_flaky_reset_turns_good(tw: ImageWeb, session: aiohttp.ClientSession) -> None:
+    path = "/fault/flaky-reset/1/fr-one/40x30/fr.jpg"
+    with pytest.raises(aiohttp.ClientError):
+        await fetch(session, tw.url(0, path))
+    resp, body = await fetch(session, tw.url(1, path))
+    assert resp.status == 200
+    assert Image.open(io.BytesIO(body)).size == (40, 30)
+
+
+async def test_hang_never_answers_and_lets_go_when_the_client_leaves(
+    tw: ImageWeb, session: aiohttp.ClientSession
+) -> None:
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(fetch(session, tw.url(2, "/fault/hang/h-one")), 0.5)
+    [hung] = tw.wait_for_arrivals(1, 5.0, where=lambda a: a.path == "/fault/hang/h-one")
+    assert hung.status == 0
+    resp, _ = await fetch(session, tw.url(2, "/img/10x10/after-hang.jpg"))
+    assert resp.status == 200
+
+
+async def test_redirects_wait_when_asked(tw: ImageWeb, session: aiohttp.ClientSession) -> None:
+    t0 = time.monotonic()
+    resp, _ = await fetch(session, tw.url(0, "/fault/redirect/2/8x8.jpg?wait_ms=150"))
+    assert resp.status == 200
+    assert time.monotonic() - t0 >= 0.3
+
+
 async def test_slow_and_trickle(tw: ImageWeb, session: aiohttp.ClientSession) -> None:
     t0 = time.monotonic()
     resp, body = await fetch(session, tw.url(0, "/fault/slow/300/20x20.png"))
