@@ -1,6 +1,6 @@
 """``python -m assign``: the same commands as ``mmc4-assign``."""
 
-from assign.cli import main
+from crawler.early import assign_main
 
 if __name__ == "__main__":
-    main()
+    assign_main()

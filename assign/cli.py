@@ -17,7 +17,7 @@ from assign.rewrite import ShardReport, describe, rewrite_shard
 from assign.shardio import is_shard_file, output_name
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
-from crawler import logs
+from crawler import early, logs
 from crawler.config import Config
 from crawler.errors import ReportingGroup
 
@@ -125,6 +125,8 @@ def worker_command(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        if early.stop_requested:  # signalled while the process was starting
+            stop.set()
         await run_assign_worker(cfg, stop=stop, once=once)
 
     asyncio.run(run())

@@ -51,3 +51,14 @@ def main() -> None:
 
 
 main.cli_module = "crawler.cli"  # type: ignore[attr-defined]  # where the click group lives
+
+
+def assign_main() -> None:
+    """The `mmc4-assign` entry point: handlers first, then the assignment CLI."""
+    install()
+    from assign.cli import main as cli_main
+
+    cli_main()
+
+
+assign_main.cli_module = "assign.cli"  # type: ignore[attr-defined]  # where the click group lives

@@ -4,7 +4,7 @@ Decoding, resizing and encoding allocate and free megabytes per image. With glib
 much of that goes back to the kernel on every free (allocations over the mmap threshold are
 unmapped, the heap's top is trimmed) and comes back as page faults on the next image: about
 100 faults and ~0.1-0.15 ms of kernel time per image of the benchmark's mix, in the image
-processes (docs/performance.md, session 5). `keep_freed_memory` raises both thresholds (and
+processes (docs/performance.md). `keep_freed_memory` raises both thresholds (and
 the heap's growth step) so that an image process keeps up to the given amount of freed memory
 for reuse; its resident size then stays at its high-water mark (bounded by the largest images
 it has handled) instead of shrinking between images.

@@ -49,6 +49,10 @@ def worker_command(config_args: Sequence[str], *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+# Exit codes of a worker that a restart would not change: its configuration or its port.
+_NOT_RESTARTED = (ExitCode.USAGE, ExitCode.ADDRESS_IN_USE)
+
+
 class Supervisor:
     """Keeps N worker processes alive until `stop`; never blocks the event loop.
 
@@ -97,6 +101,13 @@ class Supervisor:
                 log.warning("worker pid %d stopped (exit 0); not restarted", proc.pid)
                 self.procs[i] = None
                 continue
+            if proc.returncode in _NOT_RESTARTED:  # it would fail again the same way
+                raise CommandError(
+                    ExitCode(proc.returncode),
+                    f"worker {i} exited with code {proc.returncode} ("
+                    f"{ExitCode(proc.returncode).name.lower().replace('_', ' ')}): see its "
+                    "error above",
+                )
             log.warning("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
             self.restarts += 1
             self.procs[i] = self._spawn(i)

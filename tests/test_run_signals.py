@@ -172,3 +172,27 @@ def test_each_worker_of_run_serves_metrics_on_its_own_port(
         os.killpg(run.pid, signal.SIGINT)
         err = _ended(run, GRACE_S + 30)
     assert "restarting" not in err and "Traceback" not in err
+
+
+def test_a_worker_that_cannot_bind_its_metrics_port_ends_run_instead_of_restarting(
+    slow_shard: Path, namespace: str, tmp_path: Path
+) -> None:
+    from crawling import TEST_REDIS_URL
+
+    port = _two_free_ports()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port + 1))  # worker 1's port
+        busy.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
+        result = subprocess.run(
+            [sys.executable, "-m", "crawler", "--redis-url", TEST_REDIS_URL,
+             "--set", f"redis.namespace={namespace}", "--set", "fetch.allow_private_addresses=true",
+             "--set", "worker.processes=2", "--set", "worker.image_processes=1",
+             "--set", f"metrics.port={port}", "--set", f"worker.grace_period_s={GRACE_S}",
+             "--output", "out", "run", "--no-progress", "--no-assign", "slow_shard.jsonl"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert result.returncode == ExitCode.ADDRESS_IN_USE, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "restarting" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: worker 1 exited with code 6 (address in use)")
