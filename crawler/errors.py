@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import re
 import sys
 import traceback
@@ -103,7 +102,7 @@ def report(exc: BaseException, *, verbose: int, redis_url: str = "") -> ExitCode
     if verbose >= 2:
         traceback.print_exception(exc, file=sys.stderr)
     logging.shutdown()
-    if os.environ.get(logs.FORMAT_ENV) == "json":
+    if logs.json_format():
         line = {"level": "ERROR", "message": f"error: {message}", "exit_code": int(code)}
         click.echo(orjson.dumps(line).decode(), err=True)
     else:

@@ -43,6 +43,11 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out).decode()
 
 
+def json_format() -> bool:
+    """Whether this process logs JSON lines (set up by `setup`, inherited by children)."""
+    return os.environ.get(FORMAT_ENV) == "json"
+
+
 def level_name(verbose: int, environ: dict[str, str] | None = None) -> str:
     """``-v`` (or more) means DEBUG; otherwise MMC4_LOG_LEVEL, default INFO."""
     env = os.environ if environ is None else environ

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -22,10 +23,11 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from crawler import monitor
+from crawler import logs, monitor
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.embedded import EmbeddedRedis, where
@@ -205,6 +207,7 @@ async def run_all(
             assign_task = _start_assign(cfg, assign_stop)
         ingest = Ingest(cfg, client)
         ingest_task = asyncio.create_task(ingest.run(sources, stop))
+        progress = progress and not logs.json_format()  # JSON logs: no bar between them
         bar = tqdm(total=0, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
         shards = Shards(client, keys, queue, cfg.output_dir)
 
@@ -249,23 +252,26 @@ async def run_all(
         except (RedisError, OSError) as exc:
             log.warning("no final status: %s", redact(str(exc)))
             snap = None
-        if snap is not None:
-            print(monitor.render_text(snap), file=sys.stderr)
         st = ingest.stats
-        print(
+        if logs.json_format():  # one JSON object per line on stderr, like every log line
+            status_json = snap.to_json() if snap is not None else None
+            line = {"level": "INFO", "message": "run ended", "status": status_json,
+                    "ingest": dataclasses.asdict(st)}  # fmt: skip
+            print(orjson.dumps(line).decode(), file=sys.stderr)
+        elif snap is not None:
+            print(monitor.render_text(snap), file=sys.stderr)
+        _say(
             f"ingest: {st.shards} shards, {st.shards_skipped} skipped, {st.shards_missing} "
             f"missing, {st.shards_known_gaps} known gaps, {st.shards_unreadable} unreadable, "
             f"{st.lines} lines ({st.bad_lines} bad), {st.items} items, "
-            f"{st.bad_entries} bad entries, {st.duplicate_names} duplicate names",
-            file=sys.stderr,
+            f"{st.bad_entries} bad entries, {st.duplicate_names} duplicate names"
         )
         nothing_new = snap is not None and snap.done == start.done
         if not interrupted and st.items == 0 and st.shards_skipped and nothing_new:
-            print(
+            _say(
                 f"nothing to do: the {st.shards_skipped} shards given are already reported in "
                 f"{cfg.output_dir / '_status'} (`retry --status ...` fetches failures again; "
-                "another --output starts a new corpus)",
-                file=sys.stderr,
+                "another --output starts a new corpus)"
             )
         if workers_gone:
             return ExitCode.TERMINATED
@@ -275,6 +281,14 @@ async def run_all(
         await client.aclose()
         if embedded is not None:
             embedded.stop()
+
+
+def _say(text: str) -> None:
+    """A line of `run`'s closing summary: plain on stderr, or a log line in JSON mode."""
+    if logs.json_format():
+        log.info("%s", text)
+    else:
+        print(text, file=sys.stderr)
 
 
 def _deadline(seconds: float) -> asyncio.Event:

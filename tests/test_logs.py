@@ -11,9 +11,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from crawling import TEST_REDIS_URL
 
 from crawler.exitcodes import ExitCode
 from crawler.logs import FailureLog, LogStats
+from crawler.testweb import ImageWeb, make_docs, write_shard
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -69,3 +71,20 @@ def test_the_summary_names_done_rate_and_failures_by_kind() -> None:
     line = stats.line({"ok": 15, "timeout": 3, "http_404": 7}, held=2)
     assert line.startswith("25 images done (+15 in ")
     assert "ok 5, failures http_404 7, timeout 3; holding 2" in line
+
+
+def test_run_with_json_logs_writes_only_json_lines(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    docs = make_docs(web, 3, seed=5, sizes="small")
+    write_shard(tmp_path / "json_shard.jsonl", docs)
+    result = cli(
+        "--log-format", "json", "--redis-url", TEST_REDIS_URL,
+        "--set", f"redis.namespace={namespace}", "--set", "fetch.allow_private_addresses=true",
+        "--set", "worker.image_processes=1", "--output", "out",
+        "run", "--no-assign", "json_shard.jsonl", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [orjson.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert any(line["message"] == "run ended" and line["status"]["finished"] for line in lines)
+    assert any(line.get("logger") == "crawler.worker" for line in lines)  # the workers' too
