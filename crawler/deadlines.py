@@ -4,7 +4,8 @@ A host that answers in 200 ms does not need 30 s: an attempt's deadline is `FACT
 slowest of the host's recent complete responses, at least `fetch.min_timeout_s` and at most
 `fetch.total_timeout_s`. A host not yet heard from often enough gets the same rule applied to
 the worker's recent responses from every host (their 90th percentile, so that one slow host does
-not set everyone's deadline); before the worker has heard anything, the ceiling applies.
+not set everyone's deadline); before the worker has heard anything, the ceiling applies, and
+the host's deadline takes over, counted from then, once something is heard (fetch._Judge).
 
 A slow host shows itself slow (its responses are timed when they complete), so its deadlines
 grow with it; a server that never answers shows nothing and keeps the short deadline.
