@@ -171,7 +171,7 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
     from crawler.embedded import where
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
-    from crawler.signals import StopSignals
+    from crawler.signals import StopSignals, until_stopped
 
     signals = StopSignals()
     signals.install()
@@ -186,19 +186,11 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
         )  # fmt: skip
         await ingest.run(sources, signals.event)
 
-    task = asyncio.create_task(work())
     try:
-        stopping = asyncio.create_task(signals.event.wait())
-        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not task.done():
-            # Stopped: ingest ends at its next check (a wait for room, a batch); a download
-            # or a wait for Redis is cancelled, which leaves no half-applied batch either
-            # (each batch and its resume point are one transaction).
-            await asyncio.wait({task}, timeout=1.0)
-            if not task.done():
-                task.cancel()
-                await asyncio.wait({task}, timeout=3.0)
+        # Stopped: ingest ends at its next check (a wait for room, a batch); a download or a
+        # wait for Redis is cancelled, which leaves no half-applied batch either (each batch
+        # and its resume point are one transaction).
+        task = await until_stopped(work(), signals)
         if task.done() and not task.cancelled():
             exc = task.exception()
             if isinstance(exc, RedisUnavailable):
@@ -483,6 +475,7 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
     from crawler.shards import Shards
+    from crawler.signals import StopSignals, until_stopped
 
     cfg = state.load()
     wanted = {s.strip() for s in statuses.split(",") if s.strip()}
@@ -501,30 +494,45 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
             url = embedded.start()
         cfg.redis.url = url
 
-    async def go() -> dict[str, int]:
+    moved: dict[str, int] = {}
+
+    async def requeue(shards: Shards, signals: StopSignals) -> None:
+        await shards.queue.ensure_group()
+        names = set(await shards.open())
+        report_dir = cfg.output_dir / status.STATUS_DIR
+        if report_dir.is_dir():
+            names |= {p.name[: -len(".jsonl.gz")] for p in report_dir.glob("*.jsonl.gz")}
+        for shard in sorted(names):
+            if signals.event.is_set():
+                return  # each shard is re-queued whole or not at all: a rerun goes on
+            if only and shard not in only:
+                continue
+            n = await shards.reopen(shard, wanted)
+            if n:
+                moved[shard] = n
+
+    async def go() -> int:
+        signals = StopSignals()
+        signals.install()
         client = connect(cfg)
         keys = Keys(cfg.redis.namespace)
         queue = WorkQueue(client, keys, cfg.queue)
-        shards = Shards(client, keys, queue, cfg.output_dir)
-        moved: dict[str, int] = {}
         try:
-            await queue.ensure_group()
-            names = set(await shards.open())
-            report_dir = cfg.output_dir / status.STATUS_DIR
-            if report_dir.is_dir():
-                names |= {p.name[: -len(".jsonl.gz")] for p in report_dir.glob("*.jsonl.gz")}
-            for shard in sorted(names):
-                if only and shard not in only:
-                    continue
-                n = await shards.reopen(shard, wanted)
-                if n:
-                    moved[shard] = n
+            task = await until_stopped(
+                requeue(Shards(client, keys, queue, cfg.output_dir), signals), signals
+            )
+            exc = task.exception() if task.done() and not task.cancelled() else None
+            if exc is not None:
+                raise exc
+            return signals.code or ExitCode.OK
         finally:
-            await client.aclose()
-        return moved
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await client.aclose()
+            signals.uninstall()
 
     try:
-        moved = _run(go())
+        code = _run(go())
     finally:
         if embedded is not None:
             embedded.stop()
@@ -532,6 +540,9 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     for shard, n in moved.items():
         click.echo(f"{shard}: {n} re-queued")
     click.echo(f"{total} images re-queued from {len(moved)} shards")
+    if code:
+        click.echo("stopped by a signal: run the same command again to re-queue the rest", err=True)
+    sys.exit(code)
 
 
 @main.command()

@@ -129,10 +129,13 @@ def expand_sources(patterns: list[str]) -> list[ShardSource]:
     out: list[ShardSource] = []
     seen: set[str] = set()
     for pattern in patterns:
-        try:
-            expanded = list(braceexpand.braceexpand(pattern))
-        except ValueError:  # braceexpand.UnbalancedBracesError (not in its type stubs)
-            expanded = [pattern]  # not a pattern: a name with a brace in it
+        if not _is_remote(pattern) and os.path.exists(pattern):
+            expanded = [pattern]  # a path that exists is taken as written (braces, backslashes)
+        else:
+            try:
+                expanded = list(braceexpand.braceexpand(pattern))
+            except ValueError:  # braceexpand.UnbalancedBracesError (not in its type stubs)
+                expanded = [pattern]  # not a pattern: a name with a brace in it
         from_braces = expanded != [pattern]
         for loc in expanded:
             locs = [loc]

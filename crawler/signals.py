@@ -1,5 +1,5 @@
-"""SIGTERM and SIGINT for a command that waits (`enqueue`): the first asks for a stop at the
-next consistent point, a second exits at once.
+"""SIGTERM and SIGINT for a command that waits (`enqueue`, `retry`): the first asks for a
+stop at the next consistent point, a second exits at once.
 
 Signals that arrived before the event loop ran (remembered by ``crawler.early``) count too.
 The exit code of a stopped command follows the first signal: ``INTERRUPTED`` (130) for
@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from crawler import early
 from crawler.exitcodes import ExitCode
@@ -20,6 +22,8 @@ from crawler.exitcodes import ExitCode
 log = logging.getLogger(__name__)
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+T = TypeVar("T")
 
 
 def exit_code(signum: int) -> ExitCode:
@@ -63,3 +67,22 @@ class StopSignals:
         self.signum = signum
         log.warning("%s: stopping", signal.Signals(signum).name)
         self.event.set()
+
+
+async def until_stopped(
+    work: Coroutine[Any, Any, T], signals: StopSignals, settle_s: float = 1.0
+) -> asyncio.Task[T]:
+    """Run `work` until it ends or a stop is asked for. After a stop the work has `settle_s`
+    to reach its next consistent point by itself (it may watch ``signals.event``); then it is
+    cancelled (a wait for Redis or a download), which the caller's resume point is made for.
+    Returns the task, done or cancelled."""
+    task = asyncio.create_task(work)
+    stopping = asyncio.create_task(signals.event.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not task.done():
+        await asyncio.wait({task}, timeout=settle_s)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=3.0)
+    return task

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from crawling import TEST_REDIS_URL, crawl_config
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from crawler.ingest import Ingest, IngestStats, check_shard_id, expand_sources
@@ -113,6 +113,8 @@ def run_example(tmp_root: Path, name: str, body: bytes) -> tuple[IngestStats, in
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lines=lines, name=file_names)
+@example(lines=[b"{}"], name="0\\")  # a backslash in a file name is not an escape
+@example(lines=[b"{}"], name="a{b,c}")  # nor is a brace pair in a name that exists
 def test_any_shard_lines_are_counted_never_raise_and_write_only_under_output(
     tmp_path_factory: Any, lines: list[bytes], name: str
 ) -> None:

@@ -196,3 +196,28 @@ def test_a_worker_that_cannot_bind_its_metrics_port_ends_run_instead_of_restarti
     assert "Traceback" not in result.stderr and "restarting" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: worker 1 exited with code 6 (address in use)")
+
+
+def test_sigterm_stops_retry_waiting_on_a_redis_that_does_not_answer(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crawler", "--redis-url", url, "--output", str(tmp_path),
+             "retry", "--status", "timeout"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(2.0)  # connected, waiting for an answer (redis.socket_timeout_s: 15 s)
+            assert proc.poll() is None, proc.communicate()
+            proc.send_signal(signal.SIGTERM)
+            _out, err = proc.communicate(timeout=8)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == ExitCode.TERMINATED, err
+    assert "Traceback" not in err
+    assert "run the same command again" in err
