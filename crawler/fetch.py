@@ -237,7 +237,7 @@ class BodyBudget:
     once ~512 KiB are buffered).
     """
 
-    __slots__ = ("_changed", "_next", "_readers", "_waiters", "limit", "peak", "reading", "used")
+    __slots__ = ("_next", "_readers", "_room", "_turn", "limit", "peak", "reading", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -246,13 +246,16 @@ class BodyBudget:
         self.peak = 0
         self._readers: dict[int, None] = {}  # reads in progress, oldest first
         self._next = 0
-        self._waiters = 0
-        self._changed = asyncio.Event()
+        # Two kinds of waiters, woken apart: new requests (up to a worker's window of them)
+        # only when the budget has room, reads (at most one per connection) when theirs may
+        # have come. Waking every new request on every change costs O(window) per image.
+        self._room = _Waiters()
+        self._turn = _Waiters()
 
     async def room(self) -> None:
         """Wait until the budget is not spent."""
         while self.used > self.limit:
-            await self._wait()
+            await self._room.wait()
 
     def start_read(self) -> int:
         self._next += 1
@@ -265,7 +268,7 @@ class BodyBudget:
         self._readers.pop(reader, None)
         self.reading -= taken
         if reader == oldest:
-            self._wake()  # another read is the oldest now
+            self._turn.wake()  # another read is the oldest now
 
     def take(self, reader: int, n: int) -> None:
         """Count `n` bytes that arrived for `reader`."""
@@ -281,25 +284,37 @@ class BodyBudget:
 
     async def wait_turn(self, reader: int) -> None:
         while self.must_wait(reader):
-            await self._wait()
+            await self._turn.wait()
 
     def give_back(self, n: int) -> None:
         self.used -= n
-        if self.used <= self.limit or self._waiters:
-            self._wake()
+        if self.used - self.reading <= self.limit:  # the oldest read may go on
+            self._turn.wake()
+        if self.used <= self.limit:
+            self._room.wake()
 
-    async def _wait(self) -> None:
-        changed = self._changed
-        self._waiters += 1
+
+class _Waiters:
+    """Coroutines waiting for one kind of change; `wake` lets them all re-check."""
+
+    __slots__ = ("_event", "count")
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.count = 0
+
+    async def wait(self) -> None:
+        event = self._event
+        self.count += 1
         try:
-            await changed.wait()
+            await event.wait()
         finally:
-            self._waiters -= 1
+            self.count -= 1
 
-    def _wake(self) -> None:
-        if self._waiters:
-            self._changed.set()
-            self._changed = asyncio.Event()
+    def wake(self) -> None:
+        if self.count:
+            self._event.set()
+            self._event = asyncio.Event()
 
 
 class Fetcher:
