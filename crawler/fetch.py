@@ -247,10 +247,10 @@ class BodyBudget:
         self._readers: dict[int, None] = {}  # reads in progress, oldest first
         self._next = 0
         # Two kinds of waiters, woken apart: new requests (up to a worker's window of them)
-        # only when the budget has room, reads (at most one per connection) when theirs may
-        # have come. Waking every new request on every change costs O(window) per image.
+        # only when the budget has room, a read only when its turn may have come. Waking
+        # every waiter on every change costs O(window) per image.
         self._room = _Waiters()
-        self._turn = _Waiters()
+        self._turn: dict[int, asyncio.Future[None]] = {}  # waiting reads, by reader
 
     async def room(self) -> None:
         """Wait until the budget is not spent."""
@@ -268,7 +268,7 @@ class BodyBudget:
         self._readers.pop(reader, None)
         self.reading -= taken
         if reader == oldest:
-            self._turn.wake()  # another read is the oldest now
+            self._wake_turns()  # another read is the oldest now
 
     def take(self, reader: int, n: int) -> None:
         """Count `n` bytes that arrived for `reader`."""
@@ -284,14 +284,34 @@ class BodyBudget:
 
     async def wait_turn(self, reader: int) -> None:
         while self.must_wait(reader):
-            await self._turn.wait()
+            fut = asyncio.get_running_loop().create_future()
+            self._turn[reader] = fut
+            try:
+                await fut
+            finally:
+                self._turn.pop(reader, None)
 
     def give_back(self, n: int) -> None:
         self.used -= n
-        if self.used - self.reading <= self.limit:  # the oldest read may go on
-            self._turn.wake()
+        self._wake_turns()
         if self.used <= self.limit:
             self._room.wake()
+
+    def _wake_turns(self) -> None:
+        """Wake the reads that may go on: all of them when the budget has room, else only
+        the oldest read, when what the others hold alone keeps within the budget."""
+        if not self._turn:
+            return
+        if self.used <= self.limit:
+            waking = list(self._turn.values())
+        elif self.used - self.reading <= self.limit:
+            oldest = self._turn.get(next(iter(self._readers), -1))
+            waking = [oldest] if oldest is not None else []
+        else:
+            return
+        for fut in waking:
+            if not fut.done():
+                fut.set_result(None)
 
 
 class _Waiters:
