@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@bash scripts/system-deps.sh test
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2  # two processes: most tests wait on real processes and networks
 
 lint: $(STAMP)
 	$(BIN)/ruff check crawler assign tests bench
