@@ -760,8 +760,8 @@ def _tune_gc() -> None:
 
     Almost nothing a crawl allocates is cyclic garbage (174 objects found in 10,000 images),
     but every item's tasks, futures and buffers count towards the automatic thresholds: with
-    the youngest generation at 7000 objects, collections still took ~9 % of the worker's CPU
-    (0.38 s of CPU per 10,000 images; on the timer: 0.11 s; session 5, docs/performance.md).
+    the youngest generation at 7000 objects, collections take ~9 % of the worker's CPU (0.38 s
+    of CPU per 10,000 images; on the timer: 0.11 s; see docs/performance.md).
     The timer also bounds how long cyclic garbage lives: five seconds in the young
     generations."""
     global _gc_users, _gc_was_enabled
