@@ -313,6 +313,21 @@ def _process_to(
         raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
     img.load()
     orientation = 1 if fmt == "GIF" else _orientation(img)
+    out, icc, (disp_w, disp_h) = _upright_within(img, orientation, settings)
+    if target == "JPEG" and out.mode in ("RGBA", "LA"):
+        rgba = out.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        out = flat
+    encoded = _encode(out, target, settings, icc)
+    return _stored(encoded, target, mimetype, out.size, (disp_w, disp_h), frames)
+
+
+def _upright_within(
+    img: Image.Image, orientation: int, settings: ImageSettings
+) -> tuple[Image.Image, bytes | None, tuple[int, int]]:
+    """The decoded image upright and shrunk to `max_side`, in a mode the encoders take; its
+    ICC profile when the colours were kept; and its display size before shrinking."""
     w, h = img.size
     swapped = orientation in (5, 6, 7, 8)
     disp_w, disp_h = (h, w) if swapped else (w, h)
@@ -324,13 +339,7 @@ def _process_to(
         out = out.resize((sw, sh), _RESAMPLE[settings.resample], reducing_gap=_REDUCING_GAP)
     if orientation != 1:
         out = out.transpose(_TRANSPOSE[orientation])
-    if target == "JPEG" and out.mode in ("RGBA", "LA"):
-        rgba = out.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        out = flat
-    encoded = _encode(out, target, settings, icc)
-    return _stored(encoded, target, mimetype, out.size, (disp_w, disp_h), frames)
+    return out, icc, (disp_w, disp_h)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -403,16 +412,7 @@ def _process_other(
         img.seek(0)
         img.load()
 
-    swapped = orientation in (5, 6, 7, 8)
-    disp_w, disp_h = (h, w) if swapped else (w, h)
-    tw, th = target_size(disp_w, disp_h, settings.max_side)
-    out, colour_kept = _normalize_mode(img)
-    icc = img.info.get("icc_profile") if colour_kept else None
-    sw, sh = (th, tw) if swapped else (tw, th)
-    if out.size != (sw, sh):
-        out = out.resize((sw, sh), _RESAMPLE[settings.resample], reducing_gap=_REDUCING_GAP)
-    if orientation != 1:
-        out = out.transpose(_TRANSPOSE[orientation])
+    out, icc, (disp_w, disp_h) = _upright_within(img, orientation, settings)
     if same is None:  # BMP, TIFF, ICO, AVIF, ...: JPEG, or PNG when there is real alpha
         if out.mode in ("RGBA", "LA"):
             lo, _hi = out.getchannel("A").getextrema()
