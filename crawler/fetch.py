@@ -270,8 +270,8 @@ class BodyBudget:
         if reader == oldest:
             self._wake_turns()  # another read is the oldest now
 
-    def take(self, reader: int, n: int) -> None:
-        """Count `n` bytes that arrived for `reader`."""
+    def take(self, n: int) -> None:
+        """Count `n` bytes that arrived for a read in progress."""
         self.used += n
         self.reading += n
         self.peak = max(self.peak, self.used)
@@ -430,10 +430,10 @@ class Fetcher:
                 judge.cancel()
 
     async def _follow(self, url: URL, progress: _Progress, hops: Hops) -> FetchResult:
+        refused = check_parsed(url, self.policy)  # each redirect target is checked as it comes
+        if refused is not None:
+            return FetchResult(refused[0], error=refused[1], final_url=str(url))
         while hops.count <= self.cfg.max_redirects:
-            refused = check_parsed(url, self.policy)
-            if refused is not None:
-                return FetchResult(refused[0], error=refused[1], final_url=str(url))
             hops.seen.add(str(url))
             progress.headers = False
             progress.host = url.host or ""
@@ -635,7 +635,7 @@ async def _read_capped(
             chunks.append(chunk)
             if budget is not None:
                 taken += len(chunk)
-                budget.take(reader, len(chunk))
+                budget.take(len(chunk))
                 if budget.must_wait(reader):
                     with progress.paused():
                         await budget.wait_turn(reader)

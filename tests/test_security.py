@@ -440,7 +440,7 @@ async def test_a_read_paused_for_the_workers_budget_is_not_charged_to_its_deadli
     cfg = FetchConfig(allow_private_addresses=True, total_timeout_s=1.0)
     budget = fetch.BodyBudget(1000)
     waiting = budget.start_read()
-    budget.take(waiting, 5000)
+    budget.take(5000)
     budget.end_read(waiting, 5000)  # read whole, waiting for its image work
     session = fetch.client_session(cfg, max_connections=2)
     fetcher = fetch.Fetcher(cfg, session, max_connections=2, budget=budget)
