@@ -21,6 +21,7 @@ from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
+from crawler.testweb import ImageWeb, make_docs, write_shard
 from crawler.worker import Worker
 
 TEST_REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -172,3 +173,36 @@ def flags(settings: dict[str, object]) -> list[str]:
 def own_names(docs: list[dict[str, Any]]) -> set[str]:
     """The image names of a shard's documents."""
     return {info["image_name"] for d in docs for info in d["image_info"]}
+
+
+def write_shards(
+    web: ImageWeb, directory: Path, shards: list[str], docs_each: int, seed: int, faults: float
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """One shard file of small images per name in `shards` (seeds `seed`, `seed` + 1, …):
+    the documents by shard, and the files' paths."""
+    docs = {
+        s: make_docs(web, docs_each, seed=seed + i, sizes="small", faults=faults)
+        for i, s in enumerate(shards)
+    }
+    paths = [str(directory / f"{shard}.jsonl") for shard in shards]
+    for path, shard in zip(paths, shards, strict=True):
+        write_shard(path, docs[shard])
+    return docs, paths
+
+
+def children(pid: int) -> list[int]:
+    """The child process ids of `pid` (none once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is alive (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

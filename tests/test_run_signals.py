@@ -15,28 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crawling import alive, children
 from redis_server import RedisProcess
 
 from crawler.exitcodes import ExitCode
 from crawler.testweb import ImageWeb, write_shard
 
 GRACE_S = 3
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(c) for c in fh.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture
@@ -72,7 +57,7 @@ def running(
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while len(workers := _children(run.pid)) < 2:
+        while len(workers := children(run.pid)) < 2:
             assert run.poll() is None, run.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "run started no workers"
             time.sleep(0.1)
@@ -106,7 +91,7 @@ def test_ctrl_c_drains_each_worker_once_and_exits_130(
         assert "second signal" not in err  # each worker got one signal: a graceful drain
         assert "restarting" not in err  # and none was restarted
         assert err.count("stopping: finishing in-flight work") == 2
-        assert not any(_running(w) for w in workers)
+        assert not any(alive(w) for w in workers)
 
 
 def test_a_second_ctrl_c_ends_run_at_once(slow_shard: Path, namespace: str, tmp_path: Path) -> None:
@@ -119,9 +104,9 @@ def test_a_second_ctrl_c_ends_run_at_once(slow_shard: Path, namespace: str, tmp_
         _ended(run, 5)
         assert run.returncode == ExitCode.INTERRUPTED
         deadline = time.monotonic() + 10  # the workers follow their parent at once
-        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_running(w) for w in workers)
+        assert not any(alive(w) for w in workers)
 
 
 def test_sigterm_is_honoured_within_the_grace_period_while_redis_is_down(
@@ -136,7 +121,7 @@ def test_sigterm_is_honoured_within_the_grace_period_while_redis_is_down(
             os.kill(run.pid, signal.SIGTERM)
             err = _ended(run, GRACE_S + 40)
             assert run.returncode == ExitCode.TERMINATED, err[-3000:]
-            assert not any(_running(w) for w in workers)
+            assert not any(alive(w) for w in workers)
     finally:
         server.stop()
 
