@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from crawling import alive, children
+from crawling import alive, children, signalled_after
 from redis_server import RedisProcess
 
 from crawler.exitcodes import ExitCode
@@ -189,20 +189,12 @@ def test_sigterm_stops_retry_waiting_on_a_redis_that_does_not_answer(tmp_path: P
         silent.listen(8)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "crawler", "--redis-url", url, "--output", str(tmp_path),
-             "retry", "--status", "timeout"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            time.sleep(2.0)  # connected, waiting for an answer (redis.socket_timeout_s: 15 s)
-            assert proc.poll() is None, proc.communicate()
-            proc.send_signal(signal.SIGTERM)
-            _out, err = proc.communicate(timeout=8)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == ExitCode.TERMINATED, err
-    assert "Traceback" not in err
-    assert "run the same command again" in err
+        args = [
+            sys.executable, "-m", "crawler", "--redis-url", url, "--output", str(tmp_path),
+            "retry", "--status", "timeout",
+        ]  # fmt: skip
+        # 2 s: connected, waiting for an answer (redis.socket_timeout_s: 15 s)
+        done = signalled_after(args, 2.0, signal.SIGTERM, 8, env)
+    assert done.returncode == ExitCode.TERMINATED, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "run the same command again" in done.stderr
