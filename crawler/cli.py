@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -167,32 +167,28 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
 
 
 async def _enqueue(cfg: Config, sources: list[Any]) -> int:
-    from crawler.connection import RedisUnavailable, connect, retrying
+    from crawler.connection import RedisUnavailable, retrying
     from crawler.embedded import where
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
-    from crawler.signals import StopSignals, until_stopped
+    from crawler.signals import StopSignals, failure, until_stopped
 
-    signals = StopSignals()
-    signals.install()
-    client = connect(cfg)
-    ingest = Ingest(cfg, client, redis_wait_s=cfg.ingest.redis_wait_s)
-    queue = WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue)
+    with StopSignals() as signals:
+        async with _redis(cfg) as client:
+            ingest = Ingest(cfg, client, redis_wait_s=cfg.ingest.redis_wait_s)
+            queue = WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue)
 
-    async def work() -> None:
-        await retrying(
-            queue.ensure_group, cfg.redis.reconnect_backoff_s, what="enqueue",
-            give_up_after_s=cfg.ingest.redis_wait_s,
-        )  # fmt: skip
-        await ingest.run(sources, signals.event)
+            async def work() -> None:
+                await retrying(
+                    queue.ensure_group, cfg.redis.reconnect_backoff_s, what="enqueue",
+                    give_up_after_s=cfg.ingest.redis_wait_s,
+                )  # fmt: skip
+                await ingest.run(sources, signals.event)
 
-    try:
-        # Stopped: ingest ends at its next check (a wait for room, a batch); a download or a
-        # wait for Redis is cancelled, which leaves no half-applied batch either (each batch
-        # and its resume point are one transaction).
-        task = await until_stopped(work(), signals)
-        if task.done() and not task.cancelled():
-            exc = task.exception()
+            # Stopped: ingest ends at its next check (a wait for room, a batch); a download
+            # or a wait for Redis is cancelled, which leaves no half-applied batch either
+            # (each batch and its resume point are one transaction).
+            exc = failure(await until_stopped(work(), signals))
             if isinstance(exc, RedisUnavailable):
                 raise CommandError(
                     ExitCode.REDIS_UNAVAILABLE,
@@ -206,11 +202,21 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
         if signals.code is not None:
             return signals.code
         return ExitCode.FAILURE if ingest.stats.shards_unreadable else ExitCode.OK
+
+
+@contextlib.asynccontextmanager
+async def _redis(cfg: Config) -> AsyncIterator[Any]:
+    """A client of the crawl's Redis, closed on the way out (a close that fails or hangs does
+    not fail the command)."""
+    from crawler.connection import connect
+
+    client = connect(cfg)
+    try:
+        yield client
     finally:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await client.aclose()
-        signals.uninstall()
 
 
 @main.command()
@@ -259,17 +265,12 @@ async def _check(cfg: Config) -> int:
 @pass_state
 def status_cmd(state: State, as_json: bool) -> None:
     """Queue depth, leased, done by status, rate, ETA, shards in flight, workers."""
-    from crawler.connection import connect
-
     cfg = state.load()
     _guard(cfg)
 
     async def go() -> monitor.Snapshot:
-        client = connect(cfg)
-        try:
+        async with _redis(cfg) as client:
             return await monitor.snapshot(client, Keys(cfg.redis.namespace))
-        finally:
-            await client.aclose()
 
     snap = _run(go())
     if as_json:
@@ -287,29 +288,23 @@ def serve(state: State, host: str, port: int) -> None:
     (/metrics) and /healthz, from the crawl's Redis."""
     from aiohttp import web
 
-    from crawler.connection import connect
+    from crawler.signals import StopSignals
     from crawler.statuspage import make_app
 
     cfg = state.load()
     _guard(cfg)
 
     async def go() -> None:
-        client = connect(cfg)
-        runner = web.AppRunner(make_app(client, Keys(cfg.redis.namespace)), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
-        click.echo(f"status page on http://{host}:{port}/")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-            await client.aclose()
+        async with _redis(cfg) as client:
+            runner = web.AppRunner(make_app(client, Keys(cfg.redis.namespace)), access_log=None)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, host, port).start()
+                click.echo(f"status page on http://{host}:{port}/")
+                with StopSignals() as signals:
+                    await signals.event.wait()
+            finally:
+                await runner.cleanup()
 
     _run(go())
 
@@ -471,11 +466,10 @@ def export(
 def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
-    from crawler.connection import connect
     from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
     from crawler.shards import Shards
-    from crawler.signals import StopSignals, until_stopped
+    from crawler.signals import StopSignals, failure, until_stopped
 
     cfg = state.load()
     wanted = {s.strip() for s in statuses.split(",") if s.strip()}
@@ -512,24 +506,18 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
                 moved[shard] = n
 
     async def go() -> int:
-        signals = StopSignals()
-        signals.install()
-        client = connect(cfg)
-        keys = Keys(cfg.redis.namespace)
-        queue = WorkQueue(client, keys, cfg.queue)
-        try:
-            task = await until_stopped(
-                requeue(Shards(client, keys, queue, cfg.output_dir), signals), signals
-            )
-            exc = task.exception() if task.done() and not task.cancelled() else None
-            if exc is not None:
-                raise exc
+        with StopSignals() as signals:
+            async with _redis(cfg) as client:
+                keys = Keys(cfg.redis.namespace)
+                queue = WorkQueue(client, keys, cfg.queue)
+                exc = failure(
+                    await until_stopped(
+                        requeue(Shards(client, keys, queue, cfg.output_dir), signals), signals
+                    )
+                )
+                if exc is not None:
+                    raise exc
             return signals.code or ExitCode.OK
-        finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await client.aclose()
-            signals.uninstall()
 
     try:
         code = _run(go())
@@ -553,23 +541,17 @@ def clear(state: State, yes: bool) -> None:
     counters, shards in flight, history. Files in the output directory (images, reports,
     rewritten shards) stay; a later `run` or `enqueue` skips the shards reported there.
     Stop the crawl's workers first."""
-    from crawler.connection import connect
-
     cfg = state.load()
     _guard(cfg)
     keys = Keys(cfg.redis.namespace)
 
     async def count() -> int:
-        client = connect(cfg)
-        try:
+        async with _redis(cfg) as client:
             return len([k async for k in client.scan_iter(match=keys.all_pattern, count=1000)])
-        finally:
-            await client.aclose()
 
     async def delete() -> int:
-        client = connect(cfg)
         deleted = 0
-        try:
+        async with _redis(cfg) as client:
             batch: list[Any] = []
             async for key in client.scan_iter(match=keys.all_pattern, count=1000):
                 batch.append(key)
@@ -578,8 +560,6 @@ def clear(state: State, yes: bool) -> None:
                     batch = []
             if batch:
                 deleted += int(await client.unlink(*batch))
-        finally:
-            await client.aclose()
         return deleted
 
     from crawler.errors import redact

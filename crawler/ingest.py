@@ -572,13 +572,13 @@ class Ingest:
         try:
             for line_no, line in enumerate(lines, start=1):
                 fresh = line_no > start_line
+                batch.lines += fresh
                 if line is None:  # longer than max_line_bytes
                     if fresh:
                         batch.count_bad_line(line_no, "line_too_long", "line is too long")
                     continue
                 parsed = parse_line(line, policy)
                 if fresh:
-                    batch.lines += 1
                     if parsed.error:
                         batch.count_bad_line(line_no, "bad_line", parsed.error)
                     batch.skipped_entries += parsed.skipped_entries
@@ -661,13 +661,7 @@ class Ingest:
         await self.queue.add_to(pipe, source.shard, [(e.name, e.url) for e in batch.items])
         if batch.problems:
             await self.queue.record_to(pipe, batch.problems)
-        errors = {
-            **batch.error_kinds,
-            "bad_image_info": batch.skipped_entries,
-            "bad_url": sum(1 for p in batch.problems if p[4] == status.BAD_URL),
-            "bad_name": sum(1 for p in batch.problems if p[4] == status.BAD_NAME),
-            "blocked_address": sum(1 for p in batch.problems if p[4] == status.BLOCKED_ADDRESS),
-        }
+        errors = {**batch.error_kinds, "bad_image_info": batch.skipped_entries}
         for kind, n in errors.items():
             if n:
                 pipe.hincrby(self.keys.ingest_errors, kind, n)
@@ -722,12 +716,12 @@ class Batch:
         if not entry.problem_status:
             self.items.append(entry)
             return
-        rec = status.make_record(entry.name, entry.url, entry.problem_status, error=entry.problem)
+        kind = entry.problem_status  # bad_url, bad_name, blocked_address: counted as kinds
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+        rec = status.make_record(entry.name, entry.url, kind, error=entry.problem)
         self.problems.append(encode_result("", self.shard, entry.name, rec))
 
     def count_bad_line(self, line_no: int, kind: str, why: str) -> None:
-        if kind == "line_too_long":
-            self.lines += 1
         self.bad_lines += 1
         self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
         self.errors.append(f"line {line_no}: {why}")

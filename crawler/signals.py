@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT for a command that waits (`enqueue`, `retry`): the first asks for a
+"""SIGTERM and SIGINT for a command that waits (`enqueue`, `retry`, `serve`): the first asks for a
 stop at the next consistent point, a second exits at once.
 
 Signals that arrived before the event loop ran (remembered by ``crawler.early``) count too.
@@ -41,6 +41,13 @@ class StopSignals:
     def code(self) -> ExitCode | None:
         """The exit code a stopped command returns, or None when no signal came."""
         return exit_code(self.signum) if self.signum else None
+
+    def __enter__(self) -> StopSignals:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -86,3 +93,8 @@ async def until_stopped(
             task.cancel()
             await asyncio.wait({task}, timeout=3.0)
     return task
+
+
+def failure(task: asyncio.Task[Any]) -> BaseException | None:
+    """The exception `task` (from ``until_stopped``) ended with; None when it was cancelled."""
+    return task.exception() if task.done() and not task.cancelled() else None

@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from crawler.ingest import Ingest, expand_sources
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
+from crawler.testweb import ImageWeb, make_docs, write_shard
 from crawler.worker import Worker
 
 TEST_REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -172,3 +174,56 @@ def flags(settings: dict[str, object]) -> list[str]:
 def own_names(docs: list[dict[str, Any]]) -> set[str]:
     """The image names of a shard's documents."""
     return {info["image_name"] for d in docs for info in d["image_info"]}
+
+
+def write_shards(
+    web: ImageWeb, directory: Path, shards: list[str], docs_each: int, seed: int, faults: float
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """One shard file of small images per name in `shards` (seeds `seed`, `seed` + 1, …):
+    the documents by shard, and the files' paths."""
+    docs = {
+        s: make_docs(web, docs_each, seed=seed + i, sizes="small", faults=faults)
+        for i, s in enumerate(shards)
+    }
+    paths = [str(directory / f"{shard}.jsonl") for shard in shards]
+    for path, shard in zip(paths, shards, strict=True):
+        write_shard(path, docs[shard])
+    return docs, paths
+
+
+def children(pid: int) -> list[int]:
+    """The child process ids of `pid` (none once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is alive (a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def signalled_after(
+    args: list[str], wait_s: float, sig: int, timeout: float, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Start `args`, check it is still running after `wait_s`, send it `sig` and wait up to
+    `timeout` for it to exit (killed after that, and the wait fails)."""
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(wait_s)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from crawling import churn_flags, crawl_config, flags, own_names, report, start_worker, stuck_state
+from crawling import (
+    churn_flags,
+    crawl_config,
+    flags,
+    own_names,
+    report,
+    start_worker,
+    stuck_state,
+    write_shards,
+)
 from PIL import Image
 from redis_server import RedisProcess
 from test_poison import POISON
@@ -24,7 +33,7 @@ from test_poison import POISON
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from crawler.testweb import ImageWeb
 
 
 async def test_poison_kills_and_a_redis_restart_end_with_every_shard_whole_and_rewritten(
@@ -36,13 +45,7 @@ async def test_poison_kills_and_a_redis_restart_end_with_every_shard_whole_and_r
     ns = "chaos"
     keys = Keys(ns)
     shards = [f"chaos_shard_{i}" for i in range(3)]
-    docs = {
-        s: make_docs(web, 10, seed=60 + i, sizes="small", faults=0.05) for i, s in enumerate(shards)
-    }
-    paths = []
-    for shard, d in docs.items():
-        paths.append(str(tmp_path / f"{shard}.jsonl"))
-        write_shard(paths[-1], d)
+    docs, paths = write_shards(web, tmp_path, shards, 10, seed=60, faults=0.05)
     cfg = crawl_config(ns, tmp_path, queue={"lease_timeout_s": 2.0})
     cfg.redis.url = server.url
     args = churn_flags(

@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis
 from click.testing import CliRunner
-from crawling import TEST_REDIS_URL, crawl, crawl_config, report
+from crawling import TEST_REDIS_URL, alive, children, crawl, crawl_config, report
 
 from crawler.cli import main
 from crawler.status import read_report
@@ -62,19 +62,6 @@ def test_run_crawls_shards_to_the_end_on_its_own_embedded_redis(
     assert "nothing to do: the 2 shards given are already reported" in again.stderr
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        return [int(c) for c in fh.read().split()]
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_workers_of_a_killed_run_stop_instead_of_living_on(
     web: ImageWeb, namespace: str, tmp_path: Path
 ) -> None:
@@ -97,17 +84,17 @@ def test_workers_of_a_killed_run_stop_instead_of_living_on(
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while len(workers := _children(run.pid)) < 2:
+        while len(workers := children(run.pid)) < 2:
             assert time.monotonic() < deadline, "run started no workers"
             time.sleep(0.1)
         time.sleep(3)  # the workers are crawling
-        assert all(_running(w) for w in workers)
+        assert all(alive(w) for w in workers)
         run.kill()
         run.wait()
         deadline = time.monotonic() + 40  # grace period, final flush, and a margin
-        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_running(w) for w in workers), "workers outlived their run"
+        assert not any(alive(w) for w in workers), "workers outlived their run"
     finally:
         run.kill()
         for w in workers:

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from crawling import TEST_REDIS_URL, image_doc
+from crawling import TEST_REDIS_URL, image_doc, signalled_after
 from redis_server import RedisProcess, free_port
 
 from crawler.exitcodes import ExitCode
@@ -313,18 +313,10 @@ def test_sigterm_stops_enqueue_waiting_on_a_stalled_shard_download(
         args = enqueue_args(
             namespace, tmp_path, "--set", "fetch.allow_private_addresses=true", "enqueue", url
         )
-        proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, text=True)
-        try:
-            time.sleep(2.0)  # started, connected, waiting for a response
-            assert proc.poll() is None
-            proc.send_signal(signal.SIGTERM)
-            out, _err = proc.communicate(timeout=STOP_BOUND_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == ExitCode.TERMINATED
-    assert orjson.loads(out)["stopped"] is True
+        # 2 s: started, connected, waiting for a response
+        done = signalled_after(args, 2.0, signal.SIGTERM, STOP_BOUND_S, clean_env())
+    assert done.returncode == ExitCode.TERMINATED
+    assert orjson.loads(done.stdout)["stopped"] is True
     assert not list((tmp_path / "data" / "downloads").iterdir())  # no partial copy left
 
 
@@ -385,15 +377,6 @@ def test_sigterm_stops_enqueue_waiting_for_an_unreachable_redis(
     args = enqueue_args(
         namespace, tmp_path, "--set", "ingest.redis_wait_s=0", "enqueue", str(shard), url=url
     )  # 0: it would wait for Redis forever
-    proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        time.sleep(1.5)
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=STOP_BOUND_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == ExitCode.TERMINATED
-    assert b"Traceback" not in err
+    done = signalled_after(args, 1.5, signal.SIGTERM, STOP_BOUND_S, clean_env())
+    assert done.returncode == ExitCode.TERMINATED
+    assert "Traceback" not in done.stderr

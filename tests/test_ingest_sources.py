@@ -27,6 +27,18 @@ def shard_bytes(n: int, tag: str) -> bytes:
     return b"".join(orjson.dumps(d) + b"\n" for d in docs)
 
 
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` on an ephemeral loopback port; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def shard_server() -> AsyncIterator[str]:
     plain = shard_bytes(3, "plain")
@@ -46,13 +58,8 @@ async def shard_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/{name}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(app) as base:
+        yield base
 
 
 async def test_remote_shards_are_streamed_and_a_missing_one_is_recorded_and_skipped(
@@ -128,12 +135,8 @@ async def hostile_server() -> AsyncIterator[str]:
     app.router.add_get("/bomb/docs_shard_1_v2.jsonl", bomb)
     app.router.add_get("/redirect/docs_shard_2_v2.jsonl", redirect)
     app.router.add_get("/{tail:.*}", plain)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serving(app) as base:
+        yield base
 
 
 async def test_endless_and_compressed_bomb_downloads_stop_at_the_download_limit(

@@ -20,12 +20,13 @@ from crawling import (
     report,
     start_worker,
     stuck_state,
+    write_shards,
 )
 
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from crawler.testweb import ImageWeb
 
 # (fields, what the dead-letter entry's reason says)
 POISON: list[tuple[dict[bytes, bytes], str]] = [
@@ -51,13 +52,7 @@ async def test_poison_entries_end_as_records_or_dead_letters_and_every_shard_has
     keys = Keys(namespace)
     cfg = crawl_config(namespace, tmp_path, queue={"lease_timeout_s": 1.0, "max_deliveries": 3})
     shards = [f"poison_shard_{i}" for i in range(2)]
-    docs = {
-        s: make_docs(web, 12, seed=31 + i, sizes="small", faults=0) for i, s in enumerate(shards)
-    }
-    paths = []
-    for shard, d in docs.items():
-        paths.append(str(tmp_path / f"{shard}.jsonl"))
-        write_shard(paths[-1], d)
+    docs, paths = write_shards(web, tmp_path, shards, 12, seed=31, faults=0)
     good_url = docs[shards[0]][0]["image_info"][0]["raw_url"].encode()
     client = aioredis.Redis.from_url(TEST_REDIS_URL)
     queue = WorkQueue(client, keys, cfg.queue)

@@ -15,28 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crawling import alive, children, signalled_after
 from redis_server import RedisProcess
 
 from crawler.exitcodes import ExitCode
 from crawler.testweb import ImageWeb, write_shard
 
 GRACE_S = 3
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(c) for c in fh.read().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture
@@ -72,7 +57,7 @@ def running(
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while len(workers := _children(run.pid)) < 2:
+        while len(workers := children(run.pid)) < 2:
             assert run.poll() is None, run.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "run started no workers"
             time.sleep(0.1)
@@ -106,7 +91,7 @@ def test_ctrl_c_drains_each_worker_once_and_exits_130(
         assert "second signal" not in err  # each worker got one signal: a graceful drain
         assert "restarting" not in err  # and none was restarted
         assert err.count("stopping: finishing in-flight work") == 2
-        assert not any(_running(w) for w in workers)
+        assert not any(alive(w) for w in workers)
 
 
 def test_a_second_ctrl_c_ends_run_at_once(slow_shard: Path, namespace: str, tmp_path: Path) -> None:
@@ -119,9 +104,9 @@ def test_a_second_ctrl_c_ends_run_at_once(slow_shard: Path, namespace: str, tmp_
         _ended(run, 5)
         assert run.returncode == ExitCode.INTERRUPTED
         deadline = time.monotonic() + 10  # the workers follow their parent at once
-        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_running(w) for w in workers)
+        assert not any(alive(w) for w in workers)
 
 
 def test_sigterm_is_honoured_within_the_grace_period_while_redis_is_down(
@@ -136,7 +121,7 @@ def test_sigterm_is_honoured_within_the_grace_period_while_redis_is_down(
             os.kill(run.pid, signal.SIGTERM)
             err = _ended(run, GRACE_S + 40)
             assert run.returncode == ExitCode.TERMINATED, err[-3000:]
-            assert not any(_running(w) for w in workers)
+            assert not any(alive(w) for w in workers)
     finally:
         server.stop()
 
@@ -204,20 +189,12 @@ def test_sigterm_stops_retry_waiting_on_a_redis_that_does_not_answer(tmp_path: P
         silent.listen(8)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "crawler", "--redis-url", url, "--output", str(tmp_path),
-             "retry", "--status", "timeout"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        try:
-            time.sleep(2.0)  # connected, waiting for an answer (redis.socket_timeout_s: 15 s)
-            assert proc.poll() is None, proc.communicate()
-            proc.send_signal(signal.SIGTERM)
-            _out, err = proc.communicate(timeout=8)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == ExitCode.TERMINATED, err
-    assert "Traceback" not in err
-    assert "run the same command again" in err
+        args = [
+            sys.executable, "-m", "crawler", "--redis-url", url, "--output", str(tmp_path),
+            "retry", "--status", "timeout",
+        ]  # fmt: skip
+        # 2 s: connected, waiting for an answer (redis.socket_timeout_s: 15 s)
+        done = signalled_after(args, 2.0, signal.SIGTERM, 8, env)
+    assert done.returncode == ExitCode.TERMINATED, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "run the same command again" in done.stderr
