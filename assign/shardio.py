@@ -16,7 +16,9 @@ import secrets
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
+
+import orjson
 
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -98,6 +100,15 @@ def atomic_writer(destination: Path, *, durable: bool = True) -> Iterator[IO[byt
 def write_atomically(destination: Path, data: bytes, *, durable: bool = True) -> None:
     with atomic_writer(destination, durable=durable) as out:
         out.write(data)
+
+
+def read_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object ``write_atomically`` left at ``path``; None if there is none."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def fsync_directory(directory: Path) -> None:

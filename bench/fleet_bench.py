@@ -207,7 +207,12 @@ def delta(a: Counters, b: Counters, workers: int) -> Run:
     )
 
 
-def sample_group(client: redis.Redis, run: Run, stop: threading.Event) -> None:
+def sample_group(
+    client: redis.Redis,
+    lag_samples: list[int | None],
+    undelivered: list[int],
+    stop: threading.Event,
+) -> None:
     """What KEDA's redis-streams scaler reads: the group's lag (None when Redis cannot tell)
     and, for comparison, the exact number of undelivered entries (XLEN - pending)."""
     keys = Keys(NS)
@@ -222,8 +227,8 @@ def sample_group(client: redis.Redis, run: Run, stop: threading.Event) -> None:
             name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
             if name == CRAWL_GROUP:
                 lag = g.get("lag")
-                run.lag_samples.append(None if lag is None else int(lag))
-                run.undelivered_samples.append(length - int(g["pending"]))
+                lag_samples.append(None if lag is None else int(lag))
+                undelivered.append(length - int(g["pending"]))
 
 
 def run_fleet(n: int, args: argparse.Namespace, web: Web, work: Path, images: int) -> Run:
@@ -267,9 +272,12 @@ def run_fleet(n: int, args: argparse.Namespace, web: Web, work: Path, images: in
         a = Counters.read(client)
         if a.images >= images:
             raise SystemExit("the fleet finished during the warm-up: raise --images")
-        sampled = Run(n, 0, 0, 0, 0, 0, 0, {}, {})
+        lag_samples: list[int | None] = []
+        undelivered: list[int] = []
         stop = threading.Event()
-        sampler = threading.Thread(target=sample_group, args=(client, sampled, stop), daemon=True)
+        sampler = threading.Thread(
+            target=sample_group, args=(client, lag_samples, undelivered, stop), daemon=True
+        )
         sampler.start()
         deadline = time.monotonic() + args.seconds
         while time.monotonic() < deadline:
@@ -281,7 +289,7 @@ def run_fleet(n: int, args: argparse.Namespace, web: Web, work: Path, images: in
         stop.set()
         sampler.join()
         run = delta(a, b, n)
-        run.lag_samples, run.undelivered_samples = sampled.lag_samples, sampled.undelivered_samples
+        run.lag_samples, run.undelivered_samples = lag_samples, undelivered
         run.ingest = ingest
         return run
     finally:

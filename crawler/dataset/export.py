@@ -33,7 +33,7 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from assign.shardio import atomic_writer, write_atomically
+from assign.shardio import atomic_writer, read_object, write_atomically
 from assign.status import StoredImage, load_stored_images
 from crawler import status
 from crawler.dataset.index import RECORD, DatasetIndex, Filter, IndexPaths
@@ -122,14 +122,6 @@ def sample_key(shard: str, line: int) -> str:
 
 def _progress_path(out: Path, shard: str) -> Path:
     return out / PROGRESS_DIR / f"{shard}.json"
-
-
-def _load_progress(path: Path) -> dict[str, Any] | None:
-    try:
-        data = orjson.loads(path.read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class _TarSink:
@@ -277,7 +269,7 @@ def _export_shard(output: Path, shard: str, settings: ExportSettings, result: Sh
     meta = orjson.loads(paths.meta.read_bytes())
     described = {**settings.describe(), "source": [meta["shard_stat"], meta["report_stat"]]}
     progress_path = _progress_path(out, shard)
-    progress = _load_progress(progress_path)
+    progress = read_object(progress_path)
     if progress is not None and progress.get("settings") != described:
         for tar in progress.get("tars", []):
             (out / str(tar.get("name"))).unlink(missing_ok=True)

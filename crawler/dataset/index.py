@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from assign.shardio import atomic_writer, discard_leftovers, write_atomically
+from assign.shardio import atomic_writer, discard_leftovers, read_object, write_atomically
 from crawler import status
 
 log = logging.getLogger("crawler.dataset")
@@ -171,11 +171,8 @@ def _current(paths: IndexPaths, sources: dict[str, Any]) -> bool:
 
 def read_meta(path: Path) -> dict[str, Any] | None:
     """A shard's meta, if it is whole and its files are the sizes it names."""
-    try:
-        meta = orjson.loads(path.read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError):
-        return None
-    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+    meta = read_object(path)
+    if meta is None or meta.get("version") != VERSION:
         return None
     paths = IndexPaths(path.parent.parent, str(meta.get("shard")))
     if _stat_key(paths.docs)[0] != meta.get("docs_bytes"):
