@@ -468,10 +468,6 @@ class DatasetIndex:
         )
         return [Hit(shard, r) for r in chosen]
 
-    def _count_in(self, shard: str, flt: Filter) -> int:
-        positions = self._matching(shard, flt)
-        return len(self.records(shard)) if positions is None else len(positions)
-
     def _collect(
         self, flt: Filter, shard_i: int, start: int, end: int, limit: int
     ) -> tuple[list[Hit], str | None]:
