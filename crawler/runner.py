@@ -247,11 +247,14 @@ async def run_all(
         await supervisor.stop(cfg.worker.grace_period_s + 10)
         if assign_task is not None:
             await _finish_assign(assign_task, assign_stop, client, keys, stop, interrupted)
+        snap: monitor.Snapshot | None = None
         try:  # the final status, unless Redis is unavailable
-            snap = await _unless_stopped(_deadline(5.0), monitor.snapshot(client, keys, history=2))
+            async with asyncio.timeout(5.0):
+                snap = await monitor.snapshot(client, keys, history=2)
+        except TimeoutError:  # an OSError: said before the clause below
+            pass
         except (RedisError, OSError) as exc:
             log.warning("no final status: %s", redact(str(exc)))
-            snap = None
         st = ingest.stats
         if logs.json_format():  # one JSON object per line on stderr, like every log line
             status_json = snap.to_json() if snap is not None else None
@@ -289,13 +292,6 @@ def _say(text: str) -> None:
         log.info("%s", text)
     else:
         print(text, file=sys.stderr)
-
-
-def _deadline(seconds: float) -> asyncio.Event:
-    """An event set after `seconds`."""
-    event = asyncio.Event()
-    asyncio.get_running_loop().call_later(seconds, event.set)
-    return event
 
 
 def _show(bar: Any, snap: monitor.Snapshot) -> None:
