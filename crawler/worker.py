@@ -408,13 +408,14 @@ class Worker:
             self.held.pop(item.id, None)
             self.room.set()
             return
-        self.stats.count(rec["status"], rec["bytes"])
-        self.metrics.image(rec["status"], rec["bytes"], rec["source_bytes"])
-        if rec["status"] != "ok":
-            self.failure_log.failure(host, rec["status"], str(rec.get("error") or ""))
-        if rec["status"] not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
+        st = rec["status"]
+        self.stats.count(st, rec["bytes"])
+        self.metrics.image(st, rec["bytes"], rec["source_bytes"])
+        if st != status.OK:
+            self.failure_log.failure(host, st, str(rec.get("error") or ""))
+        if st not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
-            if rec["status"] in status.GONE_STATUSES:
+            if st in status.GONE_STATUSES:
                 self.gone_hosts[host] = self.gone_hosts.get(host, 0) + 1
         self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
@@ -457,10 +458,10 @@ class Worker:
     def _backoff(self, attempt: int, res: FetchResult) -> float:
         """Seconds before the next attempt: none after a timeout (its deadline has spaced the
         attempts already), else jittered exponential backoff, at least any Retry-After."""
-        f = self.cfg.fetch
-        retry_after = res.retry_after
         if res.status == status.TIMEOUT:
             return 0.0
+        f = self.cfg.fetch
+        retry_after = res.retry_after
         delay = min(f.backoff_max_s, f.backoff_base_s * 2 ** (attempt - 1))
         delay = random.uniform(delay / 2, delay)  # jitter
         if retry_after is not None:
@@ -473,7 +474,7 @@ class Worker:
         m = self.metrics
         waiting = time.monotonic()
         async with self.gate.slot(host):
-            await self._room_for_images()
+            await self.bodies.room()  # while the image pool has its fill of bodies
             started = time.monotonic()
             m.host_wait_seconds.observe(started - waiting)
             res = await self.fetcher.fetch(url)
@@ -487,10 +488,6 @@ class Worker:
                 res = await self.fetcher.fetch(res.final_url, res.hops)
                 m.fetch_seconds.observe(time.monotonic() - started)
         return res, host
-
-    async def _room_for_images(self) -> None:
-        """Wait while the image pool already has its fill of downloaded bodies."""
-        await self.bodies.room()
 
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
