@@ -22,7 +22,6 @@ from pathlib import Path
 
 from crawler import images, safefs
 from crawler.images import ImageResult, ImageSettings
-from crawler.safefs import UnsafePath
 from crawler.status import STATUS_DIR, WRITE_ERROR
 
 TMP_PREFIX = safefs.TMP_PREFIX
@@ -81,16 +80,6 @@ def check_target(shard: str, name: str) -> str | None:
     return f"image name {problem}" if problem else None
 
 
-def write_atomic(target: Target, data: bytes) -> None:
-    """Write `data` as OUTPUT/<shard>/<name> (`safefs.write`: a temporary file, a rename, no
-    link followed). Raises UnsafePath for a target `check_target` refuses."""
-    root, shard, name = target
-    problem = check_target(shard, name)
-    if problem:
-        raise UnsafePath(problem)
-    safefs.write(root, shard, name, data)
-
-
 def shrink_and_store(data: bytes, settings: ImageSettings, target: Target) -> ImageResult:
     """Pool job: check and shrink a downloaded image, then write what is kept to `target`.
 
@@ -106,7 +95,7 @@ def shrink_and_store(data: bytes, settings: ImageSettings, target: Target) -> Im
         return img
     out = data if img.keep_original else (img.data or b"")
     try:
-        write_atomic(target, out)
+        safefs.write(*target, out)  # (checked above)
     except OSError as exc:
         # A full or read-only output is the machine's problem, not the image's: no record
         # (the worker pauses and hands the item back); anything else is this image's.
