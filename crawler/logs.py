@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from crawler.status import OK
+
 LEVEL_ENV = "MMC4_LOG_LEVEL"
 FORMAT_ENV = "MMC4_LOG_FORMAT"
 FORMATS = ("text", "json")
@@ -118,7 +120,7 @@ class LogStats:
         done = sum(by_status.values())
         new = sum(delta.values())
         failures = sorted(
-            ((k, n) for k, n in delta.items() if k != "ok" and n > 0), key=lambda kv: -kv[1]
+            ((k, n) for k, n in delta.items() if k != OK and n > 0), key=lambda kv: -kv[1]
         )
         failed = ", ".join(f"{k} {n}" for k, n in failures) or "none"
         self._last_time, self._last = now, dict(by_status)

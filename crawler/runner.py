@@ -27,7 +27,7 @@ import orjson
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from crawler import logs, monitor
+from crawler import logs, monitor, status
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.embedded import EmbeddedRedis, where
@@ -304,7 +304,7 @@ def _show(bar: Any, snap: monitor.Snapshot) -> None:
         postfix["total~"] = snap.total if snap.total is not None else "?"
     postfix.update(
         shards=f"{snap.shards_done}/{snap.shards_total}", queued=snap.queued,
-        ok=snap.by_status.get("ok", 0), failed=snap.done - snap.by_status.get("ok", 0),
+        ok=snap.by_status.get(status.OK, 0), failed=snap.done - snap.by_status.get(status.OK, 0),
     )  # fmt: skip
     bar.set_postfix(postfix, refresh=False)
     bar.refresh()

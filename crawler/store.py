@@ -22,7 +22,7 @@ from pathlib import Path
 
 from crawler import images, safefs
 from crawler.images import ImageResult, ImageSettings
-from crawler.status import STATUS_DIR, WRITE_ERROR
+from crawler.status import OK, STATUS_DIR, WRITE_ERROR
 
 TMP_PREFIX = safefs.TMP_PREFIX
 # Not a terminal status: the image was fine but the output refused it (see UNWRITABLE_ERRNOS).
@@ -91,7 +91,7 @@ def shrink_and_store(data: bytes, settings: ImageSettings, target: Target) -> Im
     if problem:
         return ImageResult(WRITE_ERROR, "", f"refused: {problem}")
     img = images.process_image(data, settings)
-    if img.status != "ok":
+    if img.status != OK:
         return img
     out = data if img.keep_original else (img.data or b"")
     try:
@@ -115,7 +115,7 @@ def verify_stored(target: Target, settings: ImageSettings) -> ImageResult | None
     except OSError:
         return None
     img = images.process_image(data, settings)
-    if img.status != "ok":
+    if img.status != OK:
         return None
     if img.keep_original:
         return dataclasses.replace(img, stored_bytes=len(data))
