@@ -10,11 +10,8 @@ the host's deadline takes over, counted from then, once something is heard (fetc
 A slow host shows itself slow (its responses are timed when they complete), so its deadlines
 grow with it; a server that never answers shows nothing and keeps the short deadline.
 
-Whether a timeout is worth another attempt depends on what the host did meanwhile: if it
-completed other responses while this one got nowhere, the fault is most likely this URL's (a
-request the server never answers, a body it trickles), and it gets one more attempt only (the
-crawler's own load may have been to blame the first time); if the host completed nothing, it
-may be overloaded or briefly away as a whole, and the usual attempts apply.
+The time a host last served a response (one that is not itself a transient failure) tells
+whether it served others while an attempt of it failed (`served_during`, see crawler.retries).
 """
 
 from __future__ import annotations
@@ -36,13 +33,14 @@ class ResponseTimes:
         self.floor_s = min(floor_s, ceiling_s)
         self.ceiling_s = ceiling_s
         self._hosts: OrderedDict[str, deque[float]] = OrderedDict()
-        self._heard: dict[str, float] = {}  # host -> when it last completed a response
+        self._heard: dict[str, float] = {}  # host -> when it last served a response
         self._all: deque[float] = deque(maxlen=ALL_SAMPLES)
         self._all_p90: float | None = None
         self._all_fresh = 0  # samples since _all_p90 was computed
 
-    def observe(self, host: str, seconds: float) -> None:
-        """A complete response from `host` took `seconds` (request sent to body read)."""
+    def observe(self, host: str, seconds: float, served: bool = True) -> None:
+        """A complete response from `host` took `seconds` (request sent to body read);
+        `served`: it was not a transient failure (429, 5xx)."""
         times = self._hosts.get(host)
         if times is None:
             times = self._hosts[host] = deque(maxlen=HOST_SAMPLES)
@@ -52,15 +50,20 @@ class ResponseTimes:
         else:
             self._hosts.move_to_end(host)
         times.append(seconds)
-        self._heard[host] = time.monotonic()
+        if served:
+            self._heard[host] = time.monotonic()
         self._all.append(seconds)
         self._all_fresh += 1
         if self._all_fresh >= min(64, len(self._all)):
             self._all_p90 = _p90(self._all)
             self._all_fresh = 0
 
-    def answered_since(self, host: str, since: float) -> bool:
-        """Whether `host` completed a response after `since` (time.monotonic())."""
+    def served_during(self, host: str, started: float) -> bool:
+        """Whether `host` served a response while an attempt that began at `started`
+        (time.monotonic()) ran, or within the host's deadline before its end (a failure that
+        comes at once, a reset say, leaves no time for others to complete meanwhile)."""
+        window = self.deadline_s(host) or 0.0
+        since = min(started, time.monotonic() - window)
         return self._heard.get(host, float("-inf")) > since
 
     def deadline_s(self, host: str) -> float | None:

@@ -93,7 +93,7 @@ class FetchResult:
     retry_after: float | None = None
     transient: bool = False
     hops: Hops | None = None  # with OTHER_HOST: the chain so far
-    # With TIMEOUT: the host completed other responses meanwhile (see crawler.deadlines).
+    # A transient failure while the host served other requests (see crawler.retries).
     host_answered: bool = False
 
     @property
@@ -369,6 +369,7 @@ class Fetcher:
 
     async def _fetch(self, url: str, hops: Hops) -> FetchResult:
         progress = _Progress()
+        started = time.monotonic()
         try:
             res = await self._attempt(url, hops, progress)
         except BaseException:
@@ -376,6 +377,10 @@ class Fetcher:
             raise
         if not res.ok:
             self._drop_body(progress)  # read, then the deadline struck: not the caller's
+        if res.transient and self.times.served_during(progress.host, started):
+            # What the host did meanwhile decides the retries (see crawler.retries).
+            res.host_answered = True
+            res.error += "; the host served other requests meanwhile"
         return res
 
     def _drop_body(self, progress: _Progress) -> None:
@@ -402,11 +407,8 @@ class Fetcher:
                     judge = _Judge(self.times, deadline, host, begun, progress)
                 return await self._follow(target, progress, hops)
         except TimeoutError:
-            # What the host did meanwhile decides the retries (see crawler.deadlines).
-            answered = self.times.answered_since(progress.host, started)
-            note = "; the host answered others meanwhile" if answered else ""
-            error = f"deadline exceeded ({progress.describe(hops.count + 1)}{note})"
-            return FetchResult(status.TIMEOUT, error=error, transient=True, host_answered=answered)
+            error = f"deadline exceeded ({progress.describe(hops.count + 1)})"
+            return FetchResult(status.TIMEOUT, error=error, transient=True)
         except aiohttp.ClientConnectorDNSError as exc:
             if _blocked(exc):
                 return FetchResult(status.BLOCKED_ADDRESS, error=str(exc.os_error))
@@ -464,7 +466,8 @@ class Fetcher:
                     url = nxt
                     continue
                 result = await self._response(resp, url, progress)
-                self.times.observe(url.host or "", time.monotonic() - progress.paused_s - sent)
+                took = time.monotonic() - progress.paused_s - sent
+                self.times.observe(url.host or "", took, served=not result.transient)
                 return result
         return FetchResult(
             status.TOO_MANY_REDIRECTS,
