@@ -3,9 +3,11 @@
 Transient failures (timeouts, connection errors, 429 and 5xx) get up to `fetch.max_attempts`
 attempts. What the host did meanwhile decides how many of those are worth it: if it served
 other requests while this one failed (`FetchResult.host_answered`), the fault is most likely
-this URL's (a request the server never answers, a body it cuts off, a 503 for this path only)
-and the URL gets one more attempt only, which recovers a one-off fault; if the host served
-nothing, it may be overloaded or briefly away as a whole, and every attempt applies.
+this URL's (a request the server never answers, a body it cuts off, a 503 for this path only):
+one more attempt recovers a one-off fault, and if that attempt fails the same way, the image
+ends there. A failure of another kind (a one-off reset, then a timeout while the crawler is
+busy) goes on to the next attempt; and if the host served nothing, it may be overloaded or
+briefly away as a whole, and every attempt applies.
 
 Between attempts: none after a timeout (its deadline has spaced the attempts already), else
 jittered exponential backoff from `fetch.backoff_base_s`, and never less than the response's
@@ -31,16 +33,16 @@ class Retries:
         self.cfg = cfg
         self.rng = rng or random.Random()
         self.attempts = 0  # made so far
-        self.suspect = False  # failed while its host served others
+        self.suspect = ""  # the status of the last failure, when its host served others
 
     def after(self, res: FetchResult) -> float | None:
         """Seconds to wait before the next attempt, or None: the image ends with `res`."""
         self.attempts += 1
         if res.ok or not res.transient or self.attempts >= self.cfg.max_attempts:
             return None
-        if self.suspect:  # failed again after the host served others: a third try would too
+        if res.status == self.suspect:  # the same again: a third try would end the same way
             return None
-        self.suspect = res.host_answered
+        self.suspect = res.status if res.host_answered else ""
         return self.backoff_s(res)
 
     def backoff_s(self, res: FetchResult) -> float:

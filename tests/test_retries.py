@@ -68,11 +68,14 @@ def test_a_failure_while_the_host_served_others_gets_one_more_attempt_only(
         assert delays == [res.retry_after]
 
 
-def test_the_one_more_attempt_ends_the_image_whatever_it_meets() -> None:
+def test_a_failure_of_another_kind_after_that_goes_on_to_the_next_attempt() -> None:
+    """A one-off reset, then a timeout while the crawler was busy: not the same fault twice."""
     retries = Retries(CFG)
     assert retries.after(served_others(RESET)) is not None
-    assert retries.after(TIMEOUT) is None
-    assert retries.attempts == 2
+    assert retries.after(TIMEOUT) is not None
+    assert retries.after(served_others(TIMEOUT)) is not None
+    assert retries.after(TIMEOUT) is None  # the same as the last, which came as the host served
+    assert retries.attempts == 4 < CFG.max_attempts
 
 
 @pytest.mark.parametrize(
