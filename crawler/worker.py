@@ -33,10 +33,11 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from crawler import early, images, status
+from crawler.budget import BodyBudget
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.diagnostics import task_stacks
-from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
+from crawler.fetch import OTHER_HOST, Fetcher, FetchResult
 from crawler.keys import Keys
 from crawler.limits import HostGate
 from crawler.logs import FailureLog, LogStats
@@ -44,6 +45,7 @@ from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.retries import Retries
+from crawler.session import client_session
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
     OUTPUT_UNWRITABLE,
@@ -149,7 +151,7 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Bodies being read or waiting for their image work (fetch.BodyBudget).
+        # Bodies being read or waiting for their image work (budget.BodyBudget).
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
         self._last_sweep = -math.inf  # sweep on the first pass: monotonic time starts at boot
         self._output_probed = False

@@ -12,6 +12,7 @@ from crawling import crawl, crawl_config, image_doc, report, within, write_docs
 from crawler import fetch
 from crawler.config import FetchConfig
 from crawler.deadlines import ResponseTimes
+from crawler.session import client_session
 from crawler.testweb import ImageWeb
 
 
@@ -71,7 +72,7 @@ async def test_a_server_that_never_answers_is_given_up_at_its_hosts_deadline(
     """A 30 s ceiling, but the host has answered in milliseconds: the request that never gets
     an answer ends at the host's own deadline (the floor, 0.5 s)."""
     cfg = FetchConfig(total_timeout_s=30.0, min_timeout_s=0.5, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=8)
+    session = client_session(cfg, max_connections=8)
     fetcher = fetch.Fetcher(cfg, session, max_connections=8)
     try:
         for i in range(3):
@@ -87,7 +88,7 @@ async def test_a_request_started_before_anything_was_heard_gets_the_deadline_lea
     web: ImageWeb,
 ) -> None:
     cfg = FetchConfig(total_timeout_s=30.0, min_timeout_s=0.5, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=8)
+    session = client_session(cfg, max_connections=8)
     fetcher = fetch.Fetcher(cfg, session, max_connections=8)
     try:
         hang = asyncio.ensure_future(fetcher.fetch(web.url(4, "/fault/hang/first")))
@@ -160,7 +161,7 @@ async def test_a_slow_host_keeps_getting_its_images(web: ImageWeb) -> None:
     """Every answer takes 0.4 s, twice the floor: the host's deadline grows with what it has
     shown, so none of its images is cut off."""
     cfg = FetchConfig(total_timeout_s=10.0, min_timeout_s=0.2, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=8)
+    session = client_session(cfg, max_connections=8)
     fetcher = fetch.Fetcher(cfg, session, max_connections=8)
     try:
         results = [
