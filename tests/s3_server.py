@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import orjson
-from redis_server import free_port
+from redis_server import ServerProcess, free_port
 
 ACCESS_KEY = "mmc4-test-key"
 SECRET_KEY = "mmc4-test-secret"
@@ -35,7 +35,7 @@ def weed_binary() -> str:
     return found
 
 
-class SeaweedFS:
+class SeaweedFS(ServerProcess):
     """``weed server -s3`` on free loopback ports; `restart` keeps the data and the ports."""
 
     def __init__(self, directory: Path) -> None:
@@ -43,7 +43,7 @@ class SeaweedFS:
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.grpc = {name: free_port() for name in self.ports}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.stop_timeout_s = 15.0
         self.config_file = self.dir / "s3.json"
         identity = {
             "name": "mmc4-test",
@@ -125,23 +125,6 @@ class SeaweedFS:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cannot create bucket {name}: {text.strip()[-300:]}")
             time.sleep(0.5)  # (the filer may not have joined the master yet)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
 
     def restart(self) -> None:
         """Stop (SIGKILL) and start again on the same ports and data."""
