@@ -42,7 +42,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from crawler import safefs
-from crawler.config import StorageConfig
+from crawler.config import Config, StorageConfig
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -373,3 +373,8 @@ def open_storage(location: str, settings: StorageConfig | None = None) -> Storag
     if is_remote(location):
         return S3Storage(location, settings or StorageConfig())
     return LocalStorage(location)
+
+
+def output_storage(cfg: Config) -> Storage:
+    """The `Storage` of ``paths.output``."""
+    return open_storage(cfg.paths.output, cfg.storage)

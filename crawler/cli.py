@@ -134,6 +134,7 @@ def run(
         cfg.ingest.shards = list(shards)
     if workers is not None:
         cfg.worker.processes = workers
+    _check_bucket(cfg)
     argv = state.argv()
     code = _run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
     sys.exit(code)
@@ -251,6 +252,7 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
     _guard(cfg)
     if check:
         sys.exit(_run(_check(cfg, paused_ok=alive)))
+    _check_bucket(cfg)
     from crawler.worker import run_worker
 
     _run(run_worker(cfg, until_idle=until_idle))
@@ -475,6 +477,7 @@ def export(
 def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
+    from core.storage import output_storage
     from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
     from crawler.shards import Shards
@@ -498,13 +501,13 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
         cfg.redis.url = url
 
     moved: dict[str, int] = {}
+    storage = output_storage(cfg)
 
     async def requeue(shards: Shards, signals: StopSignals) -> None:
         await shards.queue.ensure_group()
         names = set(await shards.open())
-        report_dir = cfg.output_dir / status.STATUS_DIR
-        if report_dir.is_dir():
-            names |= {p.name[: -len(".jsonl.gz")] for p in report_dir.glob("*.jsonl.gz")}
+        reports = await storage.names(status.STATUS_DIR)  # one listing
+        names |= {n[: -len(".jsonl.gz")] for n in reports if n.endswith(".jsonl.gz")}
         for shard in sorted(names):
             if signals.event.is_set():
                 return  # each shard is re-queued whole or not at all: a rerun goes on
@@ -521,7 +524,7 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
                 queue = WorkQueue(client, keys, cfg.queue)
                 exc = failure(
                     await until_stopped(
-                        requeue(Shards(client, keys, queue, cfg.output_dir), signals), signals
+                        requeue(Shards(client, keys, queue, storage), signals), signals
                     )
                 )
                 if exc is not None:
@@ -619,6 +622,24 @@ main.add_command(
         "`mmc4-assign` is the same.",
     )
 )
+
+
+def _check_bucket(cfg: Config) -> None:
+    """An output in object storage that cannot be written (a missing bucket, refused
+    credentials, an unreachable endpoint) stops the command before it starts. (A local
+    output that cannot be written pauses the workers until it can: a full disk clears.)"""
+    from core.storage import output_storage
+    from crawler.store import output_problem
+
+    storage = output_storage(cfg)
+    if storage.remote:
+        problem = output_problem(storage)
+        if problem:
+            raise CommandError(
+                ExitCode.OUTPUT_UNAVAILABLE,
+                f"cannot write the output: {problem}; check paths.output, the bucket and "
+                "AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY",
+            )
 
 
 def _guard(cfg: Config) -> None:

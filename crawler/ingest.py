@@ -40,6 +40,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from core.storage import output_storage
 from crawler import status
 from crawler.config import Config
 from crawler.connection import retrying
@@ -446,7 +447,7 @@ class Ingest:
         self.keys = Keys(cfg.redis.namespace)
         self.queue = WorkQueue(client, self.keys, cfg.queue)
         self.stats = IngestStats()
-        self.output = cfg.output_dir
+        self.storage = output_storage(cfg)
         self.redis_wait_s = redis_wait_s
         self.stop = asyncio.Event()
 
@@ -487,7 +488,7 @@ class Ingest:
             self.stats.unreadable.append(f"{source.location}: {problem}")
             await self._count_error("bad_shard_id")
             return
-        if status.shard_is_reported(self.output, source.shard):
+        if await asyncio.to_thread(status.shard_is_reported, self.storage, source.shard):
             log.info("shard %s already complete (report exists)", source.shard)
             self.stats.shards_skipped += 1
 

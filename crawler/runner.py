@@ -27,6 +27,7 @@ import orjson
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
+from core.storage import output_storage
 from crawler import logs, monitor, status
 from crawler.config import Config
 from crawler.connection import connect
@@ -209,7 +210,8 @@ async def run_all(
         ingest_task = asyncio.create_task(ingest.run(sources, stop))
         progress = progress and not logs.json_format()  # JSON logs: no bar between them
         bar = tqdm(total=0, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-        shards = Shards(client, keys, queue, cfg.output_dir)
+        storage = output_storage(cfg)
+        shards = Shards(client, keys, queue, storage)
 
         async def step() -> bool:
             """One look at the crawl; True when it is finished."""
@@ -273,7 +275,7 @@ async def run_all(
         if not interrupted and st.items == 0 and st.shards_skipped and nothing_new:
             _say(
                 f"nothing to do: the {st.shards_skipped} shards given are already reported in "
-                f"{cfg.output_dir / '_status'} (`retry --status ...` fetches failures again; "
+                f"{storage.url(status.STATUS_DIR)} (`retry --status ...` fetches failures again; "
                 "another --output starts a new corpus)"
             )
         if workers_gone:

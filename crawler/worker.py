@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from yarl import URL
 
+from core.storage import output_storage
 from crawler import early, images, status
 from crawler.config import Config
 from crawler.connection import connect
@@ -49,8 +50,8 @@ from crawler.store import (
     OUTPUT_UNWRITABLE,
     Store,
     output_problem,
-    shrink_and_store,
     sweep_temporary,
+    verify_bytes,
     verify_stored,
 )
 from crawler.tasks import cancel_and_wait
@@ -130,7 +131,7 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.keys = Keys(cfg.redis.namespace)
         self.stats = WorkerStats()
-        self.store = Store(cfg.output_dir)
+        self.store = Store(output_storage(cfg))
         self.settings = images.settings_from(cfg)
         self.metrics = Metrics()
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
@@ -168,7 +169,7 @@ class Worker:
         self.gate = HostGate(
             self.cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
         )
-        self.shards = Shards(self.client, self.keys, self.queue, self.cfg.output_dir)
+        self.shards = Shards(self.client, self.keys, self.queue, self.store.storage)
         self._pool = make_pool(self.cfg)
         await self._pool.start()
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
@@ -492,10 +493,10 @@ class Worker:
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
-        final = (str(self.store.output), item.shard, item.name)
+        final = self.store.target(item.shard, item.name)
         started = time.monotonic()
         try:
-            img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
+            img = await self._pool.run(self.store.image_job, self.settings, final, data=body)
         except ImageJobTimeout as exc:
             return status.make_record(
                 item.name, item.url, status.IMAGE_TIMEOUT, error=str(exc), http_code=http_code,
@@ -505,6 +506,7 @@ class Worker:
             self.metrics.image_seconds.observe(time.monotonic() - started)
             self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
             self.stats.peak_waiting_bytes = self.bodies.peak
+        img = await self.store.finish(item.shard, item.name, img)
         if img.status == OUTPUT_UNWRITABLE:
             raise OutputUnwritable(img.error)
         common = {
@@ -526,9 +528,15 @@ class Worker:
 
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
-        final = (str(self.store.output), item.shard, item.name)
         try:
-            img = await self._pool.run(verify_stored, final, self.settings)
+            if self.store.remote:
+                data = await self.store.stored_bytes(item.shard, item.name)
+                img = None if data is None else (
+                    await self._pool.run(verify_bytes, self.settings, data=data)
+                )  # fmt: skip
+            else:
+                final = self.store.target(item.shard, item.name)
+                img = await self._pool.run(verify_stored, final, self.settings)
         except ImageJobTimeout:
             return None  # fetched again, and then recorded as what it is
         if img is None:
@@ -599,7 +607,7 @@ class Worker:
         if not self.output_blocked and self._output_probed:
             return
         self._output_probed = True
-        problem = await asyncio.to_thread(output_problem, self.cfg.output_dir)
+        problem = await asyncio.to_thread(output_problem, self.store.storage)
         if problem:
             self._block_output(problem)
         elif self.output_blocked:
@@ -646,7 +654,9 @@ class Worker:
             self._block_output(str(exc))
 
     def _sweep(self) -> None:
-        out = self.cfg.output_dir
+        if self.store.remote:
+            return  # (an object is one PUT: no temporary files)
+        out = Path(self.store.output)
         if out.is_dir():
             for shard_dir in out.iterdir():
                 if (
