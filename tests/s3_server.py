@@ -24,6 +24,7 @@ from redis_server import ServerProcess, free_port
 ACCESS_KEY = "mmc4-test-key"
 SECRET_KEY = "mmc4-test-secret"
 REGION = "us-east-1"
+BUCKET = "mmc4-test"  # the bucket of the `s3_server` fixture
 
 
 def weed_binary() -> str:
