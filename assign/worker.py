@@ -18,20 +18,19 @@ import os
 import socket
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from assign.solve import Solver
-from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure
+from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
+from assign.tree import is_bucket, open_tree
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.dataset.index import index_shard
 from crawler.ingest import download_blocking
 from crawler.keys import ASSIGN_GROUP, Keys
-from crawler.status import STATUS_DIR
 from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger("assign.worker")
@@ -181,7 +180,8 @@ class AssignWorker:
         self.current_shard = task.shard
         try:
             report = await asyncio.to_thread(process, task, self.settings)
-            await asyncio.to_thread(index_shard, Path(task.output), task.shard, Path(report.output))
+            output = open_tree(task.output)
+            await asyncio.to_thread(index_shard, output, task.shard, report.output)
         except Exception as exc:
             await self._failed(entry_id, task, exc)
             return
@@ -227,11 +227,18 @@ def _check_paths(task: ShardTask, output: str) -> None:
     """Raise BadTask unless the entry's paths are the ones the crawl writes under this
     worker's output: the output itself, and its ``_status/<shard>.jsonl.gz`` report (an
     entry is read from Redis, not trusted to name where to read and write)."""
-    if os.path.realpath(task.output) != os.path.realpath(output):
+    if not _same(task.output, output):
         raise BadTask(f"shard {task.shard}: output {task.output!r} is not {output!r}")
-    expected = os.path.join(output, STATUS_DIR, f"{task.shard}.jsonl.gz")
-    if task.report and os.path.realpath(task.report) != os.path.realpath(expected):
+    expected = f"{output.rstrip('/')}/{report_of(task)}"
+    if task.report and not _same(task.report, expected):
         raise BadTask(f"shard {task.shard}: report {task.report!r} is not {expected!r}")
+
+
+def _same(one: str, other: str) -> bool:
+    """The same place: equal URLs for a bucket, the same real path on disk."""
+    if is_bucket(one) or is_bucket(other):
+        return one.rstrip("/") == other.rstrip("/")
+    return os.path.realpath(one) == os.path.realpath(other)
 
 
 def _consumer_name() -> str:

@@ -351,20 +351,22 @@ def dataset_token() -> None:
 def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
     """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
     it as each shard's rewrite completes)."""
+    from assign.tree import StorageError, open_tree
     from crawler.dataset.index import index_shard, shard_files
 
     cfg = state.load()
-    shards_dir = (
-        Path(cfg.assign.output) if cfg.assign.output else cfg.output_dir / status.SHARDS_DIR
+    output = open_tree(cfg.paths.output)
+    shards, where = (
+        (open_tree(cfg.assign.output), "") if cfg.assign.output else (output, status.SHARDS_DIR)
     )
     done = failed = 0
-    for shard, path in shard_files(shards_dir):
+    for shard, name in shard_files(shards, where):
         if only and shard not in only:
             continue
         try:
-            index_shard(cfg.output_dir, shard, path, force=force)
+            index_shard(output, shard, shards.url(name), force=force)
             done += 1
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, StorageError) as exc:
             failed += 1
             click.echo(f"{shard}: {exc}", err=True)
     click.echo(f"{done} shards indexed, {failed} failed")
@@ -372,7 +374,7 @@ def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out")
 @click.option(
     "--format",
     "fmt",
@@ -421,7 +423,7 @@ def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
 @pass_state
 def export(
     state: State,
-    out: Path,
+    out: str,
     fmt: str,
     layout: str,
     all_stored: bool,
@@ -433,9 +435,9 @@ def export(
     only: tuple[str, ...],
     no_progress: bool,
 ) -> None:
-    """Write the indexed corpus under OUTPUT as training-ready tar shards in OUT (one sample
-    per document). Resumable: a rerun skips finished tars. corpus.skip_url_duplicates leaves
-    out flagged documents."""
+    """Write the indexed corpus under OUTPUT as training-ready tar shards in OUT, a directory
+    or s3://bucket/prefix (one sample per document). Resumable: a rerun skips finished tars.
+    corpus.skip_url_duplicates leaves out flagged documents."""
     from dataclasses import asdict
 
     from crawler.dataset.export import ExportSettings
@@ -443,7 +445,7 @@ def export(
 
     cfg = state.load()
     settings = ExportSettings(
-        out=str(out),
+        out=out,
         layout=layout,
         min_stored=min_stored,
         all_stored=all_stored,
@@ -453,7 +455,7 @@ def export(
         max_bytes=int(max_tar_mb * 1e6),
     )
     summary = run_export(
-        cfg.output_dir,
+        cfg.paths.output,
         settings,
         processes=processes,
         progress=not no_progress,
