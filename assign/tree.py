@@ -222,9 +222,9 @@ class BucketTree:
         return Stat(int(meta["size"]), str(meta["e_tag"]))
 
     def list(self, directory: str) -> dict[str, Stat]:
-        prefix = directory.strip("/") + "/"
+        prefix = directory.strip("/") + "/" if directory.strip("/") else ""
         out: dict[str, Stat] = {}
-        for batch in obstore.list(self.store, prefix):
+        for batch in obstore.list(self.store, prefix or None):
             for meta in batch:
                 name = meta["path"][len(prefix) :]
                 if name and "/" not in name and not name.startswith("."):
