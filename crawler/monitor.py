@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from crawler.config import Config
-from crawler.connection import connect
+from crawler.connection import connected
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import text as _s
 
@@ -245,15 +245,13 @@ async def check_heartbeat(cfg: Config, pattern: str) -> tuple[bool, str]:
     """The container health checks: is a heartbeat key matching `pattern` from this host
     (hostname) younger than three heartbeat intervals? Returns the answer and, when it is
     no, the reason."""
-    client = connect(cfg)
     try:
-        return await _fresh_heartbeat(
-            client, pattern, socket.gethostname(), 3 * cfg.worker.heartbeat_interval_s
-        )
+        async with connected(cfg) as client:
+            return await _fresh_heartbeat(
+                client, pattern, socket.gethostname(), 3 * cfg.worker.heartbeat_interval_s
+            )
     except Exception as exc:
         return False, f"check failed: {exc}"
-    finally:
-        await client.aclose()
 
 
 async def _fresh_heartbeat(
