@@ -191,28 +191,36 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
 
 @main.command()
 @click.option("--check", is_flag=True, help="Exit 0 if a live worker heartbeat is in Redis.")
+@click.option(
+    "--alive", is_flag=True,
+    help="With --check: a paused worker passes too (a liveness probe, not readiness).",
+)  # fmt: skip
 @click.option("--until-idle", is_flag=True, help="Exit when the queue is empty.")
 @click.option(
     "--parent-pid", type=int, default=0, hidden=True,
     help="Stop (gracefully) when this process, the worker's parent, dies (set by `run`).",
 )  # fmt: skip
 @pass_state
-def worker(state: State, check: bool, until_idle: bool, parent_pid: int) -> None:
+def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid: int) -> None:
     """A crawl worker: lease items, fetch, shrink, store, record. Needs redis.url.
 
     --check (container health check): exit 0 when a worker on this host (hostname) has a
     fresh heartbeat in Redis, 1 when it is missing or stale, or the worker is paused because
-    its output cannot be written (the reason is printed).
+    its output cannot be written (the reason is printed). With --alive, a paused worker
+    passes: its process runs and beats, and it resumes by itself once its output has room,
+    so a liveness probe must not restart it (readiness uses --check alone).
 
     SIGTERM: stop taking work, finish or hand back in-flight items within
     worker.grace_period_s, flush results, exit 0. A second signal exits at once.
     """
+    if alive and not check:
+        raise click.UsageError("--alive goes with --check")
     if parent_pid:
         early.stop_with_parent(parent_pid)
     cfg = state.load()
     _guard(cfg)
     if check:
-        sys.exit(runtime.run(_check(cfg)))
+        sys.exit(runtime.run(_check(cfg, paused_ok=alive)))
     from crawler.worker import run_worker
 
     # Results are flushed and leftovers handed back when it returns: no interpreter-exit
@@ -220,8 +228,9 @@ def worker(state: State, check: bool, until_idle: bool, parent_pid: int) -> None
     runtime.run_and_exit(run_worker(cfg, until_idle=until_idle))
 
 
-async def _check(cfg: Config) -> int:
-    ok, why = await monitor.check_heartbeat(cfg, Keys(cfg.redis.namespace).worker_pattern)
+async def _check(cfg: Config, *, paused_ok: bool) -> int:
+    pattern = Keys(cfg.redis.namespace).worker_pattern
+    ok, why = await monitor.check_heartbeat(cfg, pattern, paused_ok=paused_ok)
     if not ok:
         click.echo(why, err=True)
     return 0 if ok else 1

@@ -151,7 +151,7 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Bodies being read or waiting for their image work (fetch.BodyBudget).
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
-        self._last_sweep = 0.0
+        self._last_sweep = -math.inf  # sweep on the first pass: monotonic time starts at boot
         self._output_probed = False
         self._pool: ImagePool
         self.client: aioredis.Redis

@@ -136,7 +136,12 @@ def test_worker_check_needs_a_fresh_heartbeat_from_this_host(namespace: str) -> 
         client.hset(f"{namespace}:worker:w2", mapping={"host": "elsewhere", "seen": time.time()})
         assert CliRunner().invoke(main, [*base, "worker", "--check"]).exit_code == 1
         client.hset(f"{namespace}:worker:w1", "seen", time.time())
-    assert CliRunner().invoke(main, [*base, "worker", "--check"]).exit_code == 0
+        assert CliRunner().invoke(main, [*base, "worker", "--check"]).exit_code == 0
+        client.hset(f"{namespace}:worker:w1", "paused", "output cannot be written: disk full")
+        paused = CliRunner().invoke(main, [*base, "worker", "--check"])
+        assert paused.exit_code == 1 and "paused" in paused.output
+        assert CliRunner().invoke(main, [*base, "worker", "--check", "--alive"]).exit_code == 0
+    assert CliRunner().invoke(main, [*base, "worker", "--alive"]).exit_code == 2
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,10 @@ import copy
 import functools
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,16 @@ from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import redis
 import yaml
+from click.testing import CliRunner
 from cloudcoil.models.keda import v1alpha1 as keda
+from crawling import TEST_REDIS_URL
 from pydantic import BaseModel
 from pydantic import ValidationError as ModelValidationError
 from test_docker_files import check_invocation, image_entrypoint
 
+from crawler.cli import main
 from crawler.config import Config, apply_env
 from crawler.keys import CRAWL_GROUP, Keys
 
@@ -434,11 +440,38 @@ def test_the_worker_and_assign_probes_are_their_own_heartbeat_checks() -> None:
     worker = containers(find(docs, "Deployment", "worker"))[0]
     assert set(probes(worker)) == {"startupProbe", "readinessProbe", "livenessProbe"}
     for probe in probes(worker).values():
-        assert probe["exec"]["command"] == ["mmc4-crawl", "worker", "--check"]
+        assert probe["exec"]["command"][:3] == ["mmc4-crawl", "worker", "--check"]
     assign = containers(find(docs, "Deployment", "assign"))[0]
     assert {"startupProbe", "livenessProbe"} <= set(probes(assign))
     for probe in probes(assign).values():
         assert probe["exec"]["command"] == ["mmc4-assign", "worker", "--check"]
+
+
+def run_probe(command: list[str], namespace: str) -> int:
+    """Exit code of a probe's `mmc4-crawl ...` command against the test Redis."""
+    assert command[0] == "mmc4-crawl", command
+    outer = ["--redis-url", TEST_REDIS_URL, "--set", f"redis.namespace={namespace}"]
+    return CliRunner().invoke(main, [*outer, *command[1:]]).exit_code
+
+
+def test_a_paused_worker_is_not_ready_and_is_not_restarted(namespace: str) -> None:
+    """A full output pauses a worker until it has room again: its pod leaves the ready set,
+    and neither the startup nor the liveness probe fails for it (a restart gives no room)."""
+    worker = containers(find(base_docs(), "Deployment", "worker"))[0]
+    commands = {kind: list(p["exec"]["command"]) for kind, p in probes(worker).items()}
+    key = Keys(namespace).worker("w1")
+    with redis.Redis.from_url(TEST_REDIS_URL) as client:
+        beat = {"host": socket.gethostname(), "seen": time.time()}
+        client.hset(key, mapping={**beat, "paused": "output cannot be written: disk full"})
+        client.expire(key, 30)
+        paused = {kind: run_probe(cmd, namespace) for kind, cmd in commands.items()}
+        assert paused == {"startupProbe": 0, "readinessProbe": 1, "livenessProbe": 0}
+        client.hset(key, mapping={**beat, "paused": ""})
+        running = {kind: run_probe(cmd, namespace) for kind, cmd in commands.items()}
+        assert set(running.values()) == {0}, running
+        client.delete(key)
+        gone = {kind: run_probe(cmd, namespace) for kind, cmd in commands.items()}
+        assert set(gone.values()) == {1}, gone
 
 
 def test_the_ingest_job_does_not_retry_a_usage_error() -> None:
