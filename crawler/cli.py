@@ -223,9 +223,13 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
         sys.exit(runtime.run(_check(cfg, paused_ok=alive)))
     from crawler.worker import run_worker
 
+    async def work() -> int:
+        await run_worker(cfg, until_idle=until_idle)
+        return ExitCode.OK  # a stop is how a worker ends
+
     # Results are flushed and leftovers handed back when it returns: no interpreter-exit
     # joins of pool threads hold a stopping container past its grace period.
-    runtime.run_and_exit(run_worker(cfg, until_idle=until_idle))
+    runtime.run_and_exit(work())
 
 
 async def _check(cfg: Config, *, paused_ok: bool) -> int:

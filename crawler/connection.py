@@ -82,14 +82,17 @@ class RedisRetry:
     def _delay(self, failures: int) -> float:
         return float(ExponentialBackoff(cap=self.cap_s, base=self.base_s).compute(failures - 1))
 
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Call `fn` until Redis answers (for idempotent calls only)."""
+    async def call(self, fn: Callable[[], Awaitable[T]], *, stop: asyncio.Event | None = None) -> T:
+        """Call `fn` until Redis answers (for idempotent calls only). Once `stop` is set, the
+        wait for the next try ends and a failure is raised instead of tried again."""
         failures = 0
         first_failure = 0.0
         while True:
             try:
                 return await fn()
             except (RedisError, OSError) as exc:
+                if stop is not None and stop.is_set():
+                    raise
                 failures += 1
                 now = time.monotonic()
                 first_failure = first_failure or now
@@ -102,7 +105,11 @@ class RedisRetry:
                         ) from exc
                     delay = min(delay, max(0.05, self.give_up_after_s - waited))
                 log.warning("%s: Redis unavailable (%s); retrying in %.1fs", self.what, exc, delay)
-                await asyncio.sleep(delay)
+                if stop is None:
+                    await asyncio.sleep(delay)
+                    continue
+                with contextlib.suppress(TimeoutError):  # a stop tries once more, at once
+                    await asyncio.wait_for(stop.wait(), delay)
 
     async def every(
         self, iteration: Callable[[], Awaitable[None]], interval_s: float = 0.0

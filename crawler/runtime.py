@@ -142,8 +142,7 @@ class StopSignals:
                 exit_after(self.stop_deadline_s)
             if self.on_stop is not None:
                 self.on_stop()
-        elif self.on_force is not None:
-            log.warning("second signal (%s): stopping at once", name)
+        elif self.on_force is not None:  # which says what it does
             self.on_force()
         else:
             # whatever the command was doing is left as it stands, which its resume point
