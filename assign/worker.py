@@ -27,7 +27,7 @@ from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
 from assign.tree import is_bucket, open_tree
 from crawler.config import Config
-from crawler.connection import connect
+from crawler.connection import RedisRetry, connect
 from crawler.dataset.index import index_shard
 from crawler.ingest import download_blocking
 from crawler.keys import ASSIGN_GROUP, Keys
@@ -85,36 +85,30 @@ class AssignWorker:
 
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
         """Take and rewrite shards until `stop`; while Redis is unavailable (at start or
-        later), wait and reconnect with a backoff that restarts after each success."""
+        later), wait and reconnect as `RedisRetry` does."""
         beats = asyncio.create_task(self._heartbeat_loop())
-        base = self.cfg.redis.reconnect_backoff_s
-        delay = base
-        grouped = False
+        retry = RedisRetry.from_config(self.cfg, "assign")
         try:
+            await retry.call(self.ensure_group, stop=stop)
             while not stop.is_set():
-                try:
-                    if not grouped:
-                        await self.ensure_group()
-                        grouped = True
-                    entry = await self.next_entry(block=not once)
-                    if entry is not None:
-                        await self.handle(entry)
-                except RedisError as exc:
-                    log.warning("assign: Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                except OSError as exc:
-                    log.warning("assign: %s; retrying in %.1fs", exc, delay)
-                else:
-                    delay = base
-                    if entry is None and once:
-                        return
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 30.0)
+                took = await retry.call(lambda: self.step(block=not once), stop=stop)
+                if once and not took:
+                    return
+        except (RedisError, OSError):
+            if not stop.is_set():
+                raise
         finally:
             await cancel_and_wait([beats])
             with contextlib.suppress(RedisError, OSError):
                 await self.client.delete(self.keys.assign_worker(self.consumer))
+
+    async def step(self, *, block: bool) -> bool:
+        """Take one entry and rewrite its shard; False when none was waiting."""
+        entry = await self.next_entry(block=block)
+        if entry is None:
+            return False
+        await self.handle(entry)
+        return True
 
     async def _heartbeat_loop(self) -> None:
         """A heartbeat key with a TTL, also while a shard is being rewritten (in a thread):
