@@ -13,7 +13,7 @@ import re
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from assign.document import AssignOptions
@@ -21,6 +21,7 @@ from assign.rewrite import ShardReport, completed_report, describe, rewrite_into
 from assign.solve import SOLVERS, Solver
 from assign.status import stored_images
 from assign.tree import Tree, open_tree
+from crawler.config import StorageConfig
 from crawler.status import SHARDS_DIR, STATUS_DIR
 
 # Shard ids become file names: no separators, no hidden files, nothing odd.
@@ -62,6 +63,8 @@ class AssignSettings:
     # (`crawler.ingest.download_blocking`: the address guard, the size and time limits).
     # None: a shard named by URL cannot be rewritten.
     download: Callable[[str, Path], None] | None = None
+    # The client settings of a bucket (output or destination).
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -71,8 +74,8 @@ class AssignSettings:
 def destination(task: ShardTask, settings: AssignSettings) -> tuple[Tree, str]:
     """The tree and name the rewritten shard goes to."""
     if settings.output:
-        return open_tree(settings.output), f"{task.shard}.jsonl"
-    return open_tree(task.output), f"{SHARDS_DIR}/{task.shard}.jsonl"
+        return open_tree(settings.output, settings.storage), f"{task.shard}.jsonl"
+    return open_tree(task.output, settings.storage), f"{SHARDS_DIR}/{task.shard}.jsonl"
 
 
 def report_of(task: ShardTask) -> str:
@@ -88,7 +91,7 @@ def process(task: ShardTask, settings: AssignSettings) -> ShardReport:
     if settings.downloaded_only:
         if not task.report:
             raise BadTask(f"shard {task.shard}: downloaded-only mode needs a status report")
-        report = open_tree(task.output).read(report_of(task))
+        report = open_tree(task.output, settings.storage).read(report_of(task))
         stored = stored_images(gzip.decompress(report), images_dir=task.output)
         options = AssignOptions(
             solver=settings.solver, stored=stored,

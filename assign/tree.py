@@ -21,17 +21,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import obstore
-import obstore.exceptions
 
 from assign.shardio import discard_leftovers, fsync_directory, temp_path, write_atomically
-
-S3_SCHEME = "s3://"
-
-# What obstore raises for a request that failed (a missing object is also FileNotFoundError).
-StorageError = obstore.exceptions.BaseError
+from core.storage import S3Storage, is_remote
+from crawler.config import StorageConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +42,7 @@ class Changed(Exception):
 
 class Tree(Protocol):
     location: str  # the output as configured, for messages
+    settings: StorageConfig  # a bucket's client settings (files it names are opened alike)
 
     def url(self, name: str) -> str:
         """Where a file is, for a person or a record: a path or an s3:// URL."""
@@ -86,24 +83,20 @@ class Tree(Protocol):
         """Remove a file; one that is not there is fine."""
 
 
-def is_bucket(output: str) -> bool:
-    return output.startswith(S3_SCHEME)
-
-
-def open_file(location: str) -> tuple[Tree, str]:
+def open_file(location: str, settings: StorageConfig | None = None) -> tuple[Tree, str]:
     """The tree of a file's directory, and its name there (a path or an s3:// URL)."""
-    if is_bucket(location):
+    if is_remote(location):
         parent, _, name = location.rstrip("/").rpartition("/")
-        return BucketTree(parent), name
+        return BucketTree(parent, settings), name
     path = Path(location)
     return LocalTree(path.parent), path.name
 
 
-def open_tree(output: str, scratch: Path | None = None) -> Tree:
-    """The tree of ``output``; ``scratch`` (a bucket's only): where files are built locally
-    before they are uploaded (default: the system's temporary directory)."""
-    if is_bucket(output):
-        return BucketTree(output, scratch)
+def open_tree(output: str, settings: StorageConfig | None = None) -> Tree:
+    """The tree of ``output``, a directory or s3://bucket/prefix (``settings``: the bucket's
+    client; files are built locally, in the system's temporary directory, then uploaded)."""
+    if is_remote(output):
+        return BucketTree(output, settings)
     return LocalTree(Path(output))
 
 
@@ -111,6 +104,7 @@ class LocalTree:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.location = str(root)
+        self.settings = StorageConfig()
 
     def url(self, name: str) -> str:
         return str(self.root / name)
@@ -183,17 +177,27 @@ class LocalTree:
 
 
 class BucketTree:
-    """A prefix of a bucket, through obstore (one client, thread-safe, with its own retries
-    of 5xx and throttling answers)."""
+    """A prefix of a bucket: the client, its retries and its one-line errors are those of
+    ``core.storage.S3Storage``; this adds what the corpus's larger files need (ranges,
+    sizes and tags, uploads from and downloads to a local file)."""
 
-    def __init__(self, url: str, scratch: Path | None = None) -> None:
-        from obstore.store import S3Store
-
-        self.location = url.rstrip("/")
-        self.store: Any = S3Store.from_url(self.location)
+    def __init__(self, url: str, settings: StorageConfig | None = None) -> None:
+        self.settings = settings or StorageConfig()
+        self.storage = S3Storage(url, self.settings)
+        self.store = self.storage.store
+        self.location = self.storage.location
         # one scratch directory per bucket prefix: builders of other outputs are left alone
         place = hashlib.sha256(self.location.encode()).hexdigest()[:16]
-        self.scratch = (scratch or Path(tempfile.gettempdir())) / f"mmc4-{place}"
+        self.scratch = Path(tempfile.gettempdir()) / f"mmc4-{place}"
+
+    @contextlib.contextmanager
+    def _request(self, name: str) -> Iterator[None]:
+        """obstore's failures as core.storage's: FileNotFoundError or a one-line
+        StorageError naming the object."""
+        try:
+            yield
+        except Exception as exc:
+            raise self.storage.failure(exc, name) from None
 
     def url(self, name: str) -> str:
         return f"{self.location}/{name}"
@@ -202,21 +206,25 @@ class BucketTree:
         return None
 
     def read(self, name: str) -> bytes:
-        return bytes(obstore.get(self.store, name).bytes())
+        with self._request(name):
+            return obstore.get(self.store, name).bytes().to_bytes()
 
     def read_tagged(self, name: str) -> tuple[bytes, str]:
-        got = obstore.get(self.store, name)
-        return bytes(got.bytes()), str(got.meta["e_tag"])
+        with self._request(name):
+            got = obstore.get(self.store, name)
+            return got.bytes().to_bytes(), str(got.meta["e_tag"])
 
     def read_range(self, name: str, start: int, length: int, size: int | None = None) -> bytes:
-        got = obstore.get(self.store, name, options={"range": (start, start + length)})
-        if size is not None and got.meta["size"] != size:
-            raise Changed(name)
-        return bytes(got.bytes())
+        with self._request(name):
+            got = obstore.get(self.store, name, options={"range": (start, start + length)})
+            if size is not None and got.meta["size"] != size:
+                raise Changed(name)
+            return got.bytes().to_bytes()
 
     def stat(self, name: str) -> Stat | None:
         try:
-            meta = obstore.head(self.store, name)
+            with self._request(name):
+                meta = obstore.head(self.store, name)
         except FileNotFoundError:
             return None
         return Stat(int(meta["size"]), str(meta["e_tag"]))
@@ -224,15 +232,17 @@ class BucketTree:
     def list(self, directory: str) -> dict[str, Stat]:
         prefix = directory.strip("/") + "/" if directory.strip("/") else ""
         out: dict[str, Stat] = {}
-        for batch in obstore.list(self.store, prefix or None):
-            for meta in batch:
-                name = meta["path"][len(prefix) :]
-                if name and "/" not in name and not name.startswith("."):
-                    out[name] = Stat(int(meta["size"]), str(meta["e_tag"]))
+        with self._request(directory):
+            for batch in obstore.list(self.store, prefix or None, chunk_size=1000):
+                for meta in batch:
+                    name = meta["path"][len(prefix) :]
+                    if name and "/" not in name and not name.startswith("."):
+                        out[name] = Stat(int(meta["size"]), str(meta["e_tag"]))
         return out
 
     def write(self, name: str, data: bytes, *, durable: bool = True) -> None:
-        obstore.put(self.store, name, data)
+        with self._request(name):
+            obstore.put(self.store, name, data)
 
     def _scratch_name(self, name: str) -> Path:
         """Where ``name`` is built: named after it, as ``temp_path`` names local ones."""
@@ -246,7 +256,7 @@ class BucketTree:
     def fetch(self, name: str) -> Iterator[Path]:
         copy = self.staging(name)
         try:
-            with open(copy, "wb") as out:
+            with self._request(name), open(copy, "wb") as out:
                 for chunk in obstore.get(self.store, name).stream(min_chunk_size=1 << 20):
                     out.write(chunk)
             yield copy
@@ -257,11 +267,18 @@ class BucketTree:
         return discard_leftovers(self._scratch_name(name))
 
     def publish(self, name: str, built: Path) -> None:
+        """One PUT, or a multipart upload for a large file: either way the object appears
+        only when whole (an abandoned multipart upload is never visible; a bucket lifecycle
+        rule removes its parts)."""
         try:
-            obstore.put(self.store, name, built)
+            with self._request(name):
+                obstore.put(self.store, name, built)
         finally:
             built.unlink(missing_ok=True)
 
     def delete(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            obstore.delete(self.store, name)
+        try:
+            with self._request(name):
+                obstore.delete(self.store, name)
+        except FileNotFoundError:
+            pass

@@ -25,7 +25,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
-from assign.tree import is_bucket, open_tree
+from assign.tree import open_tree
+from core.storage import is_remote
 from crawler.config import Config
 from crawler.connection import RedisRetry, connect
 from crawler.dataset.index import index_shard
@@ -54,6 +55,7 @@ def settings_from(cfg: Config) -> AssignSettings:
         downloaded_only=cfg.assign.downloaded_only,
         keep_empty_documents=cfg.assign.keep_empty_documents,
         output=cfg.assign.output,
+        storage=cfg.storage,
         download=functools.partial(download_blocking, cfg=cfg),
     )
 
@@ -174,7 +176,7 @@ class AssignWorker:
         self.current_shard = task.shard
         try:
             report = await asyncio.to_thread(process, task, self.settings)
-            output = open_tree(task.output)
+            output = open_tree(task.output, self.cfg.storage)
             await asyncio.to_thread(index_shard, output, task.shard, report.output)
         except Exception as exc:
             await self._failed(entry_id, task, exc)
@@ -230,7 +232,7 @@ def _check_paths(task: ShardTask, output: str) -> None:
 
 def _same(one: str, other: str) -> bool:
     """The same place: equal URLs for a bucket, the same real path on disk."""
-    if is_bucket(one) or is_bucket(other):
+    if is_remote(one) or is_remote(other):
         return one.rstrip("/") == other.rstrip("/")
     return os.path.realpath(one) == os.path.realpath(other)
 

@@ -320,13 +320,15 @@ def dataset_token() -> None:
 def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
     """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
     it as each shard's rewrite completes)."""
-    from assign.tree import StorageError, open_tree
+    from assign.tree import open_tree
     from crawler.dataset.index import index_shard, shard_files
 
     cfg = state.load()
-    output = open_tree(cfg.paths.output)
+    output = open_tree(cfg.paths.output, cfg.storage)
     shards, where = (
-        (open_tree(cfg.assign.output), "") if cfg.assign.output else (output, status.SHARDS_DIR)
+        (open_tree(cfg.assign.output, cfg.storage), "")
+        if cfg.assign.output
+        else (output, status.SHARDS_DIR)
     )
     done = failed = 0
     for shard, name in shard_files(shards, where):
@@ -335,7 +337,7 @@ def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
         try:
             index_shard(output, shard, shards.url(name), force=force)
             done += 1
-        except (OSError, ValueError, StorageError) as exc:
+        except (OSError, ValueError) as exc:
             failed += 1
             click.echo(f"{shard}: {exc}", err=True)
     click.echo(f"{done} shards indexed, {failed} failed")
@@ -429,6 +431,7 @@ def export(
         processes=processes,
         progress=not no_progress,
         only=list(only) or None,
+        storage=cfg.storage,
     )
     for error in summary.errors:
         click.echo(f"error: {error}", err=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from assign.tree import StorageError, Tree, open_tree
+from assign.tree import Tree, open_tree
 from crawler.config import Config
 from crawler.dataset import openapi
 from crawler.dataset.auth import TokenCheck
@@ -309,7 +309,7 @@ async def _refresh_loop(app: web.Application) -> None:
         await asyncio.sleep(cfg.dataset.refresh_s)
         try:
             found = await asyncio.to_thread(index.scan)
-        except (OSError, StorageError) as exc:
+        except OSError as exc:
             log.warning("dataset: cannot look for new shards: %s", exc)
             continue
         if index.apply(found):
@@ -317,7 +317,7 @@ async def _refresh_loop(app: web.Application) -> None:
 
 
 def make_app(cfg: Config, tokens: TokenCheck) -> web.Application:
-    index = DatasetIndex(open_tree(cfg.paths.output))
+    index = DatasetIndex(open_tree(cfg.paths.output, cfg.storage))
     index.refresh()
     app = web.Application(middlewares=[_auth, _changing])
     app[INDEX_KEY] = index

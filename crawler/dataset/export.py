@@ -37,8 +37,9 @@ import orjson
 
 from assign.shardio import WRITE_BUFFER
 from assign.status import StoredImage, stored_images
-from assign.tree import StorageError, Tree, open_file, open_tree
+from assign.tree import Tree, open_file, open_tree
 from crawler import status
+from crawler.config import StorageConfig
 from crawler.dataset.index import RECORD, DatasetIndex, Filter, IndexPaths
 
 PROGRESS_DIR = "_progress"
@@ -263,18 +264,20 @@ def _report(docs: int, nbytes: int) -> None:
         _progress_queue.put((docs, nbytes))
 
 
-def export_shard(output: str, shard: str, settings: ExportSettings) -> ShardResult:
+def export_shard(
+    output: str, shard: str, settings: ExportSettings, storage: StorageConfig
+) -> ShardResult:
     """Export one indexed shard (resuming an unfinished earlier run); errors are returned."""
     result = ShardResult(shard)
     try:
-        _export_shard(open_tree(output), shard, settings, result)
-    except (OSError, ValueError, orjson.JSONDecodeError, StorageError) as exc:
+        _export_shard(open_tree(output, storage), shard, settings, result)
+    except (OSError, ValueError, orjson.JSONDecodeError) as exc:
         result.errors.append(f"{shard}: {type(exc).__name__}: {exc}")
     return result
 
 
 def _export_shard(output: Tree, shard: str, settings: ExportSettings, result: ShardResult) -> None:
-    out = open_tree(settings.out)
+    out = open_tree(settings.out, output.settings)
     paths = IndexPaths(shard)
     meta = orjson.loads(output.read(paths.meta))
     described = {**settings.describe(), "source": [meta["shard_stat"], meta["report_stat"]]}
@@ -304,7 +307,7 @@ def _export_shard(output: Tree, shard: str, settings: ExportSettings, result: Sh
     sink = _TarSink(out, shard, len(tars), settings)
     out.discard(sink.name)  # the tar a killed run was writing
     pending_docs = pending_bytes = 0
-    source, source_name = open_file(meta["shard_file"])
+    source, source_name = open_file(meta["shard_file"], output.settings)
     try:
         with source.fetch(source_name) as local, open(local, "rb") as src:
             for rec in chosen:
@@ -363,10 +366,11 @@ def _write_progress(out: Tree, progress: dict[str, Any]) -> None:
 
 
 def plan(
-    output: str, settings: ExportSettings, only: list[str] | None = None
-) -> tuple[list[str], int]:
+    output: str, settings: ExportSettings, only: list[str] | None = None,
+    storage: StorageConfig | None = None,
+) -> tuple[list[str], int]:  # fmt: skip
     """The indexed shards to export, in order, and how many documents match."""
-    index = DatasetIndex(open_tree(output))
+    index = DatasetIndex(open_tree(output, storage))
     index.refresh()
     shards = [s for s in index.shards if not only or s in only]
     flt = settings.filter
@@ -376,11 +380,12 @@ def plan(
 
 def export(
     output: str, settings: ExportSettings, *, processes: int = 0, progress: bool = True,
-    only: list[str] | None = None,
+    only: list[str] | None = None, storage: StorageConfig | None = None,
 ) -> ExportSummary:  # fmt: skip
     """Export every indexed shard of ``output`` (or ``only`` these) into ``settings.out``."""
     started = time.perf_counter()
-    shards, total = plan(output, settings, only)
+    storage = storage or StorageConfig()
+    shards, total = plan(output, settings, only, storage)
     summary = ExportSummary()
     workers = max(1, min(processes or (os.cpu_count() or 1), len(shards) or 1))
     # spawned, not forked: a bucket's client (obstore's runtime threads) does not survive fork
@@ -390,7 +395,7 @@ def export(
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(queue,))
     bar.start()
     try:
-        jobs = [(output, shard, settings) for shard in shards]
+        jobs = [(output, shard, settings, storage) for shard in shards]
         for result in pool.imap_unordered(_export_job, jobs):
             summary.add(result)
         pool.close()
@@ -404,7 +409,7 @@ def export(
     return summary
 
 
-def _export_job(job: tuple[str, str, ExportSettings]) -> ShardResult:
+def _export_job(job: tuple[str, str, ExportSettings, StorageConfig]) -> ShardResult:
     return export_shard(*job)
 
 

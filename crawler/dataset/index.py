@@ -102,7 +102,7 @@ def index_shard(output: Tree, shard: str, shard_file: str, *, force: bool = Fals
     if not SHARD_ID.fullmatch(shard):
         raise ValueError(f"shard id {shard!r} cannot be served (letters, digits, . _ - only)")
     report = f"{status.STATUS_DIR}/{shard}.jsonl.gz"
-    source, source_name = open_file(shard_file)
+    source, source_name = open_file(shard_file, output.settings)
     sources = {"shard_file": shard_file, "shard_stat": _stat_key(source, source_name)}
     sources["report_stat"] = _stat_key(output, report)
     if not force and _current(output, paths, sources):
