@@ -266,6 +266,10 @@ class S3Storage(Storage):
     def _fail(self, exc: Exception, key: str) -> OSError:
         return exc if isinstance(exc, safefs.UnsafePath) else self._error(exc, key)
 
+    def failure(self, exc: Exception, name: str) -> OSError:
+        """The one-line error of an obstore call on `name` made with `store` elsewhere."""
+        return self._fail(exc, name)
+
     def _missing(self, exc: Exception, key: str) -> bool:
         """False for a missing key; raises the one-line error of any other failure."""
         err = self._fail(exc, key)
