@@ -21,6 +21,7 @@ from crawling import crawl, crawl_config, image_doc, report, write_docs
 from PIL import Image
 from redis_server import RedisProcess
 
+from core.storage import LocalStorage
 from crawler import connection, fetch, guard, images, ingest, status, store
 from crawler import embedded as embedded_module
 from crawler.budget import BodyBudget
@@ -235,10 +236,10 @@ def test_reports_are_written_only_as_plain_files_in_a_plain_status_directory(
     elsewhere.mkdir()
     for bad in ("../escaped", ".hidden", "a/b", ""):
         with pytest.raises(OSError):
-            status.write_report(root, bad, [], {})
+            status.write_report(LocalStorage(str(root)), bad, [], {})
     (root / status.STATUS_DIR).symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(OSError):
-        status.write_report(root, "s", [], {})
+        status.write_report(LocalStorage(str(root)), "s", [], {})
     assert list(elsewhere.iterdir()) == []
 
 
