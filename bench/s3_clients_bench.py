@@ -23,7 +23,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # (crawler.early, without installing the crawler here)
+sys.path.insert(0, str(ROOT / "tests"))
 
 from s3_server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS
 
