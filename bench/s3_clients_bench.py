@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # (crawler.early, without installing the crawler here)
 sys.path.insert(0, str(ROOT / "tests"))
 
-from s3_server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS
+from s3_server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS  # noqa: E402
 
 BUCKET = "bench-clients"
 Put = Callable[[str, bytes], Awaitable[Any]]
