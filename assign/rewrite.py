@@ -31,9 +31,9 @@ from assign.jsonline import dump_line as _dump
 from assign.shardio import (
     atomic_writer,
     discard_leftovers,
-    open_lines,
     write_atomically,
 )
+from core.shardfiles import open_lines
 
 MALFORMED_JSON = "malformed_json"
 

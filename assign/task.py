@@ -58,7 +58,7 @@ class AssignSettings:
     # Destination directory for every shard; empty: <task.output>/_shards.
     output: str
     # Downloads a shard named by URL to a local file: the crawler's one shard downloader
-    # (`crawler.ingest.download_blocking`: the address guard, the size and time limits).
+    # (`core.shardfiles.download_blocking`: the address guard, the size and time limits).
     # None: a shard named by URL cannot be rewritten.
     download: Callable[[str, Path], None] | None = None
 

@@ -24,15 +24,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from assign.index import index_shard
 from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure
-from crawler.config import Config
-from crawler.connection import connect
-from crawler.dataset.index import index_shard
-from crawler.ingest import download_blocking
-from crawler.keys import ASSIGN_GROUP, Keys
-from crawler.status import STATUS_DIR
-from crawler.tasks import cancel_and_wait
+from core.config import Config
+from core.connection import connect
+from core.keys import ASSIGN_GROUP, Keys
+from core.shardfiles import download_blocking
+from core.status import STATUS_DIR
+from core.tasks import cancel_and_wait
 
 log = logging.getLogger("assign.worker")
 

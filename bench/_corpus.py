@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 from PIL import Image
 
-from crawler import status
-from crawler.dataset.index import index_shard
+from assign.index import index_shard
+from core import status
 
 WORDS = [
     "the",

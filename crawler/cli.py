@@ -14,12 +14,13 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from crawler import config as config_mod
-from crawler import early, logs, monitor, status
-from crawler.config import Config
-from crawler.errors import CommandError, ReportingGroup
-from crawler.exitcodes import ExitCode
-from crawler.keys import Keys
+from core import config as config_mod
+from core import early, heartbeat, logs, status
+from core.config import Config
+from core.errors import CommandError, ReportingGroup
+from core.exitcodes import ExitCode
+from core.keys import Keys
+from crawler import monitor
 
 T = TypeVar("T")
 
@@ -167,8 +168,8 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
 
 
 async def _enqueue(cfg: Config, sources: list[Any]) -> int:
-    from crawler.connection import RedisUnavailable, retrying
-    from crawler.embedded import where
+    from core.connection import RedisUnavailable, retrying
+    from core.embedded import where
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
     from crawler.signals import StopSignals, failure, until_stopped
@@ -208,7 +209,7 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
 async def _redis(cfg: Config) -> AsyncIterator[Any]:
     """A client of the crawl's Redis, closed on the way out (a close that fails or hangs does
     not fail the command)."""
-    from crawler.connection import connect
+    from core.connection import connect
 
     client = connect(cfg)
     try:
@@ -263,7 +264,7 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
 
 async def _check(cfg: Config, *, paused_ok: bool) -> int:
     pattern = Keys(cfg.redis.namespace).worker_pattern
-    ok, why = await monitor.check_heartbeat(cfg, pattern, paused_ok=paused_ok)
+    ok, why = await heartbeat.check_heartbeat(cfg, pattern, paused_ok=paused_ok)
     if not ok:
         click.echo(why, err=True)
     return 0 if ok else 1
@@ -351,7 +352,7 @@ def dataset_token() -> None:
 def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
     """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
     it as each shard's rewrite completes)."""
-    from crawler.dataset.index import index_shard, shard_files
+    from assign.index import index_shard, shard_files
 
     cfg = state.load()
     shards_dir = (
@@ -475,7 +476,7 @@ def export(
 def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
-    from crawler.embedded import EmbeddedRedis, running_url
+    from core.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
     from crawler.shards import Shards
     from crawler.signals import StopSignals, failure, until_stopped
@@ -571,7 +572,7 @@ def clear(state: State, yes: bool) -> None:
                 deleted += int(await client.unlink(*batch))
         return deleted
 
-    from crawler.errors import redact
+    from core.errors import redact
 
     where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
     n = _run(count())
@@ -589,10 +590,16 @@ def clear(state: State, yes: bool) -> None:
 def demo(state: State, port: int, out: str) -> None:
     """Crawl the shipped sample shard from a local image web on loopback (offline), with
     the embedded Redis: the README's first command."""
-    from crawler.demo import run_demo
+    from crawler.demo import prepare, sample_web
+    from crawler.runner import run_all
 
     cfg = state.load()
-    sys.exit(run_demo(cfg, state.argv(), port=port, output=out))
+    args = prepare(cfg, state.argv(), port=port, output=out)
+    with sample_web(port, Path(cfg.paths.data_dir) / "demo-web.log"):
+        code = _run(run_all(cfg, args))
+    where = Path(out).resolve()
+    click.echo(f"images in {where}, reports in {where / '_status'}")
+    sys.exit(code)
 
 
 class _AssignCommands(click.Group):
@@ -626,7 +633,7 @@ def _guard(cfg: Config) -> None:
     with the same paths.data_dir."""
     if cfg.redis.url:
         return
-    from crawler.embedded import running_url
+    from core.embedded import running_url
 
     url = running_url(Path(cfg.paths.data_dir))
     if url is None:

@@ -7,16 +7,17 @@ embedded Redis. Nothing leaves the machine.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from crawler.config import Config
-from crawler.errors import CommandError
-from crawler.exitcodes import ExitCode
+from core.config import Config
+from core.errors import CommandError
+from core.exitcodes import ExitCode
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sample_shard.jsonl"
 SAMPLE_PORT = 18650  # the port in the sample's URLs
@@ -61,10 +62,9 @@ def sample_for(port: int, data_dir: Path) -> Path:
     return copy
 
 
-def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:
-    from crawler.cli import _run
-    from crawler.runner import run_all
-
+def prepare(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> list[str]:
+    """Set `cfg` up for the sample on the loopback web at `port`, writing to `output`; returns
+    `argv` with the same settings as --set options, for the worker processes."""
     if not SAMPLE.is_file():
         raise CommandError(ExitCode.NOT_FOUND, f"sample shard not found at {SAMPLE}")
     cfg.paths.output = output
@@ -90,14 +90,18 @@ def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int
     args = [*argv]
     for item in overrides:
         args += ["--set", item]
-    web = start_web(port, Path(cfg.paths.data_dir) / "demo-web.log")
+    return args
+
+
+@contextlib.contextmanager
+def sample_web(port: int, log: Path) -> Iterator[None]:
+    """The loopback image web on `port` while the block runs (`start_web`), stopped after."""
+    web = start_web(port, log)
     try:
-        code = _run(run_all(cfg, args))
+        yield
     finally:
         web.send_signal(signal.SIGTERM)
         try:
             web.wait(timeout=10)
         except subprocess.TimeoutExpired:
             web.kill()
-    print(f"images in {Path(output).resolve()}, reports in {Path(output).resolve() / '_status'}")
-    return code

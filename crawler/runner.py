@@ -27,14 +27,15 @@ import orjson
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from crawler import logs, monitor, status
-from crawler.config import Config
-from crawler.connection import connect
-from crawler.embedded import EmbeddedRedis, where
-from crawler.errors import CommandError, redact
-from crawler.exitcodes import ExitCode
+from core import logs, status
+from core.config import Config
+from core.connection import connect
+from core.embedded import EmbeddedRedis, where
+from core.errors import CommandError, redact
+from core.exitcodes import ExitCode
+from core.keys import Keys
+from crawler import monitor
 from crawler.ingest import Ingest, expand_sources, missing_message
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import ReportWriteError, Shards
 from crawler.signals import StopSignals
@@ -345,7 +346,7 @@ async def _finish_assign(
 async def _assign_caught_up(client: Any, keys: Keys) -> bool:
     from redis.exceptions import ResponseError
 
-    from crawler.keys import ASSIGN_GROUP
+    from core.keys import ASSIGN_GROUP
 
     try:
         groups = await client.xinfo_groups(keys.shards_done)

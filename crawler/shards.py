@@ -19,11 +19,11 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from crawler import status
-from crawler.ingest import check_shard_id
-from crawler.keys import Keys
+from core import status
+from core.connection import text as _s
+from core.keys import Keys
+from core.shardfiles import check_shard_id
 from crawler.queue import WorkQueue
-from crawler.queue import text as _s
 from crawler.store import UNWRITABLE_ERRNOS, sweep_temporary
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """SIGTERM and SIGINT for a command that waits (`enqueue`, `retry`, `serve`): the first asks for a
 stop at the next consistent point, a second exits at once.
 
-Signals that arrived before the event loop ran (remembered by ``crawler.early``) count too.
+Signals that arrived before the event loop ran (remembered by ``core.early``) count too.
 The exit code of a stopped command follows the first signal: ``INTERRUPTED`` (130) for
 SIGINT, ``TERMINATED`` (143) for SIGTERM.
 """
@@ -16,8 +16,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from crawler import early
-from crawler.exitcodes import ExitCode
+from core import early
+from core.exitcodes import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class StopSignals:
             self._on_signal(signum)
 
     def uninstall(self) -> None:
-        """Hand the signals back to ``crawler.early`` (remembered, not acted on)."""
+        """Hand the signals back to ``core.early`` (remembered, not acted on)."""
         loop = asyncio.get_running_loop()
         for sig in _HANDLED:
             loop.remove_signal_handler(sig)

@@ -20,9 +20,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from crawler import images, safefs
+from core import safefs
+from core.status import OK, STATUS_DIR, WRITE_ERROR
+from crawler import images
 from crawler.images import ImageResult, ImageSettings
-from crawler.status import OK, STATUS_DIR, WRITE_ERROR
 
 TMP_PREFIX = safefs.TMP_PREFIX
 # Not a terminal status: the image was fine but the output refused it (see UNWRITABLE_ERRNOS).

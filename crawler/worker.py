@@ -33,14 +33,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from yarl import URL
 
-from crawler import early, images, status
-from crawler.config import Config
-from crawler.connection import connect
-from crawler.diagnostics import task_stacks
-from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
-from crawler.keys import Keys
+from core import early, status
+from core.config import Config
+from core.connection import connect
+from core.diagnostics import task_stacks
+from core.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
+from core.keys import Keys
+from core.logs import FailureLog, LogStats
+from core.tasks import cancel_and_wait
+from crawler import images
 from crawler.limits import HostGate
-from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
@@ -53,7 +55,6 @@ from crawler.store import (
     sweep_temporary,
     verify_stored,
 )
-from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
@@ -285,7 +286,7 @@ class Worker:
         max_backoff_s: float = 30.0,
     ) -> None:
         """Run one iteration of a background loop every `interval_s` until cancelled (see
-        crawler.tasks). A failed iteration is retried with a backoff that starts again from
+        core.tasks). A failed iteration is retried with a backoff that starts again from
         `redis.reconnect_backoff_s` after every iteration that succeeds."""
         base = self.cfg.redis.reconnect_backoff_s
         delay = base
@@ -672,7 +673,7 @@ class Worker:
                 log.warning("event loop was blocked for %.1fs", lag)
 
     async def _summary_loop(self) -> None:
-        """The periodic one-line INFO summary (see crawler.logs)."""
+        """The periodic one-line INFO summary (see core.logs)."""
         while True:
             await asyncio.sleep(self.cfg.worker.log_interval_s)
             log.info(

@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 
-from crawler import status
-from crawler.config import Config
-from crawler.diagnostics import task_stacks
+from core import status
+from core.config import Config
+from core.diagnostics import task_stacks
+from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
 from crawler.testweb import ImageWeb, make_docs, write_shard

@@ -21,8 +21,8 @@ from crawling import image_doc, write_docs
 from dataset_helpers import Corpus, Server, crawl_corpus, serving
 from schemathesis import GenerationMode
 
-from crawler import status
-from crawler.dataset.index import index_shard
+from assign.index import index_shard
+from core import status
 from crawler.testweb import ImageWeb
 
 

@@ -16,9 +16,9 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from crawling import crawl, crawl_config, image_doc, own_names, report
 
-from crawler import status
+from core import status
+from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.testweb import ImageWeb, make_docs, write_shard
 
 
@@ -201,7 +201,7 @@ async def test_the_shard_id_of_a_url_comes_from_its_path_not_its_query(
 
 
 def test_a_long_shard_id_is_refused() -> None:
-    from crawler.ingest import check_shard_id
+    from core.shardfiles import check_shard_id
 
     assert check_shard_id("docs_shard_" + "9" * 300) is not None
     assert check_shard_id("docs_shard_" + "9" * 150) is None

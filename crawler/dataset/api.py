@@ -26,10 +26,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from crawler.config import Config
-from crawler.dataset import openapi
-from crawler.dataset.auth import TokenCheck
-from crawler.dataset.index import (
+from assign.index import (
     IMAGE_ROUTE,
     SHARD_ID,
     DatasetIndex,
@@ -37,6 +34,9 @@ from crawler.dataset.index import (
     Page,
     ShardChanged,
 )
+from core.config import Config
+from crawler.dataset import openapi
+from crawler.dataset.auth import TokenCheck
 
 log = logging.getLogger("crawler.dataset.api")
 

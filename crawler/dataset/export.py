@@ -33,10 +33,10 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
+from assign.index import RECORD, DatasetIndex, Filter, IndexPaths
 from assign.shardio import atomic_writer, read_object, write_atomically
 from assign.status import StoredImage, load_stored_images
-from crawler import status
-from crawler.dataset.index import RECORD, DatasetIndex, Filter, IndexPaths
+from core import status
 
 PROGRESS_DIR = "_progress"
 LAYOUTS = ("base64", "members")
@@ -242,7 +242,7 @@ _progress_queue: Any = None
 def _init_worker(queue: Any) -> None:
     global _progress_queue
     _progress_queue = queue
-    # The parent's handlers (crawler.early) only remember a signal: a worker ends on SIGTERM,
+    # The parent's handlers (core.early) only remember a signal: a worker ends on SIGTERM,
     # and leaves Ctrl-C to the parent.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

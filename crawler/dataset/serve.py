@@ -9,11 +9,11 @@ import sys
 
 from aiohttp import web
 
-from crawler import early
-from crawler.config import Config
+from core import early
+from core.config import Config
+from core.exitcodes import ExitCode
 from crawler.dataset.api import make_app
 from crawler.dataset.auth import BadTokenHash, TokenCheck
-from crawler.exitcodes import ExitCode
 
 
 async def serve(cfg: Config, host: str, port: int) -> int:

@@ -40,25 +40,3 @@ def stop_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def main() -> None:
-    """The `mmc4-crawl` entry point: handlers first, then the CLI."""
-    install()
-    from crawler.cli import main as cli_main
-
-    cli_main()
-
-
-main.cli_module = "crawler.cli"  # type: ignore[attr-defined]  # where the click group lives
-
-
-def assign_main() -> None:
-    """The `mmc4-assign` entry point: handlers first, then the assignment CLI."""
-    install()
-    from assign.cli import main as cli_main
-
-    cli_main()
-
-
-assign_main.cli_module = "assign.cli"  # type: ignore[attr-defined]  # where the click group lives

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from crawler import safefs
+from core import safefs
 
 # Terminal statuses. HTTP failures are recorded as http_<code> (http_404, http_503, ...).
 OK = "ok"

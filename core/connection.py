@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from crawler.config import Config, ConfigError
+from core.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,3 +86,8 @@ async def retrying(
             log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+
+def text(value: Any) -> str:
+    """A Redis reply value as str (replies are bytes: the clients do not decode)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
