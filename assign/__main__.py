@@ -1,17 +1,9 @@
 """``python -m assign`` and the ``mmc4-assign`` entry point (the same commands as
-``mmc4-crawl assign``): the early signal catch (core.early) first, then the CLI."""
+``mmc4-crawl assign``)."""
 
-from core import early
+from core.early import EntryPoint
 
-
-def main() -> None:
-    early.install()
-    from assign.cli import main as cli_main
-
-    cli_main()
-
-
-main.cli_module = "assign.cli"  # type: ignore[attr-defined]  # where the click group lives
+main = EntryPoint("assign.cli")
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ here and honoured (graceful stop) as soon as the worker's loop installs its own 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import sys
@@ -40,3 +41,15 @@ def stop_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class EntryPoint:
+    """A console script's entry point: the handlers first, then the click group `main` of
+    `cli_module` with its heavy imports."""
+
+    def __init__(self, cli_module: str) -> None:
+        self.cli_module = cli_module
+
+    def __call__(self) -> None:
+        install()
+        importlib.import_module(self.cli_module).main()

@@ -22,6 +22,7 @@ from redis import exceptions as redis_exc
 from core import logs
 from core.config import ConfigError
 from core.exitcodes import ExitCode
+from core.storage import StorageError
 
 _OUTPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 _PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
@@ -75,6 +76,10 @@ def describe(exc: BaseException, redis_url: str = "") -> tuple[ExitCode, str] | 
         return ExitCode.ADDRESS_IN_USE, (
             f"cannot listen: {exc.strerror or exc}; choose another port (--port, "
             "metrics.port) or stop the process that holds it"
+        )
+    if isinstance(exc, StorageError):
+        return ExitCode.OUTPUT_UNAVAILABLE, (
+            f"output: {exc}; check paths.output, the bucket and the AWS_* settings"
         )
     if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
         name = f" {exc.filename}" if exc.filename else ""

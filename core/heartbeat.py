@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from core.config import Config
-from core.connection import connect
+from core.connection import connected
 from core.connection import text as _s
 
 
@@ -20,15 +20,14 @@ async def check_heartbeat(
     (hostname) younger than three heartbeat intervals, and not paused (unless `paused_ok`:
     a paused worker runs and beats, it only takes no work)? Returns the answer and, when it
     is no, the reason."""
-    client = connect(cfg)
+    max_age_s = 3 * cfg.worker.heartbeat_interval_s
     try:
-        return await _fresh_heartbeat(
-            client, pattern, socket.gethostname(), 3 * cfg.worker.heartbeat_interval_s, paused_ok
-        )
+        async with connected(cfg) as client:
+            return await _fresh_heartbeat(
+                client, pattern, socket.gethostname(), max_age_s, paused_ok
+            )
     except Exception as exc:
         return False, f"check failed: {exc}"
-    finally:
-        await client.aclose()
 
 
 async def _fresh_heartbeat(

@@ -1,17 +1,8 @@
-"""``python -m crawler`` and the ``mmc4-crawl`` entry point: the early signal catch
-(core.early) first, then the CLI and its heavy imports."""
+"""``python -m crawler`` and the ``mmc4-crawl`` entry point."""
 
-from core import early
+from core.early import EntryPoint
 
-
-def main() -> None:
-    early.install()
-    from crawler.cli import main as cli_main
-
-    cli_main()
-
-
-main.cli_module = "crawler.cli"  # type: ignore[attr-defined]  # where the click group lives
+main = EntryPoint("crawler.cli")
 
 if __name__ == "__main__":
     main()

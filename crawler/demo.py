@@ -7,12 +7,11 @@ embedded Redis. Nothing leaves the machine.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from core.config import Config
@@ -62,9 +61,10 @@ def sample_for(port: int, data_dir: Path) -> Path:
     return copy
 
 
-def prepare(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> list[str]:
-    """Set `cfg` up for the sample on the loopback web at `port`, writing to `output`; returns
-    `argv` with the same settings as --set options, for the worker processes."""
+def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:
+    from core.runtime import run
+    from crawler.runner import run_all
+
     if not SAMPLE.is_file():
         raise CommandError(ExitCode.NOT_FOUND, f"sample shard not found at {SAMPLE}")
     cfg.paths.output = output
@@ -90,18 +90,14 @@ def prepare(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> list
     args = [*argv]
     for item in overrides:
         args += ["--set", item]
-    return args
-
-
-@contextlib.contextmanager
-def sample_web(port: int, log: Path) -> Iterator[None]:
-    """The loopback image web on `port` while the block runs (`start_web`), stopped after."""
-    web = start_web(port, log)
+    web = start_web(port, Path(cfg.paths.data_dir) / "demo-web.log")
     try:
-        yield
+        code = run(run_all(cfg, args))
     finally:
         web.send_signal(signal.SIGTERM)
         try:
             web.wait(timeout=10)
         except subprocess.TimeoutExpired:
             web.kill()
+    print(f"images in {Path(output).resolve()}, reports in {Path(output).resolve() / '_status'}")
+    return code

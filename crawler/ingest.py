@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 
 from core import status
 from core.config import Config
-from core.connection import retrying
+from core.connection import RedisRetry
 from core.guard import CLOSED, AddressPolicy, check_url
 from core.keys import Keys
 from core.shardfiles import (
@@ -53,6 +53,7 @@ from core.shardfiles import (
     local_copy,
     shard_id,
 )
+from core.storage import output_storage
 from crawler.queue import WorkQueue, encode_result
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ class Ingest:
         self.keys = Keys(cfg.redis.namespace)
         self.queue = WorkQueue(client, self.keys, cfg.queue)
         self.stats = IngestStats()
-        self.output = cfg.output_dir
+        self.storage = output_storage(cfg)
         self.redis_wait_s = redis_wait_s
         self.stop = asyncio.Event()
 
@@ -319,8 +320,8 @@ class Ingest:
             log.warning("ingest stopped; a rerun resumes after the last enqueued batch")
 
     async def _redis(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
-        b = self.cfg.redis.reconnect_backoff_s
-        return await retrying(fn, b, what=what, give_up_after_s=self.redis_wait_s)
+        retry = RedisRetry.from_config(self.cfg, what, give_up_after_s=self.redis_wait_s)
+        return await retry.call(fn)
 
     async def _plan(self, sources: list[ShardSource]) -> None:
         """Name every shard of the crawl in Redis (progress and ETA cover them all)."""
@@ -341,7 +342,7 @@ class Ingest:
             self.stats.unreadable.append(f"{source.location}: {problem}")
             await self._count_error("bad_shard_id")
             return
-        if status.shard_is_reported(self.output, source.shard):
+        if await asyncio.to_thread(status.shard_is_reported, self.storage, source.shard):
             log.info("shard %s already complete (report exists)", source.shard)
             self.stats.shards_skipped += 1
 

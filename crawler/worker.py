@@ -10,36 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
 import gc
 import itertools
 import logging
 import math
 import os
 import random
-import signal
 import socket
-import sys
-import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from yarl import URL
 
-from core import early, status
+from core import status
 from core.config import Config
-from core.connection import connect
-from core.diagnostics import task_stacks
+from core.connection import RedisRetry, connect
 from core.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
 from core.keys import Keys
 from core.logs import FailureLog, LogStats
+from core.runtime import StopSignals, watch_loop_lag
+from core.storage import output_storage
 from core.tasks import cancel_and_wait
 from crawler import images
 from crawler.limits import HostGate
@@ -51,8 +48,8 @@ from crawler.store import (
     OUTPUT_UNWRITABLE,
     Store,
     output_problem,
-    shrink_and_store,
     sweep_temporary,
+    verify_bytes,
     verify_stored,
 )
 
@@ -131,7 +128,7 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.keys = Keys(cfg.redis.namespace)
         self.stats = WorkerStats()
-        self.store = Store(cfg.output_dir)
+        self.store = Store(output_storage(cfg))
         self.settings = images.settings_from(cfg)
         self.metrics = Metrics()
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
@@ -169,7 +166,7 @@ class Worker:
         self.gate = HostGate(
             self.cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
         )
-        self.shards = Shards(self.client, self.keys, self.queue, self.cfg.output_dir)
+        self.shards = Shards(self.client, self.keys, self.queue, self.store.storage)
         self._pool = make_pool(self.cfg)
         await self._pool.start()
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
@@ -178,7 +175,9 @@ class Worker:
         )
         _tune_gc()
         await self._probe_output()
-        await self._retrying(self.queue.ensure_group)
+        await RedisRetry.from_config(self.cfg, "start").call(
+            self.queue.ensure_group, stop=self.force_exit
+        )
         self.metrics.redis_ok()
         metrics_runner = None
         if self.cfg.metrics.port:
@@ -195,7 +194,7 @@ class Worker:
             self._loop(self._probe_output, _OUTPUT_PROBE_S),
             # a heartbeat retries within its own interval: a blip must not let it lapse
             self._loop(self._heartbeat, hb, max_backoff_s=hb),
-            self._lag_loop(),
+            watch_loop_lag(self.metrics.loop_lag.observe),
             self._gc_loop(),
             self._summary_loop(),
         ]
@@ -227,20 +226,6 @@ class Worker:
         if age >= 3 * self.cfg.worker.heartbeat_interval_s + 10:
             return "Redis has not answered recently"
         return ""
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop the worker gracefully; the process is also given a hard
-        deadline (see `_exit_watchdog`), so a stopping worker always ends."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
-        if early.stop_requested:  # signalled while starting up
-            self._on_signal()
-
-    def _on_signal(self) -> None:
-        if not self.stopping.is_set():
-            _exit_watchdog(self.stop_deadline_s())
-        self.request_stop()
 
     def stop_deadline_s(self) -> float:
         """The longest a graceful stop may take: grace, final flush, closing, and a margin."""
@@ -278,48 +263,18 @@ class Worker:
                 await self.queue.hand_back(unrecorded)
                 log.info("handed back %d items", len(unrecorded))
 
-    async def _loop(
+    def _loop(
         self,
         iteration: Callable[[], Coroutine[Any, Any, None]],
         interval_s: float = 0.0,
         *,
         max_backoff_s: float = 30.0,
-    ) -> None:
-        """Run one iteration of a background loop every `interval_s` until cancelled (see
-        core.tasks). A failed iteration is retried with a backoff that starts again from
-        `redis.reconnect_backoff_s` after every iteration that succeeds."""
-        base = self.cfg.redis.reconnect_backoff_s
-        delay = base
-        name = iteration.__name__.strip("_")
-        while True:
-            try:
-                await iteration()
-            except asyncio.CancelledError:
-                raise
-            except RedisError as exc:
-                log.warning("%s: Redis unavailable (%s); retrying in %.1fs", name, exc, delay)
-            except OSError as exc:
-                log.warning("%s: %s; retrying in %.1fs", name, exc, delay)
-            except Exception:
-                log.exception("%s failed; retrying in %.1fs", name, delay)
-            else:
-                delay = base
-                await asyncio.sleep(interval_s)
-                continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_backoff_s)
-
-    async def _retrying(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        delay = self.cfg.redis.reconnect_backoff_s
-        while True:
-            try:
-                return await fn()
-            except (RedisError, OSError) as exc:
-                if self.force_exit.is_set():
-                    raise
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+    ) -> Coroutine[Any, Any, NoReturn]:
+        """One iteration of a background loop every `interval_s` until cancelled (see
+        core.tasks), retried as `RedisRetry.every` retries."""
+        what = iteration.__name__.strip("_")
+        retry = RedisRetry.from_config(self.cfg, what, cap_s=max_backoff_s)
+        return retry.every(iteration, interval_s)
 
     # ---- reading ---------------------------------------------------------------------
     async def _read_loop(self, until_idle: bool) -> None:
@@ -493,10 +448,10 @@ class Worker:
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
-        final = (str(self.store.output), item.shard, item.name)
+        final = self.store.target(item.shard, item.name)
         started = time.monotonic()
         try:
-            img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
+            img = await self._pool.run(self.store.image_job, self.settings, final, data=body)
         except ImageJobTimeout as exc:
             return status.make_record(
                 item.name, item.url, status.IMAGE_TIMEOUT, error=str(exc), http_code=http_code,
@@ -506,6 +461,7 @@ class Worker:
             self.metrics.image_seconds.observe(time.monotonic() - started)
             self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
             self.stats.peak_waiting_bytes = self.bodies.peak
+        img = await self.store.finish(item.shard, item.name, img)
         if img.status == OUTPUT_UNWRITABLE:
             raise OutputUnwritable(img.error)
         common = {
@@ -527,9 +483,15 @@ class Worker:
 
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
-        final = (str(self.store.output), item.shard, item.name)
         try:
-            img = await self._pool.run(verify_stored, final, self.settings)
+            if self.store.remote:
+                data = await self.store.stored_bytes(item.shard, item.name)
+                img = None if data is None else (
+                    await self._pool.run(verify_bytes, self.settings, data=data)
+                )  # fmt: skip
+            else:
+                final = self.store.target(item.shard, item.name)
+                img = await self._pool.run(verify_stored, final, self.settings)
         except ImageJobTimeout:
             return None  # fetched again, and then recorded as what it is
         if img is None:
@@ -600,7 +562,7 @@ class Worker:
         if not self.output_blocked and self._output_probed:
             return
         self._output_probed = True
-        problem = await asyncio.to_thread(output_problem, self.cfg.output_dir)
+        problem = await asyncio.to_thread(output_problem, self.store.storage)
         if problem:
             self._block_output(problem)
         elif self.output_blocked:
@@ -647,7 +609,9 @@ class Worker:
             self._block_output(str(exc))
 
     def _sweep(self) -> None:
-        out = self.cfg.output_dir
+        if self.store.remote:
+            return  # (an object is one PUT: no temporary files)
+        out = Path(self.store.output)
         if out.is_dir():
             for shard_dir in out.iterdir():
                 if (
@@ -660,17 +624,6 @@ class Worker:
             # (`.tmp-*` and `.<name>.<pid>.tmp` files)
             sweep_temporary(out / status.STATUS_DIR)
             sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
-
-    async def _lag_loop(self) -> None:
-        """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""
-        tick = 0.1
-        while True:
-            before = time.monotonic()
-            await asyncio.sleep(tick)
-            lag = max(0.0, time.monotonic() - before - tick)
-            self.metrics.loop_lag.observe(lag)
-            if lag > 1.0:
-                log.warning("event loop was blocked for %.1fs", lag)
 
     async def _summary_loop(self) -> None:
         """The periodic one-line INFO summary (see core.logs)."""
@@ -782,24 +735,6 @@ def _untune_gc() -> None:
             gc.enable()
 
 
-def _exit_watchdog(after_s: float) -> None:
-    """End the process after `after_s` seconds if it is still alive, with every thread's and
-    every task's stack in the log: unrecorded items are redelivered after their lease anyway."""
-    loop = asyncio.get_running_loop()
-
-    def expire() -> None:
-        log.error("graceful stop took longer than %gs: exiting now; stacks follow", after_s)
-        faulthandler.dump_traceback(all_threads=True)
-        with contextlib.suppress(Exception):  # another thread's loop: best effort
-            sys.stderr.write(task_stacks(loop) + "\n")
-        logging.shutdown()
-        os._exit(3)
-
-    timer = threading.Timer(after_s, expire)
-    timer.daemon = True
-    timer.start()
-
-
 def _log_task_error(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         exc = task.exception()
@@ -809,8 +744,17 @@ def _log_task_error(task: asyncio.Future[Any]) -> None:
 async def run_worker(
     cfg: Config, *, until_idle: bool = False, handle_signals: bool = True
 ) -> Worker:
+    """Run a worker until it is stopped (or, with until_idle, idle). With `handle_signals`,
+    SIGTERM/SIGINT stop it gracefully (`Worker.request_stop`), a second one stops it at once,
+    and a stop that overruns `Worker.stop_deadline_s` ends the process (`runtime.exit_after`)."""
     worker = Worker(cfg)
-    if handle_signals:
-        worker.install_signal_handlers()
-    await worker.run(until_idle=until_idle)
+    if not handle_signals:
+        await worker.run(until_idle=until_idle)
+        return worker
+    with StopSignals(
+        on_stop=worker.request_stop,
+        on_force=worker.request_stop,
+        stop_deadline_s=worker.stop_deadline_s(),
+    ):
+        await worker.run(until_idle=until_idle)
     return worker

@@ -324,7 +324,7 @@ STUCK = """
 import asyncio, sys
 from core import early
 early.install()
-from crawler.signals import StopSignals
+from core.runtime import StopSignals
 
 async def main():
     signals = StopSignals()

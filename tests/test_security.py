@@ -26,6 +26,7 @@ from core import embedded as embedded_module
 from core.config import Config, FetchConfig
 from core.embedded import EmbeddedRedis
 from core.keys import EMBEDDED_IDENTITY
+from core.storage import LocalStorage
 from crawler import images, ingest, store
 from crawler.images import ImageSettings
 from crawler.pool import ImageJobTimeout, ImagePool
@@ -234,10 +235,10 @@ def test_reports_are_written_only_as_plain_files_in_a_plain_status_directory(
     elsewhere.mkdir()
     for bad in ("../escaped", ".hidden", "a/b", ""):
         with pytest.raises(OSError):
-            status.write_report(root, bad, [], {})
+            status.write_report(LocalStorage(str(root)), bad, [], {})
     (root / status.STATUS_DIR).symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(OSError):
-        status.write_report(root, "s", [], {})
+        status.write_report(LocalStorage(str(root)), "s", [], {})
     assert list(elsewhere.iterdir()) == []
 
 
