@@ -72,6 +72,9 @@ class StorageConfig:
     connect_timeout_s: float = 5.0
     # Allow a plain http:// endpoint (a test or in-cluster server); AWS_ALLOW_HTTP=true too.
     allow_http: bool = False
+    # A named profile of ~/.aws/credentials and ~/.aws/config (needs boto3: the aws-profile
+    # extra). Empty: AWS_PROFILE when it is set and AWS_ACCESS_KEY_ID is not.
+    profile: str = ""
 
 
 @dataclass

@@ -176,3 +176,25 @@ async def test_throttling_is_retried_with_backoff_until_the_server_takes_the_req
             await open_storage(s3_output, few).put("shard/b.jpg", b"image")
         assert seen["refused"] == 3  # the request and its two retries
     assert "SlowDown" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_credentials_come_from_a_named_profile(
+    s3_output: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from s3_server import ACCESS_KEY, SECRET_KEY
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"[crawl]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+        "[wrong]\naws_access_key_id = nobody\naws_secret_access_key = nothing\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_PROFILE", "crawl")
+    assert open_storage(s3_output).problem_sync("_status") == ""
+    problem = open_storage(s3_output, StorageConfig(profile="wrong")).problem_sync("_status")
+    assert "InvalidAccessKeyId" in problem
+    with pytest.raises(StorageError, match="profile"):
+        open_storage(s3_output, StorageConfig(profile="missing"))
