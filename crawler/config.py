@@ -303,6 +303,11 @@ class Config:
             self.images.format in IMAGE_FORMATS,
             f"images.format must be one of {', '.join(IMAGE_FORMATS)}",
         )
+        out = self.paths.output
+        _check(
+            not out.startswith("s3://") or bool(out[5:].partition("/")[0]),
+            f"paths.output {out!r} names no bucket: s3://bucket/prefix",
+        )
         url = self.redis.url
         _check(
             not url or url.startswith(("redis://", "rediss://", "unix://")),
