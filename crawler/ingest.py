@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import braceexpand
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
 from redis.exceptions import RedisError
 
 from core import status
@@ -356,13 +357,21 @@ class Ingest:
         if b"total" in meta:
             self.stats.shards_skipped += 1
             return
-        lock = self.keys.shard_ingest_lock(source.shard)
-        token = uuid.uuid4().hex
+        lock = self.client.lock(
+            self.keys.shard_ingest_lock(source.shard),
+            timeout=LOCK_TTL_S,
+            blocking=False,
+            thread_local=False,  # renewed and released by other tasks of this process
+        )
+        token = uuid.uuid4().hex.encode()
 
         async def acquire() -> bool:
-            if await self.client.set(lock, token, nx=True, ex=LOCK_TTL_S):
+            if await lock.acquire(token=token):
                 return True
-            return bool(await self.client.get(lock) == token.encode())  # ours, reply lost
+            if await self.client.get(lock.name) == token:  # ours: the reply was lost
+                lock.local.token = token
+                return True
+            return False
 
         if not await self._redis(acquire, "ingest lock"):
             log.warning("shard %s is being ingested by another process", source.shard)
@@ -394,17 +403,16 @@ class Ingest:
             keeper.cancel()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):  # a stopping process does not wait on Redis
-                    if await self.client.get(lock) == token.encode():
-                        await self.client.delete(lock)
+                    await lock.release()
 
-    async def _keep_lock(self, lock: str) -> None:
+    async def _keep_lock(self, lock: Lock) -> None:
         """Renew the shard's ingest lock while this process holds the shard."""
         while True:
             await asyncio.sleep(LOCK_TTL_S / 3)
             try:
-                await self.client.expire(lock, LOCK_TTL_S)
-            except (RedisError, OSError) as exc:
-                log.warning("ingest lock %s not renewed: %s", lock, exc)
+                await lock.extend(LOCK_TTL_S, replace_ttl=True)
+            except (RedisError, OSError) as exc:  # LockNotOwnedError is a RedisError
+                log.warning("ingest lock %r not renewed: %s", lock.name, exc)
 
     async def _unplan(self, shard: str) -> None:
         """A shard that yields no images leaves the crawl's plan (progress, ETA)."""

@@ -683,7 +683,7 @@ class Worker:
 
     async def _sample_history(self) -> None:
         """One worker in the fleet appends a (time, done, queued) sample every 10 s."""
-        if not await self.client.set(self.keys.history + ":lock", self.id, nx=True, px=9500):
+        if not await self.client.set(self.keys.history_turn, self.id, nx=True, px=9500):
             return
         counts = await self.client.hgetall(self.keys.counts)
         done = sum(int(v) for k, v in counts.items() if k != b"bytes")
