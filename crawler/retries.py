@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import random
 
-from crawler import status
-from crawler.config import FetchConfig
-from crawler.fetch import FetchResult
+from core import status
+from core.config import FetchConfig
+from core.fetch import FetchResult
 
 
 class Retries:

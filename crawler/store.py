@@ -18,16 +18,19 @@ import collections
 import dataclasses
 import errno
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from core import safefs
+from core.status import OK, STATUS_DIR, WRITE_ERROR
 from core.storage import Storage
-from crawler import images, safefs
+from crawler import images
 from crawler.images import ImageResult, ImageSettings
-from crawler.status import OK, STATUS_DIR, WRITE_ERROR
 
+log = logging.getLogger(__name__)
 TMP_PREFIX = safefs.TMP_PREFIX
 # Not a terminal status: the image was fine but the output refused it (see UNWRITABLE_ERRNOS).
 OUTPUT_UNWRITABLE = "output_unwritable"
@@ -89,7 +92,14 @@ class Store:
             return frozenset()
         names = self._listed.get(shard)
         if names is None:
-            names = frozenset(self.storage.names_sync(shard))
+            try:
+                names = frozenset(self.storage.names_sync(shard))
+            except OSError as exc:
+                # Unknown this time (asked again for the next batch): the images are fetched
+                # and stored again, under the same names, or handed back if the bucket
+                # refuses the upload too.
+                log.warning("cannot list %s: %s", self.storage.url(shard), exc)
+                return frozenset()
             if not names:
                 self._new_shards.add(shard)
                 return names
@@ -112,10 +122,14 @@ class Store:
         return dataclasses.replace(img, data=None)
 
     async def stored_bytes(self, shard: str, name: str) -> bytes | None:
-        """(bucket) The bytes an earlier run stored, or None when there are none."""
+        """(bucket) The bytes an earlier run stored, or None when there are none or they
+        cannot be read now (then the image is fetched and stored again)."""
         try:
             return await self.storage.get(f"{shard}/{name}")
         except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("cannot read %s: %s", self.storage.url(f"{shard}/{name}"), exc)
             return None
 
 

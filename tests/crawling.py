@@ -15,16 +15,16 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 
+from core import status
+from core.config import Config
+from core.diagnostics import task_stacks
+from core.keys import Keys
 from core.storage import output_storage
-from crawler import status
-from crawler.config import Config
-from crawler.diagnostics import task_stacks
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb, make_docs, write_shard
 from crawler.worker import Worker
+from testweb import ImageWeb, make_docs, write_shard
 
 TEST_REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CRAWL_TIMEOUT_S = 90.0  # far beyond any test crawl; a hang fails with every task's stack

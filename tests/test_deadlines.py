@@ -9,11 +9,11 @@ from urllib.parse import quote
 import pytest
 from crawling import crawl, crawl_config, image_doc, report, within, write_docs
 
-from crawler import fetch
-from crawler.config import FetchConfig
-from crawler.deadlines import ResponseTimes
-from crawler.session import client_session
-from crawler.testweb import ImageWeb
+from core import fetch
+from core.config import FetchConfig
+from core.deadlines import ResponseTimes
+from core.session import client_session
+from testweb import ImageWeb
 
 
 def hop_chain(web: ImageWeb, tag: str, wait_ms: int) -> str:

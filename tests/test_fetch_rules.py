@@ -9,12 +9,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from crawler import fetch, guard
-from crawler.budget import Slots
-from crawler.config import FetchConfig
-from crawler.responses import opted_out, parse_retry_after
-from crawler.session import client_session
-from crawler.testweb import ImageWeb
+from core import fetch, guard
+from core.budget import Slots
+from core.config import FetchConfig
+from core.responses import opted_out, parse_retry_after
+from core.session import client_session
+from testweb import ImageWeb
 
 AGENTS = ["googlebot-image", "googlebot", "mmc4-crawler"]
 

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from crawler import status
-from crawler.config import FetchConfig
-from crawler.fetch import FetchResult
+from core import status
+from core.config import FetchConfig
+from core.fetch import FetchResult
 from crawler.retries import Retries
 
 CFG = FetchConfig(max_attempts=5, backoff_base_s=1.0, backoff_max_s=4.0, retry_after_max_s=60.0)

@@ -154,3 +154,15 @@ async def test_an_upload_is_the_whole_shrunk_image_and_a_failed_one_pauses_the_o
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     refused = await Store(open_storage(s3_output)).finish("shard", "b.jpg", img)
     assert refused.status == OUTPUT_UNWRITABLE and "SignatureDoesNotMatch" in refused.error
+
+
+async def test_a_bucket_that_cannot_be_read_means_fetch_again_not_a_failed_image(
+    s3_output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_storage(s3_output)
+    storage.put_sync("old/a.jpg", jpeg(100, 100))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    store = Store(open_storage(s3_output))
+    assert store.on_disk([("old", "a.jpg")]) == [False]
+    assert not store.all_new(["old"])  # unknown, not new: asked again next time
+    assert await store.stored_bytes("old", "a.jpg") is None

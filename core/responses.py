@@ -9,8 +9,8 @@ import time
 import aiohttp
 from aiohttp.http_exceptions import DecompressSizeError
 
-from crawler.budget import BodyBudget
-from crawler.deadlines import Progress
+from core.budget import BodyBudget
+from core.deadlines import Progress
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -1,5 +1,5 @@
 """The HTTP client session every fetch goes through: a connection pool whose resolver and
-socket factory enforce the crawl's address policy (crawler.guard) on every connection."""
+socket factory enforce the crawl's address policy (core.guard) on every connection."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from crawler.config import FetchConfig
-from crawler.guard import AddressPolicy, BlockedAddress
+from core.config import FetchConfig
+from core.guard import AddressPolicy, BlockedAddress
 
 
 class GuardedResolver(AbstractResolver):

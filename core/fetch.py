@@ -3,8 +3,8 @@
 Redirects are followed by hand so that each hop is checked (address policy, hop cap, loops).
 The whole attempt (connect, headers, body) runs under one hard deadline, so a server that
 trickles bytes cannot hold a slot for longer than ``total_timeout_s``; within it, each host
-gets a deadline adapted to what it has shown (crawler.deadlines). Bodies are read up to
-``max_body_bytes`` and cut off beyond it, never buffered whole (crawler.responses).
+gets a deadline adapted to what it has shown (core.deadlines). Bodies are read up to
+``max_body_bytes`` and cut off beyond it, never buffered whole (core.responses).
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from crawler import status
-from crawler.budget import BodyBudget, Slots
-from crawler.config import FetchConfig
-from crawler.deadlines import Judge, Progress, ResponseTimes
-from crawler.guard import AddressPolicy, BlockedAddress, check_parsed
-from crawler.responses import opted_out, parse_retry_after, read_capped
+from core import status
+from core.budget import BodyBudget, Slots
+from core.config import FetchConfig
+from core.deadlines import Judge, Progress, ResponseTimes
+from core.guard import AddressPolicy, BlockedAddress, check_parsed
+from core.responses import opted_out, parse_retry_after, read_capped
 
 # Not a terminal status: the response redirects to another host (`final_url`), whose own
 # limits the caller must respect before calling `fetch` again with the result's `hops`.
