@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check crawler assign core tests bench
 	$(BIN)/ruff format --check crawler assign core tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format crawler assign core tests bench
@@ -61,4 +62,4 @@ bench-s3-clients: $(S3BENCH_STAMP)
 	.venv-s3bench/bin/python bench/s3_clients_bench.py
 
 clean:
-	rm -rf $(VENV) .venv-bench .venv-s3bench bench_data mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bench .venv-s3bench bench_data mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

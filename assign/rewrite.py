@@ -28,8 +28,9 @@ from assign.document import AssignOptions, Outcome, assign_document
 from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import MalformedLine, parse_line
 from assign.jsonline import dump_line as _dump
-from assign.shardio import WRITE_BUFFER, open_lines
+from assign.shardio import WRITE_BUFFER
 from assign.tree import LocalTree, Tree
+from core.shardfiles import open_lines
 
 MALFORMED_JSON = "malformed_json"
 

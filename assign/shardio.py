@@ -1,4 +1,4 @@
-"""Shard files: streaming input (.jsonl, .jsonl.gz, .jsonl.zip) and crash-safe output.
+"""Crash-safe output files.
 
 Output goes to a temporary file in the destination directory, is fsynced, then renamed over the
 destination and the directory fsynced: after a kill -9 at any moment the destination holds the
@@ -9,55 +9,15 @@ a later run can recognise and discard what a killed run left behind.
 from __future__ import annotations
 
 import contextlib
-import gzip
-import io
 import os
 import secrets
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import orjson
 
-SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip")
-_GZIP_MAGIC = b"\x1f\x8b"
-_ZIP_MAGIC = b"PK\x03\x04"
 WRITE_BUFFER = 1 << 20
-
-
-def is_shard_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.name.endswith(SHARD_SUFFIXES)
-
-
-def output_name(source: str) -> str:
-    """``docs_shard_0_v2.jsonl.zip`` -> ``docs_shard_0_v2.jsonl``: the rewritten shard's name."""
-    name = source.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
-    for suffix in (".gz", ".zip"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name if name.endswith(".jsonl") else f"{name}.jsonl"
-
-
-@contextlib.contextmanager
-def open_lines(path: Path) -> Iterator[io.BufferedIOBase]:
-    """A binary stream of the shard's jsonl text, whatever its compression (sniffed)."""
-    with open(path, "rb") as probe:
-        magic = probe.read(4)
-    if magic.startswith(_GZIP_MAGIC):
-        with gzip.GzipFile(path, "rb") as gz:
-            yield gz
-    elif magic == _ZIP_MAGIC:
-        with zipfile.ZipFile(path) as archive:
-            members = [m for m in archive.infolist() if not m.is_dir()]
-            if not members:
-                raise ValueError(f"{path}: empty zip archive")
-            # MMC4's zipped shards hold one jsonl; like the reference, read the first member.
-            with archive.open(members[0]) as member:
-                yield cast(io.BufferedIOBase, member)  # a ZipExtFile
-    else:
-        with open(path, "rb", buffering=WRITE_BUFFER) as plain:
-            yield cast(io.BufferedReader, plain)
 
 
 def temp_path(destination: Path) -> Path:

@@ -26,8 +26,8 @@ from typing import Protocol
 import obstore
 
 from assign.shardio import discard_leftovers, fsync_directory, temp_path, write_atomically
+from core.config import StorageConfig
 from core.storage import S3Storage, is_remote
-from crawler.config import StorageConfig
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,16 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from assign.index import index_shard
 from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
 from assign.tree import open_tree
+from core.config import Config
+from core.connection import RedisRetry, connect
+from core.keys import ASSIGN_GROUP, Keys
+from core.shardfiles import download_blocking
 from core.storage import is_remote
-from crawler.config import Config
-from crawler.connection import RedisRetry, connect
-from crawler.dataset.index import index_shard
-from crawler.ingest import download_blocking
-from crawler.keys import ASSIGN_GROUP, Keys
-from crawler.tasks import cancel_and_wait
+from core.tasks import cancel_and_wait
 
 log = logging.getLogger("assign.worker")
 

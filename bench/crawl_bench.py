@@ -98,12 +98,12 @@ from _procs import (  # noqa: E402
     reap_orphans,
 )
 
+from core import config as cconfig  # noqa: E402
+from core import status as cstatus  # noqa: E402
+from core.keys import Keys  # noqa: E402
 from core.storage import open_storage  # noqa: E402
-from crawler import config as cconfig  # noqa: E402
 from crawler import images as cimages  # noqa: E402
-from crawler import status as cstatus  # noqa: E402
 from crawler import testweb  # noqa: E402
-from crawler.keys import Keys  # noqa: E402
 
 BIN = Path(sys.executable).parent
 T0 = time.monotonic()
@@ -345,7 +345,7 @@ def warm_up(web: Web, pool: list[str], concurrency: int = 8) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Redis (private, same flags as crawler/embedded.py)
+# Redis (private, same flags as core/embedded.py)
 
 
 @dataclass

@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from crawl_bench import PrivateRedis, Web, clean_env, make_workload  # noqa: E402
 
+from core.keys import CRAWL_GROUP, Keys  # noqa: E402
 from crawler import testweb  # noqa: E402
-from crawler.keys import CRAWL_GROUP, Keys  # noqa: E402
 
 BIN = Path(sys.executable).parent
 NS = "fleet"

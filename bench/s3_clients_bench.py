@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # (crawler.early, without installing the crawler here)
+sys.path.insert(0, str(ROOT))  # (core.early, without installing the crawler here)
 sys.path.insert(0, str(ROOT / "tests"))
 
 from s3_server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS  # noqa: E402

@@ -2,7 +2,7 @@
 
 `open_storage(location, settings)` gives a `Storage` for ``paths.output`` (or any place the
 crawl writes or reads its files): a local path (`LocalStorage`, files through
-`crawler.safefs`: a temporary name, then a rename) or ``s3://bucket/prefix`` (`S3Storage`,
+`core.safefs`: a temporary name, then a rename) or ``s3://bucket/prefix`` (`S3Storage`,
 through obstore: S3 and S3-compatible endpoints).
 
 Every file is addressed by a *key* ``"<directory>/<name>"``, both parts one plain name
@@ -42,8 +42,8 @@ from abc import ABC, abstractmethod
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from crawler import safefs
-from crawler.config import Config, StorageConfig
+from core import safefs
+from core.config import Config, StorageConfig
 
 if TYPE_CHECKING:
     from obstore.auth.boto3 import Boto3CredentialProvider
@@ -157,7 +157,7 @@ class Storage(ABC):
 
 
 class LocalStorage(Storage):
-    """Files under a root directory (`crawler.safefs`: no name leads out of it)."""
+    """Files under a root directory (`core.safefs`: no name leads out of it)."""
 
     remote = False
 

@@ -9,13 +9,14 @@ from typing import Any
 import click
 import orjson
 
-from crawler import config as config_mod
-from crawler import early, logs, monitor, runtime, status
-from crawler.config import Config
-from crawler.connection import connected
-from crawler.errors import CommandError, ReportingGroup
-from crawler.exitcodes import ExitCode
-from crawler.keys import Keys
+from core import config as config_mod
+from core import early, heartbeat, logs, runtime, status
+from core.config import Config
+from core.connection import connected
+from core.errors import CommandError, ReportingGroup
+from core.exitcodes import ExitCode
+from core.keys import Keys
+from crawler import monitor
 
 
 class State:
@@ -153,11 +154,11 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
 
 
 async def _enqueue(cfg: Config, sources: list[Any]) -> int:
-    from crawler.connection import RedisRetry, RedisUnavailable
-    from crawler.embedded import where
+    from core.connection import RedisRetry, RedisUnavailable
+    from core.embedded import where
+    from core.runtime import StopSignals, failure, until_stopped
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
-    from crawler.runtime import StopSignals, failure, until_stopped
 
     with StopSignals() as signals:
         async with connected(cfg) as client:
@@ -236,7 +237,7 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
 
 async def _check(cfg: Config, *, paused_ok: bool) -> int:
     pattern = Keys(cfg.redis.namespace).worker_pattern
-    ok, why = await monitor.check_heartbeat(cfg, pattern, paused_ok=paused_ok)
+    ok, why = await heartbeat.check_heartbeat(cfg, pattern, paused_ok=paused_ok)
     if not ok:
         click.echo(why, err=True)
     return 0 if ok else 1
@@ -322,8 +323,8 @@ def dataset_token() -> None:
 def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
     """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
     it as each shard's rewrite completes)."""
+    from assign.index import index_shard, shard_files
     from assign.tree import open_tree
-    from crawler.dataset.index import index_shard, shard_files
 
     cfg = state.load()
     output = open_tree(cfg.paths.output, cfg.storage)
@@ -451,10 +452,10 @@ def export(
 def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
+    from core.embedded import EmbeddedRedis, running_url
+    from core.runtime import StopSignals, failure, until_stopped
     from core.storage import output_storage
-    from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
-    from crawler.runtime import StopSignals, failure, until_stopped
     from crawler.shards import Shards
 
     cfg = state.load()
@@ -549,7 +550,7 @@ def clear(state: State, yes: bool) -> None:
                 deleted += int(await client.unlink(*batch))
         return deleted
 
-    from crawler.errors import redact
+    from core.errors import redact
 
     where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
     n = runtime.run(count())
@@ -622,7 +623,7 @@ def _guard(cfg: Config) -> None:
     with the same paths.data_dir."""
     if cfg.redis.url:
         return
-    from crawler.embedded import running_url
+    from core.embedded import running_url
 
     url = running_url(Path(cfg.paths.data_dir))
     if url is None:

@@ -14,9 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from crawler.config import Config
-from crawler.errors import CommandError
-from crawler.exitcodes import ExitCode
+from core.config import Config
+from core.errors import CommandError
+from core.exitcodes import ExitCode
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sample_shard.jsonl"
 SAMPLE_PORT = 18650  # the port in the sample's URLs
@@ -62,8 +62,8 @@ def sample_for(port: int, data_dir: Path) -> Path:
 
 
 def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:
+    from core.runtime import run
     from crawler.runner import run_all
-    from crawler.runtime import run
 
     if not SAMPLE.is_file():
         raise CommandError(ExitCode.NOT_FOUND, f"sample shard not found at {SAMPLE}")

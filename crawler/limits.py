@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from crawler.config import LimitsConfig
-from crawler.keys import Keys
-from crawler.scripts import Scripts
-from crawler.tasks import cancel_and_wait
+from core.config import LimitsConfig
+from core.keys import Keys
+from core.scripts import Scripts
+from core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

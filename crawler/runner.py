@@ -26,19 +26,20 @@ import orjson
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
+from core import logs, status
+from core.config import Config
+from core.connection import connected
+from core.embedded import EmbeddedRedis, where
+from core.errors import CommandError, redact
+from core.exitcodes import ExitCode
+from core.keys import Keys
+from core.runtime import StopSignals, failure, unless_stopped
 from core.storage import output_storage
-from crawler import logs, monitor, status
-from crawler.config import Config
-from crawler.connection import connected
-from crawler.embedded import EmbeddedRedis, where
-from crawler.errors import CommandError, redact
-from crawler.exitcodes import ExitCode
+from core.tasks import cancel_and_wait
+from crawler import monitor
 from crawler.ingest import Ingest, expand_sources, missing_message
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.runtime import StopSignals, failure, unless_stopped
 from crawler.shards import ReportWriteError, Shards
-from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def _start_assign(cfg: Config, stop: asyncio.Event) -> asyncio.Task[None] | None
 async def _assign_caught_up(client: Any, keys: Keys) -> bool:
     from redis.exceptions import ResponseError
 
-    from crawler.keys import ASSIGN_GROUP
+    from core.keys import ASSIGN_GROUP
 
     try:
         groups = await client.xinfo_groups(keys.shards_done)

@@ -9,22 +9,23 @@ command) loads its report back into Redis and re-queues the chosen images.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import LockNotOwnedError
 
+from core import status
+from core.connection import text as _s
+from core.keys import Keys
+from core.shardfiles import check_shard_id
 from core.storage import Storage, StorageError
-from crawler import status
-from crawler.ingest import check_shard_id
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.queue import text as _s
 from crawler.store import UNWRITABLE_ERRNOS, sweep_temporary
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,8 @@ class Shards:
             log.error("dropping unusable shard id %r from the complete set", shard)
             await self.client.srem(self.keys.shards_complete, shard)
             return False
-        lock = self.keys.shard_meta(shard) + ":finalize-lock"
-        token = uuid.uuid4().hex
-        if not await self.client.set(lock, token, nx=True, ex=300):
+        lock = self.client.lock(self.keys.shard_finalize_lock(shard), timeout=300, blocking=False)
+        if not await lock.acquire():
             return False
         try:
             meta_key, records_key = self.keys.shard_meta(shard), self.keys.shard_records(shard)
@@ -117,8 +117,8 @@ class Shards:
                      self.storage.url(report))  # fmt: skip
             return True
         finally:
-            if await self.client.get(lock) == token.encode():
-                await self.client.delete(lock)
+            with contextlib.suppress(LockNotOwnedError):  # held past its timeout: not ours now
+                await lock.release()
 
     @staticmethod
     def _summary(

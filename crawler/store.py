@@ -24,10 +24,11 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from core import safefs
+from core.status import OK, STATUS_DIR, WRITE_ERROR
 from core.storage import Storage
-from crawler import images, safefs
+from crawler import images
 from crawler.images import ImageResult, ImageSettings
-from crawler.status import OK, STATUS_DIR, WRITE_ERROR
 
 log = logging.getLogger(__name__)
 TMP_PREFIX = safefs.TMP_PREFIX

@@ -94,7 +94,7 @@ import orjson
 from aiohttp import web
 from PIL import Image, ImageChops, ImageOps
 
-from crawler.guard import literal_address
+from core.guard import literal_address
 
 __all__ = [
     "FAULT_KINDS",

@@ -29,18 +29,20 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from yarl import URL
 
+from core import status
+from core.config import Config
+from core.connection import RedisRetry, connect
+from core.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
+from core.keys import Keys
+from core.logs import FailureLog, LogStats
+from core.runtime import StopSignals, watch_loop_lag
 from core.storage import output_storage
-from crawler import images, status
-from crawler.config import Config
-from crawler.connection import RedisRetry, connect
-from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
-from crawler.keys import Keys
+from core.tasks import cancel_and_wait
+from crawler import images
 from crawler.limits import HostGate
-from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
-from crawler.runtime import StopSignals, watch_loop_lag
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
     OUTPUT_UNWRITABLE,
@@ -50,7 +52,6 @@ from crawler.store import (
     verify_bytes,
     verify_stored,
 )
-from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
@@ -270,7 +271,7 @@ class Worker:
         max_backoff_s: float = 30.0,
     ) -> Coroutine[Any, Any, NoReturn]:
         """One iteration of a background loop every `interval_s` until cancelled (see
-        crawler.tasks), retried as `RedisRetry.every` retries."""
+        core.tasks), retried as `RedisRetry.every` retries."""
         what = iteration.__name__.strip("_")
         retry = RedisRetry.from_config(self.cfg, what, cap_s=max_backoff_s)
         return retry.every(iteration, interval_s)
@@ -625,7 +626,7 @@ class Worker:
             sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
 
     async def _summary_loop(self) -> None:
-        """The periodic one-line INFO summary (see crawler.logs)."""
+        """The periodic one-line INFO summary (see core.logs)."""
         while True:
             await asyncio.sleep(self.cfg.worker.log_interval_s)
             log.info(
@@ -682,7 +683,7 @@ class Worker:
 
     async def _sample_history(self) -> None:
         """One worker in the fleet appends a (time, done, queued) sample every 10 s."""
-        if not await self.client.set(self.keys.history + ":lock", self.id, nx=True, px=9500):
+        if not await self.client.set(self.keys.history_turn, self.id, nx=True, px=9500):
             return
         counts = await self.client.hgetall(self.keys.counts)
         done = sum(int(v) for k, v in counts.items() if k != b"bytes")

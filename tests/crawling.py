@@ -15,12 +15,12 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 
+from core import status
+from core.config import Config
+from core.diagnostics import task_stacks
+from core.keys import Keys
 from core.storage import output_storage
-from crawler import status
-from crawler.config import Config
-from crawler.diagnostics import task_stacks
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
 from crawler.testweb import ImageWeb, make_docs, write_shard

@@ -19,7 +19,7 @@ import redis
 from crawling import TEST_REDIS_URL, crawl, crawl_config, image_doc, write_docs
 
 from assign.worker import run_assign_worker
-from crawler.config import Config
+from core.config import Config
 from crawler.dataset.auth import new_token, token_hash
 from crawler.testweb import ImageWeb
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 from redis_server import ServerProcess, free_port
 
-from crawler import early
+from core import early
 
 ACCESS_KEY = "mmc4-test-key"
 SECRET_KEY = "mmc4-test-secret"

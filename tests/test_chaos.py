@@ -30,8 +30,8 @@ from PIL import Image
 from redis_server import RedisProcess
 from test_poison import POISON
 
+from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
 from crawler.testweb import ImageWeb
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from crawler import config
+from core import config
 
 ROOT = Path(__file__).resolve().parent.parent
 

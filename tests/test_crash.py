@@ -17,8 +17,8 @@ from crawling import churn_flags, crawl_config, report, start_worker, stuck_stat
 from PIL import Image
 from redis_server import RedisProcess
 
+from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
 from crawler.testweb import ImageWeb, make_docs, write_shard

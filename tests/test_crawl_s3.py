@@ -15,9 +15,9 @@ import redis.asyncio as aioredis
 from crawling import TEST_REDIS_URL, crawl, crawl_config, image_doc, report, write_docs
 from s3_server import BUCKET, SeaweedFS
 
+from core import status
+from core.keys import Keys
 from core.storage import open_storage
-from crawler import status
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
 from crawler.testweb import ImageWeb

@@ -21,9 +21,9 @@ from crawling import image_doc, write_docs
 from dataset_helpers import Corpus, Server, crawl_corpus, serving
 from schemathesis import GenerationMode
 
+from assign.index import index_shard
 from assign.tree import LocalTree
-from crawler import status
-from crawler.dataset.index import index_shard
+from core import status
 from crawler.testweb import ImageWeb
 
 

@@ -9,9 +9,9 @@ from urllib.parse import quote
 import pytest
 from crawling import crawl, crawl_config, image_doc, report, within, write_docs
 
-from crawler import fetch
-from crawler.config import FetchConfig
-from crawler.deadlines import ResponseTimes
+from core import fetch
+from core.config import FetchConfig
+from core.deadlines import ResponseTimes
 from crawler.testweb import ImageWeb
 
 

@@ -28,7 +28,7 @@ import click
 import pytest
 import yaml
 
-from crawler.config import Config, ConfigError, apply_env
+from core.config import Config, ConfigError, apply_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -39,7 +39,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 OUR_DOCKERFILE = "docker/Dockerfile"
 VALID_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
-# MMC4_ variables that are not settings: the config file path (crawler.config.default_config_path).
+# MMC4_ variables that are not settings: the config file path (core.config.default_config_path).
 NON_SETTING_VARIABLES = {"MMC4_CONFIG"}
 SERVICE_ROLES = {"redis", "ingest", "worker", "assign", "status", "prometheus"}
 

@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from crawler import fetch, guard
-from crawler.config import FetchConfig
+from core import fetch, guard
+from core.config import FetchConfig
 from crawler.testweb import ImageWeb
 
 AGENTS = ["googlebot-image", "googlebot", "mmc4-crawler"]

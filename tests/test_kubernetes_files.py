@@ -18,7 +18,7 @@ Then the manifests are checked against the code they drive, like docker/compose.
 tests/test_docker_files.py: every command a container or probe runs is a real subcommand with
 real options, every ``MMC4_<SECTION>__<KEY>`` a real setting with a value that parses, every
 port the one the process listens on, and the KEDA trigger names the real stream and consumer
-group of crawler/keys.py.
+group of core/keys.py.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from pydantic import BaseModel
 from pydantic import ValidationError as ModelValidationError
 from test_docker_files import check_invocation, image_entrypoint
 
+from core.config import Config, apply_env
+from core.keys import CRAWL_GROUP, Keys
 from crawler.cli import main
-from crawler.config import Config, apply_env
-from crawler.keys import CRAWL_GROUP, Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -502,7 +502,7 @@ def test_a_paused_worker_is_not_ready_and_is_not_restarted(namespace: str) -> No
 
 
 def test_the_ingest_job_does_not_retry_a_usage_error() -> None:
-    from crawler.exitcodes import ExitCode
+    from core.exitcodes import ExitCode
 
     job = find(base_docs(), "Job", "ingest")
     assert pod_spec(job)["restartPolicy"] == "Never"

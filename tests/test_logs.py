@@ -13,8 +13,8 @@ import orjson
 import pytest
 from crawling import TEST_REDIS_URL
 
-from crawler.exitcodes import ExitCode
-from crawler.logs import FailureLog, LogStats
+from core.exitcodes import ExitCode
+from core.logs import FailureLog, LogStats
 from crawler.testweb import ImageWeb, make_docs, write_shard
 
 

@@ -23,8 +23,8 @@ from crawling import (
     write_shards,
 )
 
+from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
 from crawler.testweb import ImageWeb
 

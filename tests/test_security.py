@@ -21,13 +21,14 @@ from crawling import crawl, crawl_config, image_doc, report, write_docs
 from PIL import Image
 from redis_server import RedisProcess
 
+from core import connection, fetch, guard, status
+from core import embedded as embedded_module
+from core.config import Config, FetchConfig
+from core.embedded import EmbeddedRedis
+from core.keys import EMBEDDED_IDENTITY
 from core.storage import LocalStorage
-from crawler import connection, fetch, guard, images, ingest, status, store
-from crawler import embedded as embedded_module
-from crawler.config import Config, FetchConfig
-from crawler.embedded import EmbeddedRedis
+from crawler import images, ingest, store
 from crawler.images import ImageSettings
-from crawler.keys import EMBEDDED_IDENTITY
 from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.testweb import ImageWeb, gif_of_frames
 

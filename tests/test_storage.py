@@ -14,9 +14,9 @@ from aiohttp import web
 from redis_server import free_port
 from s3_server import SeaweedFS
 
+from core import safefs
+from core.config import StorageConfig
 from core.storage import LocalStorage, S3Storage, Storage, StorageError, open_storage
-from crawler import safefs
-from crawler.config import StorageConfig
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
-from crawler import status
+from core import status
 
 if TYPE_CHECKING:
-    from crawler.config import FetchConfig
+    from core.config import FetchConfig
 
 MAX_URL_CHARS = 4096
 _URL_CONTROL = re.compile(r"[\x00-\x1f]")  # searched in C: cheap on every URL of a shard

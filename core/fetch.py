@@ -24,10 +24,10 @@ from aiohttp.http_exceptions import DecompressSizeError
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from crawler import status
-from crawler.config import FetchConfig
-from crawler.deadlines import ResponseTimes
-from crawler.guard import AddressPolicy, BlockedAddress, check_parsed
+from core import status
+from core.config import FetchConfig
+from core.deadlines import ResponseTimes
+from core.guard import AddressPolicy, BlockedAddress, check_parsed
 
 
 class GuardedResolver(AbstractResolver):
@@ -93,7 +93,7 @@ class FetchResult:
     retry_after: float | None = None
     transient: bool = False
     hops: Hops | None = None  # with OTHER_HOST: the chain so far
-    # With TIMEOUT: the host completed other responses meanwhile (see crawler.deadlines).
+    # With TIMEOUT: the host completed other responses meanwhile (see core.deadlines).
     host_answered: bool = False
 
     @property
@@ -402,7 +402,7 @@ class Fetcher:
                     judge = _Judge(self.times, deadline, host, begun, progress)
                 return await self._follow(target, progress, hops)
         except TimeoutError:
-            # What the host did meanwhile decides the retries (see crawler.deadlines).
+            # What the host did meanwhile decides the retries (see core.deadlines).
             answered = self.times.answered_since(progress.host, started)
             note = "; the host answered others meanwhile" if answered else ""
             error = f"deadline exceeded ({progress.describe(hops.count + 1)}{note})"

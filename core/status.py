@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
+from core import safefs
 from core.storage import Storage
-from crawler import safefs
 
 # Terminal statuses. HTTP failures are recorded as http_<code> (http_404, http_503, ...).
 OK = "ok"
