@@ -24,14 +24,14 @@ test: $(STAMP)
 	$(BIN)/pytest -q -n 2  # two processes: most tests wait on real processes and networks
 
 lint: $(STAMP)
-	$(BIN)/ruff check crawler assign core tests bench
-	$(BIN)/ruff format --check crawler assign core tests bench
+	$(BIN)/ruff check crawler assign core testweb tests bench
+	$(BIN)/ruff format --check crawler assign core testweb tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 format: $(STAMP)
-	$(BIN)/ruff format crawler assign core tests bench
-	$(BIN)/ruff check --fix crawler assign core tests bench
+	$(BIN)/ruff format crawler assign core testweb tests bench
+	$(BIN)/ruff check --fix crawler assign core testweb tests bench
 
 # Bench-only extras: psutil and py-spy in the project's venv; img2dataset in a venv of its own
 # (its dependencies would otherwise slow the crawler's start-up, see bench/crawl_bench.py).

@@ -11,7 +11,7 @@ What it does, per web (``clean``: no added latency, CPU-bound; ``realistic``: lo
 median 150 ms, plus a few % slow hosts that trickle their bodies so that big images hit the
 timeout):
 
-1. starts ``python -m crawler.testweb serve`` in its own process on ``--hosts`` loopback hosts
+1. starts ``python -m testweb serve`` in its own process on ``--hosts`` loopback hosts
    (its CPU is measured from /proc and excluded from every figure);
 2. builds a pool of ``--pool`` distinct image specs with testweb's realistic size/format mix and
    spreads ``--images`` URLs over it and over the hosts. Every URL is unique (``?u=<i>``, which
@@ -98,12 +98,12 @@ from _procs import (  # noqa: E402
     reap_orphans,
 )
 
+import testweb  # noqa: E402
 from core import config as cconfig  # noqa: E402
 from core import status as cstatus  # noqa: E402
 from core.keys import Keys  # noqa: E402
 from core.storage import open_storage  # noqa: E402
 from crawler import images as cimages  # noqa: E402
-from crawler import testweb  # noqa: E402
 
 BIN = Path(sys.executable).parent
 T0 = time.monotonic()

@@ -38,7 +38,7 @@ async def aredis() -> AsyncIterator[aioredis.Redis]:
 
 from collections.abc import Iterator as _Iterator  # noqa: E402
 
-from crawler.testweb import ImageWeb  # noqa: E402
+from testweb import ImageWeb  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ from core.storage import output_storage
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb, make_docs, write_shard
 from crawler.worker import Worker
+from testweb import ImageWeb, make_docs, write_shard
 
 TEST_REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CRAWL_TIMEOUT_S = 90.0  # far beyond any test crawl; a hang fails with every task's stack

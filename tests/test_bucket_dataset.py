@@ -30,7 +30,7 @@ from assign.worker import run_assign_worker
 from core import status
 from core.config import Config
 from core.keys import Keys
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 @pytest.fixture(scope="module")

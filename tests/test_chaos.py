@@ -33,7 +33,7 @@ from test_poison import POISON
 from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 async def test_poison_kills_and_a_redis_restart_end_with_every_shard_whole_and_rewritten(

@@ -21,7 +21,7 @@ from crawling import TEST_REDIS_URL, alive, children, crawl, crawl_config, repor
 
 from core.status import read_report
 from crawler.cli import main
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 def mmc4(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:

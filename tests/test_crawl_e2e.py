@@ -15,7 +15,7 @@ import pytest
 from crawling import crawl, crawl_config, image_doc, report, write_docs
 from PIL import Image
 
-from crawler.testweb import ImageWeb, check_concurrency, check_rate
+from testweb import ImageWeb, check_concurrency, check_rate
 
 # path on the web -> expected terminal status
 CASES: dict[str, str] = {

@@ -20,7 +20,7 @@ from core.keys import Keys
 from core.storage import open_storage
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 PATHS = {
     "/img/900x600/a.jpg": "ok",

@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from assign.index import index_shard
 from assign.tree import LocalTree
 from core import status
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from core import status
 from crawler.dataset.export import sample_key
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from crawling import crawl, crawl_config, image_doc, report, within, write_docs
 from core import fetch
 from core.config import FetchConfig
 from core.deadlines import ResponseTimes
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 def hop_chain(web: ImageWeb, tag: str, wait_ms: int) -> str:

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from core import fetch, guard
 from core.config import FetchConfig
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 AGENTS = ["googlebot-image", "googlebot", "mmc4-crawler"]
 

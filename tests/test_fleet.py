@@ -18,7 +18,7 @@ from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb, check_rate, make_docs, write_shard
+from testweb import ImageWeb, check_rate, make_docs, write_shard
 
 RATE, BURST = 6.0, 2
 

@@ -24,7 +24,7 @@ from core.keys import CRAWL_GROUP, Keys
 from core.storage import open_storage
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 SHARD = "fleet_s3_shard_0"
 

@@ -19,7 +19,7 @@ from crawling import crawl, crawl_config, image_doc, own_names, report
 from core import status
 from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 def shard_bytes(n: int, tag: str) -> bytes:

@@ -15,7 +15,7 @@ from crawling import TEST_REDIS_URL
 
 from core.exitcodes import ExitCode
 from core.logs import FailureLog, LogStats
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -20,8 +20,8 @@ from PIL import Image
 from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb
 from crawler.worker import Worker
+from testweb import ImageWeb
 
 
 def free_port() -> int:

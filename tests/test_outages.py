@@ -34,7 +34,7 @@ from test_assign_worker import read_docs, write_crawl
 from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 async def eventually(what: str, check: object, timeout_s: float = 30.0) -> None:

@@ -15,7 +15,7 @@ from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue, encode_result
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 def short_leases(cfg: Config, lease_s: float) -> Config:

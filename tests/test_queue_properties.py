@@ -19,7 +19,7 @@ from yarl import URL
 
 from core.guard import check_url
 from core.keys import CRAWL_GROUP, Keys
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 SHARD = "prop_shard"
 FIELD_NAMES = st.one_of(st.sampled_from([b"s", b"n", b"u"]), st.binary(max_size=6))

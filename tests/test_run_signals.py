@@ -19,7 +19,7 @@ from crawling import alive, children, signalled_after
 from redis_server import RedisProcess
 
 from core.exitcodes import ExitCode
-from crawler.testweb import ImageWeb, write_shard
+from testweb import ImageWeb, write_shard
 
 GRACE_S = 3
 

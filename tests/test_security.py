@@ -30,7 +30,7 @@ from core.storage import LocalStorage
 from crawler import images, ingest, store
 from crawler.images import ImageSettings
 from crawler.pool import ImageJobTimeout, ImagePool
-from crawler.testweb import ImageWeb, gif_of_frames
+from testweb import ImageWeb, gif_of_frames
 
 # Spellings of 127.0.0.1 that the C library (and so `connect`) accepts.
 LOOPBACK_SPELLINGS = [
