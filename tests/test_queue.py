@@ -12,9 +12,10 @@ from crawling import crawl, crawl_config, image_doc, report, write_docs
 from core import status
 from core.config import Config
 from core.keys import CRAWL_GROUP, Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue, encode_result
 from crawler.shards import Shards
+from crawler.sources import expand_sources
 from testweb import ImageWeb
 
 
