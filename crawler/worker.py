@@ -16,7 +16,6 @@ import itertools
 import logging
 import math
 import os
-import random
 import signal
 import socket
 import sys
@@ -37,21 +36,19 @@ from crawler import early, images, status
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.diagnostics import task_stacks
-from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
+from crawler.fetch import BodyBudget, Fetcher, client_session
 from crawler.keys import Keys
 from crawler.limits import HostGate
 from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
-from crawler.pool import ImageJobTimeout, ImagePool
+from crawler.pipeline import OutputUnwritable, Pipeline
+from crawler.pool import ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
-    OUTPUT_UNWRITABLE,
     Store,
     output_problem,
-    shrink_and_store,
     sweep_temporary,
-    verify_stored,
 )
 from crawler.tasks import cancel_and_wait
 
@@ -59,10 +56,6 @@ log = logging.getLogger(__name__)
 _OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
 _GC_YOUNG_S = 5.0  # see _tune_gc: seconds between collections of the young generations
 _GC_FULL_EVERY = 12  # young collections per full one (a minute)
-
-
-class OutputUnwritable(Exception):
-    """The output refused a file for a reason of its own (full, read-only, not permitted)."""
 
 
 @dataclass
@@ -157,7 +150,7 @@ class Worker:
         self.client: aioredis.Redis
         self.queue: WorkQueue
         self.gate: HostGate
-        self.fetcher: Fetcher
+        self.pipeline: Pipeline
         self.shards: Shards
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -172,9 +165,11 @@ class Worker:
         self._pool = make_pool(self.cfg)
         await self._pool.start()
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
-        self.fetcher = Fetcher(
-            self.cfg.fetch, session, self.cfg.worker.max_connections, self.bodies
-        )
+        fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections, self.bodies)
+        self.pipeline = Pipeline(
+            self.cfg.fetch, gate=self.gate, fetcher=fetcher, bodies=self.bodies,
+            pool=self._pool, store=self.store, settings=self.settings, metrics=self.metrics,
+        )  # fmt: skip
         _tune_gc()
         await self._probe_output()
         await self._retrying(self.queue.ensure_group)
@@ -216,6 +211,7 @@ class Worker:
                 await self.client.delete(self.keys.worker(self.id))
             await self.client.aclose()
             _untune_gc()
+            self.stats.peak_waiting_bytes = self.bodies.peak
             log.info("worker %s stopped: %d processed", self.id, self.stats.processed)
 
     def _ready(self) -> str:
@@ -387,7 +383,7 @@ class Worker:
     # ---- one item --------------------------------------------------------------------
     async def _process(self, item: Item, host: str, on_disk: bool) -> None:
         try:
-            rec = await self._handle(item, host, on_disk)
+            rec = await self.pipeline.handle(item, host, on_disk)
             result = encode_result(item.id, item.shard, item.name, rec)
         except asyncio.CancelledError:
             raise
@@ -420,126 +416,6 @@ class Worker:
         self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
-
-    async def _handle(self, item: Item, host: str, on_disk: bool) -> dict[str, Any]:
-        if on_disk:
-            existing = await self._existing(item)
-            if existing is not None:
-                return existing
-        attempts = 0
-        res: FetchResult | None = None
-        suspect = False  # timed out while its host answered other requests
-        for attempts in range(1, self.cfg.fetch.max_attempts + 1):
-            res, answered_by = await self._fetch_politely(item.url, host)
-            if res.retry_after is not None:
-                self.metrics.retry_after.inc()
-                limit = self.cfg.fetch.retry_after_max_s
-                self.gate.penalize(answered_by, min(res.retry_after, limit))
-            if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
-                break
-            if res.status == status.TIMEOUT and (suspect or res.host_answered):
-                if suspect:  # timed out again: a third try would end the same way
-                    break
-                suspect = True
-            self.metrics.retries.inc()
-            await asyncio.sleep(self._backoff(attempts, res))
-        assert res is not None
-        if not res.ok:
-            return status.make_record(
-                item.name,
-                item.url,
-                res.status,
-                http_code=res.http_code,
-                error=res.error,
-                attempts=attempts,
-            )
-        return await self._store_image(item, res.body, res.http_code, attempts)
-
-    def _backoff(self, attempt: int, res: FetchResult) -> float:
-        """Seconds before the next attempt: none after a timeout (its deadline has spaced the
-        attempts already), else jittered exponential backoff, at least any Retry-After."""
-        if res.status == status.TIMEOUT:
-            return 0.0
-        f = self.cfg.fetch
-        retry_after = res.retry_after
-        delay = min(f.backoff_max_s, f.backoff_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(delay / 2, delay)  # jitter
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, f.retry_after_max_s))
-        return delay
-
-    async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
-        """Fetch within `host`'s limits; a redirect to another host waits for that host's
-        limits before it is followed. Returns the result and the host that gave it."""
-        m = self.metrics
-        waiting = time.monotonic()
-        async with self.gate.slot(host):
-            await self.bodies.room()  # while the image pool has its fill of bodies
-            started = time.monotonic()
-            m.host_wait_seconds.observe(started - waiting)
-            res = await self.fetcher.fetch(url)
-            m.fetch_seconds.observe(time.monotonic() - started)
-        while res.status == OTHER_HOST:
-            host = URL(res.final_url).host or ""
-            waiting = time.monotonic()
-            async with self.gate.slot(host):
-                started = time.monotonic()
-                m.host_wait_seconds.observe(started - waiting)
-                res = await self.fetcher.fetch(res.final_url, res.hops)
-                m.fetch_seconds.observe(time.monotonic() - started)
-        return res, host
-
-    async def _store_image(
-        self, item: Item, body: bytes, http_code: int, attempts: int
-    ) -> dict[str, Any]:
-        final = (str(self.store.output), item.shard, item.name)
-        started = time.monotonic()
-        try:
-            img = await self._pool.run(shrink_and_store, self.settings, final, data=body)
-        except ImageJobTimeout as exc:
-            return status.make_record(
-                item.name, item.url, status.IMAGE_TIMEOUT, error=str(exc), http_code=http_code,
-                attempts=attempts, source_bytes=len(body),
-            )  # fmt: skip
-        finally:
-            self.metrics.image_seconds.observe(time.monotonic() - started)
-            self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
-            self.stats.peak_waiting_bytes = self.bodies.peak
-        if img.status == OUTPUT_UNWRITABLE:
-            raise OutputUnwritable(img.error)
-        common = {
-            "http_code": http_code,
-            "attempts": attempts,
-            "source_mimetype": img.mimetype,
-            "source_bytes": len(body),
-            "orig_width": img.orig_width,
-            "orig_height": img.orig_height,
-        }
-        if img.status != status.OK:
-            return status.make_record(item.name, item.url, img.status, error=img.error, **common)
-        return status.make_record(
-            item.name, item.url, status.OK,
-            mimetype=img.stored_mimetype, bytes=img.stored_bytes, width=img.width,
-            height=img.height, sha256=img.sha256, path=self.store.relative(item.shard, item.name),
-            **common,
-        )  # fmt: skip
-
-    async def _existing(self, item: Item) -> dict[str, Any] | None:
-        """A complete file from an earlier run: record it without fetching again."""
-        final = (str(self.store.output), item.shard, item.name)
-        try:
-            img = await self._pool.run(verify_stored, final, self.settings)
-        except ImageJobTimeout:
-            return None  # fetched again, and then recorded as what it is
-        if img is None:
-            return None  # gone, or not a valid image after all: fetch again
-        return status.make_record(
-            item.name, item.url, status.OK,
-            mimetype=img.stored_mimetype, bytes=img.stored_bytes, width=img.width,
-            height=img.height, orig_width=img.orig_width, orig_height=img.orig_height,
-            sha256=img.sha256, path=self.store.relative(item.shard, item.name),
-            error="already on disk", source_mimetype=img.mimetype, source_bytes=img.stored_bytes,
-        )  # fmt: skip
 
     # ---- background ------------------------------------------------------------------
     async def _flush_once(self) -> None:
