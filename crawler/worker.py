@@ -25,12 +25,12 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from yarl import URL
 
 from crawler import early, images, status
 from crawler.config import Config
@@ -352,18 +352,10 @@ class Worker:
         return pending == 0 and await self.queue.depth() == 0
 
     async def _take(self, items: list[Item]) -> None:
-        backlog = self.cfg.limits.host_backlog
-        deferred: dict[str, list[Item]] = {}
-        taken: list[tuple[Item, str]] = []
-        batch: dict[str, int] = {}  # items of each host taken from this batch (not yet waiting)
-        for item in items:
-            host = URL(item.url).host or ""
-            if self.gate.backlog(host) + batch.get(host, 0) >= backlog:
-                deferred.setdefault(host, []).append(item)
-                continue
-            batch[host] = batch.get(host, 0) + 1
+        admitted = self.gate.admit(items, attrgetter("url"))
+        taken = admitted.taken
+        for item, _ in taken:
             self.held[item.id] = item
-            taken.append((item, host))
         # Which of these a previous run already stored: one thread hop per batch, none once
         # every shard of the batch is known to have started with no directory.
         wanted = [(i.shard, i.name) for i, _ in taken]
@@ -375,7 +367,7 @@ class Worker:
             task = asyncio.create_task(self._process(item, host, stored))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        for host, held_back in deferred.items():
+        for host, held_back in admitted.deferred.items():
             await self.queue.defer(held_back, self.gate.deferral_s(host))
             self.stats.deferred += len(held_back)
             self.metrics.deferred.inc(len(held_back))
