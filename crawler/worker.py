@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from operator import attrgetter
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,7 +41,7 @@ from crawler.limits import HostGate
 from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pipeline import OutputUnwritable, Pipeline
-from crawler.pool import ImagePool
+from crawler.pool import ImagePool, image_pool
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
@@ -75,46 +74,6 @@ class WorkerStats:
         self.processed += 1
         self.by_status[st] = self.by_status.get(st, 0) + 1
         self.bytes += nbytes
-
-
-def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
-    container started with --cpus=2 on a 64-core host gets 2)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
-    try:
-        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
-    except (OSError, ValueError):
-        return cpus
-    if quota != "max" and int(period) > 0:
-        cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    return cpus
-
-
-def pinned_cpus(processes: int, allowed: set[int], quota_cpus: int) -> list[int]:
-    """CPUs to pin image processes to, round robin: the allowed ones, when the processes cover
-    them all and no CPU quota narrower than the mask applies; else none (no pinning)."""
-    if processes < len(allowed) or quota_cpus < len(allowed):
-        return []
-    return sorted(allowed)
-
-
-def make_pool(cfg: Config) -> ImagePool:
-    usable = available_cpus()
-    size = cfg.worker.image_processes or usable
-    cpus: list[int] = []
-    if cfg.worker.pin_image_processes and hasattr(os, "sched_getaffinity"):
-        cpus = pinned_cpus(size, os.sched_getaffinity(0), usable)
-    # The fork server imports Pillow and libmagic once; every image process forked from it
-    # starts with them loaded instead of importing them itself.
-    return ImagePool(
-        size,
-        initializer=images.init_worker,
-        initargs=images.init_args(cfg),
-        preload=["crawler.store"],
-        cpus=cpus,
-        job_timeout_s=cfg.images.job_timeout_s,
-    )
 
 
 class Worker:
@@ -162,7 +121,7 @@ class Worker:
             self.cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
         )
         self.shards = Shards(self.client, self.keys, self.queue, self.cfg.output_dir)
-        self._pool = make_pool(self.cfg)
+        self._pool = image_pool(self.cfg)
         await self._pool.start()
         session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
         fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections, self.bodies)
