@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import gc
-import itertools
 import logging
 import math
 import os
@@ -31,17 +29,18 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from crawler import early, images, status
+from crawler import early, gctimer, images, status
 from crawler.config import Config
 from crawler.connection import connect
 from crawler.diagnostics import task_stacks
 from crawler.fetch import BodyBudget, Fetcher, client_session
+from crawler.heartbeat import Heartbeat, sample_history
 from crawler.keys import Keys
 from crawler.limits import HostGate
 from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pipeline import OutputUnwritable, Pipeline
-from crawler.pool import ImagePool, image_pool
+from crawler.pool import image_pool
 from crawler.queue import Item, Result, WorkQueue, encode_result
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
@@ -53,8 +52,6 @@ from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
-_GC_YOUNG_S = 5.0  # see _tune_gc: seconds between collections of the young generations
-_GC_FULL_EVERY = 12  # young collections per full one (a minute)
 
 
 @dataclass
@@ -87,8 +84,6 @@ class Worker:
         self.metrics = Metrics()
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
         self.log_stats = LogStats()
-        self.failed_hosts: dict[str, int] = {}
-        self.gone_hosts: dict[str, int] = {}  # the part of failed_hosts that is 404/410
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
         self.to_hand_back: list[Item] = []  # fetched, but the output refused them
@@ -105,8 +100,8 @@ class Worker:
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
         self._last_sweep = -math.inf  # sweep on the first pass: monotonic time starts at boot
         self._output_probed = False
-        self._pool: ImagePool
         self.client: aioredis.Redis
+        self.heartbeat: Heartbeat
         self.queue: WorkQueue
         self.gate: HostGate
         self.pipeline: Pipeline
@@ -115,32 +110,60 @@ class Worker:
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self, *, until_idle: bool = False) -> None:
         """Work until stopped (or, with until_idle, until the queue stays empty)."""
-        self.client = connect(self.cfg)
-        self.queue = WorkQueue(self.client, self.keys, self.cfg.queue)
-        self.gate = HostGate(
-            self.cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
+        async with contextlib.AsyncExitStack() as parts:
+            await self._start(parts)
+            background = [asyncio.create_task(c) for c in self._background()]
+            try:
+                await self._read_loop(until_idle)
+                await self._drain()
+            finally:
+                self.stopping.set()
+                await self._final_flush()
+                if await cancel_and_wait(background):
+                    log.error("background loops would not stop")
+        self.stats.peak_waiting_bytes = self.bodies.peak
+        log.info("worker %s stopped: %d processed", self.id, self.stats.processed)
+
+    async def _start(self, parts: contextlib.AsyncExitStack) -> None:
+        """Connect, start the parts, and have `parts` close them in reverse order."""
+        cfg = self.cfg
+        self.client = connect(cfg)
+        parts.push_async_callback(self.client.aclose)
+        self.heartbeat = Heartbeat(
+            self.client, self.keys.worker(self.id), cfg.worker.heartbeat_interval_s, self._beat
         )
-        self.shards = Shards(self.client, self.keys, self.queue, self.cfg.output_dir)
-        self._pool = image_pool(self.cfg)
-        await self._pool.start()
-        session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
-        fetcher = Fetcher(self.cfg.fetch, session, self.cfg.worker.max_connections, self.bodies)
+        parts.push_async_callback(self.heartbeat.remove)
+        self.queue = WorkQueue(self.client, self.keys, cfg.queue)
+        self.shards = Shards(self.client, self.keys, self.queue, cfg.output_dir)
+        pool = image_pool(cfg)
+        parts.push_async_callback(pool.close)
+        await pool.start()
+        session = client_session(cfg.fetch, cfg.worker.max_connections)
+        parts.push_async_callback(session.close)
+        self.gate = HostGate(
+            cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
+        )
+        parts.push_async_callback(self.gate.close)
         self.pipeline = Pipeline(
-            self.cfg.fetch, gate=self.gate, fetcher=fetcher, bodies=self.bodies,
-            pool=self._pool, store=self.store, settings=self.settings, metrics=self.metrics,
+            cfg.fetch, gate=self.gate, bodies=self.bodies, pool=pool, store=self.store,
+            fetcher=Fetcher(cfg.fetch, session, cfg.worker.max_connections, self.bodies),
+            settings=self.settings, metrics=self.metrics,
         )  # fmt: skip
-        _tune_gc()
+        parts.enter_context(gctimer.automatic_collection_off())
         await self._probe_output()
         await self._retrying(self.queue.ensure_group)
         self.metrics.redis_ok()
-        metrics_runner = None
-        if self.cfg.metrics.port:
+        if cfg.metrics.port:
             app = metrics_app(self.metrics, self._ready)
-            metrics_runner = await start_server(app, self.cfg.metrics.host, self.cfg.metrics.port)
+            runner = await start_server(app, cfg.metrics.host, cfg.metrics.port)
+            parts.push_async_callback(runner.cleanup)
         log.info("worker %s started", self.id)
+
+    def _background(self) -> list[Coroutine[Any, Any, Any]]:
+        """The loops that run beside the reading loop until the worker stops."""
         q, hb = self.cfg.queue, self.cfg.worker.heartbeat_interval_s
         maintenance_s = min(q.reclaim_interval_s, q.lease_timeout_s / 3)
-        background = [
+        return [
             self._loop(self._flush_once),
             self._loop(self._renew_once, maintenance_s),
             self._loop(self._maintain_once, maintenance_s),
@@ -149,29 +172,9 @@ class Worker:
             # a heartbeat retries within its own interval: a blip must not let it lapse
             self._loop(self._heartbeat, hb, max_backoff_s=hb),
             self._lag_loop(),
-            self._gc_loop(),
+            gctimer.collect_on_a_timer(),
             self._summary_loop(),
         ]
-        bg = [asyncio.create_task(c) for c in background]
-        try:
-            await self._read_loop(until_idle)
-            await self._drain()
-        finally:
-            self.stopping.set()
-            await self._final_flush()
-            if await cancel_and_wait(bg):
-                log.error("background loops would not stop")
-            await self.gate.close()
-            await session.close()
-            if metrics_runner is not None:
-                await metrics_runner.cleanup()
-            await self._pool.close()
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.delete(self.keys.worker(self.id))
-            await self.client.aclose()
-            _untune_gc()
-            self.stats.peak_waiting_bytes = self.bodies.peak
-            log.info("worker %s stopped: %d processed", self.id, self.stats.processed)
 
     def _ready(self) -> str:
         """Why this worker cannot work now ("" when it can): readiness and status say it."""
@@ -361,9 +364,9 @@ class Worker:
         if st != status.OK:
             self.failure_log.failure(host, st, str(rec.get("error") or ""))
         if st not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
-            self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
-            if st in status.GONE_STATUSES:
-                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + 1
+            self.heartbeat.tally(self.keys.hosts_failed, host)
+            if st in status.GONE_STATUSES:  # the part of the failures that is 404/410
+                self.heartbeat.tally(self.keys.hosts_gone, host)
         self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
@@ -506,106 +509,29 @@ class Worker:
                 "worker %s: %s", self.id, self.log_stats.line(self.stats.by_status, len(self.held))
             )
 
-    async def _gc_loop(self) -> None:
-        """Collect cyclic garbage on a timer (automatic collection is off: see _tune_gc)."""
-        for tick in itertools.count(1):
-            await asyncio.sleep(_GC_YOUNG_S)
-            gc.collect(2 if tick % _GC_FULL_EVERY == 0 else 1)
+    def _beat(self) -> dict[str, str | int | float]:
+        """This worker's heartbeat fields (see crawler.heartbeat)."""
+        elapsed = max(1e-6, time.time() - self.stats.started)
+        return {
+            "started": self.stats.started,
+            "processed": self.stats.processed,
+            "held": len(self.held),
+            "rate": round(self.stats.processed / elapsed, 2),
+            "stopping": int(self.stopping.is_set()),
+            "paused": self._ready() if self.output_blocked else "",
+        }
 
     async def _heartbeat(self) -> None:
-        key = self.keys.worker(self.id)
-        elapsed = max(1e-6, time.time() - self.stats.started)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(
-            key,
-            mapping={
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": self.stats.started,
-                "seen": time.time(),
-                "processed": self.stats.processed,
-                "held": len(self.held),
-                "rate": round(self.stats.processed / elapsed, 2),
-                "stopping": int(self.stopping.is_set()),
-                "paused": self._ready() if self.output_blocked else "",
-            },
-        )
-        pipe.expire(key, int(self.cfg.worker.heartbeat_interval_s * 3) + 1)
-        failed, self.failed_hosts = self.failed_hosts, {}
-        gone, self.gone_hosts = self.gone_hosts, {}
-        for host, n in failed.items():
-            pipe.zincrby(self.keys.hosts_failed, n, host)
-        for host, n in gone.items():
-            pipe.zincrby(self.keys.hosts_gone, n, host)
-        if failed:
-            pipe.zremrangebyrank(self.keys.hosts_failed, 0, -10_001)
-        if gone:
-            pipe.zremrangebyrank(self.keys.hosts_gone, 0, -10_001)
-        try:
-            await pipe.execute()
-        except (RedisError, OSError):
-            for host, n in failed.items():  # keep them for the next beat
-                self.failed_hosts[host] = self.failed_hosts.get(host, 0) + n
-            for host, n in gone.items():
-                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + n
-            raise
+        await self.heartbeat.beat()
         self.metrics.redis_ok()
         self.metrics.held.set(len(self.held))
         self.metrics.tick()
-        await self._sample_history()
-
-    async def _sample_history(self) -> None:
-        """One worker in the fleet appends a (time, done, queued) sample every 10 s."""
-        if not await self.client.set(self.keys.history + ":lock", self.id, nx=True, px=9500):
-            return
-        counts = await self.client.hgetall(self.keys.counts)
-        done = sum(int(v) for k, v in counts.items() if k != b"bytes")
-        depth = await self.queue.depth()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.lpush(self.keys.history, f"{time.time():.1f} {done} {depth}")
-        pipe.ltrim(self.keys.history, 0, 8639)  # a day of 10 s samples
-        await pipe.execute()
+        await sample_history(self.client, self.keys, self.id, self.queue.depth)
 
     def _redis_call(self) -> None:
         self.stats.redis_calls += 1
         self.metrics.redis_calls.inc()
         self.metrics.redis_ok()
-
-
-_gc_users = 0  # workers running in this process
-_gc_was_enabled = True  # whether automatic collection was on before the first one started
-
-
-def _tune_gc() -> None:
-    """Garbage collection on a timer, not on allocation counts: what start-up allocated
-    (modules, config, sessions) is frozen out of every later collection, automatic collection
-    is off while a worker runs, and `Worker._gc_loop` collects the young generations every
-    five seconds and everything every minute.
-
-    Almost nothing a crawl allocates is cyclic garbage (174 objects found in 10,000 images),
-    but every item's tasks, futures and buffers count towards the automatic thresholds: with
-    the youngest generation at 7000 objects, collections take ~9 % of the worker's CPU (0.38 s
-    of CPU per 10,000 images; on the timer: 0.11 s; see docs/performance.md).
-    The timer also bounds how long cyclic garbage lives: five seconds in the young
-    generations."""
-    global _gc_users, _gc_was_enabled
-    _gc_users += 1
-    if _gc_users == 1:
-        _gc_was_enabled = gc.isenabled()
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-
-
-def _untune_gc() -> None:
-    """When the last worker of the process stops (tests and embedders run workers in longer-
-    lived processes), the collector is as it was."""
-    global _gc_users
-    _gc_users -= 1
-    if _gc_users == 0:
-        gc.unfreeze()
-        if _gc_was_enabled:
-            gc.enable()
 
 
 def _exit_watchdog(after_s: float) -> None:
