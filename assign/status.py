@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,18 +39,30 @@ class StoredImage:
 
 
 def load_stored_images(report: str | Path, images_dir: str | Path | None) -> dict[str, StoredImage]:
-    """image_name -> stored image, for every record with status "ok" and a path.
-
-    ``local_path`` is ``images_dir/path`` when ``images_dir`` is given, else ``path`` as recorded
-    (relative to the crawler's output directory). Lines that are not JSON objects are skipped:
-    an image without a readable record counts as not stored.
-    """
-    stored: dict[str, StoredImage] = {}
+    """image_name -> stored image, for every record with status "ok" and a path, of the
+    report file ``report`` (see ``stored_images``)."""
     with gzip.open(report, "rb") as lines:
-        for line in lines:
-            image = _stored_image(line, images_dir)
-            if image is not None:
-                stored[image[0]] = image[1]
+        return _collect(lines, images_dir)
+
+
+def stored_images(text: bytes, images_dir: str | Path | None) -> dict[str, StoredImage]:
+    """image_name -> stored image, for every record with status "ok" and a path, of a
+    report's (decompressed) ``text``.
+
+    ``local_path`` is ``images_dir/path`` when ``images_dir`` is given (a directory or an
+    s3:// URL), else ``path`` as recorded (relative to the crawler's output directory). Lines
+    that are not JSON objects are skipped: an image without a readable record counts as not
+    stored.
+    """
+    return _collect(text.splitlines(), images_dir)
+
+
+def _collect(lines: Iterable[bytes], images_dir: str | Path | None) -> dict[str, StoredImage]:
+    stored: dict[str, StoredImage] = {}
+    for line in lines:
+        image = _stored_image(line, images_dir)
+        if image is not None:
+            stored[image[0]] = image[1]
     return stored
 
 

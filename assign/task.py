@@ -6,21 +6,23 @@ Blocking work (download, rewrite) lives here so that the worker can run it in a 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import re
-import secrets
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from assign.document import AssignOptions
-from assign.rewrite import ShardReport, completed_report, describe, rewrite_shard
-from assign.shardio import write_atomically
+from assign.rewrite import ShardReport, completed_report, describe, rewrite_into
 from assign.solve import SOLVERS, Solver
-from assign.status import load_stored_images
+from assign.status import stored_images
+from assign.tree import Tree, open_tree
+from crawler.config import StorageConfig
+from crawler.status import SHARDS_DIR, STATUS_DIR
 
 # Shard ids become file names: no separators, no hidden files, nothing odd.
 _SAFE_SHARD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -61,62 +63,67 @@ class AssignSettings:
     # (`crawler.ingest.download_blocking`: the address guard, the size and time limits).
     # None: a shard named by URL cannot be rewritten.
     download: Callable[[str, Path], None] | None = None
+    # The client settings of a bucket (output or destination).
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"assign.solver must be one of {SOLVERS}, got {self.solver!r}")
 
 
-def destination(task: ShardTask, settings: AssignSettings) -> Path:
-    base = Path(settings.output) if settings.output else Path(task.output) / "_shards"
-    return base / f"{task.shard}.jsonl"
+def destination(task: ShardTask, settings: AssignSettings) -> tuple[Tree, str]:
+    """The tree and name the rewritten shard goes to."""
+    if settings.output:
+        return open_tree(settings.output, settings.storage), f"{task.shard}.jsonl"
+    return open_tree(task.output, settings.storage), f"{SHARDS_DIR}/{task.shard}.jsonl"
+
+
+def report_of(task: ShardTask) -> str:
+    """The name of the shard's status report in the crawler's output."""
+    return f"{STATUS_DIR}/{task.shard}.jsonl.gz"
 
 
 def process(task: ShardTask, settings: AssignSettings) -> ShardReport:
     """Rewrite the task's shard into its destination (skipped if already complete)."""
-    target = destination(task, settings)
-    options = _options(task, settings)
-    described = describe(options, task.report if settings.downloaded_only else None)
+    tree, name = destination(task, settings)
+    options = AssignOptions(solver=settings.solver)
+    described = describe(options, None)
     if settings.downloaded_only:
+        if not task.report:
+            raise BadTask(f"shard {task.shard}: downloaded-only mode needs a status report")
+        report = open_tree(task.output, settings.storage).read(report_of(task))
+        stored = stored_images(gzip.decompress(report), images_dir=task.output)
+        options = AssignOptions(
+            solver=settings.solver, stored=stored,
+            keep_empty_documents=settings.keep_empty_documents,
+        )  # fmt: skip
+        described = describe(options, task.report)
         # The report is rewritten in place after `retry`: a rewrite follows its content, so a
         # new report never finds the rewrite of an older one "already complete".
-        described["status_report_sha256"] = _sha256(Path(task.report))
-    done = completed_report(target, described)
+        described["status_report_sha256"] = hashlib.sha256(report).hexdigest()
+    done = completed_report(tree, name, described)
     if done is not None:
         return done
-    with _local_source(task, target.parent, settings.download) as source:
-        return rewrite_shard(source, target, options, settings=described)
+    source_name = name.removesuffix(".jsonl") + ".source"  # not a leftover of `name`'s
+    with _local_source(task, tree, source_name, settings.download) as source:
+        return rewrite_into(tree, name, source, options, settings=described)
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def record_failure(task: ShardTask, settings: AssignSettings, message: str) -> Path:
+def record_failure(task: ShardTask, settings: AssignSettings, message: str) -> str:
     """Leave ``<shard>.error.json`` beside where the output would be, for a person to see."""
-    target = destination(task, settings)
-    path = target.with_name(f"{task.shard}.error.json")
+    tree, name = destination(task, settings)
+    where = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
     text = json.dumps({"shard": task.shard, "source": task.source, "error": message}) + "\n"
-    write_atomically(path, text.encode())
-    return path
-
-
-def _options(task: ShardTask, settings: AssignSettings) -> AssignOptions:
-    if not settings.downloaded_only:
-        return AssignOptions(solver=settings.solver)
-    if not task.report:
-        raise BadTask(f"shard {task.shard}: downloaded-only mode needs a status report")
-    stored = load_stored_images(task.report, images_dir=task.output)
-    return AssignOptions(
-        solver=settings.solver, stored=stored, keep_empty_documents=settings.keep_empty_documents
-    )
+    tree.write(f"{where}{task.shard}.error.json", text.encode())
+    return tree.url(f"{where}{task.shard}.error.json")
 
 
 @contextlib.contextmanager
 def _local_source(
-    task: ShardTask, work_dir: Path, download: Callable[[str, Path], None] | None
+    task: ShardTask, tree: Tree, name: str, download: Callable[[str, Path], None] | None
 ) -> Iterator[Path]:
+    """The task's source shard as a local file (a URL is downloaded beside the output, or
+    into the bucket's scratch directory, and removed afterwards)."""
     parts = urllib.parse.urlsplit(task.source)
     scheme = parts.scheme.lower()
     if scheme == "file":
@@ -127,10 +134,8 @@ def _local_source(
         return
     if download is None:
         raise BadTask(f"shard {task.shard}: source {task.source} is a URL and no downloader is set")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in work_dir.glob(f".{task.shard}.source.*.tmp"):  # from a killed worker
-        leftover.unlink(missing_ok=True)
-    temp = work_dir / f".{task.shard}.source.{secrets.token_hex(4)}.tmp"
+    tree.discard(name)  # from a killed worker
+    temp = tree.staging(name)
     try:
         download(task.source, temp)
         yield temp

@@ -17,21 +17,21 @@ import logging
 import os
 import socket
 import uuid
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from assign.solve import Solver
-from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure
+from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
+from assign.tree import open_tree
+from core.storage import is_remote
 from crawler.config import Config
-from crawler.connection import connect
+from crawler.connection import RedisRetry, connect
 from crawler.dataset.index import index_shard
 from crawler.heartbeat import Heartbeat
 from crawler.ingest import download_blocking
 from crawler.keys import ASSIGN_GROUP, Keys
-from crawler.status import STATUS_DIR
 from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger("assign.worker")
@@ -55,6 +55,7 @@ def settings_from(cfg: Config) -> AssignSettings:
         downloaded_only=cfg.assign.downloaded_only,
         keep_empty_documents=cfg.assign.keep_empty_documents,
         output=cfg.assign.output,
+        storage=cfg.storage,
         download=functools.partial(download_blocking, cfg=cfg),
     )
 
@@ -86,36 +87,30 @@ class AssignWorker:
 
     async def run(self, stop: asyncio.Event, *, once: bool = False) -> None:
         """Take and rewrite shards until `stop`; while Redis is unavailable (at start or
-        later), wait and reconnect with a backoff that restarts after each success."""
+        later), wait and reconnect as `RedisRetry` does."""
         beats = asyncio.create_task(self._heartbeat_loop())
-        base = self.cfg.redis.reconnect_backoff_s
-        delay = base
-        grouped = False
+        retry = RedisRetry.from_config(self.cfg, "assign")
         try:
+            await retry.call(self.ensure_group, stop=stop)
             while not stop.is_set():
-                try:
-                    if not grouped:
-                        await self.ensure_group()
-                        grouped = True
-                    entry = await self.next_entry(block=not once)
-                    if entry is not None:
-                        await self.handle(entry)
-                except RedisError as exc:
-                    log.warning("assign: Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                except OSError as exc:
-                    log.warning("assign: %s; retrying in %.1fs", exc, delay)
-                else:
-                    delay = base
-                    if entry is None and once:
-                        return
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 30.0)
+                took = await retry.call(lambda: self.step(block=not once), stop=stop)
+                if once and not took:
+                    return
+        except (RedisError, OSError):
+            if not stop.is_set():
+                raise
         finally:
             await cancel_and_wait([beats])
             with contextlib.suppress(RedisError, OSError):
                 await self.client.delete(self.keys.assign_worker(self.consumer))
+
+    async def step(self, *, block: bool) -> bool:
+        """Take one entry and rewrite its shard; False when none was waiting."""
+        entry = await self.next_entry(block=block)
+        if entry is None:
+            return False
+        await self.handle(entry)
+        return True
 
     async def _heartbeat_loop(self) -> None:
         """A heartbeat key with a TTL, also while a shard is being rewritten (in a thread):
@@ -173,7 +168,8 @@ class AssignWorker:
         self.current_shard = task.shard
         try:
             report = await asyncio.to_thread(process, task, self.settings)
-            await asyncio.to_thread(index_shard, Path(task.output), task.shard, Path(report.output))
+            output = open_tree(task.output, self.cfg.storage)
+            await asyncio.to_thread(index_shard, output, task.shard, report.output)
         except Exception as exc:
             await self._failed(entry_id, task, exc)
             return
@@ -219,11 +215,18 @@ def _check_paths(task: ShardTask, output: str) -> None:
     """Raise BadTask unless the entry's paths are the ones the crawl writes under this
     worker's output: the output itself, and its ``_status/<shard>.jsonl.gz`` report (an
     entry is read from Redis, not trusted to name where to read and write)."""
-    if os.path.realpath(task.output) != os.path.realpath(output):
+    if not _same(task.output, output):
         raise BadTask(f"shard {task.shard}: output {task.output!r} is not {output!r}")
-    expected = os.path.join(output, STATUS_DIR, f"{task.shard}.jsonl.gz")
-    if task.report and os.path.realpath(task.report) != os.path.realpath(expected):
+    expected = f"{output.rstrip('/')}/{report_of(task)}"
+    if task.report and not _same(task.report, expected):
         raise BadTask(f"shard {task.shard}: report {task.report!r} is not {expected!r}")
+
+
+def _same(one: str, other: str) -> bool:
+    """The same place: equal URLs for a bucket, the same real path on disk."""
+    if is_remote(one) or is_remote(other):
+        return one.rstrip("/") == other.rstrip("/")
+    return os.path.realpath(one) == os.path.realpath(other)
 
 
 def _consumer_name() -> str:

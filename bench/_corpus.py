@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 from PIL import Image
 
+from assign.tree import LocalTree
 from crawler import status
 from crawler.dataset.index import index_shard
 
@@ -110,5 +111,5 @@ def make_corpus(
         report = status.ReportPaths(output, shard).report
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_bytes(gzip.compress(b"".join(r + b"\n" for r in sorted(records)), 1))
-        index_shard(output, shard, shard_file)
+        index_shard(LocalTree(output), shard, str(shard_file))
     return shards

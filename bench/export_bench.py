@@ -74,7 +74,7 @@ def plain_loop(output: Path, shards: list[str], out: Path) -> tuple[int, int]:
 
 def ours(output: Path, out: Path, processes: int) -> tuple[int, int]:
     settings = ExportSettings(out=str(out), layout="base64", min_stored=0, max_docs=1000)
-    summary = export(output, settings, processes=processes, progress=False)
+    summary = export(str(output), settings, processes=processes, progress=False)
     assert not summary.errors, summary.errors
     return summary.docs, summary.bytes
 

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
 import sys
-from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import orjson
 
 from crawler import config as config_mod
-from crawler import early, logs, monitor, status
+from crawler import early, logs, monitor, runtime, status
 from crawler.config import Config
+from crawler.connection import connected
 from crawler.errors import CommandError, ReportingGroup
 from crawler.exitcodes import ExitCode
 from crawler.keys import Keys
-
-T = TypeVar("T")
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        return asyncio.run(coro)
 
 
 class State:
@@ -135,7 +120,7 @@ def run(
     if workers is not None:
         cfg.worker.processes = workers
     argv = state.argv()
-    code = _run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
+    code = runtime.run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
     sys.exit(code)
 
 
@@ -163,32 +148,32 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     missing = missing_message(sources)
     if missing:
         raise CommandError(ExitCode.NOT_FOUND, missing)
-    sys.exit(_run(_enqueue(cfg, sources)))
+    sys.exit(runtime.run(_enqueue(cfg, sources)))
 
 
 async def _enqueue(cfg: Config, sources: list[Any]) -> int:
-    from crawler.connection import RedisUnavailable, retrying
+    from crawler.connection import RedisRetry, RedisUnavailable
     from crawler.embedded import where
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
-    from crawler.signals import StopSignals, failure, until_stopped
+    from crawler.runtime import StopSignals, failure, until_stopped
 
     with StopSignals() as signals:
-        async with _redis(cfg) as client:
+        async with connected(cfg) as client:
             ingest = Ingest(cfg, client, redis_wait_s=cfg.ingest.redis_wait_s)
             queue = WorkQueue(client, Keys(cfg.redis.namespace), cfg.queue)
 
             async def work() -> None:
-                await retrying(
-                    queue.ensure_group, cfg.redis.reconnect_backoff_s, what="enqueue",
-                    give_up_after_s=cfg.ingest.redis_wait_s,
-                )  # fmt: skip
+                retry = RedisRetry.from_config(
+                    cfg, "enqueue", give_up_after_s=cfg.ingest.redis_wait_s
+                )
+                await retry.call(queue.ensure_group)
                 await ingest.run(sources, signals.event)
 
             # Stopped: ingest ends at its next check (a wait for room, a batch); a download
             # or a wait for Redis is cancelled, which leaves no half-applied batch either
             # (each batch and its resume point are one transaction).
-            exc = failure(await until_stopped(work(), signals))
+            exc = failure(await until_stopped(work(), signals.event))
             if isinstance(exc, RedisUnavailable):
                 raise CommandError(
                     ExitCode.REDIS_UNAVAILABLE,
@@ -202,21 +187,6 @@ async def _enqueue(cfg: Config, sources: list[Any]) -> int:
         if signals.code is not None:
             return signals.code
         return ExitCode.FAILURE if ingest.stats.shards_unreadable else ExitCode.OK
-
-
-@contextlib.asynccontextmanager
-async def _redis(cfg: Config) -> AsyncIterator[Any]:
-    """A client of the crawl's Redis, closed on the way out (a close that fails or hangs does
-    not fail the command)."""
-    from crawler.connection import connect
-
-    client = connect(cfg)
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await client.aclose()
 
 
 @main.command()
@@ -250,15 +220,16 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
     cfg = state.load()
     _guard(cfg)
     if check:
-        sys.exit(_run(_check(cfg, paused_ok=alive)))
+        sys.exit(runtime.run(_check(cfg, paused_ok=alive)))
     from crawler.worker import run_worker
 
-    _run(run_worker(cfg, until_idle=until_idle))
-    # Results are flushed and leftovers handed back: do not let interpreter-exit joins of
-    # pool threads hold a stopping container past its grace period.
-    logging.shutdown()
-    sys.stdout.flush()
-    os._exit(0)
+    async def work() -> int:
+        await run_worker(cfg, until_idle=until_idle)
+        return ExitCode.OK  # a stop is how a worker ends
+
+    # Results are flushed and leftovers handed back when it returns: no interpreter-exit
+    # joins of pool threads hold a stopping container past its grace period.
+    runtime.run_and_exit(work())
 
 
 async def _check(cfg: Config, *, paused_ok: bool) -> int:
@@ -278,10 +249,10 @@ def status_cmd(state: State, as_json: bool) -> None:
     _guard(cfg)
 
     async def go() -> monitor.Snapshot:
-        async with _redis(cfg) as client:
+        async with connected(cfg) as client:
             return await monitor.snapshot(client, Keys(cfg.redis.namespace))
 
-    snap = _run(go())
+    snap = runtime.run(go())
     if as_json:
         click.echo(orjson.dumps(snap.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -295,27 +266,21 @@ def status_cmd(state: State, as_json: bool) -> None:
 def serve(state: State, host: str, port: int) -> None:
     """Serve the status page (/), its JSON (/api/status), fleet metrics for Prometheus
     (/metrics) and /healthz, from the crawl's Redis."""
-    from aiohttp import web
-
-    from crawler.signals import StopSignals
     from crawler.statuspage import make_app
 
     cfg = state.load()
     _guard(cfg)
 
     async def go() -> None:
-        async with _redis(cfg) as client:
-            runner = web.AppRunner(make_app(client, Keys(cfg.redis.namespace)), access_log=None)
-            await runner.setup()
-            try:
-                await web.TCPSite(runner, host, port).start()
-                click.echo(f"status page on http://{host}:{port}/")
-                with StopSignals() as signals:
-                    await signals.event.wait()
-            finally:
-                await runner.cleanup()
+        async with (
+            connected(cfg) as client,
+            runtime.serving(make_app(client, Keys(cfg.redis.namespace)), host, port),
+        ):
+            click.echo(f"status page on http://{host}:{port}/")
+            with runtime.StopSignals() as signals:
+                await signals.event.wait()
 
-    _run(go())
+    runtime.run(go())
 
 
 @main.command(name="serve-dataset")
@@ -329,7 +294,11 @@ def serve_dataset(state: State, host: str | None, port: int | None) -> None:
     from crawler.dataset.serve import serve
 
     cfg = state.load()
-    sys.exit(_run(serve(cfg, host or cfg.dataset.host, cfg.dataset.port if port is None else port)))
+    sys.exit(
+        runtime.run(
+            serve(cfg, host or cfg.dataset.host, cfg.dataset.port if port is None else port)
+        )
+    )
 
 
 @main.command(name="dataset-token")
@@ -351,18 +320,22 @@ def dataset_token() -> None:
 def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
     """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
     it as each shard's rewrite completes)."""
+    from assign.tree import open_tree
     from crawler.dataset.index import index_shard, shard_files
 
     cfg = state.load()
-    shards_dir = (
-        Path(cfg.assign.output) if cfg.assign.output else cfg.output_dir / status.SHARDS_DIR
+    output = open_tree(cfg.paths.output, cfg.storage)
+    shards, where = (
+        (open_tree(cfg.assign.output, cfg.storage), "")
+        if cfg.assign.output
+        else (output, status.SHARDS_DIR)
     )
     done = failed = 0
-    for shard, path in shard_files(shards_dir):
+    for shard, name in shard_files(shards, where):
         if only and shard not in only:
             continue
         try:
-            index_shard(cfg.output_dir, shard, path, force=force)
+            index_shard(output, shard, shards.url(name), force=force)
             done += 1
         except (OSError, ValueError) as exc:
             failed += 1
@@ -372,7 +345,7 @@ def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
 
 
 @main.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out")
 @click.option(
     "--format",
     "fmt",
@@ -421,7 +394,7 @@ def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
 @pass_state
 def export(
     state: State,
-    out: Path,
+    out: str,
     fmt: str,
     layout: str,
     all_stored: bool,
@@ -433,9 +406,9 @@ def export(
     only: tuple[str, ...],
     no_progress: bool,
 ) -> None:
-    """Write the indexed corpus under OUTPUT as training-ready tar shards in OUT (one sample
-    per document). Resumable: a rerun skips finished tars. corpus.skip_url_duplicates leaves
-    out flagged documents."""
+    """Write the indexed corpus under OUTPUT as training-ready tar shards in OUT, a directory
+    or s3://bucket/prefix (one sample per document). Resumable: a rerun skips finished tars.
+    corpus.skip_url_duplicates leaves out flagged documents."""
     from dataclasses import asdict
 
     from crawler.dataset.export import ExportSettings
@@ -443,7 +416,7 @@ def export(
 
     cfg = state.load()
     settings = ExportSettings(
-        out=str(out),
+        out=out,
         layout=layout,
         min_stored=min_stored,
         all_stored=all_stored,
@@ -453,11 +426,12 @@ def export(
         max_bytes=int(max_tar_mb * 1e6),
     )
     summary = run_export(
-        cfg.output_dir,
+        cfg.paths.output,
         settings,
         processes=processes,
         progress=not no_progress,
         only=list(only) or None,
+        storage=cfg.storage,
     )
     for error in summary.errors:
         click.echo(f"error: {error}", err=True)
@@ -477,8 +451,8 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     earlier runs. Workers (or the next `run`) then fetch them again."""
     from crawler.embedded import EmbeddedRedis, running_url
     from crawler.queue import WorkQueue
+    from crawler.runtime import StopSignals, failure, until_stopped
     from crawler.shards import Shards
-    from crawler.signals import StopSignals, failure, until_stopped
 
     cfg = state.load()
     wanted = {s.strip() for s in statuses.split(",") if s.strip()}
@@ -516,12 +490,13 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
 
     async def go() -> int:
         with StopSignals() as signals:
-            async with _redis(cfg) as client:
+            async with connected(cfg) as client:
                 keys = Keys(cfg.redis.namespace)
                 queue = WorkQueue(client, keys, cfg.queue)
                 exc = failure(
                     await until_stopped(
-                        requeue(Shards(client, keys, queue, cfg.output_dir), signals), signals
+                        requeue(Shards(client, keys, queue, cfg.output_dir), signals),
+                        signals.event,
                     )
                 )
                 if exc is not None:
@@ -529,7 +504,7 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
             return signals.code or ExitCode.OK
 
     try:
-        code = _run(go())
+        code = runtime.run(go())
     finally:
         if embedded is not None:
             embedded.stop()
@@ -555,12 +530,12 @@ def clear(state: State, yes: bool) -> None:
     keys = Keys(cfg.redis.namespace)
 
     async def count() -> int:
-        async with _redis(cfg) as client:
+        async with connected(cfg) as client:
             return len([k async for k in client.scan_iter(match=keys.all_pattern, count=1000)])
 
     async def delete() -> int:
         deleted = 0
-        async with _redis(cfg) as client:
+        async with connected(cfg) as client:
             batch: list[Any] = []
             async for key in client.scan_iter(match=keys.all_pattern, count=1000):
                 batch.append(key)
@@ -574,12 +549,12 @@ def clear(state: State, yes: bool) -> None:
     from crawler.errors import redact
 
     where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
-    n = _run(count())
+    n = runtime.run(count())
     if n == 0:
         raise CommandError(ExitCode.NOT_FOUND, f"{where} has no keys: nothing to clear")
     if not yes:
         click.confirm(f"Delete the {n} keys of {where}?", abort=True, err=True)
-    click.echo(f"deleted {_run(delete())} keys of {where}")
+    click.echo(f"deleted {runtime.run(delete())} keys of {where}")
 
 
 @main.command()

@@ -46,9 +46,32 @@ class RedisConfig:
 @dataclass
 class PathsConfig:
     # Images land in OUTPUT/<shard>/<image_name>; per-shard reports in OUTPUT/_status/.
+    # A local directory or object storage: "s3://bucket/prefix" (see [storage]).
     output: str = "mmc4_output"
     # Embedded Redis data (AOF) and other local state.
     data_dir: str = "mmc4_data"
+
+
+@dataclass
+class StorageConfig:
+    # Object storage (paths.output = "s3://bucket/prefix"). Endpoint, region and credentials
+    # come from the environment: AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
+    # AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), or web identity / instance metadata.
+    # Requests of one process in flight at once (uploads, reads, listings).
+    max_inflight: int = 64
+    # A failed request (5xx such as SlowDown, a dropped connection, a timeout) is retried
+    # up to this many times, with exponential backoff and jitter ...
+    max_retries: int = 10
+    # ... from this many seconds, doubling up to backoff_max_s ...
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 15.0
+    # ... and no longer than this in all.
+    retry_timeout_s: float = 180.0
+    # Seconds one request may take, and to connect.
+    request_timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    # Allow a plain http:// endpoint (a test or in-cluster server); AWS_ALLOW_HTTP=true too.
+    allow_http: bool = False
 
 
 @dataclass
@@ -246,6 +269,7 @@ class DatasetConfig:
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
@@ -323,6 +347,13 @@ PORT = Range(0, 65535)
 
 # The valid range of every numeric setting, checked at load (a test keeps this complete).
 RANGES: dict[str, Range] = {
+    "storage.max_inflight": Range(1, 4096),
+    "storage.max_retries": Range(0, 100),
+    "storage.backoff_initial_s": Range(0, 60, open_lo=True),
+    "storage.backoff_max_s": Range(0, 3600, open_lo=True),
+    "storage.retry_timeout_s": Range(0, 86400, open_lo=True),
+    "storage.request_timeout_s": Range(0, 3600, open_lo=True),
+    "storage.connect_timeout_s": Range(0, 600, open_lo=True),
     "redis.reconnect_backoff_s": Range(0, 60, open_lo=True),
     "redis.socket_timeout_s": Range(2, 3600),
     "ingest.max_queue_depth": AT_LEAST_1,

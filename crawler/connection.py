@@ -1,13 +1,16 @@
-"""Redis connections from the configured URL (redis://, rediss://, unix://; password in URL)."""
+"""Redis connections from the configured URL (redis://, rediss://, unix://; password in URL),
+and how every command rides out a Redis outage (`RedisRetry`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -56,33 +59,95 @@ class RedisUnavailable(ConnectionError):
     """Redis stayed unreachable for longer than the caller was willing to wait."""
 
 
-async def retrying(
-    fn: Callable[[], Awaitable[T]],
-    backoff_s: float = 0.5,
-    *,
-    what: str = "redis",
-    give_up_after_s: float = 0.0,
-) -> T:
-    """Call fn until Redis answers (for idempotent calls only), backing off up to 30 s.
+@dataclass(frozen=True)
+class RedisRetry:
+    """How a caller rides out a Redis outage: the one retry policy of every command.
 
-    With ``give_up_after_s`` > 0, raise RedisUnavailable once Redis has been unreachable for
-    that long (counted from this call's first failure).
+    A failed call (a Redis error or an OSError) is logged as ``<what>: Redis unavailable`` and
+    tried again after a delay that doubles from `base_s` up to `cap_s` (redis-py's
+    ``ExponentialBackoff``). With `give_up_after_s` > 0, `call` raises RedisUnavailable once
+    Redis has been unreachable that long; 0 waits for Redis however long it takes.
     """
-    delay = backoff_s
-    first_failure = 0.0
-    while True:
-        try:
-            return await fn()
-        except (RedisError, OSError) as exc:
-            now = time.monotonic()
-            first_failure = first_failure or now
-            waited = now - first_failure
-            if give_up_after_s and waited >= give_up_after_s:
-                raise RedisUnavailable(
-                    f"{what}: Redis unavailable for {waited:.0f} s ({exc})"
-                ) from exc
-            if give_up_after_s:
-                delay = min(delay, max(0.05, give_up_after_s - waited))
-            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+
+    what: str = "redis"
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    give_up_after_s: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Config, what: str, **policy: float) -> RedisRetry:
+        """The policy starting at ``redis.reconnect_backoff_s``; `policy` sets the rest."""
+        return cls(what, cfg.redis.reconnect_backoff_s, **policy)
+
+    def _delay(self, failures: int) -> float:
+        return float(ExponentialBackoff(cap=self.cap_s, base=self.base_s).compute(failures - 1))
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, stop: asyncio.Event | None = None) -> T:
+        """Call `fn` until Redis answers (for idempotent calls only). Once `stop` is set, the
+        wait for the next try ends and a failure is raised instead of tried again."""
+        failures = 0
+        first_failure = 0.0
+        while True:
+            try:
+                return await fn()
+            except (RedisError, OSError) as exc:
+                if stop is not None and stop.is_set():
+                    raise
+                failures += 1
+                now = time.monotonic()
+                first_failure = first_failure or now
+                waited = now - first_failure
+                delay = self._delay(failures)
+                if self.give_up_after_s:
+                    if waited >= self.give_up_after_s:
+                        raise RedisUnavailable(
+                            f"{self.what}: Redis unavailable for {waited:.0f} s ({exc})"
+                        ) from exc
+                    delay = min(delay, max(0.05, self.give_up_after_s - waited))
+                log.warning("%s: Redis unavailable (%s); retrying in %.1fs", self.what, exc, delay)
+                if stop is None:
+                    await asyncio.sleep(delay)
+                    continue
+                with contextlib.suppress(TimeoutError):  # a stop tries once more, at once
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    async def every(
+        self, iteration: Callable[[], Awaitable[None]], interval_s: float = 0.0
+    ) -> NoReturn:
+        """Run `iteration` every `interval_s` until cancelled (a background loop). One that
+        fails, for any reason, is logged and run again after the backoff delay; the delays
+        start again from `base_s` after every iteration that succeeds."""
+        failures = 0
+        while True:
+            try:
+                await iteration()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                delay = self._delay(failures)
+                if isinstance(exc, RedisError):
+                    log.warning(
+                        "%s: Redis unavailable (%s); retrying in %.1fs", self.what, exc, delay
+                    )
+                elif isinstance(exc, OSError):
+                    log.warning("%s: %s; retrying in %.1fs", self.what, exc, delay)
+                else:
+                    log.exception("%s failed; retrying in %.1fs", self.what, delay)
+                await asyncio.sleep(delay)
+            else:
+                failures = 0
+                await asyncio.sleep(interval_s)
+
+
+@contextlib.asynccontextmanager
+async def connected(cfg: Config) -> AsyncIterator[aioredis.Redis]:
+    """A client of the crawl's Redis (`connect`), closed on the way out; a close that fails or
+    hangs (Redis gone meanwhile) does not fail the caller."""
+    client = connect(cfg)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await client.aclose()

@@ -62,8 +62,8 @@ def sample_for(port: int, data_dir: Path) -> Path:
 
 
 def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:
-    from crawler.cli import _run
     from crawler.runner import run_all
+    from crawler.runtime import run
 
     if not SAMPLE.is_file():
         raise CommandError(ExitCode.NOT_FOUND, f"sample shard not found at {SAMPLE}")
@@ -92,7 +92,7 @@ def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int
         args += ["--set", item]
     web = start_web(port, Path(cfg.paths.data_dir) / "demo-web.log")
     try:
-        code = _run(run_all(cfg, args))
+        code = run(run_all(cfg, args))
     finally:
         web.send_signal(signal.SIGTERM)
         try:

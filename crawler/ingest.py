@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 
 from crawler import status
 from crawler.config import Config
-from crawler.connection import retrying
+from crawler.connection import RedisRetry
 from crawler.guard import CLOSED, AddressPolicy, check_url
 from crawler.keys import Keys
 from crawler.queue import WorkQueue, encode_result
@@ -465,8 +465,8 @@ class Ingest:
             log.warning("ingest stopped; a rerun resumes after the last enqueued batch")
 
     async def _redis(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
-        b = self.cfg.redis.reconnect_backoff_s
-        return await retrying(fn, b, what=what, give_up_after_s=self.redis_wait_s)
+        retry = RedisRetry.from_config(self.cfg, what, give_up_after_s=self.redis_wait_s)
+        return await retry.call(fn)
 
     async def _plan(self, sources: list[ShardSource]) -> None:
         """Name every shard of the crawl in Redis (progress and ETA cover them all)."""

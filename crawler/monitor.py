@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from crawler.config import Config
-from crawler.connection import connect
+from crawler.connection import connected
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import text as _s
 
@@ -248,15 +248,14 @@ async def check_heartbeat(
     (hostname) younger than three heartbeat intervals, and not paused (unless `paused_ok`:
     a paused worker runs and beats, it only takes no work)? Returns the answer and, when it
     is no, the reason."""
-    client = connect(cfg)
+    max_age_s = 3 * cfg.worker.heartbeat_interval_s
     try:
-        return await _fresh_heartbeat(
-            client, pattern, socket.gethostname(), 3 * cfg.worker.heartbeat_interval_s, paused_ok
-        )
+        async with connected(cfg) as client:
+            return await _fresh_heartbeat(
+                client, pattern, socket.gethostname(), max_age_s, paused_ok
+            )
     except Exception as exc:
         return False, f"check failed: {exc}"
-    finally:
-        await client.aclose()
 
 
 async def _fresh_heartbeat(

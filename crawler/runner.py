@@ -16,12 +16,11 @@ import dataclasses
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -29,18 +28,18 @@ from tqdm import tqdm
 
 from crawler import logs, monitor, status
 from crawler.config import Config
-from crawler.connection import connect
+from crawler.connection import connected
 from crawler.embedded import EmbeddedRedis, where
 from crawler.errors import CommandError, redact
 from crawler.exitcodes import ExitCode
 from crawler.ingest import Ingest, expand_sources, missing_message
 from crawler.keys import Keys
 from crawler.queue import WorkQueue
+from crawler.runtime import StopSignals, failure, unless_stopped
 from crawler.shards import ReportWriteError, Shards
-from crawler.signals import StopSignals
+from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def worker_command(config_args: Sequence[str], *extra: str) -> list[str]:
@@ -53,12 +52,13 @@ def worker_command(config_args: Sequence[str], *extra: str) -> list[str]:
 
 # Exit codes of a worker that a restart would not change: its configuration or its port.
 _NOT_RESTARTED = (ExitCode.USAGE, ExitCode.ADDRESS_IN_USE)
+_RESTART_PAUSE_S = 0.5  # between a worker's failure and its restart
 
 
 class Supervisor:
-    """Keeps N worker processes alive until `stop`; never blocks the event loop.
+    """Keeps N worker processes alive until `stop`, each watched by a task of its own.
 
-    Each worker runs in its own process group, so a Ctrl-C in the terminal reaches `run`
+    Each worker runs in a session of its own, so a Ctrl-C in the terminal reaches `run`
     alone and each worker gets exactly one SIGTERM from `stop` (a graceful drain); a second
     Ctrl-C ends `run` at once and the workers with it (their parent-death signal is a
     second SIGTERM, which a worker honours at once). A worker that exits 0 was told to stop
@@ -73,64 +73,63 @@ class Supervisor:
         self.config_args = list(config_args)
         self.env = env
         self.metrics_port = metrics_port
-        self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
+        self.procs: list[asyncio.subprocess.Process | None] = [None] * n
         self.restarts = 0
-        self.stopping = False
-
-    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
-        extra = ["--set", f"metrics.port={self.metrics_port + i}"] if self.metrics_port else []
-        return subprocess.Popen(
-            worker_command(self.config_args, *extra), env=self.env, process_group=0
-        )
+        self._slots: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        for i, proc in enumerate(self.procs):
-            if proc is None:
-                self.procs[i] = self._spawn(i)
+        self._slots = [asyncio.create_task(self._keep(i)) for i in range(self.n)]
+
+    async def _keep(self, i: int) -> None:
+        """Worker i, restarted after each failure, until it exits 0 (or is cancelled)."""
+        extra = ["--set", f"metrics.port={self.metrics_port + i}"] if self.metrics_port else []
+        while True:
+            proc = await asyncio.create_subprocess_exec(
+                *worker_command(self.config_args, *extra), env=self.env, start_new_session=True
+            )
+            self.procs[i] = proc
+            code = await proc.wait()
+            if code == 0:
+                log.warning("worker pid %d stopped (exit 0); not restarted", proc.pid)
+                return
+            if code in _NOT_RESTARTED:  # it would fail again the same way
+                raise CommandError(
+                    ExitCode(code),
+                    f"worker {i} exited with code {code} ("
+                    f"{ExitCode(code).name.lower().replace('_', ' ')}): see its error above",
+                )
+            log.warning("worker pid %d exited with %s; restarting", proc.pid, code)
+            self.restarts += 1
+            await asyncio.sleep(_RESTART_PAUSE_S)
 
     @property
     def alive(self) -> int:
-        return sum(1 for p in self.procs if p is not None and p.poll() is None)
+        """Workers running or about to be restarted."""
+        return sum(1 for slot in self._slots if not slot.done())
 
     def check(self) -> None:
-        """Restart workers that failed; forget those that exited 0 (told to stop)."""
-        if self.stopping:
-            return
-        for i, proc in enumerate(self.procs):
-            if proc is None or proc.poll() is None:
-                continue
-            if proc.returncode == 0:
-                log.warning("worker pid %d stopped (exit 0); not restarted", proc.pid)
-                self.procs[i] = None
-                continue
-            if proc.returncode in _NOT_RESTARTED:  # it would fail again the same way
-                raise CommandError(
-                    ExitCode(proc.returncode),
-                    f"worker {i} exited with code {proc.returncode} ("
-                    f"{ExitCode(proc.returncode).name.lower().replace('_', ' ')}): see its "
-                    "error above",
-                )
-            log.warning("worker pid %d exited with %s; restarting", proc.pid, proc.returncode)
-            self.restarts += 1
-            self.procs[i] = self._spawn(i)
+        """Raise what ended a worker for good (an exit code a restart would not change)."""
+        for slot in self._slots:
+            exc = failure(slot)
+            if exc is not None:
+                raise exc
 
     async def stop(self, timeout: float) -> None:
-        """One SIGTERM to each worker (a graceful drain); SIGKILL what is left after
-        `timeout` seconds."""
-        self.stopping = True
-        running = [p for p in self.procs if p is not None and p.poll() is None]
+        """No more restarts; one SIGTERM to each worker (a graceful drain); SIGKILL what is
+        left after `timeout` seconds."""
+        await cancel_and_wait(self._slots)
+        running = [p for p in self.procs if p is not None and p.returncode is None]
         for proc in running:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in running) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        if running:
+            await asyncio.wait([asyncio.create_task(p.wait()) for p in running], timeout=timeout)
         for proc in running:
-            if proc.poll() is None:
+            if proc.returncode is None:
                 log.error("worker pid %d did not stop within %.0f s; killing it", proc.pid, timeout)
-                proc.kill()
-                await asyncio.sleep(0)
-                proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
 
 
 async def finished(keys: Keys, client: Any) -> bool:
@@ -144,23 +143,6 @@ async def finished(keys: Keys, client: Any) -> bool:
     if any(int(n) for n in await pipe.execute()):
         return False
     return await monitor.leased(client, keys) == 0
-
-
-async def _unless_stopped(stop: asyncio.Event, coro: Awaitable[T]) -> T | None:
-    """Await `coro`, or cancel it and return None as soon as `stop` is set: a stop is
-    honoured at once whatever Redis is doing."""
-    task = asyncio.ensure_future(coro)
-    waiter = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-        await task
-    return None
 
 
 async def run_all(
@@ -179,83 +161,120 @@ async def run_all(
     missing = missing_message(sources)
     if missing:
         raise CommandError(ExitCode.NOT_FOUND, missing)
-    embedded: EmbeddedRedis | None = None
-    if not cfg.redis.url:
-        embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
-        cfg.redis.url = embedded.start()
-        log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
-    env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
-    keys = Keys(cfg.redis.namespace)
-    client = connect(cfg)
-    signals = StopSignals()
-    signals.install()
-    stop = signals.event
-    supervisor = Supervisor(cfg.worker.processes, config_args, env, cfg.metrics.port)
-    assign_task: asyncio.Task[None] | None = None
-    assign_stop = asyncio.Event()
-    workers_gone = False
-    try:
-        queue = WorkQueue(client, keys, cfg.queue)
-        start = await _unless_stopped(stop, monitor.snapshot(client, keys, history=2))
+    with StopSignals() as signals:
+        embedded: EmbeddedRedis | None = None
+        if not cfg.redis.url:
+            embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
+            cfg.redis.url = embedded.start()
+            log.info("embedded Redis at %s (AOF in %s)", where(cfg.redis.url), embedded.dir)
+        try:
+            async with connected(cfg) as client:
+                crawl = Crawl(cfg, client, config_args, signals.event)
+                try:
+                    code = await crawl.run(sources, progress=progress, with_assign=with_assign)
+                finally:
+                    await crawl.supervisor.stop(5)
+        finally:
+            if embedded is not None:
+                embedded.stop()
+    return code or signals.code or ExitCode.OK
+
+
+class Crawl:
+    """One `run` on a connected Redis: ingest, the supervised workers and the assignment
+    companion, watched until the crawl is finished or `stop` is set."""
+
+    def __init__(
+        self, cfg: Config, client: Any, config_args: Sequence[str], stop: asyncio.Event
+    ) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.stop = stop
+        self.keys = Keys(cfg.redis.namespace)
+        self.queue = WorkQueue(client, self.keys, cfg.queue)
+        self.ingest = Ingest(cfg, client)
+        env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
+        self.supervisor = Supervisor(cfg.worker.processes, config_args, env, cfg.metrics.port)
+
+    async def run(self, sources: list[Any], *, progress: bool, with_assign: bool) -> int:
+        """The crawl to its end or its stop: OK, or TERMINATED when every worker was stopped
+        from outside (a stop by a signal is OK here: the caller knows the signal)."""
+        start = await unless_stopped(self._snapshot(), self.stop)
         if start is None:
-            return signals.code or ExitCode.INTERRUPTED
-        await _unless_stopped(stop, queue.ensure_group())
-        if stop.is_set():
-            return signals.code or ExitCode.INTERRUPTED
-        supervisor.start()
-        if with_assign:
-            assign_task = _start_assign(cfg, assign_stop)
-        ingest = Ingest(cfg, client)
-        ingest_task = asyncio.create_task(ingest.run(sources, stop))
+            return ExitCode.OK
+        await unless_stopped(self.queue.ensure_group(), self.stop)
+        if self.stop.is_set():
+            return ExitCode.OK
+        self.supervisor.start()
+        assign_stop = asyncio.Event()
+        assign_task = _start_assign(self.cfg, assign_stop) if with_assign else None
+        ingest_task = asyncio.create_task(self.ingest.run(sources, self.stop))
+        try:
+            workers_gone = await self._watch(ingest_task, progress)
+        finally:
+            await cancel_and_wait([ingest_task])
+        interrupted = self.stop.is_set() or workers_gone
+        if interrupted:
+            log.warning("stopping: workers drain for up to %.0f s", self.cfg.worker.grace_period_s)
+        await self.supervisor.stop(self.cfg.worker.grace_period_s + 10)
+        if assign_task is not None:
+            await self._finish_assign(assign_task, assign_stop, interrupted)
+        self._summarize(start, await self._final_snapshot(), interrupted)
+        return ExitCode.TERMINATED if workers_gone else ExitCode.OK
+
+    async def _snapshot(self) -> monitor.Snapshot:
+        return await monitor.snapshot(self.client, self.keys, history=2)
+
+    async def _watch(self, ingest_task: asyncio.Task[None], progress: bool) -> bool:
+        """Look at the crawl every half second until it is finished or stopped; True when
+        every worker was stopped from outside."""
         progress = progress and not logs.json_format()  # JSON logs: no bar between them
         bar = tqdm(total=0, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-        shards = Shards(client, keys, queue, cfg.output_dir)
-
-        async def step() -> bool:
-            """One look at the crawl; True when it is finished."""
-            if progress:
-                _show(bar, await monitor.snapshot(client, keys, history=2))
-            if ingest_task.done():
-                ingest_task.result()  # re-raise a crash of ingest
-                try:
-                    await shards.finalize_all()
-                except ReportWriteError as exc:  # the workers pause until it can be written
-                    log.warning("%s; retrying", exc)
-                return await finished(keys, client)
-            return False
-
         try:
-            while not stop.is_set():
+            while not self.stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
-                supervisor.check()
-                if supervisor.alive == 0 and not stop.is_set():
+                    await asyncio.wait_for(self.stop.wait(), 0.5)
+                self.supervisor.check()
+                if self.supervisor.alive == 0 and not self.stop.is_set():
                     log.warning("every worker was stopped from outside: stopping")
-                    workers_gone = True
-                    break
-                if await _unless_stopped(stop, step()):
-                    break
+                    return True
+                if await unless_stopped(
+                    self._step(ingest_task, bar if progress else None), self.stop
+                ):
+                    return False
+            return False
         finally:
             bar.close()
-            if not ingest_task.done():
-                ingest_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                    await ingest_task
-        interrupted = stop.is_set() or workers_gone
-        if interrupted:
-            log.warning("stopping: workers drain for up to %.0f s", cfg.worker.grace_period_s)
-        await supervisor.stop(cfg.worker.grace_period_s + 10)
-        if assign_task is not None:
-            await _finish_assign(assign_task, assign_stop, client, keys, stop, interrupted)
-        snap: monitor.Snapshot | None = None
-        try:  # the final status, unless Redis is unavailable
+
+    async def _step(self, ingest_task: asyncio.Task[None], bar: Any) -> bool:
+        """One look at the crawl; True when it is finished."""
+        if bar is not None:
+            _show(bar, await self._snapshot())
+        if not ingest_task.done():
+            return False
+        ingest_task.result()  # re-raise a crash of ingest
+        try:
+            await Shards(self.client, self.keys, self.queue, self.cfg.output_dir).finalize_all()
+        except ReportWriteError as exc:  # the workers pause until it can be written
+            log.warning("%s; retrying", exc)
+        return await finished(self.keys, self.client)
+
+    async def _final_snapshot(self) -> monitor.Snapshot | None:
+        """The final status, unless Redis is unavailable."""
+        try:
             async with asyncio.timeout(5.0):
-                snap = await monitor.snapshot(client, keys, history=2)
+                return await self._snapshot()
         except TimeoutError:  # an OSError: said before the clause below
-            pass
+            return None
         except (RedisError, OSError) as exc:
             log.warning("no final status: %s", redact(str(exc)))
-        st = ingest.stats
+            return None
+
+    def _summarize(
+        self, start: monitor.Snapshot, snap: monitor.Snapshot | None, interrupted: bool
+    ) -> None:
+        """`run`'s closing summary on stderr: the final status and what ingest did."""
+        st = self.ingest.stats
         if logs.json_format():  # one JSON object per line on stderr, like every log line
             status_json = snap.to_json() if snap is not None else None
             line = {"level": "INFO", "message": "run ended", "status": status_json,
@@ -273,17 +292,27 @@ async def run_all(
         if not interrupted and st.items == 0 and st.shards_skipped and nothing_new:
             _say(
                 f"nothing to do: the {st.shards_skipped} shards given are already reported in "
-                f"{cfg.output_dir / '_status'} (`retry --status ...` fetches failures again; "
-                "another --output starts a new corpus)"
+                f"{self.cfg.output_dir / '_status'} (`retry --status ...` fetches failures "
+                "again; another --output starts a new corpus)"
             )
-        if workers_gone:
-            return ExitCode.TERMINATED
-        return signals.code or ExitCode.OK
-    finally:
-        await supervisor.stop(5)
-        await client.aclose()
-        if embedded is not None:
-            embedded.stop()
+
+    async def _finish_assign(
+        self, task: asyncio.Task[None], assign_stop: asyncio.Event, interrupted: bool
+    ) -> None:
+        """Let the assignment worker finish the announced shards (unless stopped), then stop
+        it."""
+        deadline = time.monotonic() + 600
+        while not interrupted and not task.done() and time.monotonic() < deadline:
+            caught_up = await unless_stopped(_assign_caught_up(self.client, self.keys), self.stop)
+            if self.stop.is_set() or caught_up:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.5)
+        assign_stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=10 if self.stop.is_set() else 60)
+        except TimeoutError:
+            await cancel_and_wait([task])
 
 
 def _say(text: str) -> None:
@@ -316,30 +345,6 @@ def _start_assign(cfg: Config, stop: asyncio.Event) -> asyncio.Task[None] | None
     except ImportError:
         return None
     return asyncio.create_task(run_assign_worker(cfg, stop=stop))
-
-
-async def _finish_assign(
-    task: asyncio.Task[None],
-    assign_stop: asyncio.Event,
-    client: Any,
-    keys: Keys,
-    stop: asyncio.Event,
-    interrupted: bool,
-) -> None:
-    """Let the assignment worker finish the announced shards (unless stopped), then stop it."""
-    deadline = time.monotonic() + 600
-    while not interrupted and not task.done() and time.monotonic() < deadline:
-        if stop.is_set() or await _unless_stopped(stop, _assign_caught_up(client, keys)):
-            break
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.5)
-    assign_stop.set()
-    try:
-        await asyncio.wait_for(task, timeout=10 if stop.is_set() else 60)
-    except TimeoutError:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-            await task
 
 
 async def _assign_caught_up(client: Any, keys: Keys) -> bool:

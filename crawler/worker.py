@@ -10,29 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import faulthandler
 import logging
 import math
 import os
-import signal
 import socket
-import sys
-import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from crawler import early, gctimer, images, status
+from crawler import gctimer, images, status
 from crawler.config import Config
-from crawler.connection import connect
-from crawler.diagnostics import task_stacks
+from crawler.connection import RedisRetry, connect
 from crawler.fetch import BodyBudget, Fetcher, client_session
 from crawler.heartbeat import Heartbeat, sample_history
 from crawler.keys import Keys
@@ -42,12 +37,9 @@ from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pipeline import OutputUnwritable, Pipeline
 from crawler.pool import image_pool
 from crawler.queue import Item, Result, WorkQueue, encode_result
+from crawler.runtime import StopSignals, watch_loop_lag
 from crawler.shards import ReportWriteError, Shards
-from crawler.store import (
-    Store,
-    output_problem,
-    sweep_temporary,
-)
+from crawler.store import Store, output_problem, sweep_temporary
 from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -151,7 +143,9 @@ class Worker:
         )  # fmt: skip
         parts.enter_context(gctimer.automatic_collection_off())
         await self._probe_output()
-        await self._retrying(self.queue.ensure_group)
+        await RedisRetry.from_config(self.cfg, "start").call(
+            self.queue.ensure_group, stop=self.force_exit
+        )
         self.metrics.redis_ok()
         if cfg.metrics.port:
             app = metrics_app(self.metrics, self._ready)
@@ -171,7 +165,7 @@ class Worker:
             self._loop(self._probe_output, _OUTPUT_PROBE_S),
             # a heartbeat retries within its own interval: a blip must not let it lapse
             self._loop(self._heartbeat, hb, max_backoff_s=hb),
-            self._lag_loop(),
+            watch_loop_lag(self.metrics.loop_lag.observe),
             gctimer.collect_on_a_timer(),
             self._summary_loop(),
         ]
@@ -184,20 +178,6 @@ class Worker:
         if age >= 3 * self.cfg.worker.heartbeat_interval_s + 10:
             return "Redis has not answered recently"
         return ""
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop the worker gracefully; the process is also given a hard
-        deadline (see `_exit_watchdog`), so a stopping worker always ends."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
-        if early.stop_requested:  # signalled while starting up
-            self._on_signal()
-
-    def _on_signal(self) -> None:
-        if not self.stopping.is_set():
-            _exit_watchdog(self.stop_deadline_s())
-        self.request_stop()
 
     def stop_deadline_s(self) -> float:
         """The longest a graceful stop may take: grace, final flush, closing, and a margin."""
@@ -235,48 +215,18 @@ class Worker:
                 await self.queue.hand_back(unrecorded)
                 log.info("handed back %d items", len(unrecorded))
 
-    async def _loop(
+    def _loop(
         self,
         iteration: Callable[[], Coroutine[Any, Any, None]],
         interval_s: float = 0.0,
         *,
         max_backoff_s: float = 30.0,
-    ) -> None:
-        """Run one iteration of a background loop every `interval_s` until cancelled (see
-        crawler.tasks). A failed iteration is retried with a backoff that starts again from
-        `redis.reconnect_backoff_s` after every iteration that succeeds."""
-        base = self.cfg.redis.reconnect_backoff_s
-        delay = base
-        name = iteration.__name__.strip("_")
-        while True:
-            try:
-                await iteration()
-            except asyncio.CancelledError:
-                raise
-            except RedisError as exc:
-                log.warning("%s: Redis unavailable (%s); retrying in %.1fs", name, exc, delay)
-            except OSError as exc:
-                log.warning("%s: %s; retrying in %.1fs", name, exc, delay)
-            except Exception:
-                log.exception("%s failed; retrying in %.1fs", name, delay)
-            else:
-                delay = base
-                await asyncio.sleep(interval_s)
-                continue
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_backoff_s)
-
-    async def _retrying(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        delay = self.cfg.redis.reconnect_backoff_s
-        while True:
-            try:
-                return await fn()
-            except (RedisError, OSError) as exc:
-                if self.force_exit.is_set():
-                    raise
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+    ) -> Coroutine[Any, Any, NoReturn]:
+        """One iteration of a background loop every `interval_s` until cancelled (see
+        crawler.tasks), retried as `RedisRetry.every` retries."""
+        what = iteration.__name__.strip("_")
+        retry = RedisRetry.from_config(self.cfg, what, cap_s=max_backoff_s)
+        return retry.every(iteration, interval_s)
 
     # ---- reading ---------------------------------------------------------------------
     async def _read_loop(self, until_idle: bool) -> None:
@@ -490,17 +440,6 @@ class Worker:
             sweep_temporary(out / status.STATUS_DIR)
             sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
 
-    async def _lag_loop(self) -> None:
-        """Measure how late the event loop wakes up; a lag of seconds is a bug to report."""
-        tick = 0.1
-        while True:
-            before = time.monotonic()
-            await asyncio.sleep(tick)
-            lag = max(0.0, time.monotonic() - before - tick)
-            self.metrics.loop_lag.observe(lag)
-            if lag > 1.0:
-                log.warning("event loop was blocked for %.1fs", lag)
-
     async def _summary_loop(self) -> None:
         """The periodic one-line INFO summary (see crawler.logs)."""
         while True:
@@ -534,24 +473,6 @@ class Worker:
         self.metrics.redis_ok()
 
 
-def _exit_watchdog(after_s: float) -> None:
-    """End the process after `after_s` seconds if it is still alive, with every thread's and
-    every task's stack in the log: unrecorded items are redelivered after their lease anyway."""
-    loop = asyncio.get_running_loop()
-
-    def expire() -> None:
-        log.error("graceful stop took longer than %gs: exiting now; stacks follow", after_s)
-        faulthandler.dump_traceback(all_threads=True)
-        with contextlib.suppress(Exception):  # another thread's loop: best effort
-            sys.stderr.write(task_stacks(loop) + "\n")
-        logging.shutdown()
-        os._exit(3)
-
-    timer = threading.Timer(after_s, expire)
-    timer.daemon = True
-    timer.start()
-
-
 def _log_task_error(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         exc = task.exception()
@@ -561,8 +482,17 @@ def _log_task_error(task: asyncio.Future[Any]) -> None:
 async def run_worker(
     cfg: Config, *, until_idle: bool = False, handle_signals: bool = True
 ) -> Worker:
+    """Run a worker until it is stopped (or, with until_idle, idle). With `handle_signals`,
+    SIGTERM/SIGINT stop it gracefully (`Worker.request_stop`), a second one stops it at once,
+    and a stop that overruns `Worker.stop_deadline_s` ends the process (`runtime.exit_after`)."""
     worker = Worker(cfg)
-    if handle_signals:
-        worker.install_signal_handlers()
-    await worker.run(until_idle=until_idle)
+    if not handle_signals:
+        await worker.run(until_idle=until_idle)
+        return worker
+    with StopSignals(
+        on_stop=worker.request_stop,
+        on_force=worker.request_stop,
+        stop_deadline_s=worker.stop_deadline_s(),
+    ):
+        await worker.run(until_idle=until_idle)
     return worker

@@ -46,3 +46,32 @@ def web() -> _Iterator[ImageWeb]:
     """Six loopback hosts, 127.0.0.2-7, on one port, shared by the session's tests."""
     with ImageWeb(hosts=6, seed=7).running_in_thread() as w:
         yield w
+
+
+# ---- object storage: a private SeaweedFS (S3 gateway) on loopback -------------------------
+
+from s3_server import SeaweedFS  # noqa: E402
+
+S3_BUCKET = "mmc4-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> _Iterator[SeaweedFS]:
+    """One SeaweedFS per test process with the bucket S3_BUCKET; do not restart it (a test
+    that restarts a server starts its own `SeaweedFS`)."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        server.create_bucket(S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_output(s3_server: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh ``s3://mmc4-test/<random>`` output, with the server's AWS_* variables set in
+    this process's environment (pass ``s3_server.env()`` to subprocesses)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:10]}"

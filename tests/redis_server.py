@@ -17,7 +17,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class RedisProcess:
+class ServerProcess:
+    """A server started as a child process: `kill` (SIGKILL) or `stop` (SIGTERM, then
+    SIGKILL after `stop_timeout_s`)."""
+
+    proc: subprocess.Popen[bytes] | None = None
+    stop_timeout_s = 10.0
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final save."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+class RedisProcess(ServerProcess):
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -49,19 +74,3 @@ class RedisProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final save."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None

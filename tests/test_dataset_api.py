@@ -21,6 +21,7 @@ from crawling import image_doc, write_docs
 from dataset_helpers import Corpus, Server, crawl_corpus, serving
 from schemathesis import GenerationMode
 
+from assign.tree import LocalTree
 from crawler import status
 from crawler.dataset.index import index_shard
 from crawler.testweb import ImageWeb
@@ -316,7 +317,7 @@ def test_shards_appear_while_the_server_runs_and_reindexing_keeps_ids(
         new = write_docs(
             output / "_shards" / "extra_shard.jsonl", [image_doc([]) for _ in range(4)]
         )
-        index_shard(output, "extra_shard", new)
+        index_shard(LocalTree(output), "extra_shard", str(new))
         deadline = time.monotonic() + 10
         while requests.get(url, headers=srv.auth).json()["total"] != corpus.docs + 4:
             assert time.monotonic() < deadline, "new shards never appeared"

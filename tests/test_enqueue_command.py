@@ -324,7 +324,7 @@ STUCK = """
 import asyncio, sys
 from crawler import early
 early.install()
-from crawler.signals import StopSignals
+from crawler.runtime import StopSignals
 
 async def main():
     signals = StopSignals()

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from crawling import churn_flags, crawl_config, flags, report, start_worker, stuck_state
 from redis_server import RedisProcess
 
+from crawler.exitcodes import ExitCode
 from crawler.ingest import Ingest, expand_sources
 from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
@@ -144,7 +145,7 @@ async def test_a_worker_that_cannot_stop_gracefully_still_exits_by_its_deadline(
     tmp_path: Path,
 ) -> None:
     """A Redis that accepts connections and never answers: the worker hangs on its first
-    call; SIGTERM must still end it (exit code 3) with every thread's stack in its log."""
+    call; SIGTERM must still end it (STOP_OVERRAN) with every thread's stack in its log."""
     silent: list[asyncio.StreamWriter] = []
 
     async def never_answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -172,7 +173,7 @@ async def test_a_worker_that_cannot_stop_gracefully_still_exits_by_its_deadline(
         if proc.poll() is None:
             proc.kill()
         server.close()
-    assert code == 3
+    assert code == ExitCode.STOP_OVERRAN
     text = log.read_text()
     assert "graceful stop took longer than" in text
     assert "Thread 0x" in text and "File " in text  # the stacks, for the operator

@@ -26,6 +26,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
+from assign.tree import Tree, open_tree
 from crawler.config import Config
 from crawler.dataset import openapi
 from crawler.dataset.auth import TokenCheck
@@ -175,24 +176,30 @@ async def list_documents(request: web.Request) -> web.Response:
     index, cfg = request.app[INDEX_KEY], request.app[CONFIG_KEY]
     try:
         query = _query(request)
-        limit = _int(
-            query, "limit", min(DEFAULT_LIMIT, cfg.dataset.max_limit), 1, cfg.dataset.max_limit
-        )
-        offset = _int(query, "offset", 0, 0, MAX_OFFSET)
-        flt = _filter(query, index, cfg)
-        cursor = query.get("cursor")
-        if cursor is not None:
-            if "offset" in query:
-                raise BadParameter("offset", "give either offset or cursor, not both")
-            where = parse_id(cursor)
-            if where is None or not index.has_shard(where[0]):
-                raise BadParameter("cursor", f"cursor must be a document id, got {cursor[:80]!r}")
-            page = index.page_from(flt, where[0], where[1], limit)
-        else:
-            page = index.page(flt, offset, limit)
+        body = await asyncio.to_thread(_list_body, index, cfg, query)
     except BadParameter as exc:
         return _bad(exc)
-    return web.Response(body=_page_body(index, page, limit), content_type="application/json")
+    return web.Response(body=body, content_type="application/json")
+
+
+def _list_body(index: DatasetIndex, cfg: Config, query: dict[str, str]) -> bytes:
+    """A page's JSON (in a thread: the index reads from the output tree)."""
+    limit = _int(
+        query, "limit", min(DEFAULT_LIMIT, cfg.dataset.max_limit), 1, cfg.dataset.max_limit
+    )
+    offset = _int(query, "offset", 0, 0, MAX_OFFSET)
+    flt = _filter(query, index, cfg)
+    cursor = query.get("cursor")
+    if cursor is not None:
+        if "offset" in query:
+            raise BadParameter("offset", "give either offset or cursor, not both")
+        where = parse_id(cursor)
+        if where is None or not index.has_shard(where[0]):
+            raise BadParameter("cursor", f"cursor must be a document id, got {cursor[:80]!r}")
+        page = index.page_from(flt, where[0], where[1], limit)
+    else:
+        page = index.page(flt, offset, limit)
+    return _page_body(index, page, limit)
 
 
 def _page_body(index: DatasetIndex, page: Page, limit: int) -> bytes:
@@ -206,10 +213,27 @@ def _page_body(index: DatasetIndex, page: Page, limit: int) -> bytes:
 async def get_document(request: web.Request) -> web.Response:
     index, cfg = request.app[INDEX_KEY], request.app[CONFIG_KEY]
     where = parse_id(request.match_info["id"])
-    hit = index.find(*where) if where is not None else None
-    if hit is None or (cfg.corpus.skip_url_duplicates and int(hit.record["dup"])):
+
+    def find() -> bytes | None:
+        hit = index.find(*where) if where is not None else None
+        if hit is None or (cfg.corpus.skip_url_duplicates and int(hit.record["dup"])):
+            return None
+        return index.document(hit)
+
+    body = await asyncio.to_thread(find)
+    if body is None:
         return _error(404, "not_found", "no such document")
-    return web.Response(body=index.document(hit), content_type="application/json")
+    return web.Response(body=body, content_type="application/json")
+
+
+def _sniff(head: bytes, name: str) -> str:
+    """A stored image's type from its first bytes."""
+    for signature, mimetype in _SIGNATURES:
+        if head.startswith(signature):
+            return mimetype
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def _content_type(path: Path) -> str | None:
@@ -222,12 +246,7 @@ def _content_type(path: Path) -> str | None:
         head = os.pread(fd, 16, 0)
     finally:
         os.close(fd)
-    for signature, mimetype in _SIGNATURES:
-        if head.startswith(signature):
-            return mimetype
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return _sniff(head, path.name)
 
 
 async def get_image(request: web.Request) -> web.StreamResponse:
@@ -241,15 +260,43 @@ async def get_image(request: web.Request) -> web.StreamResponse:
         or len(name.encode("utf-8", "surrogateescape")) > 255
     ):
         return _error(404, "not_found", "no such image")
-    path = index.output / shard / name
+    headers = {"Cache-Control": f"private, max-age={cfg.dataset.image_max_age_s}"}
+    path = index.output.path(f"{shard}/{name}")
+    if path is None:
+        return await _bucket_image(request, index.output, f"{shard}/{name}", headers)
     mimetype = _content_type(path)
     if mimetype is None:
         return _error(404, "not_found", "no such image")
-    headers = {
-        "Content-Type": mimetype,
-        "Cache-Control": f"private, max-age={cfg.dataset.image_max_age_s}",
-    }
-    return web.FileResponse(path, headers=headers)
+    return web.FileResponse(path, headers={**headers, "Content-Type": mimetype})
+
+
+async def _bucket_image(
+    request: web.Request, tree: Tree, name: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    """An image from the bucket, through this server: the bucket stays private (its address
+    and credentials never reach a client), a revoked token stops access at once, and ETag,
+    If-None-Match and single byte ranges work as for a local file."""
+    try:
+        body, tag = await asyncio.to_thread(tree.read_tagged, name)
+    except FileNotFoundError:
+        return _error(404, "not_found", "no such image")
+    headers = {**headers, "ETag": tag, "Accept-Ranges": "bytes"}
+    wanted = request.headers.get("If-None-Match", "")
+    if tag in (t.strip() for t in wanted.split(",")):
+        return web.Response(status=304, headers=headers)
+    size = len(body)
+    headers["Content-Type"] = _sniff(body[:16], name)
+    try:
+        part = request.http_range
+    except ValueError:  # a malformed or multiple range: the whole image (RFC 9110 14.2)
+        part = slice(None, None)
+    if part.start is None and part.stop is None:
+        return web.Response(body=body, headers=headers)
+    start, stop, _ = part.indices(size)
+    if (part.start is not None and part.start >= size) or start >= stop:
+        return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    return web.Response(status=206, body=body[start:stop], headers=headers)
 
 
 async def get_openapi(request: web.Request) -> web.Response:
@@ -258,21 +305,19 @@ async def get_openapi(request: web.Request) -> web.Response:
 
 async def _refresh_loop(app: web.Application) -> None:
     index, cfg = app[INDEX_KEY], app[CONFIG_KEY]
-    last = -1
     while True:
         await asyncio.sleep(cfg.dataset.refresh_s)
         try:
-            stamp = index.directory.stat().st_mtime_ns
-        except FileNotFoundError:
-            stamp = 0
-        if stamp != last:
-            last = stamp
-            if index.refresh():
-                log.info("dataset: %d shards indexed", len(index.shards))
+            found = await asyncio.to_thread(index.scan)
+        except OSError as exc:
+            log.warning("dataset: cannot look for new shards: %s", exc)
+            continue
+        if index.apply(found):
+            log.info("dataset: %d shards indexed", len(index.shards))
 
 
 def make_app(cfg: Config, tokens: TokenCheck) -> web.Application:
-    index = DatasetIndex(cfg.output_dir)
+    index = DatasetIndex(open_tree(cfg.paths.output, cfg.storage))
     index.refresh()
     app = web.Application(middlewares=[_auth, _changing])
     app[INDEX_KEY] = index
@@ -289,7 +334,6 @@ def make_app(cfg: Config, tokens: TokenCheck) -> web.Application:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        index.close()
 
     app.cleanup_ctx.append(refresher)
     return app

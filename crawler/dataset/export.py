@@ -8,9 +8,10 @@ document with only the stored images left in ``image_info`` (and their rows of
 - ``members``: each image is a member of its own, ``<key>.<i>.<ext>``, and
   ``image_info[i]["image_member"]`` names it (``<i>.<ext>``): smaller, no base64.
 
-Tars are ``OUT/<shard>-<n>.tar``, at most ``max_docs`` documents and about ``max_bytes``
-each. Every tar is written under a temporary name and renamed when whole, then recorded in
-``OUT/_progress/<shard>.json``; a rerun with the same settings skips finished shards and
+Tars are ``OUT/<shard>-<n>.tar`` (OUT a directory or ``s3://bucket/prefix``; the corpus is read
+from OUTPUT, either too), at most ``max_docs`` documents and about ``max_bytes`` each. Every
+tar is built under a temporary name and published when whole (renamed, or uploaded), then
+recorded in ``OUT/_progress/<shard>.json``; a rerun with the same settings skips finished shards and
 resumes an unfinished one after its last recorded tar. Shards run in parallel processes;
 each holds one document at a time (and its shard's list of stored images).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import multiprocessing
 import os
 import signal
@@ -33,9 +35,11 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from assign.shardio import atomic_writer, read_object, write_atomically
-from assign.status import StoredImage, load_stored_images
+from assign.shardio import WRITE_BUFFER
+from assign.status import StoredImage, stored_images
+from assign.tree import Tree, open_file, open_tree
 from crawler import status
+from crawler.config import StorageConfig
 from crawler.dataset.index import RECORD, DatasetIndex, Filter, IndexPaths
 
 PROGRESS_DIR = "_progress"
@@ -120,16 +124,16 @@ def sample_key(shard: str, line: int) -> str:
     return f"{shard.replace('.', '_')}-{line:09d}"
 
 
-def _progress_path(out: Path, shard: str) -> Path:
-    return out / PROGRESS_DIR / f"{shard}.json"
+def _progress_name(shard: str) -> str:
+    return f"{PROGRESS_DIR}/{shard}.json"
 
 
 class _TarSink:
-    """The shard's tars, one at a time: members go to the open tar; ``close`` renames it."""
+    """The shard's tars, one at a time: members go to the open tar; ``close`` publishes it."""
 
-    def __init__(self, out: Path, shard: str, number: int, settings: ExportSettings) -> None:
+    def __init__(self, out: Tree, shard: str, number: int, settings: ExportSettings) -> None:
         self.out, self.shard, self.number, self.settings = out, shard, number, settings
-        self._stack: contextlib.ExitStack | None = None
+        self._path: Path | None = None
         self._file: IO[bytes] | None = None
         self.docs = 0
         self.first_line = self.last_line = -1
@@ -152,8 +156,8 @@ class _TarSink:
 
     def add(self, line: int, members: list[tuple[str, bytes]]) -> None:
         if self._file is None:
-            self._stack = contextlib.ExitStack()
-            self._file = self._stack.enter_context(atomic_writer(self.out / self.name))
+            self._path = self.out.staging(self.name)
+            self._file = open(self._path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115
         for name, data in members:
             # tarfile makes the header; the body goes straight to the file (no copy loop).
             info = tarfile.TarInfo(name)
@@ -169,33 +173,40 @@ class _TarSink:
         self.last_line = line
 
     def close(self) -> dict[str, Any] | None:
-        """Finish the open tar (atomically in place); its progress entry, or None."""
-        if self._file is None or self._stack is None:
+        """Finish the open tar (published whole); its progress entry, or None."""
+        if self._file is None or self._path is None:
             return None
         end = _TAR_END + -(self.size() + _TAR_END) % tarfile.RECORDSIZE
         self._file.write(bytes(end))  # the end-of-archive blocks, padded as tarfile pads
         size = self.size()
-        self._stack.close()
+        self._file.close()
+        self.out.publish(self.name, self._path)
         entry = {"name": self.name, "docs": self.docs, "bytes": size,
                  "first_line": self.first_line, "last_line": self.last_line}  # fmt: skip
-        self._file = self._stack = None
+        self._file = self._path = None
         return entry
 
     def abandon(self) -> None:
-        if self._stack is not None:
-            with contextlib.suppress(Exception):
-                self._stack.__exit__(RuntimeError, RuntimeError("abandoned"), None)
-        self._file = self._stack = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+        self._file = self._path = None
 
 
-def _image_files(output: Path, shard: str) -> dict[str, StoredImage]:
-    report = status.ReportPaths(output, shard).report
-    return load_stored_images(report, images_dir=output) if report.is_file() else {}
+def _image_files(output: Tree, shard: str) -> dict[str, StoredImage]:
+    """The shard's stored images, their ``local_path`` relative to the output."""
+    try:
+        report = output.read(f"{status.STATUS_DIR}/{shard}.jsonl.gz")
+    except FileNotFoundError:
+        return {}
+    return stored_images(gzip.decompress(report), images_dir=None)
 
 
 def _sample(
     raw: bytes, shard: str, line: int, stored: dict[str, StoredImage], settings: ExportSettings,
-    result: ShardResult,
+    result: ShardResult, output: Tree,
 ) -> tuple[list[tuple[str, bytes]], int] | None:  # fmt: skip
     """The tar members of one document, and its image count; None: left out."""
     doc = orjson.loads(raw)
@@ -211,7 +222,7 @@ def _sample(
         if image is None:
             continue
         try:
-            data = Path(image.local_path).read_bytes()
+            data = output.read(image.local_path)
         except OSError:
             result.missing_files += 1
             continue
@@ -253,26 +264,28 @@ def _report(docs: int, nbytes: int) -> None:
         _progress_queue.put((docs, nbytes))
 
 
-def export_shard(output: Path, shard: str, settings: ExportSettings) -> ShardResult:
+def export_shard(
+    output: str, shard: str, settings: ExportSettings, storage: StorageConfig
+) -> ShardResult:
     """Export one indexed shard (resuming an unfinished earlier run); errors are returned."""
     result = ShardResult(shard)
     try:
-        _export_shard(output, shard, settings, result)
+        _export_shard(open_tree(output, storage), shard, settings, result)
     except (OSError, ValueError, orjson.JSONDecodeError) as exc:
         result.errors.append(f"{shard}: {type(exc).__name__}: {exc}")
     return result
 
 
-def _export_shard(output: Path, shard: str, settings: ExportSettings, result: ShardResult) -> None:
-    out = Path(settings.out)
-    paths = IndexPaths(output, shard)
-    meta = orjson.loads(paths.meta.read_bytes())
+def _export_shard(output: Tree, shard: str, settings: ExportSettings, result: ShardResult) -> None:
+    out = open_tree(settings.out, output.settings)
+    paths = IndexPaths(shard)
+    meta = orjson.loads(output.read(paths.meta))
     described = {**settings.describe(), "source": [meta["shard_stat"], meta["report_stat"]]}
-    progress_path = _progress_path(out, shard)
-    progress = read_object(progress_path)
+    progress_name = _progress_name(shard)
+    progress = _read_progress(out, progress_name)
     if progress is not None and progress.get("settings") != described:
         for tar in progress.get("tars", []):
-            (out / str(tar.get("name"))).unlink(missing_ok=True)
+            out.delete(str(tar.get("name")))
         progress = None
     if progress is None:
         progress = {"shard": shard, "settings": described, "tars": [], "complete": False}
@@ -286,27 +299,27 @@ def _export_shard(output: Path, shard: str, settings: ExportSettings, result: Sh
     after = int(tars[-1]["last_line"]) if tars else -1
     result.docs = sum(int(t["docs"]) for t in tars)
     _report(result.docs, 0)
-    records = np.fromfile(paths.records, dtype=RECORD)
+    records = np.frombuffer(output.read(paths.records), dtype=RECORD)
     flt = settings.filter
     chosen = records[flt.mask(records["n_images"], records["n_stored"], records["dup"])]
     chosen = chosen[chosen["line"] > after] if after >= 0 else chosen
     stored = _image_files(output, shard)
     sink = _TarSink(out, shard, len(tars), settings)
-    for leftover in out.glob(f".{shard}-*.tar.*.tmp"):  # tars a killed run was writing
-        leftover.unlink(missing_ok=True)
+    out.discard(sink.name)  # the tar a killed run was writing
     pending_docs = pending_bytes = 0
+    source, source_name = open_file(meta["shard_file"], output.settings)
     try:
-        with open(meta["shard_file"], "rb") as src:
+        with source.fetch(source_name) as local, open(local, "rb") as src:
             for rec in chosen:
                 src.seek(int(rec["src_offset"]))
                 raw = src.read(int(rec["src_length"]))
                 line = int(rec["line"])
-                sample = _sample(raw, shard, line, stored, settings, result)
+                sample = _sample(raw, shard, line, stored, settings, result, output)
                 if sample is None:
                     continue
                 members, n_images = sample
                 if not sink.fits(members):
-                    _finish_tar(sink, tars, progress, progress_path, result)
+                    _finish_tar(sink, tars, progress, out, result)
                     sink = _TarSink(out, shard, len(tars), settings)
                 before = sink.size()
                 sink.add(line, members)
@@ -316,17 +329,17 @@ def _export_shard(output: Path, shard: str, settings: ExportSettings, result: Sh
                 if pending_docs >= _PROGRESS_EVERY:
                     _report(pending_docs, pending_bytes)
                     pending_docs = pending_bytes = 0
-        _finish_tar(sink, tars, progress, progress_path, result)
+        _finish_tar(sink, tars, progress, out, result)
     except BaseException:
         sink.abandon()
         raise
     _report(pending_docs, pending_bytes)
     progress["complete"] = True
-    _write_progress(progress_path, progress)
+    _write_progress(out, progress)
 
 
 def _finish_tar(
-    sink: _TarSink, tars: list[dict[str, Any]], progress: dict[str, Any], path: Path,
+    sink: _TarSink, tars: list[dict[str, Any]], progress: dict[str, Any], out: Tree,
     result: ShardResult,
 ) -> None:  # fmt: skip
     entry = sink.close()
@@ -336,45 +349,53 @@ def _finish_tar(
     result.docs += int(entry["docs"])
     result.bytes += int(entry["bytes"])
     result.tars += 1
-    _write_progress(path, progress)
+    _write_progress(out, progress)
 
 
-def _write_progress(path: Path, progress: dict[str, Any]) -> None:
-    write_atomically(path, orjson.dumps(progress, option=orjson.OPT_APPEND_NEWLINE))
+def _read_progress(out: Tree, name: str) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(out.read(name))
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_progress(out: Tree, progress: dict[str, Any]) -> None:
+    name = _progress_name(progress["shard"])
+    out.write(name, orjson.dumps(progress, option=orjson.OPT_APPEND_NEWLINE))
 
 
 def plan(
-    output: Path, settings: ExportSettings, only: list[str] | None = None
-) -> tuple[list[str], int]:
+    output: str, settings: ExportSettings, only: list[str] | None = None,
+    storage: StorageConfig | None = None,
+) -> tuple[list[str], int]:  # fmt: skip
     """The indexed shards to export, in order, and how many documents match."""
-    index = DatasetIndex(output)
+    index = DatasetIndex(open_tree(output, storage))
     index.refresh()
     shards = [s for s in index.shards if not only or s in only]
     flt = settings.filter
     total = sum(index.total(Filter(**{**flt.__dict__, "shard": s})) for s in shards)
-    index.close()
     return shards, total
 
 
 def export(
-    output: Path, settings: ExportSettings, *, processes: int = 0, progress: bool = True,
-    only: list[str] | None = None,
+    output: str, settings: ExportSettings, *, processes: int = 0, progress: bool = True,
+    only: list[str] | None = None, storage: StorageConfig | None = None,
 ) -> ExportSummary:  # fmt: skip
     """Export every indexed shard of ``output`` (or ``only`` these) into ``settings.out``."""
     started = time.perf_counter()
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    shards, total = plan(output, settings, only)
+    storage = storage or StorageConfig()
+    shards, total = plan(output, settings, only, storage)
     summary = ExportSummary()
     workers = max(1, min(processes or (os.cpu_count() or 1), len(shards) or 1))
-    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-    queue = ctx.SimpleQueue() if hasattr(ctx, "SimpleQueue") else ctx.Queue()
+    # spawned, not forked: a bucket's client (obstore's runtime threads) does not survive fork
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
     bar = _ProgressBar(queue, total, enabled=progress)
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(queue,))
     bar.start()
     try:
-        jobs = [(output, shard, settings) for shard in shards]
+        jobs = [(output, shard, settings, storage) for shard in shards]
         for result in pool.imap_unordered(_export_job, jobs):
             summary.add(result)
         pool.close()
@@ -388,7 +409,7 @@ def export(
     return summary
 
 
-def _export_job(job: tuple[Path, str, ExportSettings]) -> ShardResult:
+def _export_job(job: tuple[str, str, ExportSettings, StorageConfig]) -> ShardResult:
     return export_shard(*job)
 
 

@@ -17,13 +17,13 @@ the documents before it.
 
 from __future__ import annotations
 
-import contextlib
+import gzip
 import logging
-import os
 import re
+import threading
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from assign.shardio import atomic_writer, discard_leftovers, read_object, write_atomically
+from assign.tree import Changed, Tree, open_file
 from crawler import status
 
 log = logging.getLogger("crawler.dataset")
@@ -68,63 +68,87 @@ def shard_sort_key(shard: str) -> tuple[Any, ...]:
 
 @dataclass(frozen=True)
 class IndexPaths:
-    output: Path
+    """The names of a shard's index files in the output tree."""
+
     shard: str
 
     @property
-    def directory(self) -> Path:
-        return self.output / INDEX_DIR
+    def docs(self) -> str:
+        return f"{INDEX_DIR}/{self.shard}.docs.jsonl"
 
     @property
-    def docs(self) -> Path:
-        return self.directory / f"{self.shard}.docs.jsonl"
+    def records(self) -> str:
+        return f"{INDEX_DIR}/{self.shard}.idx"
 
     @property
-    def records(self) -> Path:
-        return self.directory / f"{self.shard}.idx"
-
-    @property
-    def meta(self) -> Path:
-        return self.directory / f"{self.shard}.meta.json"
+    def meta(self) -> str:
+        return f"{INDEX_DIR}/{self.shard}.meta.json"
 
 
 def image_url(shard: str, image_name: str) -> str:
     return f"{IMAGE_ROUTE}/{shard}/{urllib.parse.quote(image_name, safe='')}"
 
 
-def _stat_key(path: Path) -> list[int]:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return [0, 0]
-    return [st.st_size, st.st_mtime_ns]
+def _stat_key(tree: Tree, name: str) -> list[Any]:
+    found = tree.stat(name)
+    return [found.size, found.tag] if found is not None else [0, ""]
 
 
-def index_shard(output: Path, shard: str, shard_file: Path, *, force: bool = False) -> Path:
-    """Index ``shard_file`` (the rewritten shard) with the images of the shard's status
-    report; returns the meta file. An index already made from the same two files is kept."""
-    paths = IndexPaths(output, shard)
+def index_shard(output: Tree, shard: str, shard_file: str, *, force: bool = False) -> str:
+    """Index ``shard_file`` (the rewritten shard: a path or an s3:// URL) with the images of
+    the shard's status report; returns the meta file's name. An index already made from the
+    same two files is kept."""
+    paths = IndexPaths(shard)
     if not SHARD_ID.fullmatch(shard):
         raise ValueError(f"shard id {shard!r} cannot be served (letters, digits, . _ - only)")
-    report = status.ReportPaths(output, shard).report
-    sources = {"shard_file": str(shard_file), "shard_stat": _stat_key(shard_file)}
-    sources["report_stat"] = _stat_key(report)
-    if not force and _current(paths, sources):
+    report = f"{status.STATUS_DIR}/{shard}.jsonl.gz"
+    source, source_name = open_file(shard_file, output.settings)
+    sources = {"shard_file": shard_file, "shard_stat": _stat_key(source, source_name)}
+    sources["report_stat"] = _stat_key(output, report)
+    if not force and _current(output, paths, sources):
         return paths.meta
     for leftover in (paths.docs, paths.records, paths.meta):
-        discard_leftovers(leftover)
-    images = _load_images(report)
-    with contextlib.suppress(FileNotFoundError):
-        paths.meta.unlink()  # a meta on disk always describes the files beside it
+        output.discard(leftover)
+    images = _load_images(output, report)
+    output.delete(paths.meta)  # a meta always describes the files beside it
+    docs_built, records_built = output.staging(paths.docs), output.staging(paths.records)
+    try:
+        with source.fetch(source_name) as local:
+            records, counts, bad_lines, docs_bytes = _build(
+                local, shard, images, docs_built, records_built
+            )
+        output.publish(paths.docs, docs_built)
+        output.publish(paths.records, records_built)
+    finally:
+        docs_built.unlink(missing_ok=True)
+        records_built.unlink(missing_ok=True)
+    meta = {
+        "version": VERSION,
+        "shard": shard,
+        "docs": len(records),
+        "bad_lines": bad_lines,
+        "images": int(records["n_images"].sum()),
+        "stored": int(records["n_stored"].sum()),
+        "url_duplicates": int(records["dup"].sum()),
+        "histogram": sorted([*k, v] for k, v in counts.items()),
+        "docs_bytes": docs_bytes,
+        "records_bytes": records.nbytes,
+        **sources,
+    }
+    output.write(paths.meta, orjson.dumps(meta, option=orjson.OPT_APPEND_NEWLINE))
+    return paths.meta
+
+
+def _build(
+    shard_file: Path, shard: str, images: dict[str, dict[str, Any]], docs: Path, records: Path
+) -> tuple[Records, dict[tuple[int, int, int], int], int, int]:
+    """Write the documents and records of a local rewritten shard; returns the records,
+    the histogram, the lines that are not documents and the documents' bytes."""
     counts: dict[tuple[int, int, int], int] = {}
     bad_lines = 0
     chunks: list[Records] = []
     pending: list[tuple[int, int, int, int, int, int, int, int]] = []
-    with (
-        open(shard_file, "rb") as src,
-        atomic_writer(paths.docs, durable=False) as docs_out,
-        atomic_writer(paths.records, durable=False) as rec_out,
-    ):
+    with open(shard_file, "rb") as src, open(docs, "wb") as docs_out:
         src_offset = doc_offset = 0
         for line_no, raw in enumerate(src):
             doc = _document(raw, shard, line_no, images)
@@ -143,52 +167,44 @@ def index_shard(output: Path, shard: str, shard_file: Path, *, force: bool = Fal
             if len(pending) >= 4096:
                 chunks.append(np.array(pending, dtype=RECORD))
                 pending.clear()
-        chunks.append(np.array(pending, dtype=RECORD))
-        records = np.concatenate(chunks)
-        rec_out.write(records.tobytes())
-        docs_bytes = doc_offset
-    meta = {
-        "version": VERSION,
-        "shard": shard,
-        "docs": len(records),
-        "bad_lines": bad_lines,
-        "images": int(records["n_images"].sum()),
-        "stored": int(records["n_stored"].sum()),
-        "url_duplicates": int(records["dup"].sum()),
-        "histogram": sorted([*k, v] for k, v in counts.items()),
-        "docs_bytes": docs_bytes,
-        "records_bytes": records.nbytes,
-        **sources,
-    }
-    write_atomically(paths.meta, orjson.dumps(meta, option=orjson.OPT_APPEND_NEWLINE))
-    return paths.meta
+    chunks.append(np.array(pending, dtype=RECORD))
+    out = np.concatenate(chunks)
+    records.write_bytes(out.tobytes())
+    return out, counts, bad_lines, doc_offset
 
 
-def _current(paths: IndexPaths, sources: dict[str, Any]) -> bool:
-    meta = read_meta(paths.meta)
-    return meta is not None and all(meta.get(k) == v for k, v in sources.items())
+def _current(output: Tree, paths: IndexPaths, sources: dict[str, Any]) -> bool:
+    """Whether the shard's index is whole and was made from these sources."""
+    meta = read_meta(output, paths.meta)
+    if meta is None or any(meta.get(k) != v for k, v in sources.items()):
+        return False
+    sizes = [_stat_key(output, paths.docs)[0], _stat_key(output, paths.records)[0]]
+    return bool(sizes == [meta.get("docs_bytes"), meta.get("records_bytes")])
 
 
-def read_meta(path: Path) -> dict[str, Any] | None:
-    """A shard's meta, if it is whole and its files are the sizes it names."""
-    meta = read_object(path)
-    if meta is None or meta.get("version") != VERSION:
+def read_meta(output: Tree, name: str) -> dict[str, Any] | None:
+    """A shard's meta, if it is whole and of this version."""
+    try:
+        meta = orjson.loads(output.read(name))
+    except (FileNotFoundError, orjson.JSONDecodeError):
         return None
-    paths = IndexPaths(path.parent.parent, str(meta.get("shard")))
-    if _stat_key(paths.docs)[0] != meta.get("docs_bytes"):
-        return None
-    if _stat_key(paths.records)[0] != meta.get("records_bytes"):
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
         return None
     return meta
 
 
-def _load_images(report: Path) -> dict[str, dict[str, Any]]:
+def _load_images(output: Tree, report: str) -> dict[str, dict[str, Any]]:
     """image_name -> its status record's fields the API shows."""
     out: dict[str, dict[str, Any]] = {}
-    if not report.is_file():
+    try:
+        text = gzip.decompress(output.read(report))
+    except FileNotFoundError:
         return out
-    for rec in status.read_report(report):
-        name = rec.get("image_name")
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        rec = orjson.loads(line)
+        name = rec.get("image_name") if isinstance(rec, dict) else None
         if isinstance(name, str):
             out[name] = rec
     return out
@@ -247,14 +263,12 @@ def _document(
     return body, min(len(infos), 0xFFFF), min(stored, 0xFFFF), dup
 
 
-def shard_files(directory: Path) -> Iterator[tuple[str, Path]]:
-    """(shard, rewritten shard) for every complete rewrite in ``directory``."""
-    if not directory.is_dir():
-        return
-    for path in sorted(directory.glob("*.jsonl"), key=lambda p: shard_sort_key(p.name)):
-        if path.name.startswith("."):
-            continue
-        yield path.name[: -len(".jsonl")], path
+def shard_files(tree: Tree, directory: str) -> Iterator[tuple[str, str]]:
+    """(shard, rewritten shard's name) for every complete rewrite in ``directory``."""
+    where = f"{directory}/" if directory else ""
+    names = [n for n in tree.list(directory) if n.endswith(".jsonl")]
+    for name in sorted(names, key=shard_sort_key):
+        yield name[: -len(".jsonl")], where + name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,86 +317,112 @@ class Page:
     next: str | None  # id of the first document of the next page
 
 
-class _Lru(OrderedDict[Any, Any]):
-    def __init__(self, size: int, evict: Any = None) -> None:
-        super().__init__()
+class _Lru:
+    """A bounded cache, safe to use from several threads (the API reads in threads); a value
+    may be made twice when two threads miss at once, one of them is kept."""
+
+    def __init__(self, size: int) -> None:
         self.size = size
-        self.evict = evict
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get_or(self, key: Any, make: Any) -> Any:
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
         value = make()
-        self[key] = value
-        if len(self) > self.size:
-            _, old = self.popitem(last=False)
-            if self.evict is not None:
-                self.evict(old)
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
         return value
+
+    def drop(self, match: Callable[[Any], bool]) -> None:
+        with self._lock:
+            for key in [k for k in self._items if match(k)]:
+                del self._items[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What ``DatasetIndex.scan`` found: the metas that are new or changed, and every shard
+    with a meta."""
+
+    changed: dict[str, tuple[str, dict[str, Any]]]  # shard -> (its meta's tag, meta)
+    found: set[str]
 
 
 class DatasetIndex:
-    """Every indexed shard of one output directory, refreshed on demand (``refresh``)."""
+    """Every indexed shard of one output tree, refreshed on demand (``refresh``, or ``scan``
+    in a thread and ``apply`` where the index is used)."""
 
-    def __init__(self, output: Path, *, cache_shards: int = 64) -> None:
+    def __init__(self, output: Tree, *, cache_shards: int = 64) -> None:
         self.output = output
-        self.directory = output / INDEX_DIR
         self.metas: dict[str, dict[str, Any]] = {}
-        self._seen: dict[str, int] = {}  # meta file -> mtime_ns
+        self._seen: dict[str, str] = {}  # shard -> its meta file's tag
         self.shards: list[str] = []
         self._position: dict[str, int] = {}
         self._hist = np.zeros((0, 5), dtype=np.int64)  # shard index, images, stored, dup, n
         self._totals = _Lru(256)  # filter -> cumulative counts per shard
         self._records = _Lru(cache_shards)
         self._matches = _Lru(cache_shards * 4)
-        self._fds = _Lru(cache_shards, evict=os.close)
 
     # -- discovery --------------------------------------------------------------------------
 
-    def refresh(self) -> bool:
-        """Pick up shards indexed (or re-indexed) since the last call; True if any changed."""
-        changed = False
+    def scan(self) -> Scan:
+        """Read the metas written (or rewritten) since the last ``apply`` (one listing of the
+        index directory, one read per new meta)."""
+        files = self.output.list(INDEX_DIR)
+        changed: dict[str, tuple[str, dict[str, Any]]] = {}
         found: set[str] = set()
-        try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            entries = []
-        for entry in entries:
-            if not entry.name.endswith(".meta.json") or entry.name.startswith("."):
+        for name, stat in files.items():
+            if not name.endswith(".meta.json"):
                 continue
-            shard = entry.name[: -len(".meta.json")]
+            shard = name[: -len(".meta.json")]
             found.add(shard)
-            try:
-                mtime = entry.stat().st_mtime_ns
-            except FileNotFoundError:
+            if self._seen.get(shard) == stat.tag:
                 continue
-            if self._seen.get(shard) == mtime:
-                continue
-            meta = read_meta(Path(entry.path))
+            meta = read_meta(self.output, f"{INDEX_DIR}/{name}")
             if meta is None or meta.get("shard") != shard:
                 continue
-            self._seen[shard] = mtime
+            docs, records = files.get(f"{shard}.docs.jsonl"), files.get(f"{shard}.idx")
+            if (docs.size if docs else None, records.size if records else None) != (
+                meta.get("docs_bytes"),
+                meta.get("records_bytes"),
+            ):
+                continue  # being re-indexed: its files are not the ones the meta names
             meta["_histogram"] = np.array(meta.get("histogram", []), dtype=np.int64).reshape(-1, 4)
+            changed[shard] = (stat.tag, meta)
+        return Scan(changed, found)
+
+    def apply(self, scan: Scan) -> bool:
+        """Take in what ``scan`` found; True if any shard changed."""
+        for shard, (tag, meta) in scan.changed.items():
+            self._seen[shard] = tag
             self.metas[shard] = meta
             self._forget(shard)
-            changed = True
-        for gone in set(self.metas) - found:
-            del self.metas[gone]
-            self._seen.pop(gone, None)
-            self._forget(gone)
-            changed = True
+        gone = set(self.metas) - scan.found
+        for shard in gone:
+            del self.metas[shard]
+            self._seen.pop(shard, None)
+            self._forget(shard)
+        changed = bool(scan.changed or gone)
         if changed:
             self._rebuild()
         return changed
 
+    def refresh(self) -> bool:
+        """Pick up shards indexed (or re-indexed) since the last call; True if any changed."""
+        return self.apply(self.scan())
+
     def _forget(self, shard: str) -> None:
-        self._records.pop(shard, None)
-        for key in [k for k in self._matches if k[0] == shard]:
-            del self._matches[key]
-        fd = self._fds.pop(shard, None)
-        if fd is not None:
-            os.close(fd)
+        self._records.drop(lambda k: k == shard)
+        self._matches.drop(lambda k: k[0] == shard)
 
     def _rebuild(self) -> None:
         self.shards = sorted(self.metas, key=shard_sort_key)
@@ -392,11 +432,6 @@ class DatasetIndex:
         owner = np.repeat(np.arange(len(hists), dtype=np.int64), [len(h) for h in hists])
         self._hist = np.column_stack((owner, rows))
         self._totals.clear()
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
     # -- counting ---------------------------------------------------------------------------
 
@@ -433,14 +468,16 @@ class DatasetIndex:
     # -- records ----------------------------------------------------------------------------
 
     def records(self, shard: str) -> Records:
+        meta = self.metas[shard]
+
         def load() -> Records:
             try:
-                recs = np.fromfile(IndexPaths(self.output, shard).records, dtype=RECORD)
+                data = self.output.read(IndexPaths(shard).records)
             except FileNotFoundError:
                 raise ShardChanged(shard) from None
-            if recs.nbytes != self.metas[shard]["records_bytes"]:
+            if len(data) != meta["records_bytes"]:
                 raise ShardChanged(shard)
-            return recs
+            return np.frombuffer(data, dtype=RECORD)
 
         out: Records = self._records.get_or(shard, load)
         return out
@@ -524,24 +561,18 @@ class DatasetIndex:
 
     # -- documents --------------------------------------------------------------------------
 
-    def _fd(self, shard: str) -> int:
-        def open_docs() -> int:
-            try:
-                fd = os.open(IndexPaths(self.output, shard).docs, os.O_RDONLY)
-            except FileNotFoundError:
-                raise ShardChanged(shard) from None
-            if os.fstat(fd).st_size != self.metas[shard]["docs_bytes"]:
-                os.close(fd)
-                raise ShardChanged(shard)
-            return fd
-
-        fd: int = self._fds.get_or(shard, open_docs)
-        return fd
+    def _read(self, shard: str, start: int, length: int) -> bytes:
+        try:
+            return self.output.read_range(
+                IndexPaths(shard).docs, start, length, size=self.metas[shard]["docs_bytes"]
+            )
+        except (FileNotFoundError, Changed):
+            raise ShardChanged(shard) from None
 
     def document(self, hit: Hit) -> bytes:
         """The document's JSON, as stored."""
         offset, length = int(hit.record["doc_offset"]), int(hit.record["doc_length"])
-        return os.pread(self._fd(hit.shard), length, offset)
+        return self._read(hit.shard, offset, length)
 
     def documents(self, hits: list[Hit]) -> list[bytes]:
         """Documents of a page: one read per run of consecutive records of a shard."""
@@ -559,7 +590,7 @@ class DatasetIndex:
                 j += 1
             base = int(hits[i].record["doc_offset"])
             end = int(hits[j - 1].record["doc_offset"]) + int(hits[j - 1].record["doc_length"])
-            blob = os.pread(self._fd(shard), end - base, base)
+            blob = self._read(shard, base, end - base)
             for h in hits[i:j]:
                 start = int(h.record["doc_offset"]) - base
                 out.append(blob[start : start + int(h.record["doc_length"])])

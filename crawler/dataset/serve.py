@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
-import signal
 import sys
 
-from aiohttp import web
-
-from crawler import early
 from crawler.config import Config
 from crawler.dataset.api import make_app
 from crawler.dataset.auth import BadTokenHash, TokenCheck
 from crawler.exitcodes import ExitCode
+from crawler.runtime import StopSignals, serving
 
 
 async def serve(cfg: Config, host: str, port: int) -> int:
@@ -30,25 +27,13 @@ async def serve(cfg: Config, host: str, port: int) -> int:
             file=sys.stderr,
         )
         return ExitCode.USAGE
-    runner = web.AppRunner(make_app(cfg, tokens), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
-        return ExitCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ExitCode.FAILURE
-    bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"dataset API on http://{host}:{bound}/datasets/mmc4", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if early.stop_requested:  # a signal that came while the server was starting
-        stop.set()
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            bound = await stack.enter_async_context(serving(make_app(cfg, tokens), host, port))
+        except OSError as exc:
+            print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            return ExitCode.ADDRESS_IN_USE if exc.errno == errno.EADDRINUSE else ExitCode.FAILURE
+        print(f"dataset API on http://{host}:{bound}/datasets/mmc4", flush=True)
+        with StopSignals() as signals:
+            await signals.event.wait()
     return ExitCode.OK

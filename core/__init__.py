@@ -1,0 +1,1 @@
+"""Modules shared by the crawler and the assignment worker (no import of either)."""
