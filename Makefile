@@ -24,13 +24,14 @@ test: $(STAMP)
 	$(BIN)/pytest -q -n 2  # two processes: most tests wait on real processes and networks
 
 lint: $(STAMP)
-	$(BIN)/ruff check crawler assign core tests bench
-	$(BIN)/ruff format --check crawler assign core tests bench
+	$(BIN)/ruff check crawler assign core testweb tests bench
+	$(BIN)/ruff format --check crawler assign core testweb tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
-	$(BIN)/ruff format crawler assign core tests bench
-	$(BIN)/ruff check --fix crawler assign core tests bench
+	$(BIN)/ruff format crawler assign core testweb tests bench
+	$(BIN)/ruff check --fix crawler assign core testweb tests bench
 
 # Bench-only extras: psutil and py-spy in the project's venv; img2dataset in a venv of its own
 # (its dependencies would otherwise slow the crawler's start-up, see bench/crawl_bench.py).
@@ -61,4 +62,4 @@ bench-s3-clients: $(S3BENCH_STAMP)
 	.venv-s3bench/bin/python bench/s3_clients_bench.py
 
 clean:
-	rm -rf $(VENV) .venv-bench .venv-s3bench bench_data mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-bench .venv-s3bench bench_data mmc4_output mmc4_data .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

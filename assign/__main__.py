@@ -1,6 +1,9 @@
-"""``python -m assign``: the same commands as ``mmc4-assign``."""
+"""``python -m assign`` and the ``mmc4-assign`` entry point (the same commands as
+``mmc4-crawl assign``)."""
 
-from crawler.early import assign_main
+from core.early import EntryPoint
+
+main = EntryPoint("assign.cli")
 
 if __name__ == "__main__":
-    assign_main()
+    main()

@@ -12,13 +12,13 @@ import orjson
 
 from assign.document import AssignOptions
 from assign.rewrite import ShardReport, describe, rewrite_shard
-from assign.shardio import is_shard_file, output_name
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
-from crawler import logs, runtime
-from crawler.config import Config
-from crawler.errors import ReportingGroup
-from crawler.exitcodes import ExitCode
+from core import logs, runtime
+from core.config import Config
+from core.errors import ReportingGroup
+from core.exitcodes import ExitCode
+from core.shardfiles import is_shard_file, output_name
 
 log = logging.getLogger("assign.worker")
 
@@ -105,7 +105,7 @@ def worker_command(
     --check (container health check): exit 0 when an assign worker on this host (hostname)
     has a fresh heartbeat in Redis, 1 when it is missing or stale.
     """
-    from crawler.config import ConfigError, load
+    from core.config import ConfigError, load
 
     try:
         logs.setup()
@@ -151,8 +151,8 @@ def _outer_configuration(ctx: click.Context) -> tuple[str | Path | None, list[st
 
 
 async def _check(cfg: Config) -> int:
-    from crawler.keys import Keys
-    from crawler.monitor import check_heartbeat
+    from core.heartbeat import check_heartbeat
+    from core.keys import Keys
 
     ok, why = await check_heartbeat(cfg, Keys(cfg.redis.namespace).assign_worker_pattern)
     if not ok:

@@ -21,8 +21,8 @@ from assign.rewrite import ShardReport, completed_report, describe, rewrite_into
 from assign.solve import SOLVERS, Solver
 from assign.status import stored_images
 from assign.tree import Tree, open_tree
-from crawler.config import StorageConfig
-from crawler.status import SHARDS_DIR, STATUS_DIR
+from core.config import StorageConfig
+from core.status import SHARDS_DIR, STATUS_DIR
 
 # Shard ids become file names: no separators, no hidden files, nothing odd.
 _SAFE_SHARD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -60,7 +60,7 @@ class AssignSettings:
     # Destination directory for every shard; empty: <task.output>/_shards.
     output: str
     # Downloads a shard named by URL to a local file: the crawler's one shard downloader
-    # (`crawler.ingest.download_blocking`: the address guard, the size and time limits).
+    # (`core.shardfiles.download_blocking`: the address guard, the size and time limits).
     # None: a shard named by URL cannot be rewritten.
     download: Callable[[str, Path], None] | None = None
     # The client settings of a bucket (output or destination).

@@ -22,17 +22,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from assign.index import index_shard
 from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
 from assign.tree import open_tree
+from core.config import Config
+from core.connection import RedisRetry, connected
+from core.heartbeat import Heartbeat
+from core.keys import ASSIGN_GROUP, Keys
+from core.shardfiles import download_blocking
 from core.storage import is_remote
-from crawler.config import Config
-from crawler.connection import RedisRetry, connect
-from crawler.dataset.index import index_shard
-from crawler.heartbeat import Heartbeat
-from crawler.ingest import download_blocking
-from crawler.keys import ASSIGN_GROUP, Keys
-from crawler.tasks import cancel_and_wait
+from core.tasks import cancel_and_wait
 
 log = logging.getLogger("assign.worker")
 
@@ -66,12 +66,9 @@ async def run_assign_worker(
     """Rewrite announced shards until ``stop`` is set (``once``: until none is waiting)."""
     if not cfg.redis.url:
         raise ValueError("redis.url is empty: the assign worker needs the crawl's Redis")
-    client = connect(cfg)  # the crawler's client settings: timeouts, retries
-    try:
+    async with connected(cfg) as client:  # the crawler's client settings: timeouts, retries
         worker = AssignWorker(cfg, client)
         await worker.run(stop if stop is not None else asyncio.Event(), once=once)
-    finally:
-        await client.aclose()
 
 
 class AssignWorker:

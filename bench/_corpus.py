@@ -12,9 +12,9 @@ from pathlib import Path
 import orjson
 from PIL import Image
 
+from assign.index import index_shard
 from assign.tree import LocalTree
-from crawler import status
-from crawler.dataset.index import index_shard
+from core import status
 
 WORDS = [
     "the",

@@ -5,12 +5,13 @@ Usage::
     .venv/bin/python bench/crawl_bench.py [--images 10000] [--webs clean,realistic,faulty]
     .venv/bin/python bench/crawl_bench.py --webs faulty --images 3000 --skip-bare   # quicker
     .venv/bin/python bench/crawl_bench.py --long [--long-images 200000]
+    .venv/bin/python bench/crawl_bench.py --webs clean --skip-img2dataset --s3  # + a bucket
 
 What it does, per web (``clean``: no added latency, CPU-bound; ``realistic``: lognormal latency,
 median 150 ms, plus a few % slow hosts that trickle their bodies so that big images hit the
 timeout):
 
-1. starts ``python -m crawler.testweb serve`` in its own process on ``--hosts`` loopback hosts
+1. starts ``python -m testweb serve`` in its own process on ``--hosts`` loopback hosts
    (its CPU is measured from /proc and excluded from every figure);
 2. builds a pool of ``--pool`` distinct image specs with testweb's realistic size/format mix and
    spreads ``--images`` URLs over it and over the hosts. Every URL is unique (``?u=<i>``, which
@@ -43,6 +44,10 @@ the faulty/no-faults ratio, the time until 99 % and 100 % of the URLs had their 
 crawler: the records' times; img2dataset: its last answer from the web, by the web's arrival
 log), how many of the faults a retry recovers ended as stored images, and the crawler's last
 records.
+
+``--s3`` adds, per web, the crawler run again with its output in a bucket of a SeaweedFS
+server on loopback (``tests/s3_server.py``; the server's CPU is measured apart and not
+counted) and prints its images/s and CPU per image against the local-disk run as ratios.
 
 ``--long`` crawls ``--long-images`` URLs (the same pool bytes under many URLs) on the clean web
 with the crawler only, and prints throughput and worker/pool RSS every ``--sample-every`` s.
@@ -83,6 +88,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from _procs import (  # noqa: E402
     TreeSampler,
@@ -92,11 +98,12 @@ from _procs import (  # noqa: E402
     reap_orphans,
 )
 
-from crawler import config as cconfig  # noqa: E402
+import testweb  # noqa: E402
+from core import config as cconfig  # noqa: E402
+from core import status as cstatus  # noqa: E402
+from core.keys import Keys  # noqa: E402
+from core.storage import open_storage  # noqa: E402
 from crawler import images as cimages  # noqa: E402
-from crawler import status as cstatus  # noqa: E402
-from crawler import testweb  # noqa: E402
-from crawler.keys import Keys  # noqa: E402
 
 BIN = Path(sys.executable).parent
 T0 = time.monotonic()
@@ -338,7 +345,7 @@ def warm_up(web: Web, pool: list[str], concurrency: int = 8) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Redis (private, same flags as crawler/embedded.py)
+# Redis (private, same flags as core/embedded.py)
 
 
 @dataclass
@@ -428,6 +435,7 @@ class RunResult:
     recoverable: int = 0  # faults a retry recovers, in the workload
     retried_ok: int = 0  # images stored after more than one attempt (the crawler's records)
     last: list[str] = field(default_factory=list)  # the last records made (the crawler's)
+    server_cpu_s: float = 0.0  # the S3 server's (object storage runs; not in cpu_s)
 
     @property
     def rate(self) -> float:
@@ -462,10 +470,15 @@ def crawler_role(p: psutil.Process) -> str | None:
 
 
 def crawler_command(
-    args: argparse.Namespace, rds: PrivateRedis, ns: str, out: Path, own_fetch: bool = False
+    args: argparse.Namespace,
+    rds: PrivateRedis,
+    ns: str,
+    out: Path,
+    own_fetch: bool = False,
+    output: str = "",
 ) -> list[str]:
     """`own_fetch`: the crawler's own fetch settings (deadlines, attempts), not --timeout and
-    --attempts."""
+    --attempts. `output`: where images and reports go (default: `out`)."""
     fetch = [
         f"fetch.total_timeout_s={args.timeout}",
         f"fetch.connect_timeout_s={args.timeout}",
@@ -483,7 +496,7 @@ def crawler_command(
         f"worker.processes={args.workers}",
         *args.crawler_set,
     ]
-    cmd = [str(BIN / "mmc4-crawl"), "--redis-url", rds.url, "--output", str(out)]
+    cmd = [str(BIN / "mmc4-crawl"), "--redis-url", rds.url, "--output", output or str(out)]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -502,12 +515,13 @@ def run_crawler(
     series_every: float = 0.0,
     own_fetch: bool = False,
     recoverable: set[int] | None = None,
+    output: str = "",
 ) -> RunResult:
     ns = f"bench-{name.replace('/', '-')}-{os.getpid()}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cmd = crawler_command(args, rds, ns, out, own_fetch)
+    cmd = crawler_command(args, rds, ns, out, own_fetch, output)
     cmd += ["run", *map(str, wl.shards), "--no-progress", "--no-assign"]
     keys = Keys(ns)
     n = len(wl.urls)
@@ -582,16 +596,15 @@ def run_crawler(
     last: list[tuple[float, dict[str, Any]]] = []
     ok_names: set[str] = set()
     retried_ok = 0
-    for rep in sorted((out / cstatus.STATUS_DIR).glob("*.jsonl.gz")):
-        for rec in cstatus.read_report(rep):
-            records += 1
-            names.add(rec["image_name"])
-            by_status[rec["status"]] += 1
-            done_at.append(float(rec["time"]) - epoch0)
-            last.append((done_at[-1], rec))
-            if rec["status"] == cstatus.OK:
-                ok_names.add(rec["image_name"])
-                retried_ok += int(rec["attempts"]) > 1
+    for rec in all_records(output or str(out)):
+        records += 1
+        names.add(rec["image_name"])
+        by_status[rec["status"]] += 1
+        done_at.append(float(rec["time"]) - epoch0)
+        last.append((done_at[-1], rec))
+        if rec["status"] == cstatus.OK:
+            ok_names.add(rec["image_name"])
+            retried_ok += int(rec["attempts"]) > 1
     expected = {hashlib.sha256(u.encode()).hexdigest()[:12] + ".jpg" for u in wl.urls}
     note = ""
     if records != n or names != expected:
@@ -638,6 +651,52 @@ def run_crawler(
         ],
     )
     say(f"{name}: crawler done in {wall:.1f}s ({res.rate:.0f} img/s), {records}/{n} records")
+    return res
+
+
+def all_records(output: str) -> Any:
+    """Every record of every report under `output` (a directory or s3://bucket/prefix)."""
+    storage = open_storage(output)
+    for name in sorted(storage.names_sync(cstatus.STATUS_DIR)):
+        if name.endswith(".jsonl.gz"):
+            yield from cstatus.report_records(storage.get_sync(f"{cstatus.STATUS_DIR}/{name}"))
+
+
+def run_crawler_s3(
+    name: str,
+    args: argparse.Namespace,
+    web: Web,
+    rds: PrivateRedis,
+    wl: Workload,
+    workdir: Path,
+    *,
+    keep: list[int],
+) -> RunResult:
+    """The crawler run again with its output in a bucket of a SeaweedFS server on loopback
+    (`tests/s3_server.py`). The server's CPU is measured apart (like the web's) and not
+    counted in the crawler's."""
+    from s3_server import SeaweedFS
+
+    server = SeaweedFS(workdir / "seaweedfs")
+    server.start()
+    try:
+        server.create_bucket("crawl-bench")
+        os.environ.update(server.env())  # for the crawler (clean_env) and all_records
+        # The bucket's first writes make SeaweedFS grow its volumes (seconds): not part of
+        # the crawl, as in any bucket that is in use.
+        warm = open_storage("s3://crawl-bench/warm-up")
+        for i in range(20):
+            warm.put_sync(f"w/{i}", bytes(40_000))
+            warm.delete_sync(f"w/{i}")
+        assert server.proc is not None
+        s0 = process_cpu_s(server.proc.pid)
+        res = run_crawler(
+            f"{name}-s3", args, web, rds, wl, workdir / f"out-crawler-{name}-s3",
+            keep=[*keep, server.proc.pid], output=f"s3://crawl-bench/{name}",
+        )  # fmt: skip
+        res.server_cpu_s = process_cpu_s(server.proc.pid) - s0
+    finally:
+        server.stop()
     return res
 
 
@@ -946,6 +1005,14 @@ def print_table(results: list[RunResult], bare: Bare | None) -> None:
             line += "; "
         line += f"Redis round trips/img = {c.redis_reads / c.images:.3f}"
         print(line)
+        s3 = by.get(f"crawler/{web}-s3")
+        if s3 is not None and s3.rate and c.cpu_ms:
+            print(
+                f"{web}, output in a bucket (SeaweedFS on loopback) / local disk: "
+                f"images/s = {s3.rate / c.rate:.2f}x, crawler CPU/img = "
+                f"{s3.cpu_ms / c.cpu_ms:.2f}x (the S3 server's own CPU, not counted: "
+                f"{1000 * s3.server_cpu_s / s3.images:.2f} ms/img)"
+            )
     print()
 
 
@@ -1030,6 +1097,10 @@ def parse_args() -> argparse.Namespace:
         help=f"img2dataset executable (default: .venv-bench/bin/img2dataset: {I2D_INSTALL})",
     )
     p.add_argument("--skip-bare", action="store_true")
+    p.add_argument(
+        "--s3", action="store_true",
+        help="also crawl each web with the output in a bucket of a SeaweedFS on loopback",
+    )  # fmt: skip
     p.add_argument("--bare-reps", type=int, default=3)
     p.add_argument(
         "--bare-processes",
@@ -1138,6 +1209,8 @@ def main() -> int:
             if bare_now:
                 bare_samples.append(bare_sample("after", pool_bytes, wl.spec_of, args))
                 bare = combine_bare(bare_samples, args.bare_processes)
+            if args.s3 and not args.long:
+                results.append(run_crawler_s3(name, args, web, rds, wl, workdir, keep=keep))
             if not args.long and not args.skip_img2dataset:
                 results.append(
                     run_img2dataset(name, args, web, wl, workdir / f"out-i2d-{name}", keep=keep)

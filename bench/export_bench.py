@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _corpus import make_corpus
 
 from assign.status import load_stored_images
-from crawler import status
+from core import status
 from crawler.dataset.export import ExportSettings, export
 
 ROOT = Path(__file__).resolve().parent.parent

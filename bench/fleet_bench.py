@@ -9,7 +9,7 @@ For each fleet size N it:
 1. starts a private ``redis-server`` with the flags of a fleet's Redis (AOF, fsync always), so
    its INFO counters and CPU belong to the crawl alone;
 2. enqueues ``--images`` tiny images (16x16 JPEGs from the loopback image web,
-   ``crawler.testweb``, spread over ``--hosts`` hosts: image work and HTTP cost little, so the
+   ``testweb``, spread over ``--hosts`` hosts: image work and HTTP cost little, so the
    workers drive Redis as hard as a real fleet's would per image) with ``mmc4-crawl enqueue``,
    and measures ingest's Redis cost per image;
 3. starts N ``mmc4-crawl worker`` processes (one image process each); the per-host limits stay
@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from crawl_bench import PrivateRedis, Web, clean_env, make_workload  # noqa: E402
 
-from crawler import testweb  # noqa: E402
-from crawler.keys import CRAWL_GROUP, Keys  # noqa: E402
+import testweb  # noqa: E402
+from core.keys import CRAWL_GROUP, Keys  # noqa: E402
 
 BIN = Path(sys.executable).parent
 NS = "fleet"

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crawler.config import Config
+from core.config import Config
 from crawler.images import (
     ImageSettings,
     init_args,

@@ -23,9 +23,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # (core.early, without installing the crawler here)
+sys.path.insert(0, str(ROOT / "tests"))
 
-from s3_server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS
+from s3_server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS  # noqa: E402
 
 BUCKET = "bench-clients"
 Put = Callable[[str, bytes], Awaitable[Any]]

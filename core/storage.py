@@ -2,7 +2,7 @@
 
 `open_storage(location, settings)` gives a `Storage` for ``paths.output`` (or any place the
 crawl writes or reads its files): a local path (`LocalStorage`, files through
-`crawler.safefs`: a temporary name, then a rename) or ``s3://bucket/prefix`` (`S3Storage`,
+`core.safefs`: a temporary name, then a rename) or ``s3://bucket/prefix`` (`S3Storage`,
 through obstore: S3 and S3-compatible endpoints).
 
 Every file is addressed by a *key* ``"<directory>/<name>"``, both parts one plain name
@@ -24,7 +24,8 @@ What holds on both:
 Credentials, endpoint and region of S3 come the usual way: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``,
 ``AWS_ALLOW_HTTP``, web identity (``AWS_WEB_IDENTITY_TOKEN_FILE``, Kubernetes service
-accounts) or the instance's metadata service.
+accounts), the instance's metadata service, or a named profile (``storage.profile`` or
+``AWS_PROFILE``; through boto3, the ``aws-profile`` extra).
 
 The async methods are for an event loop (S3: obstore's own async I/O; disk: a thread); the
 ``*_sync`` ones for threads and processes without a loop.
@@ -41,10 +42,11 @@ from abc import ABC, abstractmethod
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from crawler import safefs
-from crawler.config import StorageConfig
+from core import safefs
+from core.config import Config, StorageConfig
 
 if TYPE_CHECKING:
+    from obstore.auth.boto3 import Boto3CredentialProvider
     from obstore.store import S3Store
 
 SCHEME = "s3://"
@@ -155,7 +157,7 @@ class Storage(ABC):
 
 
 class LocalStorage(Storage):
-    """Files under a root directory (`crawler.safefs`: no name leads out of it)."""
+    """Files under a root directory (`core.safefs`: no name leads out of it)."""
 
     remote = False
 
@@ -217,6 +219,7 @@ class S3Storage(Storage):
         self.store: S3Store = S3Store(
             bucket,
             prefix=self.prefix or None,
+            credential_provider=self._profile_credentials(settings.profile),
             client_options={
                 "allow_http": allow_http,
                 "timeout": timedelta(seconds=settings.request_timeout_s),
@@ -233,6 +236,30 @@ class S3Storage(Storage):
             },
         )
         self._gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+    def _profile_credentials(self, profile: str) -> Boto3CredentialProvider | None:
+        """Credentials (and region) of a named profile of ~/.aws/credentials and
+        ~/.aws/config: `profile`, else AWS_PROFILE when no AWS_ACCESS_KEY_ID is set. None
+        without a profile: obstore then reads the AWS_* variables, a web identity or the
+        instance's metadata itself."""
+        if not profile and "AWS_ACCESS_KEY_ID" not in os.environ:
+            profile = os.environ.get("AWS_PROFILE", "")
+        if not profile:
+            return None
+        try:
+            import boto3
+            import botocore.exceptions
+            from obstore.auth.boto3 import Boto3CredentialProvider
+        except ImportError:
+            raise StorageError(
+                errno.EINVAL,
+                f"{self.location}: the AWS profile {profile!r} needs boto3 "
+                "(pip install 'mmc4-crawler[aws-profile]')",
+            ) from None
+        try:
+            return Boto3CredentialProvider(boto3.Session(profile_name=profile))
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StorageError(errno.EACCES, f"{self.location}: {exc}") from None
 
     def _gate(self) -> asyncio.Semaphore:
         """The in-flight bound of the running loop (one per loop: a semaphore is bound to
@@ -377,3 +404,8 @@ def open_storage(location: str, settings: StorageConfig | None = None) -> Storag
     if is_remote(location):
         return S3Storage(location, settings or StorageConfig())
     return LocalStorage(location)
+
+
+def output_storage(cfg: Config) -> Storage:
+    """The `Storage` of ``paths.output``."""
+    return open_storage(cfg.paths.output, cfg.storage)

@@ -1,3 +1,8 @@
-from crawler.early import main
+"""``python -m crawler`` and the ``mmc4-crawl`` entry point."""
 
-main()
+from core.early import EntryPoint
+
+main = EntryPoint("crawler.cli")
+
+if __name__ == "__main__":
+    main()

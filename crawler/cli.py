@@ -9,13 +9,14 @@ from typing import Any
 import click
 import orjson
 
-from crawler import config as config_mod
-from crawler import early, logs, monitor, runtime, status
-from crawler.config import Config
-from crawler.connection import connected
-from crawler.errors import CommandError, ReportingGroup
-from crawler.exitcodes import ExitCode
-from crawler.keys import Keys
+from core import config as config_mod
+from core import early, heartbeat, logs, runtime, status
+from core.config import Config
+from core.connection import connected
+from core.errors import CommandError, ReportingGroup
+from core.exitcodes import ExitCode
+from core.keys import Keys
+from crawler import monitor
 
 
 class State:
@@ -119,6 +120,7 @@ def run(
         cfg.ingest.shards = list(shards)
     if workers is not None:
         cfg.worker.processes = workers
+    _check_bucket(cfg)
     argv = state.argv()
     code = runtime.run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
     sys.exit(code)
@@ -152,11 +154,11 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
 
 
 async def _enqueue(cfg: Config, sources: list[Any]) -> int:
-    from crawler.connection import RedisRetry, RedisUnavailable
-    from crawler.embedded import where
+    from core.connection import RedisRetry, RedisUnavailable
+    from core.embedded import where
+    from core.runtime import StopSignals, failure, until_stopped
     from crawler.ingest import Ingest
     from crawler.queue import WorkQueue
-    from crawler.runtime import StopSignals, failure, until_stopped
 
     with StopSignals() as signals:
         async with connected(cfg) as client:
@@ -221,6 +223,7 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
     _guard(cfg)
     if check:
         sys.exit(runtime.run(_check(cfg, paused_ok=alive)))
+    _check_bucket(cfg)
     from crawler.worker import run_worker
 
     async def work() -> int:
@@ -234,7 +237,7 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
 
 async def _check(cfg: Config, *, paused_ok: bool) -> int:
     pattern = Keys(cfg.redis.namespace).worker_pattern
-    ok, why = await monitor.check_heartbeat(cfg, pattern, paused_ok=paused_ok)
+    ok, why = await heartbeat.check_heartbeat(cfg, pattern, paused_ok=paused_ok)
     if not ok:
         click.echo(why, err=True)
     return 0 if ok else 1
@@ -320,8 +323,8 @@ def dataset_token() -> None:
 def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
     """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
     it as each shard's rewrite completes)."""
+    from assign.index import index_shard, shard_files
     from assign.tree import open_tree
-    from crawler.dataset.index import index_shard, shard_files
 
     cfg = state.load()
     output = open_tree(cfg.paths.output, cfg.storage)
@@ -449,9 +452,10 @@ def export(
 def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     """Re-queue images of the chosen statuses, from shards in flight and from reports of
     earlier runs. Workers (or the next `run`) then fetch them again."""
-    from crawler.embedded import EmbeddedRedis, running_url
+    from core.embedded import EmbeddedRedis, running_url
+    from core.runtime import StopSignals, failure, until_stopped
+    from core.storage import output_storage
     from crawler.queue import WorkQueue
-    from crawler.runtime import StopSignals, failure, until_stopped
     from crawler.shards import Shards
 
     cfg = state.load()
@@ -472,13 +476,13 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
         cfg.redis.url = url
 
     moved: dict[str, int] = {}
+    storage = output_storage(cfg)
 
     async def requeue(shards: Shards, signals: StopSignals) -> None:
         await shards.queue.ensure_group()
         names = set(await shards.open())
-        report_dir = cfg.output_dir / status.STATUS_DIR
-        if report_dir.is_dir():
-            names |= {p.name[: -len(".jsonl.gz")] for p in report_dir.glob("*.jsonl.gz")}
+        reports = await storage.names(status.STATUS_DIR)  # one listing
+        names |= {n[: -len(".jsonl.gz")] for n in reports if n.endswith(".jsonl.gz")}
         for shard in sorted(names):
             if signals.event.is_set():
                 return  # each shard is re-queued whole or not at all: a rerun goes on
@@ -495,7 +499,7 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
                 queue = WorkQueue(client, keys, cfg.queue)
                 exc = failure(
                     await until_stopped(
-                        requeue(Shards(client, keys, queue, cfg.output_dir), signals),
+                        requeue(Shards(client, keys, queue, storage), signals),
                         signals.event,
                     )
                 )
@@ -546,7 +550,7 @@ def clear(state: State, yes: bool) -> None:
                 deleted += int(await client.unlink(*batch))
         return deleted
 
-    from crawler.errors import redact
+    from core.errors import redact
 
     where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
     n = runtime.run(count())
@@ -596,12 +600,30 @@ main.add_command(
 )
 
 
+def _check_bucket(cfg: Config) -> None:
+    """An output in object storage that cannot be written (a missing bucket, refused
+    credentials, an unreachable endpoint) stops the command before it starts. (A local
+    output that cannot be written pauses the workers until it can: a full disk clears.)"""
+    from core.storage import output_storage
+    from crawler.store import output_problem
+
+    storage = output_storage(cfg)
+    if storage.remote:
+        problem = output_problem(storage)
+        if problem:
+            raise CommandError(
+                ExitCode.OUTPUT_UNAVAILABLE,
+                f"cannot write the output: {problem}; check paths.output, the bucket and "
+                "AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY",
+            )
+
+
 def _guard(cfg: Config) -> None:
     """Find the crawl's Redis: redis.url, else the private Redis of a `run` that is running
     with the same paths.data_dir."""
     if cfg.redis.url:
         return
-    from crawler.embedded import running_url
+    from core.embedded import running_url
 
     url = running_url(Path(cfg.paths.data_dir))
     if url is None:

@@ -3,10 +3,15 @@
 The sample's URLs point at 127.0.0.2-9 on one port; the demo starts that web (a separate
 process serving generated images and a few faults), then runs the whole job against the
 embedded Redis. Nothing leaves the machine.
+
+The web (testweb/) and the sample (samples/) are test tooling, not part of the installed
+package: the demo runs from a checkout of the repository (an editable install, as `make demo`
+makes), and finds both beside this package.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,24 +19,31 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from crawler.config import Config
-from crawler.errors import CommandError
-from crawler.exitcodes import ExitCode
+from core.config import Config
+from core.errors import CommandError
+from core.exitcodes import ExitCode
 
-SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "sample_shard.jsonl"
+CHECKOUT = Path(__file__).resolve().parent.parent  # the repository the demo runs from
+SAMPLE = CHECKOUT / "samples" / "sample_shard.jsonl"
+WEB_PACKAGE = CHECKOUT / "testweb"
 SAMPLE_PORT = 18650  # the port in the sample's URLs
 
 
 def start_web(port: int, log: Path, hosts: int = 8) -> subprocess.Popen[str]:
     """The loopback image web, its own log in `log` (not on the demo's terminal)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    # `python -m testweb` imports the package from the checkout, wherever the demo runs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p
+    )}  # fmt: skip
     with log.open("ab") as errors:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "crawler.testweb", "serve", "--hosts", str(hosts),
+            [sys.executable, "-m", "testweb", "serve", "--hosts", str(hosts),
              "--port", str(port)],
             stdout=subprocess.PIPE,
             stderr=errors,
             text=True,
+            env=env,
             process_group=0,  # a Ctrl-C stops the crawl (which drains), not the web under it
         )  # fmt: skip
     deadline = time.monotonic() + 30
@@ -62,11 +74,16 @@ def sample_for(port: int, data_dir: Path) -> Path:
 
 
 def run_demo(cfg: Config, argv: Sequence[str], *, port: int, output: str) -> int:
+    from core.runtime import run
     from crawler.runner import run_all
-    from crawler.runtime import run
 
-    if not SAMPLE.is_file():
-        raise CommandError(ExitCode.NOT_FOUND, f"sample shard not found at {SAMPLE}")
+    for needed in (SAMPLE, WEB_PACKAGE / "__main__.py"):
+        if not needed.is_file():
+            raise CommandError(
+                ExitCode.NOT_FOUND,
+                f"{needed} not found: the demo runs from a checkout of the repository "
+                "(git clone, then `make demo`), where the sample shard and the test web live",
+            )
     cfg.paths.output = output
     if cfg.paths.data_dir == "mmc4_data":
         cfg.paths.data_dir = "mmc4_data/demo"

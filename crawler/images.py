@@ -73,7 +73,7 @@ import magic
 import PIL
 from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-from crawler.config import RESAMPLE_FILTERS, Config
+from core.config import RESAMPLE_FILTERS, Config
 from crawler.heap import keep_freed_memory
 
 __all__ = [

@@ -24,37 +24,42 @@ import lzma
 import os
 import re
 import struct
-import tempfile
 import uuid
 import zipfile
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
 
-import aiofiles
 import braceexpand
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
 from redis.exceptions import RedisError
 
-from crawler import status
-from crawler.config import Config
-from crawler.connection import RedisRetry
-from crawler.guard import CLOSED, AddressPolicy, check_url
-from crawler.keys import Keys
+from core import status
+from core.config import Config
+from core.connection import RedisRetry
+from core.guard import CLOSED, AddressPolicy, check_url
+from core.keys import Keys
+from core.shardfiles import (
+    READ_CHUNK,
+    SHARD_SUFFIXES,
+    ShardMissing,
+    ShardUnreadable,
+    check_image_name,
+    check_shard_id,
+    is_remote,
+    local_copy,
+    shard_id,
+)
+from core.storage import output_storage
 from crawler.queue import WorkQueue, encode_result
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SHARD_SUFFIXES = (".jsonl.gz", ".jsonl.zip", ".jsonl", ".json.gz", ".json")
-MAX_NAME_BYTES = 255
-# Shard ids become directory and report file names (`<shard>.summary.json`, temporary
-# names with a suffix): well under the 255-byte name limit of common file systems.
-MAX_SHARD_ID_BYTES = 200
 # The ingest lock of a shard expires this long after its holder last renewed it (a third of
 # this, while it holds the shard: downloading, reading, waiting for room), so a killed
 # ingest holds a shard up for at most this.
@@ -66,19 +71,6 @@ KNOWN_GAPS = frozenset(
     {3218, 3267, 5064, 5146, 7119, 8991, 9750, 11899, 15127, 15252, 16996, 17369, 17499, 17818}
 )
 _SHARD_NUMBER = re.compile(r"(?:^|_)shard_(\d+)(?:_v\d+)?$")
-
-
-class ShardMissing(Exception):
-    """A shard source does not exist (404/410, or no such file)."""
-
-
-class ShardUnreadable(Exception):
-    """A shard cannot be read (to its end). ``kind`` names the error as counted."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.sealed = False  # what was read before it is enqueued and the shard sealed
 
 
 class Stopped(Exception):
@@ -93,29 +85,7 @@ class ShardSource:
 
     @property
     def remote(self) -> bool:
-        return _is_remote(self.location)
-
-
-def _is_remote(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
-def _url_path(url: str) -> str:
-    try:
-        return urlsplit(url).path
-    except ValueError:  # unparseable (a broken IPv6 host...): its download says so
-        return url.split("#", 1)[0].split("?", 1)[0]
-
-
-def shard_id(location: str) -> str:
-    """The file name of a path or URL without its shard suffix. For a URL the name comes from
-    the path alone (query and fragment removed first)."""
-    path = _url_path(location) if _is_remote(location) else location
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in SHARD_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+        return is_remote(self.location)
 
 
 def shard_number(shard: str) -> int | None:
@@ -129,7 +99,7 @@ def expand_sources(patterns: list[str]) -> list[ShardSource]:
     out: list[ShardSource] = []
     seen: set[str] = set()
     for pattern in patterns:
-        if not _is_remote(pattern) and os.path.exists(pattern):
+        if not is_remote(pattern) and os.path.exists(pattern):
             expanded = [pattern]  # a path that exists is taken as written (braces, backslashes)
         else:
             try:
@@ -139,12 +109,12 @@ def expand_sources(patterns: list[str]) -> list[ShardSource]:
         from_braces = expanded != [pattern]
         for loc in expanded:
             locs = [loc]
-            if not _is_remote(loc) and os.path.isdir(loc):
+            if not is_remote(loc) and os.path.isdir(loc):
                 locs = sorted(
                     str(p) for p in Path(loc).iterdir() if p.name.endswith(SHARD_SUFFIXES)
                 )
             for one in locs:
-                if not _is_remote(one):
+                if not is_remote(one):
                     one = os.path.abspath(one)  # workers and the assigner may run elsewhere
                 if one not in seen:
                     seen.add(one)
@@ -168,43 +138,6 @@ def missing_message(sources: list[ShardSource]) -> str | None:
         return None
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     return f"no such shard file: {missing[0].location}{more}"
-
-
-def check_shard_id(shard: str) -> str | None:
-    """Why a shard id is unusable as a directory name and a Redis key, or None."""
-    if not shard or shard.startswith((".", "_")):
-        return f"shard id {shard!r} must not be empty or start with '.' or '_'"
-    if "/" in shard or "\\" in shard or _NAME_CONTROL.search(shard):
-        return f"shard id {shard!r} contains a path separator or control character"
-    try:
-        size = len(shard.encode("utf-8"))
-    except UnicodeEncodeError:
-        return f"shard id {shard!r} is not valid UTF-8"
-    if size > MAX_SHARD_ID_BYTES:
-        return f"shard id is longer than {MAX_SHARD_ID_BYTES} bytes"
-    return None
-
-
-# Searched in C: a generator over every character of every name and URL was a third of
-# ingest's CPU (cProfile).
-_NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def check_image_name(name: Any) -> str | None:
-    """Why an image_name cannot be a plain file name under the shard directory, or None."""
-    if not isinstance(name, str):
-        return f"image_name is not a string: {name!r}"
-    if not name:
-        return "image_name is empty"
-    if "/" in name or "\\" in name:
-        return f"image_name {name!r} contains a path separator"
-    if name.startswith("."):
-        return f"image_name {name!r} starts with '.'"
-    if _NAME_CONTROL.search(name):
-        return f"image_name {name!r} contains a control character"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return "image_name is longer than 255 bytes"
-    return None
 
 
 @dataclass
@@ -267,7 +200,6 @@ _DECODE_ERRORS = (
     OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, zipfile.LargeZipFile,
     NotImplementedError, RuntimeError, ValueError, struct.error,
 )  # fmt: skip
-_READ_CHUNK = 1 << 20
 
 
 class _LineReader(Protocol):
@@ -320,7 +252,7 @@ def read_lines(
                 count(len(line))
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
                     while line and not line.endswith(b"\n"):  # skip the rest of the line
-                        line = reader.readline(_READ_CHUNK)
+                        line = reader.readline(READ_CHUNK)
                         count(len(line))
                     yield None
                     continue
@@ -334,82 +266,6 @@ def read_lines(
 
 
 # ---- remote shards -------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def local_copy(source: ShardSource, cfg: Config) -> AsyncIterator[Path]:
-    """The shard as a local file: itself, or a temporary download of a remote shard."""
-    if not source.remote:
-        path = Path(source.location)
-        if not path.is_file():
-            raise ShardMissing(f"{source.location}: no such file")
-        yield path
-        return
-    tmp_dir = Path(cfg.paths.data_dir) / "downloads"
-    url_path = _url_path(source.location)
-    suffix = next((s for s in SHARD_SUFFIXES if url_path.endswith(s)), ".jsonl")
-    try:
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=suffix)
-    except OSError as exc:
-        raise ShardUnreadable(
-            "unreadable_shard", f"no temporary copy in {tmp_dir} (paths.data_dir): {exc}"
-        ) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        await download(source.location, tmp, cfg)
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-async def download(url: str, dest: Path, cfg: Config) -> None:
-    """Download a shard to `dest` through the crawl's guarded HTTP client (the same address
-    checks as image fetches, on every redirect hop), within ingest.download_timeout_s and
-    ingest.max_download_bytes.
-
-    Raises ShardMissing (404, 410) or ShardUnreadable (any other failure).
-    """
-    # aiohttp is imported only for shards named by URL: `run` and `ingest` on local shards
-    # start without it (~0.1-0.2 s of CPU).
-    import aiohttp
-
-    from crawler import fetch
-
-    cap = cfg.ingest.max_download_bytes
-    try:
-        async with (
-            asyncio.timeout(cfg.ingest.download_timeout_s),
-            fetch.client_session(cfg.fetch, 4) as session,
-            fetch.Fetcher(cfg.fetch, session, 4).stream(url) as resp,
-        ):
-            if resp.status in (404, 410):
-                raise ShardMissing(f"{url}: HTTP {resp.status}")
-            if resp.status != 200:
-                raise ShardUnreadable("unreadable_shard", f"{url}: HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > cap:
-                raise ShardUnreadable(
-                    "download_too_large", f"{url}: Content-Length {resp.content_length} > {cap}"
-                )
-            size = 0
-            async with aiofiles.open(dest, "wb") as fh:  # 100s of MB: keep the loop free
-                async for chunk in resp.content.iter_chunked(_READ_CHUNK):
-                    size += len(chunk)
-                    if size > cap:
-                        raise ShardUnreadable("download_too_large", f"{url}: more than {cap} bytes")
-                    await fh.write(chunk)
-    except TimeoutError:
-        raise ShardUnreadable(
-            "unreadable_shard", f"{url}: not downloaded within {cfg.ingest.download_timeout_s} s"
-        ) from None
-    except (aiohttp.ClientError, OSError, ValueError) as exc:  # BlockedAddress is an OSError
-        raise ShardUnreadable("unreadable_shard", f"{url}: {exc}") from exc
-
-
-def download_blocking(url: str, dest: Path, cfg: Config) -> None:
-    """`download` for a caller in a thread of its own (the assignment rewrite)."""
-    asyncio.run(download(url, dest, cfg))
 
 
 # ---- ingest ----------------------------------------------------------------------------------
@@ -446,7 +302,7 @@ class Ingest:
         self.keys = Keys(cfg.redis.namespace)
         self.queue = WorkQueue(client, self.keys, cfg.queue)
         self.stats = IngestStats()
-        self.output = cfg.output_dir
+        self.storage = output_storage(cfg)
         self.redis_wait_s = redis_wait_s
         self.stop = asyncio.Event()
 
@@ -487,7 +343,7 @@ class Ingest:
             self.stats.unreadable.append(f"{source.location}: {problem}")
             await self._count_error("bad_shard_id")
             return
-        if status.shard_is_reported(self.output, source.shard):
+        if await asyncio.to_thread(status.shard_is_reported, self.storage, source.shard):
             log.info("shard %s already complete (report exists)", source.shard)
             self.stats.shards_skipped += 1
 
@@ -501,13 +357,21 @@ class Ingest:
         if b"total" in meta:
             self.stats.shards_skipped += 1
             return
-        lock = self.keys.shard_ingest_lock(source.shard)
-        token = uuid.uuid4().hex
+        lock = self.client.lock(
+            self.keys.shard_ingest_lock(source.shard),
+            timeout=LOCK_TTL_S,
+            blocking=False,
+            thread_local=False,  # renewed and released by other tasks of this process
+        )
+        token = uuid.uuid4().hex.encode()
 
         async def acquire() -> bool:
-            if await self.client.set(lock, token, nx=True, ex=LOCK_TTL_S):
+            if await lock.acquire(token=token):
                 return True
-            return bool(await self.client.get(lock) == token.encode())  # ours, reply lost
+            if await self.client.get(lock.name) == token:  # ours: the reply was lost
+                lock.local.token = token
+                return True
+            return False
 
         if not await self._redis(acquire, "ingest lock"):
             log.warning("shard %s is being ingested by another process", source.shard)
@@ -516,7 +380,7 @@ class Ingest:
         keeper = asyncio.create_task(self._keep_lock(lock))
         try:
             start_line = int(meta.get(b"ingest_line", b"0"))
-            async with local_copy(source, self.cfg) as path:
+            async with local_copy(source.location, self.cfg) as path:
                 await self._ingest_file(source, path, start_line)
             self.stats.shards += 1
         except ShardMissing as exc:
@@ -539,17 +403,16 @@ class Ingest:
             keeper.cancel()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):  # a stopping process does not wait on Redis
-                    if await self.client.get(lock) == token.encode():
-                        await self.client.delete(lock)
+                    await lock.release()
 
-    async def _keep_lock(self, lock: str) -> None:
+    async def _keep_lock(self, lock: Lock) -> None:
         """Renew the shard's ingest lock while this process holds the shard."""
         while True:
             await asyncio.sleep(LOCK_TTL_S / 3)
             try:
-                await self.client.expire(lock, LOCK_TTL_S)
-            except (RedisError, OSError) as exc:
-                log.warning("ingest lock %s not renewed: %s", lock, exc)
+                await lock.extend(LOCK_TTL_S, replace_ttl=True)
+            except (RedisError, OSError) as exc:  # LockNotOwnedError is a RedisError
+                log.warning("ingest lock %r not renewed: %s", lock.name, exc)
 
     async def _unplan(self, shard: str) -> None:
         """A shard that yields no images leaves the crawl's plan (progress, ETA)."""

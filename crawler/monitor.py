@@ -5,7 +5,6 @@ Used by the ``status`` command, the progress bar of ``run`` and the status page.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,10 +12,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from crawler.config import Config
-from crawler.connection import connected
-from crawler.keys import CRAWL_GROUP, Keys
-from crawler.queue import text as _s
+from core.connection import text as _s
+from core.keys import CRAWL_GROUP, Keys
 
 
 @dataclass
@@ -239,39 +236,6 @@ async def _workers(client: aioredis.Redis, keys: Keys) -> list[dict[str, Any]]:
         info["id"] = _s(name).rsplit(":", 1)[-1]
         out.append(info)
     return sorted(out, key=lambda w: w["id"])
-
-
-async def check_heartbeat(
-    cfg: Config, pattern: str, *, paused_ok: bool = False
-) -> tuple[bool, str]:
-    """The container health checks: is a heartbeat key matching `pattern` from this host
-    (hostname) younger than three heartbeat intervals, and not paused (unless `paused_ok`:
-    a paused worker runs and beats, it only takes no work)? Returns the answer and, when it
-    is no, the reason."""
-    max_age_s = 3 * cfg.worker.heartbeat_interval_s
-    try:
-        async with connected(cfg) as client:
-            return await _fresh_heartbeat(
-                client, pattern, socket.gethostname(), max_age_s, paused_ok
-            )
-    except Exception as exc:
-        return False, f"check failed: {exc}"
-
-
-async def _fresh_heartbeat(
-    client: aioredis.Redis, pattern: str, host: str, max_age_s: float, paused_ok: bool
-) -> tuple[bool, str]:
-    stale = ""
-    async for key in client.scan_iter(match=pattern, count=500):
-        beat: Any = await client.hmget(key, "host", "seen", "paused")
-        if beat[0] is not None and _s(beat[0]) == host:
-            if time.time() - float(beat[1] or 0) > max_age_s:
-                stale = f"heartbeat of {_s(key)} is stale"
-            elif beat[2] and not paused_ok:
-                stale = f"{_s(key)} is paused: {_s(beat[2])}"
-            else:
-                return True, ""
-    return False, stale or f"no live heartbeat from {host}"
 
 
 def format_duration(seconds: float | None) -> str:

@@ -1,7 +1,7 @@
 """One item, from its URL to its status record: already stored? -> fetch within the host's
 limits, with retries -> image job (decode, shrink, encode, write) -> record.
 
-`Pipeline.handle` returns the record (see crawler.status). It raises `OutputUnwritable` when
+`Pipeline.handle` returns the record (see core.status). It raises `OutputUnwritable` when
 the output refused the image's file: nothing is wrong with the item, which goes back to the
 queue. The worker decides what happens to the record (crawler.worker).
 """
@@ -9,21 +9,22 @@ queue. The worker decides what happens to the record (crawler.worker).
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Any
 
 from yarl import URL
 
-from crawler import status
-from crawler.config import FetchConfig
-from crawler.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult
+from core import status
+from core.budget import BodyBudget
+from core.config import FetchConfig
+from core.fetch import OTHER_HOST, Fetcher, FetchResult
 from crawler.images import ImageSettings
 from crawler.limits import HostGate
 from crawler.metrics import Metrics
 from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item
-from crawler.store import OUTPUT_UNWRITABLE, Store, shrink_and_store, verify_stored
+from crawler.retries import Retries
+from crawler.store import OUTPUT_UNWRITABLE, Store, verify_bytes, verify_stored
 
 
 class OutputUnwritable(Exception):
@@ -58,23 +59,18 @@ class Pipeline:
             existing = await self._existing(item)
             if existing is not None:
                 return existing
-        attempts = 0
-        res: FetchResult | None = None
-        suspect = False  # timed out while its host answered other requests
-        for attempts in range(1, self.cfg.max_attempts + 1):
+        retries = Retries(self.cfg)
+        while True:
             res, answered_by = await self._fetch_politely(item.url, host)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
                 self.gate.penalize(answered_by, min(res.retry_after, self.cfg.retry_after_max_s))
-            if res.ok or not res.transient or attempts == self.cfg.max_attempts:
+            delay = retries.after(res)
+            if delay is None:
                 break
-            if res.status == status.TIMEOUT and (suspect or res.host_answered):
-                if suspect:  # timed out again: a third try would end the same way
-                    break
-                suspect = True
             self.metrics.retries.inc()
-            await asyncio.sleep(self._backoff(attempts, res))
-        assert res is not None
+            await asyncio.sleep(delay)
+        attempts = retries.attempts
         if not res.ok:
             return status.make_record(
                 item.name,
@@ -85,19 +81,6 @@ class Pipeline:
                 attempts=attempts,
             )
         return await self._store_image(item, res.body, res.http_code, attempts)
-
-    def _backoff(self, attempt: int, res: FetchResult) -> float:
-        """Seconds before the next attempt: none after a timeout (its deadline has spaced the
-        attempts already), else jittered exponential backoff, at least any Retry-After."""
-        if res.status == status.TIMEOUT:
-            return 0.0
-        f = self.cfg
-        retry_after = res.retry_after
-        delay = min(f.backoff_max_s, f.backoff_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(delay / 2, delay)  # jitter
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, f.retry_after_max_s))
-        return delay
 
     async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
         """Fetch within `host`'s limits; a redirect to another host waits for that host's
@@ -123,10 +106,10 @@ class Pipeline:
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
     ) -> dict[str, Any]:
-        final = (str(self.store.output), item.shard, item.name)
+        final = self.store.target(item.shard, item.name)
         started = time.monotonic()
         try:
-            img = await self.pool.run(shrink_and_store, self.settings, final, data=body)
+            img = await self.pool.run(self.store.image_job, self.settings, final, data=body)
         except ImageJobTimeout as exc:
             return status.make_record(
                 item.name, item.url, status.IMAGE_TIMEOUT, error=str(exc), http_code=http_code,
@@ -135,6 +118,7 @@ class Pipeline:
         finally:
             self.metrics.image_seconds.observe(time.monotonic() - started)
             self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
+        img = await self.store.finish(item.shard, item.name, img)
         if img.status == OUTPUT_UNWRITABLE:
             raise OutputUnwritable(img.error)
         common = {
@@ -156,9 +140,15 @@ class Pipeline:
 
     async def _existing(self, item: Item) -> dict[str, Any] | None:
         """A complete file from an earlier run: record it without fetching again."""
-        final = (str(self.store.output), item.shard, item.name)
         try:
-            img = await self.pool.run(verify_stored, final, self.settings)
+            if self.store.remote:
+                data = await self.store.stored_bytes(item.shard, item.name)
+                img = None if data is None else (
+                    await self.pool.run(verify_bytes, self.settings, data=data)
+                )  # fmt: skip
+            else:
+                final = self.store.target(item.shard, item.name)
+                img = await self.pool.run(verify_stored, final, self.settings)
         except ImageJobTimeout:
             return None  # fetched again, and then recorded as what it is
         if img is None:

@@ -43,8 +43,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.config import Config
 from crawler import images
-from crawler.config import Config
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")

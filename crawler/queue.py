@@ -27,11 +27,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
 
-from crawler import status
-from crawler.config import QueueConfig
-from crawler.guard import ANY_ADDRESS, check_url
-from crawler.keys import CRAWL_GROUP, Keys
-from crawler.scripts import Scripts
+from core import status
+from core.config import QueueConfig
+from core.connection import text
+from core.guard import ANY_ADDRESS, check_url
+from core.keys import CRAWL_GROUP, Keys
+from core.scripts import Scripts
+from core.shardfiles import check_image_name, check_shard_id
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,6 @@ class Poison:
     url: str = ""
 
 
-def text(value: Any) -> str:
-    """A Redis reply value as str (replies are bytes: the clients do not decode)."""
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-
-
 _s = text
 
 
@@ -89,7 +86,6 @@ def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
     """A raw stream entry as a work item, or as poison with the reason (never raises)."""
     # The checks are ingest's own (the same rules at both ends); imported here because
     # ingest imports this module.
-    from crawler.ingest import check_image_name, check_shard_id
 
     item_id = printable(entry_id)
     shown = {printable(k): printable(v)[:1000] for k, v in fields.items()}

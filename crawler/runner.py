@@ -26,18 +26,20 @@ import orjson
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from crawler import logs, monitor, status
-from crawler.config import Config
-from crawler.connection import connected
-from crawler.embedded import EmbeddedRedis, where
-from crawler.errors import CommandError, redact
-from crawler.exitcodes import ExitCode
+from core import logs, status
+from core.config import Config
+from core.connection import connected
+from core.embedded import EmbeddedRedis, where
+from core.errors import CommandError, redact
+from core.exitcodes import ExitCode
+from core.keys import Keys
+from core.runtime import StopSignals, failure, unless_stopped
+from core.storage import output_storage
+from core.tasks import cancel_and_wait
+from crawler import monitor
 from crawler.ingest import Ingest, expand_sources, missing_message
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.runtime import StopSignals, failure, unless_stopped
 from crawler.shards import ReportWriteError, Shards
-from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,7 @@ class Crawl:
         self.keys = Keys(cfg.redis.namespace)
         self.queue = WorkQueue(client, self.keys, cfg.queue)
         self.ingest = Ingest(cfg, client)
+        self.storage = output_storage(cfg)
         env = dict(os.environ, MMC4_REDIS__URL=cfg.redis.url)
         self.supervisor = Supervisor(cfg.worker.processes, config_args, env, cfg.metrics.port)
 
@@ -254,7 +257,7 @@ class Crawl:
             return False
         ingest_task.result()  # re-raise a crash of ingest
         try:
-            await Shards(self.client, self.keys, self.queue, self.cfg.output_dir).finalize_all()
+            await Shards(self.client, self.keys, self.queue, self.storage).finalize_all()
         except ReportWriteError as exc:  # the workers pause until it can be written
             log.warning("%s; retrying", exc)
         return await finished(self.keys, self.client)
@@ -292,7 +295,7 @@ class Crawl:
         if not interrupted and st.items == 0 and st.shards_skipped and nothing_new:
             _say(
                 f"nothing to do: the {st.shards_skipped} shards given are already reported in "
-                f"{self.cfg.output_dir / '_status'} (`retry --status ...` fetches failures "
+                f"{self.storage.url(status.STATUS_DIR)} (`retry --status ...` fetches failures "
                 "again; another --output starts a new corpus)"
             )
 
@@ -350,7 +353,7 @@ def _start_assign(cfg: Config, stop: asyncio.Event) -> asyncio.Task[None] | None
 async def _assign_caught_up(client: Any, keys: Keys) -> bool:
     from redis.exceptions import ResponseError
 
-    from crawler.keys import ASSIGN_GROUP
+    from core.keys import ASSIGN_GROUP
 
     try:
         groups = await client.xinfo_groups(keys.shards_done)

@@ -9,32 +9,36 @@ command) loads its report back into Redis and re-queues the chosen images.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import LockNotOwnedError
 
-from crawler import status
-from crawler.ingest import check_shard_id
-from crawler.keys import Keys
+from core import status
+from core.connection import text as _s
+from core.keys import Keys
+from core.shardfiles import check_shard_id
+from core.storage import Storage, StorageError
 from crawler.queue import WorkQueue
-from crawler.queue import text as _s
 from crawler.store import UNWRITABLE_ERRNOS, sweep_temporary
 
 log = logging.getLogger(__name__)
 
 
 class Shards:
-    def __init__(self, client: aioredis.Redis, keys: Keys, queue: WorkQueue, output: Path) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, queue: WorkQueue, storage: Storage
+    ) -> None:
         self.client = client
         self.keys = keys
         self.queue = queue
-        self.output = output
+        self.storage = storage
 
     async def complete(self) -> list[str]:
         return sorted(_s(s) for s in await self.client.smembers(self.keys.shards_complete))
@@ -59,9 +63,8 @@ class Shards:
             log.error("dropping unusable shard id %r from the complete set", shard)
             await self.client.srem(self.keys.shards_complete, shard)
             return False
-        lock = self.keys.shard_meta(shard) + ":finalize-lock"
-        token = uuid.uuid4().hex
-        if not await self.client.set(lock, token, nx=True, ex=300):
+        lock = self.client.lock(self.keys.shard_finalize_lock(shard), timeout=300, blocking=False)
+        if not await lock.acquire():
             return False
         try:
             meta_key, records_key = self.keys.shard_meta(shard), self.keys.shard_records(shard)
@@ -81,12 +84,16 @@ class Shards:
             summary = self._summary(shard, meta, records)
             # gzip of thousands of records: off the event loop
             try:
-                paths = await asyncio.to_thread(
-                    status.write_report, self.output, shard, [r for r, _ in records], summary
+                report = await asyncio.to_thread(
+                    status.write_report, self.storage, shard, [r for r, _ in records], summary
                 )
-                # Every image has its record: nobody writes here any more, so leftovers of
-                # killed writers can go now.
-                await asyncio.to_thread(sweep_temporary, self.output / shard, 0)
+                if not self.storage.remote:
+                    # Every image has its record: nobody writes here any more, so leftovers
+                    # of killed writers can go now.
+                    shard_dir = Path(self.storage.location) / shard
+                    await asyncio.to_thread(sweep_temporary, shard_dir, 0)
+            except StorageError as exc:
+                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
             except OSError as exc:
                 if exc.errno in UNWRITABLE_ERRNOS:
                     raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
@@ -101,16 +108,17 @@ class Shards:
                 {
                     "shard": shard,
                     "source": meta.get("source", ""),
-                    "report": str(paths.report),
-                    "output": str(self.output),
+                    "report": self.storage.url(report),
+                    "output": self.storage.location,
                 },
             )
             await pipe.execute()
-            log.info("shard %s complete: %d records -> %s", shard, len(records), paths.report)
+            log.info("shard %s complete: %d records -> %s", shard, len(records),
+                     self.storage.url(report))  # fmt: skip
             return True
         finally:
-            if await self.client.get(lock) == token.encode():
-                await self.client.delete(lock)
+            with contextlib.suppress(LockNotOwnedError):  # held past its timeout: not ours now
+                await lock.release()
 
     @staticmethod
     def _summary(
@@ -165,16 +173,23 @@ class Shards:
         if problem:
             log.error("not re-queueing shard %r: %s", shard, problem)
             return 0
-        paths = status.ReportPaths(self.output, shard)
         meta_key = self.keys.shard_meta(shard)
         if await self.client.exists(meta_key):
             return await self.requeue_open(shard, statuses)  # reopened before, or in flight
-        records = [r for r in status.read_report(paths.report) if _usable(r)]
+        report = status.report_key(shard)
+        # decompressing and parsing thousands of records: off the event loop
+        data = await self.storage.get(report)
+        records = await asyncio.to_thread(
+            lambda: [r for r in status.report_records(data) if _usable(r)]
+        )
         retry = [r for r in records if r["status"] in statuses]
         if not retry:
             return 0
         keep = [r for r in records if r["status"] not in statuses]
-        summary = orjson.loads(paths.summary.read_bytes()) if paths.summary.is_file() else {}
+        try:
+            summary = orjson.loads(await self.storage.get(status.summary_key(shard)))
+        except FileNotFoundError:
+            summary = {}
         pipe = self.client.pipeline(transaction=True)
         meta: dict[Any, Any] = {
             k: summary.get(k, 0) for k in ("lines", "bad_lines", "bad_image_info", "images")
@@ -191,7 +206,7 @@ class Shards:
         for rec in retry:
             pipe.hincrby(self.keys.counts, rec["status"], -1)
         await pipe.execute()
-        paths.report.rename(paths.report.with_suffix(".gz.superseded"))
+        await self.storage.rename(report, f"{report}.superseded")
         return len(retry)
 
 

@@ -17,9 +17,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import RedisError
 
+from core.errors import describe, redact
+from core.keys import Keys
 from crawler import monitor
-from crawler.errors import describe, redact
-from crawler.keys import Keys
 
 CLIENT_KEY = web.AppKey("client", aioredis.Redis)
 KEYS_KEY = web.AppKey("keys", Keys)

@@ -20,27 +20,32 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from operator import attrgetter
+from pathlib import Path
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from crawler import gctimer, images, status
-from crawler.config import Config
-from crawler.connection import RedisRetry, connect
-from crawler.fetch import BodyBudget, Fetcher, client_session
-from crawler.heartbeat import Heartbeat, sample_history
-from crawler.keys import Keys
+from core import status
+from core.budget import BodyBudget
+from core.config import Config
+from core.connection import RedisRetry, connect
+from core.fetch import Fetcher
+from core.heartbeat import Heartbeat, sample_history
+from core.keys import Keys
+from core.logs import FailureLog, LogStats
+from core.runtime import StopSignals, watch_loop_lag
+from core.session import client_session
+from core.storage import output_storage
+from core.tasks import cancel_and_wait
+from crawler import gctimer, images
 from crawler.limits import HostGate
-from crawler.logs import FailureLog, LogStats
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pipeline import OutputUnwritable, Pipeline
 from crawler.pool import image_pool
 from crawler.queue import Item, Result, WorkQueue, encode_result
-from crawler.runtime import StopSignals, watch_loop_lag
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import Store, output_problem, sweep_temporary
-from crawler.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
@@ -71,7 +76,7 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.keys = Keys(cfg.redis.namespace)
         self.stats = WorkerStats()
-        self.store = Store(cfg.output_dir)
+        self.store = Store(output_storage(cfg))
         self.settings = images.settings_from(cfg)
         self.metrics = Metrics()
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
@@ -88,7 +93,7 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Bodies being read or waiting for their image work (fetch.BodyBudget).
+        # Bodies being read or waiting for their image work (budget.BodyBudget).
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
         self._last_sweep = -math.inf  # sweep on the first pass: monotonic time starts at boot
         self._output_probed = False
@@ -126,7 +131,7 @@ class Worker:
         )
         parts.push_async_callback(self.heartbeat.remove)
         self.queue = WorkQueue(self.client, self.keys, cfg.queue)
-        self.shards = Shards(self.client, self.keys, self.queue, cfg.output_dir)
+        self.shards = Shards(self.client, self.keys, self.queue, self.store.storage)
         pool = image_pool(cfg)
         parts.push_async_callback(pool.close)
         await pool.start()
@@ -223,7 +228,7 @@ class Worker:
         max_backoff_s: float = 30.0,
     ) -> Coroutine[Any, Any, NoReturn]:
         """One iteration of a background loop every `interval_s` until cancelled (see
-        crawler.tasks), retried as `RedisRetry.every` retries."""
+        core.tasks), retried as `RedisRetry.every` retries."""
         what = iteration.__name__.strip("_")
         retry = RedisRetry.from_config(self.cfg, what, cap_s=max_backoff_s)
         return retry.every(iteration, interval_s)
@@ -379,7 +384,7 @@ class Worker:
         if not self.output_blocked and self._output_probed:
             return
         self._output_probed = True
-        problem = await asyncio.to_thread(output_problem, self.cfg.output_dir)
+        problem = await asyncio.to_thread(output_problem, self.store.storage)
         if problem:
             self._block_output(problem)
         elif self.output_blocked:
@@ -426,7 +431,9 @@ class Worker:
             self._block_output(str(exc))
 
     def _sweep(self) -> None:
-        out = self.cfg.output_dir
+        if self.store.remote:
+            return  # (an object is one PUT: no temporary files)
+        out = Path(self.store.output)
         if out.is_dir():
             for shard_dir in out.iterdir():
                 if (
@@ -441,7 +448,7 @@ class Worker:
             sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
 
     async def _summary_loop(self) -> None:
-        """The periodic one-line INFO summary (see crawler.logs)."""
+        """The periodic one-line INFO summary (see core.logs)."""
         while True:
             await asyncio.sleep(self.cfg.worker.log_interval_s)
             log.info(
@@ -449,7 +456,7 @@ class Worker:
             )
 
     def _beat(self) -> dict[str, str | int | float]:
-        """This worker's heartbeat fields (see crawler.heartbeat)."""
+        """This worker's heartbeat fields (see core.heartbeat)."""
         elapsed = max(1e-6, time.time() - self.stats.started)
         return {
             "started": self.stats.started,

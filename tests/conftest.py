@@ -38,7 +38,7 @@ async def aredis() -> AsyncIterator[aioredis.Redis]:
 
 from collections.abc import Iterator as _Iterator  # noqa: E402
 
-from crawler.testweb import ImageWeb  # noqa: E402
+from testweb import ImageWeb  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +50,8 @@ def web() -> _Iterator[ImageWeb]:
 
 # ---- object storage: a private SeaweedFS (S3 gateway) on loopback -------------------------
 
+from s3_server import BUCKET as S3_BUCKET  # noqa: E402
 from s3_server import SeaweedFS  # noqa: E402
-
-S3_BUCKET = "mmc4-test"
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,16 @@ from typing import Any, TypeVar
 import orjson
 import redis.asyncio as aioredis
 
-from crawler import status
-from crawler.config import Config
-from crawler.diagnostics import task_stacks
+from core import status
+from core.config import Config
+from core.diagnostics import task_stacks
+from core.keys import Keys
+from core.storage import output_storage
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb, make_docs, write_shard
 from crawler.worker import Worker
+from testweb import ImageWeb, make_docs, write_shard
 
 TEST_REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CRAWL_TIMEOUT_S = 90.0  # far beyond any test crawl; a hang fails with every task's stack
@@ -66,7 +67,7 @@ async def crawl(cfg: Config, shard_paths: list[str], *, workers: int = 1) -> lis
         crew = [Worker(cfg) for _ in range(workers)]
         await within(CRAWL_TIMEOUT_S, asyncio.gather(*(w.run(until_idle=True) for w in crew)))
         await Shards(
-            client, keys, WorkQueue(client, keys, cfg.queue), cfg.output_dir
+            client, keys, WorkQueue(client, keys, cfg.queue), output_storage(cfg)
         ).finalize_all()
         return crew
     finally:
@@ -98,8 +99,8 @@ async def stuck_state(client: aioredis.Redis, keys: Keys, shard: str, log: Path)
 
 def report(cfg: Config, shard: str) -> dict[str, dict[str, Any]]:
     """The shard's report as image_name -> record (asserting one record per name)."""
-    path = status.ReportPaths(cfg.output_dir, shard).report
-    records = list(status.read_report(path))
+    data = output_storage(cfg).get_sync(status.report_key(shard))
+    records = list(status.report_records(data))
     names = [r["image_name"] for r in records]
     assert len(names) == len(set(names)), "more than one record for an image"
     return {r["image_name"]: r for r in records}

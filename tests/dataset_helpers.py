@@ -19,9 +19,9 @@ import redis
 from crawling import TEST_REDIS_URL, crawl, crawl_config, image_doc, write_docs
 
 from assign.worker import run_assign_worker
-from crawler.config import Config
+from core.config import Config
 from crawler.dataset.auth import new_token, token_hash
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 OK_PATHS = ["/img/640x480/a.jpg", "/img/300x200/b.png", "/img/1200x900/c.webp", "/img/64x64/d.gif"]
 FAIL_PATHS = ["/fault/status/404", "/fault/html"]

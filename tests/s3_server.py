@@ -10,6 +10,8 @@ bucket is an error as on a real S3.
 
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +23,12 @@ from pathlib import Path
 import orjson
 from redis_server import ServerProcess, free_port
 
+from core import early
+
 ACCESS_KEY = "mmc4-test-key"
 SECRET_KEY = "mmc4-test-secret"
 REGION = "us-east-1"
+BUCKET = "mmc4-test"  # the bucket of the `s3_server` fixture
 
 
 def weed_binary() -> str:
@@ -80,9 +85,11 @@ class SeaweedFS(ServerProcess):
             "-master.volumeSizeLimitMB=64", "-volume.max=0",
         ]  # fmt: skip
         with open(self.dir / "weed.log", "ab") as log:
+            # (a test process killed before its teardown takes the server with it)
             self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=functools.partial(early.stop_with_parent, os.getpid()),
+            )  # fmt: skip
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60.0) -> None:

@@ -18,8 +18,8 @@ from aiohttp import web
 
 from assign.solve import assign
 from assign.worker import AssignWorker, run_assign_worker
-from crawler.config import Config
-from crawler.keys import ASSIGN_GROUP, Keys
+from core.config import Config
+from core.keys import ASSIGN_GROUP, Keys
 
 REDIS_URL = os.environ.get("MMC4_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -27,10 +27,10 @@ from test_dataset_export import read_back
 from assign.task import AssignSettings, ShardTask, process
 from assign.tree import open_tree
 from assign.worker import run_assign_worker
-from crawler import status
-from crawler.config import Config
-from crawler.keys import Keys
-from crawler.testweb import ImageWeb
+from core import status
+from core.config import Config
+from core.keys import Keys
+from testweb import ImageWeb
 
 
 @pytest.fixture(scope="module")

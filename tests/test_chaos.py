@@ -30,10 +30,10 @@ from PIL import Image
 from redis_server import RedisProcess
 from test_poison import POISON
 
+from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 async def test_poison_kills_and_a_redis_restart_end_with_every_shard_whole_and_rewritten(

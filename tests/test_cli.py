@@ -19,9 +19,9 @@ import redis
 from click.testing import CliRunner
 from crawling import TEST_REDIS_URL, alive, children, crawl, crawl_config, report
 
+from core.status import read_report
 from crawler.cli import main
-from crawler.status import read_report
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 def mmc4(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from crawler import config
+from core import config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +72,8 @@ def test_lists_tables_and_booleans_parse_from_strings() -> None:
         ("worker.processes=0", "worker.processes = 0 is out of range: must be in 1"),
         ("worker.image_processes=-2", "worker.image_processes = -2 is out of range"),
         ("fetch.total_timeout_s=0", "fetch.total_timeout_s = 0.0 is out of range: must be greater"),
+        ("paths.output=s3:///prefix", "names no bucket: s3://bucket/prefix"),
+        ("storage.max_inflight=0", r"storage.max_inflight = 0 is out of range: must be in 1\.\."),
     ],
 )
 def test_bad_values_are_reported_clearly(override: str, message: str) -> None:

@@ -17,11 +17,11 @@ from crawling import churn_flags, crawl_config, report, start_worker, stuck_stat
 from PIL import Image
 from redis_server import RedisProcess
 
+from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 async def test_kill_9_workers_and_redis_mid_run_loses_nothing_and_duplicates_nothing(

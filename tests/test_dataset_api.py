@@ -21,10 +21,10 @@ from crawling import image_doc, write_docs
 from dataset_helpers import Corpus, Server, crawl_corpus, serving
 from schemathesis import GenerationMode
 
+from assign.index import index_shard
 from assign.tree import LocalTree
-from crawler import status
-from crawler.dataset.index import index_shard
-from crawler.testweb import ImageWeb
+from core import status
+from testweb import ImageWeb
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ import webdataset as wds
 from dataset_helpers import Corpus, crawl_corpus
 from PIL import Image
 
-from crawler import status
+from core import status
 from crawler.dataset.export import sample_key
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 @pytest.fixture(scope="module")

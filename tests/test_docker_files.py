@@ -28,7 +28,7 @@ import click
 import pytest
 import yaml
 
-from crawler.config import Config, ConfigError, apply_env
+from core.config import Config, ConfigError, apply_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -39,7 +39,7 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 OUR_DOCKERFILE = "docker/Dockerfile"
 VALID_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
-# MMC4_ variables that are not settings: the config file path (crawler.config.default_config_path).
+# MMC4_ variables that are not settings: the config file path (core.config.default_config_path).
 NON_SETTING_VARIABLES = {"MMC4_CONFIG"}
 SERVICE_ROLES = {"redis", "ingest", "worker", "assign", "status", "prometheus"}
 
@@ -546,6 +546,7 @@ def test_volumes_are_declared_and_shards_are_read_only() -> None:
 
 
 def test_writers_mount_the_images_volume_read_write() -> None:
+    # (with the output on local disk, the default; a bucket needs no volume)
     # workers write images and reports, the assignment worker OUTPUT/_shards
     for name in ("worker", "assign"):
         output = effective_config(name).paths.output
@@ -558,6 +559,67 @@ def test_writers_mount_the_images_volume_read_write() -> None:
     assert len(sources) == 1, f"one images volume for every role: {sources}"
     # the assignment worker reads source shards where ingest saw them
     assert any(m.target == "/data/shards" for m in mounts("assign"))
+
+
+# --- compose: output to a bucket ------------------------------------------------------------
+
+S3_ENV_EXAMPLE = DOCKER / "s3.env.example"
+
+
+def s3_variables(text: str) -> dict[str, str]:
+    """``NAME=value`` lines of an env file, commented-out ones included (they are options)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*)=(.*)", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def obstore_reads(variable: str, value: str) -> bool:
+    """Whether obstore's S3 store knows the setting an AWS_* variable names (an unknown one
+    is refused by name; a known one may still want others beside it)."""
+    from obstore.exceptions import UnknownConfigurationKeyError
+    from obstore.store import S3Store
+
+    try:
+        S3Store("bucket", config={variable.lower(): value or "x"})
+    except UnknownConfigurationKeyError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def test_the_output_can_be_a_bucket_named_by_mmc4_output() -> None:
+    raw = compose_raw()["x-env"]["MMC4_PATHS__OUTPUT"]
+    assert raw == "${MMC4_OUTPUT:-/data/images}"
+    cfg = Config()
+    apply_env(cfg, {"MMC4_PATHS__OUTPUT": "s3://bucket/mmc4"})
+    cfg.validate()
+
+
+def test_every_role_of_ours_reads_the_buckets_credentials_from_an_optional_file() -> None:
+    for name in services():
+        files = services()[name].get("env_file", [])
+        if not ours(name):
+            assert not files, f"{name} gets the bucket's credentials"
+            continue
+        assert files == [{"path": "s3.env", "required": False}], name
+    # the file itself stays out of git and of the image's build context
+    assert "/docker/s3.env" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "docker/s3.env" in DOCKERIGNORE.read_text().splitlines()
+
+
+def test_the_s3_env_example_names_only_variables_obstore_reads() -> None:
+    variables = s3_variables(S3_ENV_EXAMPLE.read_text(encoding="utf-8"))
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL"} <= set(
+        variables
+    )
+    for variable, value in variables.items():
+        assert variable.startswith("AWS_"), variable
+        assert obstore_reads(variable, value), f"{variable}: obstore has no such setting"
+    assert not obstore_reads("AWS_ENDPOINT_URLL", "x")  # the check can fail
 
 
 def test_raw_compose_uses_x_anchors_for_shared_settings() -> None:

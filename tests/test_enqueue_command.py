@@ -20,8 +20,8 @@ import redis
 from crawling import TEST_REDIS_URL, image_doc, signalled_after
 from redis_server import RedisProcess, free_port
 
-from crawler.exitcodes import ExitCode
-from crawler.keys import Keys
+from core.exitcodes import ExitCode
+from core.keys import Keys
 
 # Far beyond the second or two a stop takes: only a process that ignores the signal fails.
 STOP_BOUND_S = 10.0
@@ -322,9 +322,9 @@ def test_sigterm_stops_enqueue_waiting_on_a_stalled_shard_download(
 
 STUCK = """
 import asyncio, sys
-from crawler import early
+from core import early
 early.install()
-from crawler.runtime import StopSignals
+from core.runtime import StopSignals
 
 async def main():
     signals = StopSignals()

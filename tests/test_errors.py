@@ -1,5 +1,5 @@
 """Every command fails with one line naming what failed and what to check, a distinct exit
-code (crawler/exitcodes.py) and no traceback unless -vv: driven through the real CLI."""
+code (core/exitcodes.py) and no traceback unless -vv: driven through the real CLI."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 import redis
 from crawling import TEST_REDIS_URL
 
-from crawler.embedded import EmbeddedRedis
-from crawler.exitcodes import ExitCode
+from core.embedded import EmbeddedRedis
+from core.exitcodes import ExitCode
 
 DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 

@@ -13,12 +13,12 @@ import redis.asyncio as aioredis
 from crawling import churn_flags, crawl_config, flags, report, start_worker, stuck_state
 from redis_server import RedisProcess
 
-from crawler.exitcodes import ExitCode
+from core.exitcodes import ExitCode
+from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb, check_rate, make_docs, write_shard
+from testweb import ImageWeb, check_rate, make_docs, write_shard
 
 RATE, BURST = 6.0, 2
 

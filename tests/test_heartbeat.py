@@ -1,4 +1,4 @@
-"""Specifications of crawler.heartbeat: the heartbeat hash, its tallies, the fleet history."""
+"""Specifications of core.heartbeat: the heartbeat hash, its tallies, the fleet history."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_server import free_port
 
-from crawler.heartbeat import Heartbeat, sample_history
-from crawler.keys import Keys
+from core.heartbeat import Heartbeat, sample_history
+from core.keys import Keys
 
 
 async def test_a_beat_writes_who_and_when_and_the_workers_fields_with_a_ttl(

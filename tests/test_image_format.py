@@ -13,7 +13,7 @@ from crawling import crawl, crawl_config, image_doc, report, write_docs
 from PIL import Image
 
 from crawler.images import ImageSettings, process_image
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 def _image(fmt: str, mode: str = "RGB", size: tuple[int, int] = (64, 48), **kw: object) -> bytes:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from crawler.config import load as load_config
+from core.config import load as load_config
 from crawler.images import (
     ImageResult,
     ImageSettings,

@@ -9,7 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from crawler import ingest, status
+from core import shardfiles, status
+from crawler import ingest
 
 
 def doc(*infos: dict[str, object]) -> bytes:
@@ -73,9 +74,9 @@ def test_entries_without_a_name_are_counted_and_skipped() -> None:
 
 
 def test_shard_ids_come_from_file_names_without_the_jsonl_suffixes() -> None:
-    assert ingest.shard_id("/d/docs_no_face_shard_7_v2.jsonl.zip") == "docs_no_face_shard_7_v2"
-    assert ingest.shard_id("https://h/x/docs_shard_1_v3.jsonl?sig=1") == "docs_shard_1_v3"
-    assert ingest.shard_id("a.jsonl.gz") == "a"
+    assert shardfiles.shard_id("/d/docs_no_face_shard_7_v2.jsonl.zip") == "docs_no_face_shard_7_v2"
+    assert shardfiles.shard_id("https://h/x/docs_shard_1_v3.jsonl?sig=1") == "docs_shard_1_v3"
+    assert shardfiles.shard_id("a.jsonl.gz") == "a"
 
 
 def test_brace_patterns_and_directories_expand_in_order(tmp_path: Path) -> None:
@@ -104,7 +105,7 @@ def test_plain_gzip_and_zip_shards_stream_the_same_lines(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("shard", ["", "_status", ".x", "a/b", "a\nb"])
 def test_unusable_shard_ids_are_refused(shard: str) -> None:
-    assert ingest.check_shard_id(shard)
+    assert shardfiles.check_shard_id(shard)
 
 
 def test_a_name_with_unbalanced_braces_is_taken_as_it_is(tmp_path: Path) -> None:

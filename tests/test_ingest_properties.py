@@ -22,8 +22,9 @@ from crawling import TEST_REDIS_URL, crawl_config
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from crawler.ingest import Ingest, IngestStats, check_shard_id, expand_sources
-from crawler.keys import Keys
+from core.keys import Keys
+from core.shardfiles import check_shard_id
+from crawler.ingest import Ingest, IngestStats, expand_sources
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
 

@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from crawling import crawl, crawl_config, image_doc, own_names, report
 
-from crawler import status
+from core import status
+from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 def shard_bytes(n: int, tag: str) -> bytes:
@@ -201,7 +201,7 @@ async def test_the_shard_id_of_a_url_comes_from_its_path_not_its_query(
 
 
 def test_a_long_shard_id_is_refused() -> None:
-    from crawler.ingest import check_shard_id
+    from core.shardfiles import check_shard_id
 
     assert check_shard_id("docs_shard_" + "9" * 300) is not None
     assert check_shard_id("docs_shard_" + "9" * 150) is None
@@ -287,3 +287,21 @@ async def test_a_shard_url_that_does_not_parse_is_unreadable_not_a_crash(
     await ingest.run(expand_sources(["http://[::1/docs_shard_0_v2.jsonl"]))
     assert ingest.stats.shards_unreadable == 1
     assert ingest.stats.unreadable[0].startswith("docs_shard_0_v2:")
+
+
+async def test_a_shard_whose_ingest_lock_another_process_holds_is_skipped_and_ours_is_released(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    keys = Keys(namespace)
+    cfg = crawl_config(namespace, tmp_path)
+    for name in ("held", "free"):
+        (tmp_path / f"{name}.jsonl").write_bytes(shard_bytes(2, name))
+    held = aredis.lock(keys.shard_ingest_lock("held"), timeout=60, blocking=False)
+    assert await held.acquire()
+    ingest = Ingest(cfg, aredis)
+    await ingest.run(expand_sources([str(tmp_path / "held.jsonl"), str(tmp_path / "free.jsonl")]))
+    assert ingest.stats.shards == 1 and ingest.stats.shards_skipped == 1
+    assert await aredis.hget(keys.shard_meta("held"), "total") is None
+    assert await aredis.hget(keys.shard_meta("free"), "total") == b"4"
+    assert await aredis.exists(keys.shard_ingest_lock("free")) == 0  # released after ingest
+    assert await held.owned()  # the other holder's lock is untouched

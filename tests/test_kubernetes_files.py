@@ -18,7 +18,7 @@ Then the manifests are checked against the code they drive, like docker/compose.
 tests/test_docker_files.py: every command a container or probe runs is a real subcommand with
 real options, every ``MMC4_<SECTION>__<KEY>`` a real setting with a value that parses, every
 port the one the process listens on, and the KEDA trigger names the real stream and consumer
-group of crawler/keys.py.
+group of core/keys.py.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from pydantic import BaseModel
 from pydantic import ValidationError as ModelValidationError
 from test_docker_files import check_invocation, image_entrypoint
 
+from core.config import Config, apply_env
+from core.keys import CRAWL_GROUP, Keys
 from crawler.cli import main
-from crawler.config import Config, apply_env
-from crawler.keys import CRAWL_GROUP, Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -250,6 +250,7 @@ def expand(value: str, defined: dict[str, str]) -> str:
 class Env:
     values: dict[str, str]  # resolved; a secret's value is a stand-in
     secrets: dict[str, tuple[str, str]]  # variable -> (secret, key)
+    secret_sources: list[str]  # Secrets whose every key becomes a variable (envFrom)
 
 
 SAMPLE_PASSWORD = "0123456789abcdef"
@@ -258,7 +259,11 @@ SAMPLE_PASSWORD = "0123456789abcdef"
 def container_env(container: dict[str, Any], docs: tuple[dict[str, Any], ...]) -> Env:
     values: dict[str, str] = {}
     secrets: dict[str, tuple[str, str]] = {}
+    sources: list[str] = []
     for source in container.get("envFrom", []):
+        if "secretRef" in source:
+            sources.append(source["secretRef"]["name"])
+            continue
         ref = source["configMapRef"]["name"]
         values.update({k: str(v) for k, v in find(docs, "ConfigMap", ref)["data"].items()})
     for item in container.get("env", []):
@@ -269,7 +274,7 @@ def container_env(container: dict[str, Any], docs: tuple[dict[str, Any], ...]) -
             ref = item["valueFrom"]["secretKeyRef"]
             secrets[name] = (ref["name"], ref["key"])
             values[name] = SAMPLE_PASSWORD
-    return Env(values, secrets)
+    return Env(values, secrets, sources)
 
 
 def effective_config(env: Env) -> Config:
@@ -359,6 +364,28 @@ def test_the_password_file_setting_matches_compose() -> None:
     worker = containers(find(docs, "Deployment", "worker"))[0]
     ours_cfg = effective_config(container_env(worker, docs))
     assert ours_cfg.redis.password_file == compose_config("worker").redis.password_file
+
+
+def test_in_the_bucket_overlay_every_role_of_the_corpus_reaches_the_bucket() -> None:
+    from test_docker_files import obstore_reads
+
+    from core.storage import is_remote
+
+    docs = build(KUBE / "overlays" / "bucket")
+    assert not of_kind(docs, "PersistentVolumeClaim"), "a bucket needs no shared volume"
+    for workload in workloads(docs):
+        name = workload["metadata"]["name"]
+        for container in filter(ours, containers(workload)):
+            env = container_env(container, docs)
+            cfg = effective_config(env)
+            assert is_remote(cfg.paths.output), f"{name}: {cfg.paths.output}"
+            mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+            assert not any(m.startswith("/data/images") for m in mounts), name
+            # the status server reads Redis only; the rest read or write the corpus
+            assert env.secret_sources == ([] if name == "status" else ["mmc4-s3"]), name
+            for variable, value in env.values.items():
+                if variable.startswith("AWS_"):
+                    assert obstore_reads(variable, value), f"{name}: obstore has no {variable}"
 
 
 def test_the_shared_output_is_mounted_where_paths_output_points() -> None:
@@ -475,7 +502,7 @@ def test_a_paused_worker_is_not_ready_and_is_not_restarted(namespace: str) -> No
 
 
 def test_the_ingest_job_does_not_retry_a_usage_error() -> None:
-    from crawler.exitcodes import ExitCode
+    from core.exitcodes import ExitCode
 
     job = find(base_docs(), "Job", "ingest")
     assert pod_spec(job)["restartPolicy"] == "Never"

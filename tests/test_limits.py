@@ -7,9 +7,9 @@ from pathlib import Path
 
 from crawling import crawl, crawl_config, image_doc, report, write_docs
 
-from crawler.config import LimitsConfig
+from core.config import LimitsConfig
 from crawler.limits import DEFERRAL_MIN_S, HostGate, deferral_s
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 def test_deferral_is_half_the_backlogs_drain_time_within_bounds() -> None:

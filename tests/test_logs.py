@@ -13,9 +13,9 @@ import orjson
 import pytest
 from crawling import TEST_REDIS_URL
 
-from crawler.exitcodes import ExitCode
-from crawler.logs import FailureLog, LogStats
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from core.exitcodes import ExitCode
+from core.logs import FailureLog, LogStats
+from testweb import ImageWeb, make_docs, write_shard
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

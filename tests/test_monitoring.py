@@ -17,11 +17,11 @@ import redis
 from crawling import TEST_REDIS_URL, crawl_config, image_doc, write_docs
 from PIL import Image
 
+from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb
 from crawler.worker import Worker
+from testweb import ImageWeb
 
 
 def free_port() -> int:

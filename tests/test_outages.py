@@ -31,10 +31,10 @@ from crawling import (
 from redis_server import RedisProcess, free_port
 from test_assign_worker import read_docs, write_crawl
 
+from core.keys import Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import Keys
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from testweb import ImageWeb, make_docs, write_shard
 
 
 async def eventually(what: str, check: object, timeout_s: float = 30.0) -> None:

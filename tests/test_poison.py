@@ -23,10 +23,10 @@ from crawling import (
     write_shards,
 )
 
+from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 # (fields, what the dead-letter entry's reason says)
 POISON: list[tuple[dict[bytes, bytes], str]] = [

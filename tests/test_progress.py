@@ -17,7 +17,7 @@ import pytest
 from crawling import TEST_REDIS_URL
 from PIL import Image
 
-from crawler.testweb import ImageWeb, write_shard
+from testweb import ImageWeb, write_shard
 
 SHARDS, PER_SHARD = 3, 24
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

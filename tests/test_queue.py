@@ -9,13 +9,13 @@ import pytest
 import redis.asyncio as aioredis
 from crawling import crawl, crawl_config, image_doc, report, write_docs
 
-from crawler import status
-from crawler.config import Config
+from core import status
+from core.config import Config
+from core.keys import CRAWL_GROUP, Keys
 from crawler.ingest import Ingest, expand_sources
-from crawler.keys import CRAWL_GROUP, Keys
 from crawler.queue import WorkQueue, encode_result
 from crawler.shards import Shards
-from crawler.testweb import ImageWeb
+from testweb import ImageWeb
 
 
 def short_leases(cfg: Config, lease_s: float) -> Config:

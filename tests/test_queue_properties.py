@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from crawler.ingest import check_url
-from crawler.keys import CRAWL_GROUP, Keys
-from crawler.testweb import ImageWeb, make_docs, write_shard
+from core.guard import check_url
+from core.keys import CRAWL_GROUP, Keys
+from testweb import ImageWeb, make_docs, write_shard
 
 SHARD = "prop_shard"
 FIELD_NAMES = st.one_of(st.sampled_from([b"s", b"n", b"u"]), st.binary(max_size=6))

@@ -18,8 +18,8 @@ import pytest
 from crawling import alive, children, signalled_after
 from redis_server import RedisProcess
 
-from crawler.exitcodes import ExitCode
-from crawler.testweb import ImageWeb, write_shard
+from core.exitcodes import ExitCode
+from testweb import ImageWeb, write_shard
 
 GRACE_S = 3
 

@@ -17,9 +17,9 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis_server import free_port
 
-from crawler.connection import RedisRetry, RedisUnavailable
-from crawler.exitcodes import ExitCode
-from crawler.runtime import StopSignals, unless_stopped, until_stopped
+from core.connection import RedisRetry, RedisUnavailable
+from core.exitcodes import ExitCode
+from core.runtime import StopSignals, unless_stopped, until_stopped
 
 
 def _mine(_signum: int, _frame: FrameType | None) -> None:

@@ -7,10 +7,20 @@ import io
 import os
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from core.storage import LocalStorage, open_storage
 from crawler.images import ImageSettings
-from crawler.store import TMP_PREFIX, Store, shrink_and_store, sweep_temporary, verify_stored
+from crawler.store import (
+    OUTPUT_UNWRITABLE,
+    TMP_PREFIX,
+    Store,
+    shrink_and_store,
+    sweep_temporary,
+    verify_bytes,
+    verify_stored,
+)
 
 SETTINGS = ImageSettings(max_side=800)
 
@@ -76,7 +86,7 @@ def test_a_stored_file_is_recognised_and_a_broken_one_is_not(tmp_path: Path) -> 
 
 
 def test_on_disk_answers_for_a_whole_batch(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(LocalStorage(str(tmp_path)))
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "here.jpg").write_bytes(b"x")
     (tmp_path / "s" / "dir.jpg").mkdir()
@@ -100,7 +110,7 @@ def test_sweep_removes_only_old_temporaries(tmp_path: Path) -> None:
 def test_a_shard_without_a_directory_at_first_look_has_nothing_from_an_earlier_run(
     tmp_path: Path,
 ) -> None:
-    store = Store(tmp_path)
+    store = Store(LocalStorage(str(tmp_path)))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "a.jpg").write_bytes(b"x")
     assert not store.all_new(["old", "new"])  # not looked at yet
@@ -109,4 +119,50 @@ def test_a_shard_without_a_directory_at_first_look_has_nothing_from_an_earlier_r
     (tmp_path / "new").mkdir()  # written since by this crawl
     (tmp_path / "new" / "a.jpg").write_bytes(b"x")
     assert store.on_disk([("new", "a.jpg")]) == [False]
-    assert Store(tmp_path).on_disk([("new", "a.jpg")]) == [True]  # the next run finds it
+    assert Store(LocalStorage(str(tmp_path))).on_disk([("new", "a.jpg")]) == [
+        True
+    ]  # the next run finds it
+
+
+def test_a_bucket_is_listed_once_per_shard_for_what_an_earlier_run_stored(
+    s3_output: str,
+) -> None:
+    storage = open_storage(s3_output)
+    storage.put_sync("old/a.jpg", b"x")
+    store = Store(storage)
+    asked = [("old", "a.jpg"), ("old", "b.jpg"), ("new", "a.jpg")]
+    assert store.on_disk(asked) == [True, False, False]
+    assert store.all_new(["new"]) and not store.all_new(["old"])
+    storage.put_sync("old/b.jpg", b"x")  # written since, by this crawl: the listing stands
+    storage.put_sync("new/a.jpg", b"x")
+    assert store.on_disk(asked) == [True, False, False]
+    assert Store(storage).on_disk(asked) == [True, True, True]  # the next run finds them
+
+
+async def test_an_upload_is_the_whole_shrunk_image_and_a_failed_one_pauses_the_output(
+    s3_output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(open_storage(s3_output))
+    target = store.target("shard", "a.jpg")
+    img = store.image_job(jpeg(2000, 1000), SETTINGS, target)
+    assert img.status == "ok" and img.data is not None
+    done = await store.finish("shard", "a.jpg", img)
+    assert done.status == "ok" and done.data is None
+    stored = await store.storage.get("shard/a.jpg")
+    assert len(stored) == done.stored_bytes and hashlib.sha256(stored).hexdigest() == img.sha256
+    assert verify_bytes(stored, SETTINGS) is not None
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    refused = await Store(open_storage(s3_output)).finish("shard", "b.jpg", img)
+    assert refused.status == OUTPUT_UNWRITABLE and "SignatureDoesNotMatch" in refused.error
+
+
+async def test_a_bucket_that_cannot_be_read_means_fetch_again_not_a_failed_image(
+    s3_output: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = open_storage(s3_output)
+    storage.put_sync("old/a.jpg", jpeg(100, 100))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    store = Store(open_storage(s3_output))
+    assert store.on_disk([("old", "a.jpg")]) == [False]
+    assert not store.all_new(["old"])  # unknown, not new: asked again next time
+    assert await store.stored_bytes("old", "a.jpg") is None

@@ -17,13 +17,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
-from crawler.testweb import (
+from testweb import (
     Arrival,
     ImageWeb,
     Latency,
     check_concurrency,
     check_rate,
-    cli,
     make_docs,
     max_concurrency,
     min_interval,
@@ -31,6 +30,7 @@ from crawler.testweb import (
     start_subprocess,
     write_shard,
 )
+from testweb.__main__ import cli
 
 REPO = Path(__file__).resolve().parent.parent
 

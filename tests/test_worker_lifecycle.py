@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from crawling import crawl, crawl_config
 
-from crawler.tasks import cancel_and_wait
+from core.tasks import cancel_and_wait
 from crawler.worker import Worker
 
 

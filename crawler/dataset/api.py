@@ -26,11 +26,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from assign.tree import Tree, open_tree
-from crawler.config import Config
-from crawler.dataset import openapi
-from crawler.dataset.auth import TokenCheck
-from crawler.dataset.index import (
+from assign.index import (
     IMAGE_ROUTE,
     SHARD_ID,
     DatasetIndex,
@@ -38,6 +34,10 @@ from crawler.dataset.index import (
     Page,
     ShardChanged,
 )
+from assign.tree import Tree, open_tree
+from core.config import Config
+from crawler.dataset import openapi
+from crawler.dataset.auth import TokenCheck
 
 log = logging.getLogger("crawler.dataset.api")
 

@@ -35,12 +35,12 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from assign.shardio import WRITE_BUFFER
+from assign.index import RECORD, DatasetIndex, Filter, IndexPaths
 from assign.status import StoredImage, stored_images
 from assign.tree import Tree, open_file, open_tree
-from crawler import status
-from crawler.config import StorageConfig
-from crawler.dataset.index import RECORD, DatasetIndex, Filter, IndexPaths
+from core import status
+from core.config import StorageConfig
+from core.safefs import WRITE_BUFFER
 
 PROGRESS_DIR = "_progress"
 LAYOUTS = ("base64", "members")
@@ -253,7 +253,7 @@ _progress_queue: Any = None
 def _init_worker(queue: Any) -> None:
     global _progress_queue
     _progress_queue = queue
-    # The parent's handlers (crawler.early) only remember a signal: a worker ends on SIGTERM,
+    # The parent's handlers (core.early) only remember a signal: a worker ends on SIGTERM,
     # and leaves Ctrl-C to the parent.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -6,11 +6,11 @@ import contextlib
 import errno
 import sys
 
-from crawler.config import Config
+from core.config import Config
+from core.exitcodes import ExitCode
+from core.runtime import StopSignals, serving
 from crawler.dataset.api import make_app
 from crawler.dataset.auth import BadTokenHash, TokenCheck
-from crawler.exitcodes import ExitCode
-from crawler.runtime import StopSignals, serving
 
 
 async def serve(cfg: Config, host: str, port: int) -> int:

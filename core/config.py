@@ -72,6 +72,9 @@ class StorageConfig:
     connect_timeout_s: float = 5.0
     # Allow a plain http:// endpoint (a test or in-cluster server); AWS_ALLOW_HTTP=true too.
     allow_http: bool = False
+    # A named profile of ~/.aws/credentials and ~/.aws/config (needs boto3: the aws-profile
+    # extra). Empty: AWS_PROFILE when it is set and AWS_ACCESS_KEY_ID is not.
+    profile: str = ""
 
 
 @dataclass
@@ -299,6 +302,11 @@ class Config:
         _check(
             self.images.format in IMAGE_FORMATS,
             f"images.format must be one of {', '.join(IMAGE_FORMATS)}",
+        )
+        out = self.paths.output
+        _check(
+            not out.startswith("s3://") or bool(out[5:].partition("/")[0]),
+            f"paths.output {out!r} names no bucket: s3://bucket/prefix",
         )
         url = self.redis.url
         _check(

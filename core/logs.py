@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from crawler.status import OK
+from core.status import OK
 
 LEVEL_ENV = "MMC4_LOG_LEVEL"
 FORMAT_ENV = "MMC4_LOG_FORMAT"

@@ -6,7 +6,7 @@
   (``StopSignals.event``), which the command honours at its next consistent point within its
   grace period; a second one exits at once with the first one's code, or, for a command that
   says how (``on_force``), stops at once in its own way. Signals that arrived before the loop
-  ran (remembered by ``crawler.early``) count too, and the handlers that were there before are
+  ran (remembered by ``core.early``) count too, and the handlers that were there before are
   restored when the command is done with its own.
 - Watchdog: a stop that overruns its deadline ends the process with every thread's and every
   task's stack in the log (`exit_after`); `watch_loop_lag` measures how late the loop wakes.
@@ -30,9 +30,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from crawler import early
-from crawler.diagnostics import task_stacks
-from crawler.exitcodes import ExitCode
+from core import early
+from core.diagnostics import task_stacks
+from core.exitcodes import ExitCode
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -123,7 +123,7 @@ class StopSignals:
             self._on_signal(signum)
 
     def uninstall(self) -> None:
-        """Restore the handlers that were there before `install` (usually ``crawler.early``'s,
+        """Restore the handlers that were there before `install` (usually ``core.early``'s,
         which remember a signal without acting on it)."""
         loop = asyncio.get_running_loop()
         for sig, previous in self._previous.items():

@@ -33,7 +33,7 @@ import numpy.typing as npt
 import orjson
 
 from assign.tree import Changed, Tree, open_file
-from crawler import status
+from core import status
 
 log = logging.getLogger("crawler.dataset")
 
@@ -56,7 +56,7 @@ RECORD = np.dtype(
 )
 Records = npt.NDArray[np.void]
 
-# Shard ids as the crawler makes them (ingest.check_shard_id), restricted to URL-safe names.
+# Shard ids as the crawler makes them (shardfiles.check_shard_id), restricted to URL-safe names.
 SHARD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DIGITS = re.compile(r"(\d+)")
 

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from crawler.keys import EMBEDDED_IDENTITY
+from core.keys import EMBEDDED_IDENTITY
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """How every command reports a failure: one line naming what failed and what to check, and a
-distinct exit code from `crawler.exitcodes` (no traceback unless ``-vv``).
+distinct exit code from `core.exitcodes` (no traceback unless ``-vv``).
 
 Commands raise what they raise (a Redis ``ConnectionError``, an ``OSError`` from a bind, a
 ``ConfigError``); `ReportingGroup`, the click group of ``mmc4-crawl`` and ``mmc4-assign``, turns
@@ -19,9 +19,10 @@ import click
 import orjson
 from redis import exceptions as redis_exc
 
-from crawler import logs
-from crawler.config import ConfigError
-from crawler.exitcodes import ExitCode
+from core import logs
+from core.config import ConfigError
+from core.exitcodes import ExitCode
+from core.storage import StorageError
 
 _OUTPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 _PASSWORD = re.compile(r"(?<=://)([^:/@]*):[^@/]*@")
@@ -49,7 +50,7 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def describe(exc: BaseException, redis_url: str = "") -> tuple[ExitCode, str] | None:
     """The exit code and one-line message of a failure, or None for one we cannot name."""
-    from crawler.embedded import EmbeddedRedisError
+    from core.embedded import EmbeddedRedisError
 
     exc = _leaf(exc)
     where = f" at {redact(redis_url)}" if redis_url else ""
@@ -75,6 +76,10 @@ def describe(exc: BaseException, redis_url: str = "") -> tuple[ExitCode, str] | 
         return ExitCode.ADDRESS_IN_USE, (
             f"cannot listen: {exc.strerror or exc}; choose another port (--port, "
             "metrics.port) or stop the process that holds it"
+        )
+    if isinstance(exc, StorageError):
+        return ExitCode.OUTPUT_UNAVAILABLE, (
+            f"output: {exc}; check paths.output, the bucket and the AWS_* settings"
         )
     if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
         name = f" {exc.filename}" if exc.filename else ""

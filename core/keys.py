@@ -21,7 +21,10 @@ key                                type    holds
                                            ingest_line (resume point), flagged_duplicates,
                                            skipped_duplicates, unreadable (why reading
                                            ended early)
-``ns:shard:<shard>:ingest-lock``   string  token of the process enqueueing the shard (TTL)
+``ns:shard:<shard>:ingest-lock``   string  lock (redis-py Lock) of the process enqueueing
+                                           the shard; renewed while it holds the shard
+``ns:shard:<shard>:finalize-lock`` string  lock (redis-py Lock) of the process writing the
+                                           shard's report (expires after 300 s)
 ``ns:shard:<shard>:records``       hash    image_name -> terminal status record (JSON), or
                                            "" while the image is queued (only these images
                                            are the shard's); moved to
@@ -37,6 +40,8 @@ key                                type    holds
 ``ns:limit:<host>``                string  GCRA theoretical arrival time (ms) of a host
 ``ns:worker:<id>``                 hash    heartbeat of one worker process (expires)
 ``ns:history``                     list    [time, done, queued] samples for rate and ETA
+``ns:history:turn``                string  id of the worker taking the next sample (expires
+                                           after 9.5 s: one sample per 10 s in a fleet)
 ``ns:hosts:failed``                zset    host -> failed images (top 10,000 kept)
 ``ns:hosts:gone``                  zset    host -> images that answered 404 or 410
                                            (permanent failures; top 10,000 kept)
@@ -84,6 +89,10 @@ class Keys:
         """Held (with a TTL) by the one process enqueueing a shard."""
         return f"{self.ns}:shard:{shard}:ingest-lock"
 
+    def shard_finalize_lock(self, shard: str) -> str:
+        """Held (with a TTL) by the one process writing a shard's report."""
+        return f"{self.ns}:shard:{shard}:finalize-lock"
+
     def shard_records(self, shard: str) -> str:
         return f"{self.ns}:shard:{shard}:records"
 
@@ -128,6 +137,10 @@ class Keys:
     @property
     def history(self) -> str:
         return f"{self.ns}:history"
+
+    @property
+    def history_turn(self) -> str:
+        return f"{self.ns}:history:turn"
 
     @property
     def hosts_failed(self) -> str:

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from crawler.config import Config, ConfigError
+from core.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,3 +151,8 @@ async def connected(cfg: Config) -> AsyncIterator[aioredis.Redis]:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2):
                 await client.aclose()
+
+
+def text(value: Any) -> str:
+    """A Redis reply value as str (replies are bytes: the clients do not decode)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)

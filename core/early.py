@@ -7,6 +7,7 @@ here and honoured (graceful stop) as soon as the worker's loop installs its own 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import signal
 import sys
@@ -42,23 +43,13 @@ def stop_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def main() -> None:
-    """The `mmc4-crawl` entry point: handlers first, then the CLI."""
-    install()
-    from crawler.cli import main as cli_main
+class EntryPoint:
+    """A console script's entry point: the handlers first, then the click group `main` of
+    `cli_module` with its heavy imports."""
 
-    cli_main()
+    def __init__(self, cli_module: str) -> None:
+        self.cli_module = cli_module
 
-
-main.cli_module = "crawler.cli"  # type: ignore[attr-defined]  # where the click group lives
-
-
-def assign_main() -> None:
-    """The `mmc4-assign` entry point: handlers first, then the assignment CLI."""
-    install()
-    from assign.cli import main as cli_main
-
-    cli_main()
-
-
-assign_main.cli_module = "assign.cli"  # type: ignore[attr-defined]  # where the click group lives
+    def __call__(self) -> None:
+        install()
+        importlib.import_module(self.cli_module).main()

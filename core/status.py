@@ -10,15 +10,17 @@ assignment worker.
 from __future__ import annotations
 
 import gzip
+import io
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from crawler import safefs
+from core import safefs
+from core.storage import Storage
 
 # Terminal statuses. HTTP failures are recorded as http_<code> (http_404, http_503, ...).
 OK = "ok"
@@ -134,31 +136,51 @@ class ReportPaths:
         return self.directory / f"{self.shard}.summary.json"
 
 
-def shard_is_reported(output: Path, shard: str) -> bool:
-    return ReportPaths(output, shard).report.is_file()
+def report_key(shard: str) -> str:
+    """The storage key of a shard's report (`core.storage`)."""
+    return f"{STATUS_DIR}/{shard}.jsonl.gz"
+
+
+def summary_key(shard: str) -> str:
+    return f"{STATUS_DIR}/{shard}.summary.json"
+
+
+def shard_is_reported(storage: Storage, shard: str) -> bool:
+    """(Blocking: one existence check.)"""
+    return storage.exists_sync(report_key(shard))
 
 
 def write_report(
-    output: Path, shard: str, records: list[bytes], summary: dict[str, Any]
-) -> ReportPaths:
-    """Write a shard's records (sorted by image name) and its summary."""
-    paths = ReportPaths(output, shard)
+    storage: Storage, shard: str, records: list[bytes], summary: dict[str, Any]
+) -> str:
+    """Write a shard's records (sorted by image name) and its summary, each whole or not at
+    all; returns the report's key. (Blocking: call it in a thread.)"""
     problem = safefs.check_part(shard)
     if problem:
         raise safefs.UnsafePath(f"shard {problem}")
     records = sorted(records, key=lambda r: orjson.loads(r)["image_name"])
     body = b"".join(r + b"\n" for r in records)
-    root, summary_bytes = str(output), orjson.dumps(summary, option=orjson.OPT_INDENT_2)
-    safefs.write(root, STATUS_DIR, paths.summary.name, summary_bytes, durable=True)
-    safefs.write(root, STATUS_DIR, paths.report.name, gzip.compress(body, 6), durable=True)
-    return paths
+    storage.put_sync(
+        summary_key(shard), orjson.dumps(summary, option=orjson.OPT_INDENT_2), durable=True
+    )
+    storage.put_sync(report_key(shard), gzip.compress(body, 6), durable=True)
+    return report_key(shard)
 
 
 def read_report(path: Path) -> Iterator[dict[str, Any]]:
     with gzip.open(path, "rb") as fh:
-        for line in fh:
-            if line.strip():
-                yield orjson.loads(line)
+        yield from _lines(fh)
+
+
+def report_records(data: bytes) -> Iterator[dict[str, Any]]:
+    """The records of a report's bytes (as stored: gzip)."""
+    return _lines(io.BytesIO(gzip.decompress(data)))
+
+
+def _lines(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if line.strip():
+            yield orjson.loads(line)
 
 
 def decode(raw: bytes | str) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""Heartbeats of the long-running workers (crawl and assignment) and the fleet's history.
+"""Heartbeats of the long-running workers (crawl and assignment), their container health
+check, and the fleet's history.
 
 A worker's heartbeat is a Redis hash with a TTL of `MISSED_BEATS` intervals, rewritten every
 interval: who the worker is (host, pid), when it last beat (`seen`), and what the worker adds.
-`status` lists them, and the container health checks read them. Counts that ride along with a
-beat (`Heartbeat.tally`) reach Redis with it and are kept for the next one if it fails.
+`status` lists them, and `check_heartbeat` answers the container health checks from them.
+Counts that ride along with a beat (`Heartbeat.tally`) reach Redis with it and are kept for the
+next one if it fails.
 
 One crawl worker at a time appends a `time done queued` sample to the history list every 10 s
 (`sample_history`): `status` and the status page derive the rate and ETA from it.
@@ -23,7 +25,10 @@ from typing import Any, NoReturn
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from crawler.keys import Keys
+from core.config import Config
+from core.connection import connected
+from core.connection import text as _s
+from core.keys import Keys
 
 log = logging.getLogger(__name__)
 MISSED_BEATS = 3  # a heartbeat older than this many intervals is stale (and its key expires)
@@ -101,7 +106,7 @@ async def sample_history(
     """Append a `time done queued` sample to the history, unless a worker of the fleet did
     within the last HISTORY_EVERY_S seconds. `depth`: the number of items queued."""
     lock_ms = int(HISTORY_EVERY_S * 1000) - 500
-    if not await client.set(keys.history + ":lock", owner, nx=True, px=lock_ms):
+    if not await client.set(keys.history_turn, owner, nx=True, px=lock_ms):
         return
     counts: Any = await client.hgetall(keys.counts)
     done = sum(int(v) for k, v in counts.items() if k != b"bytes")
@@ -110,3 +115,36 @@ async def sample_history(
     pipe.lpush(keys.history, f"{time.time():.1f} {done} {queued}")
     pipe.ltrim(keys.history, 0, HISTORY_SAMPLES - 1)
     await pipe.execute()
+
+
+async def check_heartbeat(
+    cfg: Config, pattern: str, *, paused_ok: bool = False
+) -> tuple[bool, str]:
+    """The container health checks: is a heartbeat key matching `pattern` from this host
+    (hostname) younger than three heartbeat intervals, and not paused (unless `paused_ok`:
+    a paused worker runs and beats, it only takes no work)? Returns the answer and, when it
+    is no, the reason."""
+    max_age_s = MISSED_BEATS * cfg.worker.heartbeat_interval_s
+    try:
+        async with connected(cfg) as client:
+            return await _fresh_heartbeat(
+                client, pattern, socket.gethostname(), max_age_s, paused_ok
+            )
+    except Exception as exc:
+        return False, f"check failed: {exc}"
+
+
+async def _fresh_heartbeat(
+    client: aioredis.Redis, pattern: str, host: str, max_age_s: float, paused_ok: bool
+) -> tuple[bool, str]:
+    stale = ""
+    async for key in client.scan_iter(match=pattern, count=500):
+        beat: Any = await client.hmget(key, "host", "seen", "paused")
+        if beat[0] is not None and _s(beat[0]) == host:
+            if time.time() - float(beat[1] or 0) > max_age_s:
+                stale = f"heartbeat of {_s(key)} is stale"
+            elif beat[2] and not paused_ok:
+                stale = f"{_s(key)} is paused: {_s(beat[2])}"
+            else:
+                return True, ""
+    return False, stale or f"no live heartbeat from {host}"
