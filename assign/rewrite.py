@@ -5,7 +5,7 @@ documents that cannot be assigned, are copied byte for byte; every output line e
 newline. A plain reassignment takes most lines through ``assign.fastline``, which writes every
 top-level field but ``image_info`` back as the bytes it was read as; the rest go through
 ``assign.jsonline`` and ``assign.document``. The shard is streamed, never loaded whole. The
-output replaces its destination atomically (``assign.shardio``); then a report
+output replaces its destination atomically (``assign.tree``); then a report
 ``<name>.report.json`` is written next to it.
 
 Resume: a destination whose report says it is complete, was made with the same settings and
@@ -28,8 +28,8 @@ from assign.document import AssignOptions, Outcome, assign_document
 from assign.fastline import parse_plain, plain_pieces, solve_plain
 from assign.jsonline import MalformedLine, parse_line
 from assign.jsonline import dump_line as _dump
-from assign.shardio import WRITE_BUFFER
 from assign.tree import LocalTree, Tree
+from core.safefs import WRITE_BUFFER
 from core.shardfiles import open_lines
 
 MALFORMED_JSON = "malformed_json"

@@ -25,8 +25,8 @@ from typing import Protocol
 
 import obstore
 
-from assign.shardio import discard_leftovers, fsync_directory, temp_path, write_atomically
 from core.config import StorageConfig
+from core.safefs import discard_leftovers, fsync_directory, temp_path, write_file
 from core.storage import S3Storage, is_remote
 
 
@@ -151,7 +151,7 @@ class LocalTree:
         return out
 
     def write(self, name: str, data: bytes, *, durable: bool = True) -> None:
-        write_atomically(self.root / name, data, durable=durable)
+        write_file(self.root / name, data, durable=durable)
 
     def staging(self, name: str) -> Path:
         target = self.root / name

@@ -10,6 +10,13 @@ The root itself is the operator's and may be a link.
 
 Opened directories are kept per process (a few dozen at most; one removed since is opened
 anew), so an image costs one file creation and one rename, as a plain path-based write does.
+
+`write_file` writes a path the operator names (the assignment worker's rewritten shards,
+reports and index files) the same way, its temporary file named after the destination
+(``.<name>.<pid>.<random>.tmp``, `temp_path`) so that a later run can discard what a killed
+one left (`discard_leftovers`). Durable writes fsync the file before the rename and the
+directory after it: after a kill -9 or a power loss the name holds the old file or the new
+one, whole.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import contextlib
 import errno
 import itertools
 import os
+import secrets
 import uuid
+from pathlib import Path
 
 MAX_PART_BYTES = 255
 TMP_PREFIX = ".tmp-"  # temporary files: `.tmp-<pid>-<random>-<n>`, swept when left over
@@ -27,6 +36,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KEEP_DIRS = 32
+WRITE_BUFFER = 1 << 20  # buffered writes of big files (rewritten shards, exports)
 
 
 class UnsafePath(OSError):
@@ -109,7 +119,27 @@ def write(root: str, directory: str, name: str, data: bytes, *, durable: bool = 
     if problem:
         raise UnsafePath(f"file name {problem}")
     dir_fd = open_dir(root, directory)
-    tmp = f"{TMP_PREFIX}{process_tag()}-{next(_tmp_names)}"
+    _replace(dir_fd, f"{TMP_PREFIX}{process_tag()}-{next(_tmp_names)}", name, data, durable)
+    if durable:
+        os.fsync(dir_fd)
+
+
+def write_file(destination: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` as `destination` (a path the operator names; its directory is created):
+    a temporary file beside it (`temp_path`), then a rename."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    dir_fd = os.open(destination.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _replace(dir_fd, temp_path(destination).name, destination.name, data, durable)
+        if durable:
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _replace(dir_fd: int, tmp: str, name: str, data: bytes, durable: bool) -> None:
+    """`data` into a new file `tmp` (never an existing file or a link), then renamed over
+    `name`, both in the directory `dir_fd`; no `tmp` is left behind by a failure."""
     try:
         fd = os.open(tmp, TMP_FLAGS, 0o644, dir_fd=dir_fd)
         try:
@@ -125,6 +155,31 @@ def write(root: str, directory: str, name: str, data: bytes, *, durable: bool = 
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
+
+
+def temp_path(destination: Path) -> Path:
+    """A new temporary name beside `destination`, named after it (see `discard_leftovers`)."""
+    token = secrets.token_hex(4)
+    return destination.with_name(f".{destination.name}.{os.getpid()}.{token}.tmp")
+
+
+def discard_leftovers(destination: Path) -> int:
+    """Remove the temporary files (`temp_path`) a killed run left for `destination`; returns
+    how many."""
+    removed = 0
+    for leftover in destination.parent.glob(f".{destination.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+            removed += 1
+    return removed
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read(root: str, directory: str, name: str) -> bytes:

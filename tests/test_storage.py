@@ -198,3 +198,22 @@ def test_credentials_come_from_a_named_profile(
     assert "InvalidAccessKeyId" in problem
     with pytest.raises(StorageError, match="profile"):
         open_storage(s3_output, StorageConfig(profile="missing"))
+
+
+def test_write_file_replaces_a_path_whole_and_a_rerun_discards_what_a_killed_writer_left(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "out" / "shard.jsonl"
+    safefs.write_file(target, b"old\n")
+    safefs.write_file(target, b"new\n", durable=False)
+    assert target.read_bytes() == b"new\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["shard.jsonl"]  # no temp left
+    left = safefs.temp_path(target)  # a killed writer's temporary file
+    left.write_bytes(b"partial")
+    other = safefs.temp_path(tmp_path / "out" / "other.jsonl")
+    other.write_bytes(b"someone else's")
+    assert safefs.discard_leftovers(target) == 1
+    assert not left.exists() and other.exists()
+    with pytest.raises(OSError):
+        safefs.write_file(tmp_path / "out" / "shard.jsonl" / "below-a-file", b"x")
+    assert target.read_bytes() == b"new\n"

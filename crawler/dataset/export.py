@@ -36,11 +36,11 @@ import numpy as np
 import orjson
 
 from assign.index import RECORD, DatasetIndex, Filter, IndexPaths
-from assign.shardio import WRITE_BUFFER
 from assign.status import StoredImage, stored_images
 from assign.tree import Tree, open_file, open_tree
 from core import status
 from core.config import StorageConfig
+from core.safefs import WRITE_BUFFER
 
 PROGRESS_DIR = "_progress"
 LAYOUTS = ("base64", "members")
