@@ -24,8 +24,9 @@ from crawling import (
 )
 
 from core.keys import CRAWL_GROUP, Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
+from crawler.sources import expand_sources
 from testweb import ImageWeb
 
 # (fields, what the dead-letter entry's reason says)
