@@ -28,7 +28,7 @@ from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
 from assign.tree import open_tree
 from core.config import Config
-from core.connection import RedisRetry, connect
+from core.connection import RedisRetry, connected
 from core.keys import ASSIGN_GROUP, Keys
 from core.shardfiles import download_blocking
 from core.storage import is_remote
@@ -66,12 +66,9 @@ async def run_assign_worker(
     """Rewrite announced shards until ``stop`` is set (``once``: until none is waiting)."""
     if not cfg.redis.url:
         raise ValueError("redis.url is empty: the assign worker needs the crawl's Redis")
-    client = connect(cfg)  # the crawler's client settings: timeouts, retries
-    try:
+    async with connected(cfg) as client:  # the crawler's client settings: timeouts, retries
         worker = AssignWorker(cfg, client)
         await worker.run(stop if stop is not None else asyncio.Event(), once=once)
-    finally:
-        await client.aclose()
 
 
 class AssignWorker:

@@ -319,7 +319,7 @@ class Worker:
         taken: list[tuple[Item, str]] = []
         batch: dict[str, int] = {}  # items of each host taken from this batch (not yet waiting)
         for item in items:
-            host = URL(item.url).host or ""
+            host = item.target.host or ""
             if self.gate.backlog(host) + batch.get(host, 0) >= backlog:
                 deferred.setdefault(host, []).append(item)
                 continue
@@ -386,7 +386,7 @@ class Worker:
                 return existing
         retries = Retries(self.cfg.fetch)
         while True:
-            res, answered_by = await self._fetch_politely(item.url, host)
+            res, answered_by = await self._fetch_politely(item.target, host)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
                 limit = self.cfg.fetch.retry_after_max_s
@@ -408,7 +408,7 @@ class Worker:
             )
         return await self._store_image(item, res.body, res.http_code, attempts)
 
-    async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
+    async def _fetch_politely(self, url: URL, host: str) -> tuple[FetchResult, str]:
         """Fetch within `host`'s limits; a redirect to another host waits for that host's
         limits before it is followed. Returns the result and the host that gave it."""
         m = self.metrics
@@ -420,12 +420,13 @@ class Worker:
             res = await self.fetcher.fetch(url)
             m.fetch_seconds.observe(time.monotonic() - started)
         while res.status == OTHER_HOST:
-            host = URL(res.final_url).host or ""
+            nxt = URL(res.final_url, encoded=False)
+            host = nxt.host or ""
             waiting = time.monotonic()
             async with self.gate.slot(host):
                 started = time.monotonic()
                 m.host_wait_seconds.observe(started - waiting)
-                res = await self.fetcher.fetch(res.final_url, res.hops)
+                res = await self.fetcher.fetch(nxt, res.hops)
                 m.fetch_seconds.observe(time.monotonic() - started)
         return res, host
 
