@@ -140,7 +140,7 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     once. Exit code 1 when a shard was unreadable, 3 when Redis stayed unreachable for
     ingest.redis_wait_s, 5 when a local shard path does not exist.
     """
-    from crawler.ingest import expand_sources, missing_message
+    from crawler.sources import expand_sources, missing_message
 
     cfg = state.load()
     if shards:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
-from yarl import URL
 
 from core.config import LimitsConfig
 from core.connection import RedisRetry
@@ -125,7 +124,7 @@ class HostGate:
         finally:
             self._release(st)
 
-    def admit(self, items: Iterable[T], url: Callable[[T], str]) -> Admitted[T]:
+    def admit(self, items: Iterable[T], host_of: Callable[[T], str]) -> Admitted[T]:
         """Take each item unless its host already has `host_backlog` requests waiting or
         running here, counting the items taken before it; the others are to be deferred
         (for `deferral_s` of their host), so that one busy host cannot fill the window."""
@@ -133,7 +132,7 @@ class HostGate:
         out: Admitted[T] = Admitted([], {})
         batch: dict[str, int] = {}  # items of each host taken from this batch (not yet waiting)
         for item in items:
-            host = URL(url(item)).host or ""
+            host = host_of(item)
             if self.backlog(host) + batch.get(host, 0) >= limit:
                 out.deferred.setdefault(host, []).append(item)
                 continue

@@ -61,7 +61,7 @@ class Pipeline:
                 return existing
         retries = Retries(self.cfg)
         while True:
-            res, answered_by = await self._fetch_politely(item.url, host)
+            res, answered_by = await self._fetch_politely(item.target, host)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
                 self.gate.penalize(answered_by, min(res.retry_after, self.cfg.retry_after_max_s))
@@ -82,7 +82,7 @@ class Pipeline:
             )
         return await self._store_image(item, res.body, res.http_code, attempts)
 
-    async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
+    async def _fetch_politely(self, url: URL, host: str) -> tuple[FetchResult, str]:
         """Fetch within `host`'s limits; a redirect to another host waits for that host's
         limits before it is followed. Returns the result and the host that gave it."""
         m = self.metrics
@@ -94,12 +94,13 @@ class Pipeline:
             res = await self.fetcher.fetch(url)
             m.fetch_seconds.observe(time.monotonic() - started)
         while res.status == OTHER_HOST:
-            host = URL(res.final_url).host or ""
+            nxt = URL(res.final_url, encoded=False)
+            host = nxt.host or ""
             waiting = time.monotonic()
             async with self.gate.slot(host):
                 started = time.monotonic()
                 m.host_wait_seconds.observe(started - waiting)
-                res = await self.fetcher.fetch(res.final_url, res.hops)
+                res = await self.fetcher.fetch(nxt, res.hops)
                 m.fetch_seconds.observe(time.monotonic() - started)
         return res, host
 

@@ -19,7 +19,6 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -269,7 +268,7 @@ class Worker:
         return pending == 0 and await self.queue.depth() == 0
 
     async def _take(self, items: list[Item]) -> None:
-        admitted = self.gate.admit(items, attrgetter("url"))
+        admitted = self.gate.admit(items, _host)
         taken = admitted.taken
         for item, _ in taken:
             self.held[item.id] = item
@@ -478,6 +477,10 @@ class Worker:
         self.stats.redis_calls += 1
         self.metrics.redis_calls.inc()
         self.metrics.redis_ok()
+
+
+def _host(item: Item) -> str:
+    return item.target.host or ""
 
 
 def _log_task_error(task: asyncio.Future[Any]) -> None:

@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 from crawling import crawl, crawl_config, image_doc, report, write_docs
+from yarl import URL
 
 from core.config import LimitsConfig
 from crawler.limits import DEFERRAL_MIN_S, HostGate, deferral_s
@@ -23,7 +24,7 @@ async def test_a_batch_takes_each_host_up_to_its_backlog_and_defers_the_rest() -
     gate = HostGate(LimitsConfig(host_backlog=2, host_rate=0, local_host_rate=0), None, None)
     async with gate.slot("a.test"):  # one request of a.test already running here
         urls = [f"http://{h}.test/{i}" for i, h in enumerate("aaabbbc")]
-        admitted = gate.admit(urls, str)
+        admitted = gate.admit(urls, lambda url: URL(url).host or "")
     assert admitted.taken == [
         ("http://a.test/0", "a.test"), ("http://b.test/3", "b.test"),
         ("http://b.test/4", "b.test"), ("http://c.test/6", "c.test"),
