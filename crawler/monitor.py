@@ -76,21 +76,8 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
     pipe.sintercard(2, [keys.shards_reported, keys.shards_open])
     pipe.zrevrange(keys.hosts_failed, 0, 49, withscores=True)
     pipe.zrevrange(keys.hosts_gone, 0, 49, withscores=True)
-    (
-        length,
-        deferred,
-        counts,
-        dead,
-        ingest_errors,
-        open_shards,
-        complete,
-        hist,
-        planned,
-        reported,
-        reopened,
-        failed_hosts,
-        gone_hosts,
-    ) = await pipe.execute()
+    (length, deferred, counts, dead, ingest_errors, open_shards, complete, hist, planned,
+     reported, reopened, failed_hosts, gone_hosts) = await pipe.execute()  # fmt: skip
     in_flight = await leased(client, keys)
     by_status = {_s(k): int(v) for k, v in counts.items() if _s(k) != "bytes" and int(v)}
     done = sum(by_status.values())
