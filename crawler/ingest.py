@@ -55,7 +55,7 @@ from core.shardfiles import (
     shard_id,
 )
 from core.storage import output_storage
-from crawler.queue import WorkQueue, encode_result
+from crawler.queue import Result, WorkQueue, encode_result
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -560,7 +560,7 @@ class Batch:
     def __init__(self, shard: str) -> None:
         self.shard = shard
         self.items: list[Entry] = []
-        self.problems: list[tuple[str, str, str, bytes, str, int]] = []
+        self.problems: list[Result] = []
         self.errors: list[str] = []
         self.error_kinds: dict[str, int] = {}
         self.lines = 0

@@ -364,11 +364,11 @@ class Worker:
             self.held.pop(item.id, None)
             self.room.set()
             return
-        st = rec["status"]
-        self.stats.count(st, rec["bytes"])
-        self.metrics.image(st, rec["bytes"], rec["source_bytes"])
+        st = rec.status
+        self.stats.count(st, rec.bytes)
+        self.metrics.image(st, rec.bytes, rec.source_bytes)
         if st != status.OK:
-            self.failure_log.failure(host, st, str(rec.get("error") or ""))
+            self.failure_log.failure(host, st, rec.error)
         if st not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
             if st in status.GONE_STATUSES:
@@ -377,7 +377,7 @@ class Worker:
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
 
-    async def _handle(self, item: Item, host: str, on_disk: bool) -> dict[str, Any]:
+    async def _handle(self, item: Item, host: str, on_disk: bool) -> status.Record:
         if on_disk:
             existing = await self._existing(item)
             if existing is not None:
@@ -447,7 +447,7 @@ class Worker:
 
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
-    ) -> dict[str, Any]:
+    ) -> status.Record:
         final = self.store.target(item.shard, item.name)
         started = time.monotonic()
         try:
@@ -481,7 +481,7 @@ class Worker:
             **common,
         )  # fmt: skip
 
-    async def _existing(self, item: Item) -> dict[str, Any] | None:
+    async def _existing(self, item: Item) -> status.Record | None:
         """A complete file from an earlier run: record it without fetching again."""
         try:
             if self.store.remote:
