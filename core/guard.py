@@ -5,9 +5,9 @@ One policy, applied in three places that must agree:
 * `check_url` at ingest and again before every request and redirect hop: the URL's shape, and
   a host written as an address (in any spelling the C library accepts: ``127.1``, ``0``,
   ``2130706433``, ``0177.0.0.1``, ``0x7f.1``, ``[::ffff:127.0.0.1]`` ...) must be public.
-* `fetch.GuardedResolver`: a name resolves to the permitted addresses among its answers, or
+* `session.GuardedResolver`: a name resolves to the permitted addresses among its answers, or
   fails.
-* `fetch.guarded_socket`: the connector's socket factory judges the address each socket is
+* `session.guarded_socket`: the connector's socket factory judges the address each socket is
   about to connect to, the last word whatever path the host took (literal, resolved, cached).
 
 "Public" (`is_public_address`): a globally routable unicast address. IPv6 forms that carry an

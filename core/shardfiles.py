@@ -156,14 +156,14 @@ async def download(url: str, dest: Path, cfg: Config) -> None:
     # start without it (~0.1-0.2 s of CPU).
     import aiohttp
 
-    from core import fetch
+    from core import fetch, session
 
     cap = cfg.ingest.max_download_bytes
     try:
         async with (
             asyncio.timeout(cfg.ingest.download_timeout_s),
-            fetch.client_session(cfg.fetch, 4) as session,
-            fetch.Fetcher(cfg.fetch, session, 4).stream(url) as resp,
+            session.client_session(cfg.fetch, 4) as http,
+            fetch.Fetcher(cfg.fetch, http, 4).stream(url) as resp,
         ):
             if resp.status in (404, 410):
                 raise ShardMissing(f"{url}: HTTP {resp.status}")

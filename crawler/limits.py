@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from core.config import LimitsConfig
+from core.connection import RedisRetry
 from core.keys import Keys
 from core.scripts import Scripts
 from core.tasks import cancel_and_wait
@@ -217,24 +217,24 @@ class HostGate:
             self._permit_task = asyncio.ensure_future(self._permit_loop())
 
     async def _permit_loop(self) -> None:
-        backoff = 0.1
-        while True:
-            await self._permit_event.wait()
-            await asyncio.sleep(0.005)  # gather the hosts of this tick into one call
-            self._permit_event.clear()
-            batch = list(self._permit_wanted)
-            self._permit_wanted.clear()
-            try:
-                for start in range(0, len(batch), 500):
-                    await self._fetch_permits(batch[start : start + 500])
-                backoff = 0.1
-            except (RedisError, OSError) as exc:
-                log.warning("fleet rate limiter unavailable (%s); retrying", exc)
-                for st in batch:
-                    st.permit_requested = False
-                    self._want_permits(st)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        await RedisRetry("fleet rate limiter", base_s=0.1, cap_s=5.0).every(self._permit_once)
+
+    async def _permit_once(self) -> None:
+        """Permits for every host that wants some, in calls of up to 500 hosts; on a failure
+        the hosts want them again (asked for after the backoff)."""
+        await self._permit_event.wait()
+        await asyncio.sleep(0.005)  # gather the hosts of this tick into one call
+        self._permit_event.clear()
+        batch = list(self._permit_wanted)
+        self._permit_wanted.clear()
+        try:
+            for start in range(0, len(batch), 500):
+                await self._fetch_permits(batch[start : start + 500])
+        except Exception:
+            for st in batch:
+                st.permit_requested = False
+                self._want_permits(st)
+            raise
 
     async def _fetch_permits(self, batch: list[HostState]) -> None:
         assert self.scripts is not None and self.keys is not None

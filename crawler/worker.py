@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import os
-import random
 import socket
 import time
 import traceback
@@ -30,12 +29,14 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from core import status
+from core.budget import BodyBudget
 from core.config import Config
 from core.connection import RedisRetry, connect
-from core.fetch import OTHER_HOST, BodyBudget, Fetcher, FetchResult, client_session
+from core.fetch import OTHER_HOST, Fetcher, FetchResult
 from core.keys import Keys
 from core.logs import FailureLog, LogStats
 from core.runtime import StopSignals, watch_loop_lag
+from core.session import client_session
 from core.storage import output_storage
 from core.tasks import cancel_and_wait
 from crawler import images
@@ -43,6 +44,7 @@ from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.pool import ImageJobTimeout, ImagePool
 from crawler.queue import Item, Result, WorkQueue, encode_result
+from crawler.retries import Retries
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import (
     OUTPUT_UNWRITABLE,
@@ -147,7 +149,7 @@ class Worker:
         self.room = asyncio.Event()
         self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Bodies being read or waiting for their image work (fetch.BodyBudget).
+        # Bodies being read or waiting for their image work (budget.BodyBudget).
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
         self._last_sweep = -math.inf  # sweep on the first pass: monotonic time starts at boot
         self._output_probed = False
@@ -382,24 +384,19 @@ class Worker:
             existing = await self._existing(item)
             if existing is not None:
                 return existing
-        attempts = 0
-        res: FetchResult | None = None
-        suspect = False  # timed out while its host answered other requests
-        for attempts in range(1, self.cfg.fetch.max_attempts + 1):
+        retries = Retries(self.cfg.fetch)
+        while True:
             res, answered_by = await self._fetch_politely(item.url, host)
             if res.retry_after is not None:
                 self.metrics.retry_after.inc()
                 limit = self.cfg.fetch.retry_after_max_s
                 self.gate.penalize(answered_by, min(res.retry_after, limit))
-            if res.ok or not res.transient or attempts == self.cfg.fetch.max_attempts:
+            delay = retries.after(res)
+            if delay is None:
                 break
-            if res.status == status.TIMEOUT and (suspect or res.host_answered):
-                if suspect:  # timed out again: a third try would end the same way
-                    break
-                suspect = True
             self.metrics.retries.inc()
-            await asyncio.sleep(self._backoff(attempts, res))
-        assert res is not None
+            await asyncio.sleep(delay)
+        attempts = retries.attempts
         if not res.ok:
             return status.make_record(
                 item.name,
@@ -410,19 +407,6 @@ class Worker:
                 attempts=attempts,
             )
         return await self._store_image(item, res.body, res.http_code, attempts)
-
-    def _backoff(self, attempt: int, res: FetchResult) -> float:
-        """Seconds before the next attempt: none after a timeout (its deadline has spaced the
-        attempts already), else jittered exponential backoff, at least any Retry-After."""
-        if res.status == status.TIMEOUT:
-            return 0.0
-        f = self.cfg.fetch
-        retry_after = res.retry_after
-        delay = min(f.backoff_max_s, f.backoff_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(delay / 2, delay)  # jitter
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, f.retry_after_max_s))
-        return delay
 
     async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
         """Fetch within `host`'s limits; a redirect to another host waits for that host's

@@ -135,8 +135,10 @@ async def test_stored_files_are_whole_images_within_bounds(
 async def test_transient_failures_are_retried_up_to_the_cap_and_permanent_ones_never(
     web: ImageWeb, namespace: str, tmp_path: Path
 ) -> None:
+    """The 503 is alone on its host: a host that serves nothing gets every attempt (one that
+    serves others meanwhile gets two: test_deadlines)."""
     paths = ["/fault/status/503/cap", "/fault/status/404/once", "/fault/html/once"]
-    urls = [web.url(0, p) for p in paths]
+    urls = [web.url(h, p) for h, p in zip((0, 5, 5), paths, strict=True)]
     shard = write_docs(tmp_path / "retry_shard.jsonl", [image_doc(urls)])
     cfg = crawl_config(namespace, tmp_path, fetch={"max_attempts": 3})
     await crawl(cfg, [str(shard)])

@@ -12,6 +12,7 @@ from crawling import crawl, crawl_config, image_doc, report, within, write_docs
 from core import fetch
 from core.config import FetchConfig
 from core.deadlines import ResponseTimes
+from core.session import client_session
 from testweb import ImageWeb
 
 
@@ -71,7 +72,7 @@ async def test_a_server_that_never_answers_is_given_up_at_its_hosts_deadline(
     """A 30 s ceiling, but the host has answered in milliseconds: the request that never gets
     an answer ends at the host's own deadline (the floor, 0.5 s)."""
     cfg = FetchConfig(total_timeout_s=30.0, min_timeout_s=0.5, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=8)
+    session = client_session(cfg, max_connections=8)
     fetcher = fetch.Fetcher(cfg, session, max_connections=8)
     try:
         for i in range(3):
@@ -87,7 +88,7 @@ async def test_a_request_started_before_anything_was_heard_gets_the_deadline_lea
     web: ImageWeb,
 ) -> None:
     cfg = FetchConfig(total_timeout_s=30.0, min_timeout_s=0.5, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=8)
+    session = client_session(cfg, max_connections=8)
     fetcher = fetch.Fetcher(cfg, session, max_connections=8)
     try:
         hang = asyncio.ensure_future(fetcher.fetch(web.url(4, "/fault/hang/first")))
@@ -125,11 +126,42 @@ async def test_a_url_that_times_out_while_its_host_answers_others_is_retried_onc
     assert len([a for a in web.arrivals if a.path == f"/fault/hang/{tag}"]) == 2
 
 
+async def test_a_url_that_fails_while_its_host_serves_others_gets_two_requests_only(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    """A reset and a 503 that stay so, queued behind images their host serves: two requests
+    each of the five attempts, the 503's second after its Retry-After; a one-off reset and a
+    one-off 429 on the same host are recovered by their second request."""
+    tag = namespace
+    reset = f"/fault/reset/16x16/{tag}-reset.jpg"
+    unavailable = f"/fault/retry-after/503/1/{tag}"
+    urls = [web.url(1, f"/fault/slow/300/16x16/{tag}-{i}.jpg") for i in range(8)]
+    urls += [web.url(1, p) for p in (reset, unavailable)]
+    urls += [
+        web.url(1, f"/fault/flaky-reset/1/{tag}/16x16/flaky-reset.jpg"),
+        web.url(1, f"/fault/flaky/1/{tag}/16x16/flaky.jpg?status=429&retry_after=1"),
+    ]
+    shard = write_docs(tmp_path / "fail_shard.jsonl", [image_doc(urls)])
+    cfg = crawl_config(
+        namespace, tmp_path, fetch={"max_attempts": 5}, limits={"host_concurrency": 4}
+    )
+    await crawl(cfg, [str(shard)])
+    records = {r["raw_url"]: r for r in report(cfg, "fail_shard").values()}
+    assert (records[urls[8]]["status"], records[urls[8]]["attempts"]) == ("connection_error", 2)
+    assert (records[urls[9]]["status"], records[urls[9]]["attempts"]) == ("http_503", 2)
+    assert "the host served other requests meanwhile" in records[urls[9]]["error"]
+    assert [records[u]["attempts"] for u in urls[10:]] == [2, 2]
+    assert {records[u]["status"] for u in urls[:8] + urls[10:]} == {"ok"}
+    assert len([a for a in web.arrivals if a.path == reset]) == 2
+    first, second = [a for a in web.arrivals if a.path == unavailable]
+    assert second.start - first.end >= 1.0  # its Retry-After
+
+
 async def test_a_slow_host_keeps_getting_its_images(web: ImageWeb) -> None:
     """Every answer takes 0.4 s, twice the floor: the host's deadline grows with what it has
     shown, so none of its images is cut off."""
     cfg = FetchConfig(total_timeout_s=10.0, min_timeout_s=0.2, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=8)
+    session = client_session(cfg, max_connections=8)
     fetcher = fetch.Fetcher(cfg, session, max_connections=8)
     try:
         results = [

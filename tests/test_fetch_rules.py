@@ -10,7 +10,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from core import fetch, guard
+from core.budget import Slots
 from core.config import FetchConfig
+from core.responses import opted_out, parse_retry_after
+from core.session import client_session
 from testweb import ImageWeb
 
 AGENTS = ["googlebot-image", "googlebot", "mmc4-crawler"]
@@ -42,11 +45,11 @@ def test_only_public_addresses_count_as_public(ip: str, public: bool) -> None:
 
 
 def test_retry_after_accepts_seconds_and_http_dates() -> None:
-    assert fetch.parse_retry_after("120") == 120.0
+    assert parse_retry_after("120") == 120.0
     date = email.utils.formatdate(1_000_030.0, usegmt=True)
-    assert fetch.parse_retry_after(date, now=1_000_000.0) == pytest.approx(30.0)
-    assert fetch.parse_retry_after("soon") is None
-    assert fetch.parse_retry_after(None) is None
+    assert parse_retry_after(date, now=1_000_000.0) == pytest.approx(30.0)
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
 
 
 @pytest.mark.parametrize(
@@ -66,7 +69,7 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     ],
 )
 def test_x_robots_tag_opt_outs(values: list[str], out: bool) -> None:
-    assert fetch.opted_out(values, AGENTS) is out
+    assert opted_out(values, AGENTS) is out
 
 
 async def test_waiting_for_a_free_connection_does_not_count_against_the_deadline(
@@ -75,7 +78,7 @@ async def test_waiting_for_a_free_connection_does_not_count_against_the_deadline
     """One connection, six 0.4 s responses, a 1 s deadline: the last request waits ~2 s for
     the connection, but its own deadline starts only when it can go out."""
     cfg = FetchConfig(total_timeout_s=1.0, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=1)
+    session = client_session(cfg, max_connections=1)
     fetcher = fetch.Fetcher(cfg, session, max_connections=1)
     try:
         urls = [web.url(i, f"/fault/slow/400/32x32/queue-{i}.jpg") for i in range(6)]
@@ -87,7 +90,7 @@ async def test_waiting_for_a_free_connection_does_not_count_against_the_deadline
 
 async def test_a_deadline_error_says_how_far_the_request_got(web: ImageWeb) -> None:
     cfg = FetchConfig(total_timeout_s=0.5, allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=4)
+    session = client_session(cfg, max_connections=4)
     fetcher = fetch.Fetcher(cfg, session, max_connections=4)
     try:
         silent = await fetcher.fetch(web.url(0, "/fault/slow/3000/32x32/silent.jpg"))
@@ -114,7 +117,7 @@ async def test_no_cookie_set_by_a_response_is_sent_with_a_later_request() -> Non
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     cfg = FetchConfig(allow_private_addresses=True)
-    session = fetch.client_session(cfg, max_connections=2)
+    session = client_session(cfg, max_connections=2)
     fetcher = fetch.Fetcher(cfg, session, max_connections=2)
     try:
         for name in ("a", "b"):
@@ -127,7 +130,7 @@ async def test_no_cookie_set_by_a_response_is_sent_with_a_later_request() -> Non
 
 
 async def test_connection_slots_are_handed_out_first_come_first_served_and_never_leak() -> None:
-    slots = fetch.Slots(2)
+    slots = Slots(2)
     order: list[int] = []
     release = asyncio.Event()
 
@@ -148,7 +151,7 @@ async def test_connection_slots_are_handed_out_first_come_first_served_and_never
 
 
 async def test_a_slot_handed_to_a_request_cancelled_at_that_moment_goes_to_the_next() -> None:
-    slots = fetch.Slots(1)
+    slots = Slots(1)
     await slots.__aenter__()
     first = asyncio.create_task(slots.__aenter__())
     second = asyncio.create_task(slots.__aenter__())

@@ -23,9 +23,11 @@ from redis_server import RedisProcess
 
 from core import connection, fetch, guard, status
 from core import embedded as embedded_module
+from core.budget import BodyBudget
 from core.config import Config, FetchConfig
 from core.embedded import EmbeddedRedis
 from core.keys import EMBEDDED_IDENTITY
+from core.session import client_session, guarded_socket
 from core.storage import LocalStorage
 from crawler import images, ingest, store
 from crawler.images import ImageSettings
@@ -47,7 +49,7 @@ def web1() -> Iterator[ImageWeb]:
 
 
 async def _fetch_all(cfg: FetchConfig, urls: list[str]) -> list[fetch.FetchResult]:
-    session = fetch.client_session(cfg, max_connections=4)
+    session = client_session(cfg, max_connections=4)
     fetcher = fetch.Fetcher(cfg, session, max_connections=4)
     try:
         return list(await asyncio.gather(*(fetcher.fetch(u) for u in urls)))
@@ -102,11 +104,11 @@ def test_public_addresses_and_names_pass_the_url_check() -> None:
 @pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.1", "0", "::ffff:127.0.0.1", "::1"])
 def test_the_socket_factory_refuses_to_make_a_socket_for_a_non_public_address(host: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    make = fetch.guarded_socket(guard.CLOSED)
+    make = guarded_socket(guard.CLOSED)
     with pytest.raises(guard.BlockedAddress):
         make((family, socket.SOCK_STREAM, 6, "", (host, 80)))
     everything = (ipaddress.ip_network("::/0"), ipaddress.ip_network("0.0.0.0/0"))
-    opened = fetch.guarded_socket(guard.AddressPolicy(networks=everything))
+    opened = guarded_socket(guard.AddressPolicy(networks=everything))
     opened((family, socket.SOCK_STREAM, 6, "", (host, 80))).close()
 
 
@@ -391,8 +393,8 @@ async def test_bodies_count_against_the_budget_while_they_arrive(web: ImageWeb) 
     budget, plus the oldest body, plus what each waiting read had buffered (aiohttp pauses a
     connection at ~512 KiB; 768 KiB allowed) is held, not all twelve; all arrive whole."""
     cfg = FetchConfig(allow_private_addresses=True, max_body_bytes=4_000_000)
-    budget = fetch.BodyBudget(1 << 20)
-    session = fetch.client_session(cfg, max_connections=12)
+    budget = BodyBudget(1 << 20)
+    session = client_session(cfg, max_connections=12)
     fetcher = fetch.Fetcher(cfg, session, max_connections=12, budget=budget)
     urls = [web.url(i % 6, f"/fault/huge/3900000?n=budget{i}") for i in range(12)]
 
@@ -440,11 +442,11 @@ async def test_a_read_paused_for_the_workers_budget_is_not_charged_to_its_deadli
     """The budget is spent by a body waiting for image work for 2 s; a read meanwhile waits
     for room, past its 1 s deadline, and still ends ok."""
     cfg = FetchConfig(allow_private_addresses=True, total_timeout_s=1.0)
-    budget = fetch.BodyBudget(1000)
+    budget = BodyBudget(1000)
     waiting = budget.start_read()
     budget.take(5000)
     budget.end_read(waiting, 5000)  # read whole, waiting for its image work
-    session = fetch.client_session(cfg, max_connections=2)
+    session = client_session(cfg, max_connections=2)
     fetcher = fetch.Fetcher(cfg, session, max_connections=2, budget=budget)
     try:
         read = asyncio.ensure_future(fetcher.fetch(web.url(0, "/img/400x300/paused.png")))

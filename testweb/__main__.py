@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 from typing import Literal
 
 import click
 
+from core import runtime
 from testweb.server import ImageWeb, Latency
 from testweb.shards import make_docs, write_shard
 
@@ -59,22 +58,19 @@ def serve(
     imageweb = ImageWeb(
         hosts, port, first_host=first_host, latency=latency, seed=seed, log_path=log_path
     )
-    asyncio.run(_serve_until_signal(imageweb))
+    runtime.run(_serve_until_signal(imageweb))
 
 
 async def _serve_until_signal(imageweb: ImageWeb) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with imageweb:
-        for url in imageweb.host_urls:
-            click.echo(url)
-        if imageweb.slow_hosts:
-            click.echo(f"slow hosts: {sorted(imageweb.slow_hosts)}")
-        click.echo("READY")
-        sys.stdout.flush()
-        await stop.wait()
+    with runtime.StopSignals() as signals:
+        async with imageweb:
+            for url in imageweb.host_urls:
+                click.echo(url)
+            if imageweb.slow_hosts:
+                click.echo(f"slow hosts: {sorted(imageweb.slow_hosts)}")
+            click.echo("READY")
+            sys.stdout.flush()
+            await signals.event.wait()
 
 
 @cli.command()
