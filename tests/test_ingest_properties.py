@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from core.keys import Keys
 from core.shardfiles import check_shard_id
+from core.storage import output_storage
 from crawler.ingest import Ingest, IngestStats, expand_sources
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
@@ -86,7 +87,7 @@ async def ingest_and_report(cfg: Any, shard: Path) -> tuple[IngestStats, int]:
         ingest = Ingest(cfg, client)
         await ingest.run(expand_sources([str(shard)]))
         queue = WorkQueue(client, keys, cfg.queue)
-        await Shards(client, keys, queue, cfg.output_dir).finalize_all()
+        await Shards(client, keys, queue, output_storage(cfg)).finalize_all()
         return ingest.stats, int(await client.xlen(keys.queue))
     finally:
         stale = [k async for k in client.scan_iter(match=f"{keys.ns}:*", count=1000)]

@@ -13,6 +13,7 @@ from crawling import crawl, crawl_config, image_doc, report, write_docs
 from core import status
 from core.config import Config
 from core.keys import CRAWL_GROUP, Keys
+from core.storage import output_storage
 from crawler.ingest import Ingest, expand_sources
 from crawler.queue import WorkQueue, encode_result
 from crawler.shards import Shards
@@ -206,7 +207,7 @@ async def test_retry_requeues_chosen_statuses_of_a_reported_shard(
     await crawl(cfg, [str(shard)])
     assert sorted(r["status"] for r in report(cfg, "rt").values()) == ["http_404", "ok"]
     keys = Keys(namespace)
-    shards = Shards(aredis, keys, WorkQueue(aredis, keys, cfg.queue), cfg.output_dir)
+    shards = Shards(aredis, keys, WorkQueue(aredis, keys, cfg.queue), output_storage(cfg))
     assert await shards.reopen("rt", {"http_404"}) == 1
     assert not (cfg.output_dir / "_status" / "rt.jsonl.gz").exists()
     await crawl(cfg, [str(shard)])
