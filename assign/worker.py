@@ -16,7 +16,6 @@ import functools
 import logging
 import os
 import socket
-import time
 import uuid
 from typing import Any
 
@@ -28,7 +27,8 @@ from assign.solve import Solver
 from assign.task import AssignSettings, BadTask, ShardTask, process, record_failure, report_of
 from assign.tree import open_tree
 from core.config import Config
-from core.connection import RedisRetry, connect
+from core.connection import RedisRetry, connected
+from core.heartbeat import Heartbeat
 from core.keys import ASSIGN_GROUP, Keys
 from core.shardfiles import download_blocking
 from core.storage import is_remote
@@ -66,12 +66,9 @@ async def run_assign_worker(
     """Rewrite announced shards until ``stop`` is set (``once``: until none is waiting)."""
     if not cfg.redis.url:
         raise ValueError("redis.url is empty: the assign worker needs the crawl's Redis")
-    client = connect(cfg)  # the crawler's client settings: timeouts, retries
-    try:
+    async with connected(cfg) as client:  # the crawler's client settings: timeouts, retries
         worker = AssignWorker(cfg, client)
         await worker.run(stop if stop is not None else asyncio.Event(), once=once)
-    finally:
-        await client.aclose()
 
 
 class AssignWorker:
@@ -115,20 +112,12 @@ class AssignWorker:
     async def _heartbeat_loop(self) -> None:
         """A heartbeat key with a TTL, also while a shard is being rewritten (in a thread):
         `mmc4-assign worker --check` reads it."""
-        interval = self.cfg.worker.heartbeat_interval_s
         key = self.keys.assign_worker(self.consumer)
-        while True:
-            try:
-                pipe = self.client.pipeline(transaction=True)
-                pipe.hset(key, mapping={
-                    "host": socket.gethostname(), "pid": os.getpid(), "seen": time.time(),
-                    "shard": self.current_shard,
-                })  # fmt: skip
-                pipe.expire(key, int(3 * interval) + 1)
-                await pipe.execute()
-            except (RedisError, OSError) as exc:
-                log.warning("assign: heartbeat failed (%s)", exc)
-            await asyncio.sleep(interval)
+        interval = self.cfg.worker.heartbeat_interval_s
+        await Heartbeat(self.client, key, interval, self._beat).run("assign")
+
+    def _beat(self) -> dict[str, str | int | float]:
+        return {"shard": self.current_shard}
 
     async def ensure_group(self) -> None:
         try:

@@ -126,6 +126,12 @@ def check_url(url: Any, policy: AddressPolicy = CLOSED) -> tuple[str, str] | Non
 
     `status.BAD_URL` for its shape; `status.BLOCKED_ADDRESS` for a host written as a
     non-public address (names are judged when they resolve)."""
+    got = parse_url(url, policy)
+    return got if isinstance(got, tuple) else None
+
+
+def parse_url(url: Any, policy: AddressPolicy = CLOSED) -> URL | tuple[str, str]:
+    """`url` parsed, or why it cannot be fetched (see `check_url`)."""
     if not isinstance(url, str) or not url:
         return status.BAD_URL, f"raw_url is not a non-empty string: {url!r}"
     if len(url) > MAX_URL_CHARS:
@@ -136,7 +142,7 @@ def check_url(url: Any, policy: AddressPolicy = CLOSED) -> tuple[str, str] | Non
         parsed = URL(url)
     except (ValueError, TypeError) as exc:
         return status.BAD_URL, f"raw_url does not parse: {exc}"
-    return check_parsed(parsed, policy)
+    return check_parsed(parsed, policy) or parsed
 
 
 def check_parsed(url: URL, policy: AddressPolicy = CLOSED) -> tuple[str, str] | None:

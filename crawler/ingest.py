@@ -17,23 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import io
 import logging
-import lzma
-import os
-import re
-import struct
 import uuid
-import zipfile
-import zlib
-from collections.abc import Awaitable, Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import braceexpand
-import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 from redis.exceptions import RedisError
@@ -41,21 +31,13 @@ from redis.exceptions import RedisError
 from core import status
 from core.config import Config
 from core.connection import RedisRetry
-from core.guard import CLOSED, AddressPolicy, check_url
+from core.guard import AddressPolicy
 from core.keys import Keys
-from core.shardfiles import (
-    READ_CHUNK,
-    SHARD_SUFFIXES,
-    ShardMissing,
-    ShardUnreadable,
-    check_image_name,
-    check_shard_id,
-    is_remote,
-    local_copy,
-    shard_id,
-)
+from core.shardfiles import ShardMissing, ShardUnreadable, check_shard_id, local_copy
 from core.storage import output_storage
+from crawler.documents import Entry, parse_line, read_lines
 from crawler.queue import Result, WorkQueue, encode_result
+from crawler.sources import ShardSource
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,210 +47,9 @@ T = TypeVar("T")
 # ingest holds a shard up for at most this.
 LOCK_TTL_S = 60
 
-# The MMC4 shard numbers that never existed (the corpus README's "missing shards"). A brace
-# pattern that names one of these skips it as a known gap, not as a missing shard.
-KNOWN_GAPS = frozenset(
-    {3218, 3267, 5064, 5146, 7119, 8991, 9750, 11899, 15127, 15252, 16996, 17369, 17499, 17818}
-)
-_SHARD_NUMBER = re.compile(r"(?:^|_)shard_(\d+)(?:_v\d+)?$")
-
 
 class Stopped(Exception):
     """A stop was requested (a signal): ingest ends at its last enqueued batch."""
-
-
-@dataclass(frozen=True)
-class ShardSource:
-    location: str  # local path or http(s) URL, as given
-    shard: str  # shard id: the file name without its .jsonl[.gz|.zip] suffix
-    known_gap: bool = False  # named by a brace pattern, and one of the corpus's KNOWN_GAPS
-
-    @property
-    def remote(self) -> bool:
-        return is_remote(self.location)
-
-
-def shard_number(shard: str) -> int | None:
-    """N of an MMC4 shard id (``docs_shard_N_v2``, ``docs_no_face_shard_N_v3``), or None."""
-    m = _SHARD_NUMBER.search(shard)
-    return int(m.group(1)) if m else None
-
-
-def expand_sources(patterns: list[str]) -> list[ShardSource]:
-    """Expand brace patterns and directories into shard sources, in the order given."""
-    out: list[ShardSource] = []
-    seen: set[str] = set()
-    for pattern in patterns:
-        if not is_remote(pattern) and os.path.exists(pattern):
-            expanded = [pattern]  # a path that exists is taken as written (braces, backslashes)
-        else:
-            try:
-                expanded = list(braceexpand.braceexpand(pattern))
-            except ValueError:  # braceexpand.UnbalancedBracesError (not in its type stubs)
-                expanded = [pattern]  # not a pattern: a name with a brace in it
-        from_braces = expanded != [pattern]
-        for loc in expanded:
-            locs = [loc]
-            if not is_remote(loc) and os.path.isdir(loc):
-                locs = sorted(
-                    str(p) for p in Path(loc).iterdir() if p.name.endswith(SHARD_SUFFIXES)
-                )
-            for one in locs:
-                if not is_remote(one):
-                    one = os.path.abspath(one)  # workers and the assigner may run elsewhere
-                if one not in seen:
-                    seen.add(one)
-                    shard = shard_id(one)
-                    gap = from_braces and shard_number(shard) in KNOWN_GAPS
-                    out.append(ShardSource(one, shard, known_gap=gap))
-    return out
-
-
-def missing_local(sources: list[ShardSource]) -> list[ShardSource]:
-    """Local shards that do not exist, known gaps aside: a mistyped path, said up front."""
-    return [
-        s for s in sources if not s.remote and not s.known_gap and not os.path.isfile(s.location)
-    ]
-
-
-def missing_message(sources: list[ShardSource]) -> str | None:
-    """The one-line error for local shards that do not exist (`missing_local`), or None."""
-    missing = missing_local(sources)
-    if not missing:
-        return None
-    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    return f"no such shard file: {missing[0].location}{more}"
-
-
-@dataclass
-class Entry:
-    """One image of a document: a work item, or a record of why it cannot be one."""
-
-    name: str
-    url: str
-    problem_status: str = ""  # bad_url, bad_name, blocked_address: recorded at ingest
-    problem: str = ""
-
-
-@dataclass
-class LineResult:
-    entries: list[Entry] = field(default_factory=list)
-    error: str = ""  # the line is not a usable document
-    skipped_entries: int = 0  # image_info entries without a usable name
-    url_duplicate: bool = False  # the document is flagged could_have_url_duplicate
-
-
-def parse_line(line: bytes, policy: AddressPolicy = CLOSED) -> LineResult:
-    """Parse one shard line into image entries; never raises. URLs are judged by
-    `guard.check_url` under the crawl's address `policy`."""
-    try:
-        doc = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        return LineResult(error=f"malformed JSON: {exc}")
-    if not isinstance(doc, dict):
-        return LineResult(error="line is not a JSON object")
-    infos = doc.get("image_info")
-    if not isinstance(infos, list):
-        return LineResult(error="document has no image_info list")
-    result = LineResult(url_duplicate=doc.get("could_have_url_duplicate") == 1)
-    for info in infos:
-        if not isinstance(info, dict) or "image_name" not in info:
-            result.skipped_entries += 1
-            continue
-        name, url = info["image_name"], info.get("raw_url")
-        if not isinstance(name, str):
-            result.skipped_entries += 1
-            continue
-        url_s = url if isinstance(url, str) else repr(url)
-        name_problem = check_image_name(name)
-        if name_problem:
-            result.entries.append(Entry(name, url_s, status.BAD_NAME, name_problem))
-            continue
-        url_problem = check_url(url, policy)
-        if url_problem:
-            result.entries.append(Entry(name, url_s, *url_problem))
-            continue
-        result.entries.append(Entry(name, url_s))
-    return result
-
-
-# ---- reading a shard file ----------------------------------------------------------------
-
-# What a decompressor or archive reader raises on data it cannot decode (truncated streams,
-# corrupt blocks, unsupported or encrypted zip members, damaged headers).
-_DECODE_ERRORS = (
-    OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, zipfile.LargeZipFile,
-    NotImplementedError, RuntimeError, ValueError, struct.error,
-)  # fmt: skip
-
-
-class _LineReader(Protocol):
-    def readline(self, size: int = -1, /) -> bytes: ...
-
-
-@contextlib.contextmanager
-def _open_decoded(path: Path) -> Iterator[_LineReader]:
-    name = path.name
-    if name.endswith(".zip"):
-        with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.namelist() if not m.endswith("/")]
-            if not members:
-                raise ShardUnreadable("unreadable_shard", f"{path}: zip archive has no members")
-            with zf.open(members[0]) as fh:
-                # a zip member's own readline(limit) steps 512 bytes at a time in Python; a
-                # buffer's is C. Small, so that damage loses little of what precedes it.
-                yield io.BufferedReader(fh, buffer_size=1 << 16)  # type: ignore[type-var]
-    elif name.endswith(".gz"):
-        with gzip.open(path, "rb") as fh:
-            yield fh
-    else:
-        with open(path, "rb") as fh:
-            yield fh
-
-
-def read_lines(
-    path: Path, max_line_bytes: int, max_shard_bytes: int
-) -> Generator[bytes | None, None, None]:
-    """The non-blank lines of a shard file (gzip and zip decoded), stripped; None for a line
-    longer than max_line_bytes (skipped, never held whole in memory).
-
-    Raises ShardUnreadable when the data cannot be decoded or decodes to more than
-    max_shard_bytes.
-    """
-    total = 0
-
-    def count(n: int) -> None:
-        nonlocal total
-        total += n
-        if total > max_shard_bytes:
-            raise ShardUnreadable(
-                "shard_too_large", f"{path}: more than {max_shard_bytes} bytes decompressed"
-            )
-
-    try:
-        with _open_decoded(path) as reader:
-            # readline(limit) never holds more than the limit of one line
-            while line := reader.readline(max_line_bytes + 1):
-                count(len(line))
-                if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                    while line and not line.endswith(b"\n"):  # skip the rest of the line
-                        line = reader.readline(READ_CHUNK)
-                        count(len(line))
-                    yield None
-                    continue
-                stripped = line.strip()
-                if stripped:
-                    yield stripped
-    except ShardUnreadable:
-        raise
-    except _DECODE_ERRORS as exc:
-        raise ShardUnreadable("unreadable_shard", f"{path}: {type(exc).__name__}: {exc}") from exc
-
-
-# ---- remote shards -------------------------------------------------------------------------
-
-
-# ---- ingest ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -336,21 +117,7 @@ class Ingest:
             await self._redis(add, "plan")
 
     async def ingest_shard(self, source: ShardSource) -> None:
-        problem = check_shard_id(source.shard)
-        if problem:
-            log.error("skipping %s: %s", source.location, problem)
-            self.stats.shards_unreadable += 1
-            self.stats.unreadable.append(f"{source.location}: {problem}")
-            await self._count_error("bad_shard_id")
-            return
-        if await asyncio.to_thread(status.shard_is_reported, self.storage, source.shard):
-            log.info("shard %s already complete (report exists)", source.shard)
-            self.stats.shards_skipped += 1
-
-            async def reported() -> None:
-                await self.client.sadd(self.keys.shards_reported, source.shard)
-
-            await self._redis(reported, "plan")
+        if await self._skip(source):
             return
         meta_key = self.keys.shard_meta(source.shard)
         meta = await self._redis(lambda: self.client.hgetall(meta_key), "ingest")
@@ -364,16 +131,7 @@ class Ingest:
             thread_local=False,  # renewed and released by other tasks of this process
         )
         token = uuid.uuid4().hex.encode()
-
-        async def acquire() -> bool:
-            if await lock.acquire(token=token):
-                return True
-            if await self.client.get(lock.name) == token:  # ours: the reply was lost
-                lock.local.token = token
-                return True
-            return False
-
-        if not await self._redis(acquire, "ingest lock"):
+        if not await self._redis(lambda: self._acquire(lock, token), "ingest lock"):
             log.warning("shard %s is being ingested by another process", source.shard)
             self.stats.shards_skipped += 1
             return
@@ -384,14 +142,7 @@ class Ingest:
                 await self._ingest_file(source, path, start_line)
             self.stats.shards += 1
         except ShardMissing as exc:
-            if source.known_gap:
-                log.info("shard %s is a known gap of the corpus, skipped", source.shard)
-                self.stats.shards_known_gaps += 1
-            else:
-                log.warning("shard missing, skipped: %s", exc)
-                self.stats.shards_missing += 1
-                await self._count_error("missing_shard")
-            await self._unplan(source.shard)
+            await self._missing(source, exc)
         except ShardUnreadable as exc:
             log.error("shard %s unreadable (%s): %s", source.shard, exc.kind, exc)
             self.stats.shards_unreadable += 1
@@ -404,6 +155,45 @@ class Ingest:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):  # a stopping process does not wait on Redis
                     await lock.release()
+
+    async def _skip(self, source: ShardSource) -> bool:
+        """True for a shard not to ingest: a bad id (counted) or one already reported."""
+        problem = check_shard_id(source.shard)
+        if problem:
+            log.error("skipping %s: %s", source.location, problem)
+            self.stats.shards_unreadable += 1
+            self.stats.unreadable.append(f"{source.location}: {problem}")
+            await self._count_error("bad_shard_id")
+            return True
+        if await asyncio.to_thread(status.shard_is_reported, self.storage, source.shard):
+            log.info("shard %s already complete (report exists)", source.shard)
+            self.stats.shards_skipped += 1
+
+            async def reported() -> None:
+                await self.client.sadd(self.keys.shards_reported, source.shard)
+
+            await self._redis(reported, "plan")
+            return True
+        return False
+
+    async def _acquire(self, lock: Lock, token: bytes) -> bool:
+        """Take the shard's ingest lock; a retry after a lost reply finds it ours."""
+        if await lock.acquire(token=token):
+            return True
+        if await self.client.get(lock.name) == token:  # ours: the reply was lost
+            lock.local.token = token
+            return True
+        return False
+
+    async def _missing(self, source: ShardSource, exc: ShardMissing) -> None:
+        if source.known_gap:
+            log.info("shard %s is a known gap of the corpus, skipped", source.shard)
+            self.stats.shards_known_gaps += 1
+        else:
+            log.warning("shard missing, skipped: %s", exc)
+            self.stats.shards_missing += 1
+            await self._count_error("missing_shard")
+        await self._unplan(source.shard)
 
     async def _keep_lock(self, lock: Lock) -> None:
         """Renew the shard's ingest lock while this process holds the shard."""

@@ -14,8 +14,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -26,6 +27,7 @@ from core.scripts import Scripts
 from core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -62,6 +64,14 @@ def deferral_s(backlog: int, rate: float | None) -> float:
     if not rate:
         return DEFERRAL_MIN_S
     return min(DEFERRAL_MAX_S, max(DEFERRAL_MIN_S, backlog / rate / 2))
+
+
+@dataclass
+class Admitted(Generic[T]):
+    """A batch of work split by host backlog (`HostGate.admit`)."""
+
+    taken: list[tuple[T, str]]  # with its host
+    deferred: dict[str, list[T]]  # by host: beyond that host's backlog
 
 
 class HostGate:
@@ -113,6 +123,22 @@ class HostGate:
             yield
         finally:
             self._release(st)
+
+    def admit(self, items: Iterable[T], host_of: Callable[[T], str]) -> Admitted[T]:
+        """Take each item unless its host already has `host_backlog` requests waiting or
+        running here, counting the items taken before it; the others are to be deferred
+        (for `deferral_s` of their host), so that one busy host cannot fill the window."""
+        limit = self.cfg.host_backlog
+        out: Admitted[T] = Admitted([], {})
+        batch: dict[str, int] = {}  # items of each host taken from this batch (not yet waiting)
+        for item in items:
+            host = host_of(item)
+            if self.backlog(host) + batch.get(host, 0) >= limit:
+                out.deferred.setdefault(host, []).append(item)
+                continue
+            batch[host] = batch.get(host, 0) + 1
+            out.taken.append((item, host))
+        return out
 
     def backlog(self, host: str) -> int:
         st = self.hosts.get(host)

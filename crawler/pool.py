@@ -29,6 +29,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing
 import multiprocessing.process
 import os
@@ -39,7 +40,11 @@ import struct
 import time
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
+
+from core.config import Config
+from crawler import images
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -341,6 +346,48 @@ class ImagePool:
             *_job, fut = self._waiting.popleft()
             if not fut.done():
                 fut.set_exception(ImageProcessDied("the image pool closed"))
+
+
+def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container started with --cpus=2 on a 64-core host gets 2)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota != "max" and int(period) > 0:
+        cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return cpus
+
+
+def pinned_cpus(processes: int, allowed: set[int], quota_cpus: int) -> list[int]:
+    """CPUs to pin image processes to, round robin: the allowed ones, when the processes cover
+    them all and no CPU quota narrower than the mask applies; else none (no pinning)."""
+    if processes < len(allowed) or quota_cpus < len(allowed):
+        return []
+    return sorted(allowed)
+
+
+def image_pool(cfg: Config) -> ImagePool:
+    """The crawl worker's image processes: `worker.image_processes` of them (0: one per CPU
+    this process may use), pinned as `pinned_cpus` says when `worker.pin_image_processes`."""
+    usable = available_cpus()
+    size = cfg.worker.image_processes or usable
+    cpus: list[int] = []
+    if cfg.worker.pin_image_processes and hasattr(os, "sched_getaffinity"):
+        cpus = pinned_cpus(size, os.sched_getaffinity(0), usable)
+    # The fork server imports Pillow and libmagic once; every image process forked from it
+    # starts with them loaded instead of importing them itself.
+    return ImagePool(
+        size,
+        initializer=images.init_worker,
+        initargs=images.init_args(cfg),
+        preload=["crawler.store"],
+        cpus=cpus,
+        job_timeout_s=cfg.images.job_timeout_s,
+    )
 
 
 def _reap(procs: list[multiprocessing.process.BaseProcess], timeout_s: float) -> None:

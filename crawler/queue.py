@@ -26,11 +26,12 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, ResponseError
+from yarl import URL
 
 from core import status
 from core.config import QueueConfig
 from core.connection import text
-from core.guard import ANY_ADDRESS, check_url
+from core.guard import ANY_ADDRESS, parse_url
 from core.keys import CRAWL_GROUP, Keys
 from core.scripts import Scripts
 from core.shardfiles import check_image_name, check_shard_id
@@ -56,6 +57,7 @@ class Item:
     shard: str
     name: str
     url: str
+    target: URL  # `url` parsed (once per item: the worker and the fetcher use this)
 
 
 def encode_result(item_id: str, shard: str, name: str, rec: Record) -> Result:
@@ -115,10 +117,10 @@ def parse_entry(entry_id: Any, fields: dict[Any, Any]) -> Item | Poison:
     if problem:
         return Poison(item_id, status.BAD_NAME, problem, shown, shard, name, url)
     # The URL's shape; its address is judged by the fetcher under the worker's policy.
-    refused = check_url(url, ANY_ADDRESS)
-    if refused:
-        return Poison(item_id, status.BAD_URL, refused[1], shown, shard, name, url)
-    return Item(item_id, shard, name, url)
+    target = parse_url(url, ANY_ADDRESS)
+    if isinstance(target, tuple):
+        return Poison(item_id, status.BAD_URL, target[1], shown, shard, name, url)
+    return Item(item_id, shard, name, url, target)
 
 
 _STRAY = "not an image of shard {shard!r} (unknown shard, stray entry, or shard already reported)"

@@ -37,9 +37,10 @@ from core.runtime import StopSignals, failure, unless_stopped
 from core.storage import output_storage
 from core.tasks import cancel_and_wait
 from crawler import monitor
-from crawler.ingest import Ingest, expand_sources, missing_message
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
 from crawler.shards import ReportWriteError, Shards
+from crawler.sources import expand_sources, missing_message
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import itertools
 import logging
 import math
 import os
@@ -26,43 +24,30 @@ from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-from yarl import URL
 
 from core import status
 from core.budget import BodyBudget
 from core.config import Config
 from core.connection import RedisRetry, connect
-from core.fetch import OTHER_HOST, Fetcher, FetchResult
+from core.fetch import Fetcher
+from core.heartbeat import Heartbeat, sample_history
 from core.keys import Keys
 from core.logs import FailureLog, LogStats
 from core.runtime import StopSignals, watch_loop_lag
 from core.session import client_session
 from core.storage import output_storage
 from core.tasks import cancel_and_wait
-from crawler import images
+from crawler import gctimer, images
 from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
-from crawler.pool import ImageJobTimeout, ImagePool
+from crawler.pipeline import OutputUnwritable, Pipeline
+from crawler.pool import image_pool
 from crawler.queue import Item, Result, WorkQueue, encode_result
-from crawler.retries import Retries
 from crawler.shards import ReportWriteError, Shards
-from crawler.store import (
-    OUTPUT_UNWRITABLE,
-    Store,
-    output_problem,
-    sweep_temporary,
-    verify_bytes,
-    verify_stored,
-)
+from crawler.store import Store, output_problem, sweep_temporary
 
 log = logging.getLogger(__name__)
 _OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
-_GC_YOUNG_S = 5.0  # see _tune_gc: seconds between collections of the young generations
-_GC_FULL_EVERY = 12  # young collections per full one (a minute)
-
-
-class OutputUnwritable(Exception):
-    """The output refused a file for a reason of its own (full, read-only, not permitted)."""
 
 
 @dataclass
@@ -84,46 +69,6 @@ class WorkerStats:
         self.bytes += nbytes
 
 
-def available_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
-    container started with --cpus=2 on a 64-core host gets 2)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
-    try:
-        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
-    except (OSError, ValueError):
-        return cpus
-    if quota != "max" and int(period) > 0:
-        cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    return cpus
-
-
-def pinned_cpus(processes: int, allowed: set[int], quota_cpus: int) -> list[int]:
-    """CPUs to pin image processes to, round robin: the allowed ones, when the processes cover
-    them all and no CPU quota narrower than the mask applies; else none (no pinning)."""
-    if processes < len(allowed) or quota_cpus < len(allowed):
-        return []
-    return sorted(allowed)
-
-
-def make_pool(cfg: Config) -> ImagePool:
-    usable = available_cpus()
-    size = cfg.worker.image_processes or usable
-    cpus: list[int] = []
-    if cfg.worker.pin_image_processes and hasattr(os, "sched_getaffinity"):
-        cpus = pinned_cpus(size, os.sched_getaffinity(0), usable)
-    # The fork server imports Pillow and libmagic once; every image process forked from it
-    # starts with them loaded instead of importing them itself.
-    return ImagePool(
-        size,
-        initializer=images.init_worker,
-        initargs=images.init_args(cfg),
-        preload=["crawler.store"],
-        cpus=cpus,
-        job_timeout_s=cfg.images.job_timeout_s,
-    )
-
-
 class Worker:
     def __init__(self, cfg: Config, worker_id: str | None = None) -> None:
         self.cfg = cfg
@@ -135,8 +80,6 @@ class Worker:
         self.metrics = Metrics()
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
         self.log_stats = LogStats()
-        self.failed_hosts: dict[str, int] = {}
-        self.gone_hosts: dict[str, int] = {}  # the part of failed_hosts that is 404/410
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
         self.to_hand_back: list[Item] = []  # fetched, but the output refused them
@@ -153,42 +96,72 @@ class Worker:
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
         self._last_sweep = -math.inf  # sweep on the first pass: monotonic time starts at boot
         self._output_probed = False
-        self._pool: ImagePool
         self.client: aioredis.Redis
+        self.heartbeat: Heartbeat
         self.queue: WorkQueue
         self.gate: HostGate
-        self.fetcher: Fetcher
+        self.pipeline: Pipeline
         self.shards: Shards
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self, *, until_idle: bool = False) -> None:
         """Work until stopped (or, with until_idle, until the queue stays empty)."""
-        self.client = connect(self.cfg)
-        self.queue = WorkQueue(self.client, self.keys, self.cfg.queue)
-        self.gate = HostGate(
-            self.cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
+        async with contextlib.AsyncExitStack() as parts:
+            await self._start(parts)
+            background = [asyncio.create_task(c) for c in self._background()]
+            try:
+                await self._read_loop(until_idle)
+                await self._drain()
+            finally:
+                self.stopping.set()
+                await self._final_flush()
+                if await cancel_and_wait(background):
+                    log.error("background loops would not stop")
+        self.stats.peak_waiting_bytes = self.bodies.peak
+        log.info("worker %s stopped: %d processed", self.id, self.stats.processed)
+
+    async def _start(self, parts: contextlib.AsyncExitStack) -> None:
+        """Connect, start the parts, and have `parts` close them in reverse order."""
+        cfg = self.cfg
+        self.client = connect(cfg)
+        parts.push_async_callback(self.client.aclose)
+        self.heartbeat = Heartbeat(
+            self.client, self.keys.worker(self.id), cfg.worker.heartbeat_interval_s, self._beat
         )
+        parts.push_async_callback(self.heartbeat.remove)
+        self.queue = WorkQueue(self.client, self.keys, cfg.queue)
         self.shards = Shards(self.client, self.keys, self.queue, self.store.storage)
-        self._pool = make_pool(self.cfg)
-        await self._pool.start()
-        session = client_session(self.cfg.fetch, self.cfg.worker.max_connections)
-        self.fetcher = Fetcher(
-            self.cfg.fetch, session, self.cfg.worker.max_connections, self.bodies
+        pool = image_pool(cfg)
+        parts.push_async_callback(pool.close)
+        await pool.start()
+        session = client_session(cfg.fetch, cfg.worker.max_connections)
+        parts.push_async_callback(session.close)
+        self.gate = HostGate(
+            cfg.limits, self.client, self.keys, on_throttle=self.metrics.throttled.inc
         )
-        _tune_gc()
+        parts.push_async_callback(self.gate.close)
+        self.pipeline = Pipeline(
+            cfg.fetch, gate=self.gate, bodies=self.bodies, pool=pool, store=self.store,
+            fetcher=Fetcher(cfg.fetch, session, cfg.worker.max_connections, self.bodies),
+            settings=self.settings, metrics=self.metrics,
+        )  # fmt: skip
+        parts.enter_context(gctimer.automatic_collection_off())
         await self._probe_output()
         await RedisRetry.from_config(self.cfg, "start").call(
             self.queue.ensure_group, stop=self.force_exit
         )
         self.metrics.redis_ok()
-        metrics_runner = None
-        if self.cfg.metrics.port:
+        if cfg.metrics.port:
             app = metrics_app(self.metrics, self._ready)
-            metrics_runner = await start_server(app, self.cfg.metrics.host, self.cfg.metrics.port)
+            runner = await start_server(app, cfg.metrics.host, cfg.metrics.port)
+            parts.push_async_callback(runner.cleanup)
         log.info("worker %s started", self.id)
+
+    def _background(self) -> list[Coroutine[Any, Any, Any]]:
+        """The loops that run beside the reading loop until the worker stops."""
         q, hb = self.cfg.queue, self.cfg.worker.heartbeat_interval_s
         maintenance_s = min(q.reclaim_interval_s, q.lease_timeout_s / 3)
-        background = [
+        return [
             self._loop(self._flush_once),
             self._loop(self._renew_once, maintenance_s),
             self._loop(self._maintain_once, maintenance_s),
@@ -197,28 +170,9 @@ class Worker:
             # a heartbeat retries within its own interval: a blip must not let it lapse
             self._loop(self._heartbeat, hb, max_backoff_s=hb),
             watch_loop_lag(self.metrics.loop_lag.observe),
-            self._gc_loop(),
+            gctimer.collect_on_a_timer(),
             self._summary_loop(),
         ]
-        bg = [asyncio.create_task(c) for c in background]
-        try:
-            await self._read_loop(until_idle)
-            await self._drain()
-        finally:
-            self.stopping.set()
-            await self._final_flush()
-            if await cancel_and_wait(bg):
-                log.error("background loops would not stop")
-            await self.gate.close()
-            await session.close()
-            if metrics_runner is not None:
-                await metrics_runner.cleanup()
-            await self._pool.close()
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.delete(self.keys.worker(self.id))
-            await self.client.aclose()
-            _untune_gc()
-            log.info("worker %s stopped: %d processed", self.id, self.stats.processed)
 
     def _ready(self) -> str:
         """Why this worker cannot work now ("" when it can): readiness and status say it."""
@@ -314,18 +268,10 @@ class Worker:
         return pending == 0 and await self.queue.depth() == 0
 
     async def _take(self, items: list[Item]) -> None:
-        backlog = self.cfg.limits.host_backlog
-        deferred: dict[str, list[Item]] = {}
-        taken: list[tuple[Item, str]] = []
-        batch: dict[str, int] = {}  # items of each host taken from this batch (not yet waiting)
-        for item in items:
-            host = URL(item.url).host or ""
-            if self.gate.backlog(host) + batch.get(host, 0) >= backlog:
-                deferred.setdefault(host, []).append(item)
-                continue
-            batch[host] = batch.get(host, 0) + 1
+        admitted = self.gate.admit(items, _host)
+        taken = admitted.taken
+        for item, _ in taken:
             self.held[item.id] = item
-            taken.append((item, host))
         # Which of these a previous run already stored: one thread hop per batch, none once
         # every shard of the batch is known to have started with no directory.
         wanted = [(i.shard, i.name) for i, _ in taken]
@@ -337,7 +283,7 @@ class Worker:
             task = asyncio.create_task(self._process(item, host, stored))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        for host, held_back in deferred.items():
+        for host, held_back in admitted.deferred.items():
             await self.queue.defer(held_back, self.gate.deferral_s(host))
             self.stats.deferred += len(held_back)
             self.metrics.deferred.inc(len(held_back))
@@ -345,7 +291,7 @@ class Worker:
     # ---- one item --------------------------------------------------------------------
     async def _process(self, item: Item, host: str, on_disk: bool) -> None:
         try:
-            rec = await self._handle(item, host, on_disk)
+            rec = await self.pipeline.handle(item, host, on_disk)
             result = encode_result(item.id, item.shard, item.name, rec)
         except asyncio.CancelledError:
             raise
@@ -372,121 +318,12 @@ class Worker:
         if st != status.OK:
             self.failure_log.failure(host, st, rec.error)
         if st not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
-            self.failed_hosts[host] = self.failed_hosts.get(host, 0) + 1
-            if st in status.GONE_STATUSES:
-                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + 1
+            self.heartbeat.tally(self.keys.hosts_failed, host)
+            if st in status.GONE_STATUSES:  # the part of the failures that is 404/410
+                self.heartbeat.tally(self.keys.hosts_gone, host)
         self.results.append(result)
         if len(self.results) >= self.cfg.worker.flush_batch:
             self.flushed.set()
-
-    async def _handle(self, item: Item, host: str, on_disk: bool) -> status.Record:
-        if on_disk:
-            existing = await self._existing(item)
-            if existing is not None:
-                return existing
-        retries = Retries(self.cfg.fetch)
-        while True:
-            res, answered_by = await self._fetch_politely(item.url, host)
-            if res.retry_after is not None:
-                self.metrics.retry_after.inc()
-                limit = self.cfg.fetch.retry_after_max_s
-                self.gate.penalize(answered_by, min(res.retry_after, limit))
-            delay = retries.after(res)
-            if delay is None:
-                break
-            self.metrics.retries.inc()
-            await asyncio.sleep(delay)
-        attempts = retries.attempts
-        if not res.ok:
-            return status.make_record(
-                item.name,
-                item.url,
-                res.status,
-                http_code=res.http_code,
-                error=res.error,
-                attempts=attempts,
-            )
-        return await self._store_image(item, res.body, res.http_code, attempts)
-
-    async def _fetch_politely(self, url: str, host: str) -> tuple[FetchResult, str]:
-        """Fetch within `host`'s limits; a redirect to another host waits for that host's
-        limits before it is followed. Returns the result and the host that gave it."""
-        m = self.metrics
-        waiting = time.monotonic()
-        async with self.gate.slot(host):
-            await self.bodies.room()  # while the image pool has its fill of bodies
-            started = time.monotonic()
-            m.host_wait_seconds.observe(started - waiting)
-            res = await self.fetcher.fetch(url)
-            m.fetch_seconds.observe(time.monotonic() - started)
-        while res.status == OTHER_HOST:
-            host = URL(res.final_url).host or ""
-            waiting = time.monotonic()
-            async with self.gate.slot(host):
-                started = time.monotonic()
-                m.host_wait_seconds.observe(started - waiting)
-                res = await self.fetcher.fetch(res.final_url, res.hops)
-                m.fetch_seconds.observe(time.monotonic() - started)
-        return res, host
-
-    async def _store_image(
-        self, item: Item, body: bytes, http_code: int, attempts: int
-    ) -> status.Record:
-        final = self.store.target(item.shard, item.name)
-        started = time.monotonic()
-        try:
-            img = await self._pool.run(self.store.image_job, self.settings, final, data=body)
-        except ImageJobTimeout as exc:
-            return status.make_record(
-                item.name, item.url, status.IMAGE_TIMEOUT, error=str(exc), http_code=http_code,
-                attempts=attempts, source_bytes=len(body),
-            )  # fmt: skip
-        finally:
-            self.metrics.image_seconds.observe(time.monotonic() - started)
-            self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
-            self.stats.peak_waiting_bytes = self.bodies.peak
-        img = await self.store.finish(item.shard, item.name, img)
-        if img.status == OUTPUT_UNWRITABLE:
-            raise OutputUnwritable(img.error)
-        common = {
-            "http_code": http_code,
-            "attempts": attempts,
-            "source_mimetype": img.mimetype,
-            "source_bytes": len(body),
-            "orig_width": img.orig_width,
-            "orig_height": img.orig_height,
-        }
-        if img.status != status.OK:
-            return status.make_record(item.name, item.url, img.status, error=img.error, **common)
-        return status.make_record(
-            item.name, item.url, status.OK,
-            mimetype=img.stored_mimetype, bytes=img.stored_bytes, width=img.width,
-            height=img.height, sha256=img.sha256, path=self.store.relative(item.shard, item.name),
-            **common,
-        )  # fmt: skip
-
-    async def _existing(self, item: Item) -> status.Record | None:
-        """A complete file from an earlier run: record it without fetching again."""
-        try:
-            if self.store.remote:
-                data = await self.store.stored_bytes(item.shard, item.name)
-                img = None if data is None else (
-                    await self._pool.run(verify_bytes, self.settings, data=data)
-                )  # fmt: skip
-            else:
-                final = self.store.target(item.shard, item.name)
-                img = await self._pool.run(verify_stored, final, self.settings)
-        except ImageJobTimeout:
-            return None  # fetched again, and then recorded as what it is
-        if img is None:
-            return None  # gone, or not a valid image after all: fetch again
-        return status.make_record(
-            item.name, item.url, status.OK,
-            mimetype=img.stored_mimetype, bytes=img.stored_bytes, width=img.width,
-            height=img.height, orig_width=img.orig_width, orig_height=img.orig_height,
-            sha256=img.sha256, path=self.store.relative(item.shard, item.name),
-            error="already on disk", source_mimetype=img.mimetype, source_bytes=img.stored_bytes,
-        )  # fmt: skip
 
     # ---- background ------------------------------------------------------------------
     async def _flush_once(self) -> None:
@@ -617,65 +454,24 @@ class Worker:
                 "worker %s: %s", self.id, self.log_stats.line(self.stats.by_status, len(self.held))
             )
 
-    async def _gc_loop(self) -> None:
-        """Collect cyclic garbage on a timer (automatic collection is off: see _tune_gc)."""
-        for tick in itertools.count(1):
-            await asyncio.sleep(_GC_YOUNG_S)
-            gc.collect(2 if tick % _GC_FULL_EVERY == 0 else 1)
+    def _beat(self) -> dict[str, str | int | float]:
+        """This worker's heartbeat fields (see core.heartbeat)."""
+        elapsed = max(1e-6, time.time() - self.stats.started)
+        return {
+            "started": self.stats.started,
+            "processed": self.stats.processed,
+            "held": len(self.held),
+            "rate": round(self.stats.processed / elapsed, 2),
+            "stopping": int(self.stopping.is_set()),
+            "paused": self._ready() if self.output_blocked else "",
+        }
 
     async def _heartbeat(self) -> None:
-        key = self.keys.worker(self.id)
-        elapsed = max(1e-6, time.time() - self.stats.started)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(
-            key,
-            mapping={
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": self.stats.started,
-                "seen": time.time(),
-                "processed": self.stats.processed,
-                "held": len(self.held),
-                "rate": round(self.stats.processed / elapsed, 2),
-                "stopping": int(self.stopping.is_set()),
-                "paused": self._ready() if self.output_blocked else "",
-            },
-        )
-        pipe.expire(key, int(self.cfg.worker.heartbeat_interval_s * 3) + 1)
-        failed, self.failed_hosts = self.failed_hosts, {}
-        gone, self.gone_hosts = self.gone_hosts, {}
-        for host, n in failed.items():
-            pipe.zincrby(self.keys.hosts_failed, n, host)
-        for host, n in gone.items():
-            pipe.zincrby(self.keys.hosts_gone, n, host)
-        if failed:
-            pipe.zremrangebyrank(self.keys.hosts_failed, 0, -10_001)
-        if gone:
-            pipe.zremrangebyrank(self.keys.hosts_gone, 0, -10_001)
-        try:
-            await pipe.execute()
-        except (RedisError, OSError):
-            for host, n in failed.items():  # keep them for the next beat
-                self.failed_hosts[host] = self.failed_hosts.get(host, 0) + n
-            for host, n in gone.items():
-                self.gone_hosts[host] = self.gone_hosts.get(host, 0) + n
-            raise
+        await self.heartbeat.beat()
         self.metrics.redis_ok()
         self.metrics.held.set(len(self.held))
         self.metrics.tick()
-        await self._sample_history()
-
-    async def _sample_history(self) -> None:
-        """One worker in the fleet appends a (time, done, queued) sample every 10 s."""
-        if not await self.client.set(self.keys.history_turn, self.id, nx=True, px=9500):
-            return
-        counts = await self.client.hgetall(self.keys.counts)
-        done = sum(int(v) for k, v in counts.items() if k != b"bytes")
-        depth = await self.queue.depth()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.lpush(self.keys.history, f"{time.time():.1f} {done} {depth}")
-        pipe.ltrim(self.keys.history, 0, 8639)  # a day of 10 s samples
-        await pipe.execute()
+        await sample_history(self.client, self.keys, self.id, self.queue.depth)
 
     def _redis_call(self) -> None:
         self.stats.redis_calls += 1
@@ -683,40 +479,8 @@ class Worker:
         self.metrics.redis_ok()
 
 
-_gc_users = 0  # workers running in this process
-_gc_was_enabled = True  # whether automatic collection was on before the first one started
-
-
-def _tune_gc() -> None:
-    """Garbage collection on a timer, not on allocation counts: what start-up allocated
-    (modules, config, sessions) is frozen out of every later collection, automatic collection
-    is off while a worker runs, and `Worker._gc_loop` collects the young generations every
-    five seconds and everything every minute.
-
-    Almost nothing a crawl allocates is cyclic garbage (174 objects found in 10,000 images),
-    but every item's tasks, futures and buffers count towards the automatic thresholds: with
-    the youngest generation at 7000 objects, collections take ~9 % of the worker's CPU (0.38 s
-    of CPU per 10,000 images; on the timer: 0.11 s; see docs/performance.md).
-    The timer also bounds how long cyclic garbage lives: five seconds in the young
-    generations."""
-    global _gc_users, _gc_was_enabled
-    _gc_users += 1
-    if _gc_users == 1:
-        _gc_was_enabled = gc.isenabled()
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-
-
-def _untune_gc() -> None:
-    """When the last worker of the process stops (tests and embedders run workers in longer-
-    lived processes), the collector is as it was."""
-    global _gc_users
-    _gc_users -= 1
-    if _gc_users == 0:
-        gc.unfreeze()
-        if _gc_was_enabled:
-            gc.enable()
+def _host(item: Item) -> str:
+    return item.target.host or ""
 
 
 def _log_task_error(task: asyncio.Future[Any]) -> None:

@@ -21,9 +21,10 @@ from core.config import Config
 from core.diagnostics import task_stacks
 from core.keys import Keys
 from core.storage import output_storage
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
+from crawler.sources import expand_sources
 from crawler.worker import Worker
 from testweb import ImageWeb, make_docs, write_shard
 

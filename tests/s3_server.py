@@ -43,8 +43,12 @@ def weed_binary() -> str:
 class SeaweedFS(ServerProcess):
     """``weed server -s3`` on free loopback ports; `restart` keeps the data and the ports."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, volume_size_mb: int = 64) -> None:
+        """`volume_size_mb`: SeaweedFS starts new volumes when one reaches this size (small
+        for tests; a benchmark that writes hundreds of MB takes larger ones, as a real
+        deployment would)."""
         self.dir = directory
+        self.volume_size_mb = volume_size_mb
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.grpc = {name: free_port() for name in self.ports}
@@ -82,7 +86,7 @@ class SeaweedFS(ServerProcess):
             "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={g['s3']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
             f"-s3.config={self.config_file}",
-            "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            f"-master.volumeSizeLimitMB={self.volume_size_mb}", "-volume.max=0",
         ]  # fmt: skip
         with open(self.dir / "weed.log", "ab") as log:
             # (a test process killed before its teardown takes the server with it)

@@ -31,8 +31,9 @@ from redis_server import RedisProcess
 from test_poison import POISON
 
 from core.keys import CRAWL_GROUP, Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
+from crawler.sources import expand_sources
 from testweb import ImageWeb
 
 

@@ -89,7 +89,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_image_processes_follow_the_container_cpu_quota(tmp_path: Path) -> None:
-    from crawler.worker import available_cpus
+    from crawler.pool import available_cpus
 
     host = available_cpus(str(tmp_path / "absent"))
     limited = tmp_path / "cpu.max"
@@ -104,7 +104,7 @@ def test_image_processes_follow_the_container_cpu_quota(tmp_path: Path) -> None:
 
 
 def test_image_processes_are_pinned_only_when_they_cover_the_cpus_they_may_use() -> None:
-    from crawler.worker import pinned_cpus
+    from crawler.pool import pinned_cpus
 
     assert pinned_cpus(2, {0, 1}, quota_cpus=2) == [0, 1]
     assert pinned_cpus(4, {4, 5}, quota_cpus=2) == [4, 5]  # a cpuset: round robin over it

@@ -18,9 +18,10 @@ from PIL import Image
 from redis_server import RedisProcess
 
 from core.keys import Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
+from crawler.sources import expand_sources
 from testweb import ImageWeb, make_docs, write_shard
 
 

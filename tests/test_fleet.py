@@ -15,9 +15,10 @@ from redis_server import RedisProcess
 
 from core.exitcodes import ExitCode
 from core.keys import CRAWL_GROUP, Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
+from crawler.sources import expand_sources
 from testweb import ImageWeb, check_rate, make_docs, write_shard
 
 RATE, BURST = 6.0, 2

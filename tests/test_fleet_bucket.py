@@ -22,8 +22,9 @@ from s3_server import SeaweedFS
 from core import status
 from core.keys import CRAWL_GROUP, Keys
 from core.storage import open_storage
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
+from crawler.sources import expand_sources
 from testweb import ImageWeb, make_docs, write_shard
 
 SHARD = "fleet_s3_shard_0"

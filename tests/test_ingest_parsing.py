@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from core import shardfiles, status
-from crawler import ingest
+from crawler import documents
+from crawler.sources import expand_sources
 
 
 def doc(*infos: dict[str, object]) -> bytes:
@@ -22,7 +23,7 @@ def test_a_valid_document_yields_one_entry_per_image() -> None:
         {"image_name": "a.jpg", "raw_url": "http://h.example/a.jpg"},
         {"image_name": "b.png", "raw_url": "https://h.example/b.png"},
     )
-    result = ingest.parse_line(line)
+    result = documents.parse_line(line)
     assert result.error == ""
     assert [(e.name, e.url, e.problem_status) for e in result.entries] == [
         ("a.jpg", "http://h.example/a.jpg", ""),
@@ -35,7 +36,7 @@ def test_a_valid_document_yields_one_entry_per_image() -> None:
     [b"{not json", b"[1, 2]", b'"text"', orjson.dumps({"text_list": []})],
 )
 def test_malformed_lines_are_errors_not_exceptions(line: bytes) -> None:
-    result = ingest.parse_line(line)
+    result = documents.parse_line(line)
     assert result.error
     assert result.entries == []
 
@@ -48,7 +49,7 @@ def test_malformed_lines_are_errors_not_exceptions(line: bytes) -> None:
     ],
 )  # fmt: skip
 def test_names_that_are_not_plain_file_names_are_recorded_as_bad_name(name: str) -> None:
-    result = ingest.parse_line(doc({"image_name": name, "raw_url": "http://h.example/a"}))
+    result = documents.parse_line(doc({"image_name": name, "raw_url": "http://h.example/a"}))
     (entry,) = result.entries
     assert entry.problem_status == status.BAD_NAME
     assert entry.problem
@@ -62,13 +63,13 @@ def test_names_that_are_not_plain_file_names_are_recorded_as_bad_name(name: str)
     ],
 )  # fmt: skip
 def test_non_http_urls_are_recorded_as_bad_url(url: object) -> None:
-    result = ingest.parse_line(doc({"image_name": "a.jpg", "raw_url": url}))
+    result = documents.parse_line(doc({"image_name": "a.jpg", "raw_url": url}))
     (entry,) = result.entries
     assert entry.problem_status == status.BAD_URL
 
 
 def test_entries_without_a_name_are_counted_and_skipped() -> None:
-    result = ingest.parse_line(doc({"raw_url": "http://h.example/a"}, "junk", {"image_name": 3}))
+    result = documents.parse_line(doc({"raw_url": "http://h.example/a"}, "junk", {"image_name": 3}))
     assert result.entries == []
     assert result.skipped_entries == 3
 
@@ -83,9 +84,9 @@ def test_brace_patterns_and_directories_expand_in_order(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"s_{i}.jsonl").write_text("")
     (tmp_path / "notes.txt").write_text("")
-    sources = ingest.expand_sources([str(tmp_path / "s_{0..1}.jsonl"), str(tmp_path)])
+    sources = expand_sources([str(tmp_path / "s_{0..1}.jsonl"), str(tmp_path)])
     assert [s.shard for s in sources] == ["s_0", "s_1", "s_2"]
-    remote = ingest.expand_sources(["https://h.example/d_{8..9}.jsonl.zip"])
+    remote = expand_sources(["https://h.example/d_{8..9}.jsonl.zip"])
     assert [s.location for s in remote] == [
         "https://h.example/d_8.jsonl.zip",
         "https://h.example/d_9.jsonl.zip",
@@ -100,7 +101,7 @@ def test_plain_gzip_and_zip_shards_stream_the_same_lines(tmp_path: Path) -> None
     with zipfile.ZipFile(tmp_path / "c.jsonl.zip", "w") as zf:
         zf.writestr("c.jsonl", body)
     for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zip"):
-        assert list(ingest.read_lines(tmp_path / name, 1 << 20, 1 << 30)) == lines
+        assert list(documents.read_lines(tmp_path / name, 1 << 20, 1 << 30)) == lines
 
 
 @pytest.mark.parametrize("shard", ["", "_status", ".x", "a/b", "a\nb"])
@@ -109,5 +110,5 @@ def test_unusable_shard_ids_are_refused(shard: str) -> None:
 
 
 def test_a_name_with_unbalanced_braces_is_taken_as_it_is(tmp_path: Path) -> None:
-    (source,) = ingest.expand_sources([str(tmp_path / "odd{name.jsonl")])
+    (source,) = expand_sources([str(tmp_path / "odd{name.jsonl")])
     assert source.location == str(tmp_path / "odd{name.jsonl")

@@ -25,9 +25,10 @@ from hypothesis import strategies as st
 from core.keys import Keys
 from core.shardfiles import check_shard_id
 from core.storage import output_storage
-from crawler.ingest import Ingest, IngestStats, expand_sources
+from crawler.ingest import Ingest, IngestStats
 from crawler.queue import WorkQueue
 from crawler.shards import Shards
+from crawler.sources import expand_sources
 
 json_scalars = (
     st.none()

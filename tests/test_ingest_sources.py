@@ -18,7 +18,8 @@ from crawling import crawl, crawl_config, image_doc, own_names, report
 
 from core import status
 from core.keys import Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
+from crawler.sources import expand_sources
 from testweb import ImageWeb, make_docs, write_shard
 
 

@@ -6,8 +6,10 @@ import itertools
 from pathlib import Path
 
 from crawling import crawl, crawl_config, image_doc, report, write_docs
+from yarl import URL
 
-from crawler.limits import DEFERRAL_MIN_S, deferral_s
+from core.config import LimitsConfig
+from crawler.limits import DEFERRAL_MIN_S, HostGate, deferral_s
 from testweb import ImageWeb
 
 
@@ -16,6 +18,20 @@ def test_deferral_is_half_the_backlogs_drain_time_within_bounds() -> None:
     assert deferral_s(200, 10_000.0) == DEFERRAL_MIN_S
     assert deferral_s(200, None) == DEFERRAL_MIN_S  # limits off, nothing finished yet
     assert deferral_s(1_000_000, 0.5) == 300.0
+
+
+async def test_a_batch_takes_each_host_up_to_its_backlog_and_defers_the_rest() -> None:
+    gate = HostGate(LimitsConfig(host_backlog=2, host_rate=0, local_host_rate=0), None, None)
+    async with gate.slot("a.test"):  # one request of a.test already running here
+        urls = [f"http://{h}.test/{i}" for i, h in enumerate("aaabbbc")]
+        admitted = gate.admit(urls, lambda url: URL(url).host or "")
+    assert admitted.taken == [
+        ("http://a.test/0", "a.test"), ("http://b.test/3", "b.test"),
+        ("http://b.test/4", "b.test"), ("http://c.test/6", "c.test"),
+    ]  # fmt: skip
+    assert admitted.deferred == {
+        "a.test": ["http://a.test/1", "http://a.test/2"], "b.test": ["http://b.test/5"]
+    }  # fmt: skip
 
 
 async def test_with_limits_off_deferred_items_are_back_within_seconds_once_the_host_frees_up(

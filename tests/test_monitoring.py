@@ -18,8 +18,9 @@ from crawling import TEST_REDIS_URL, crawl_config, image_doc, write_docs
 from PIL import Image
 
 from core.keys import Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
+from crawler.sources import expand_sources
 from crawler.worker import Worker
 from testweb import ImageWeb
 

@@ -32,8 +32,9 @@ from redis_server import RedisProcess, free_port
 from test_assign_worker import read_docs, write_crawl
 
 from core.keys import Keys
-from crawler.ingest import Ingest, expand_sources
+from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
+from crawler.sources import expand_sources
 from testweb import ImageWeb, make_docs, write_shard
 
 

@@ -22,10 +22,12 @@ from crawling import (
     stuck_state,
     write_shards,
 )
+from yarl import URL
 
 from core.keys import CRAWL_GROUP, Keys
-from crawler.ingest import Ingest, expand_sources
-from crawler.queue import WorkQueue
+from crawler.ingest import Ingest
+from crawler.queue import Item, Poison, WorkQueue, parse_entry
+from crawler.sources import expand_sources
 from testweb import ImageWeb
 
 # (fields, what the dead-letter entry's reason says)
@@ -125,3 +127,14 @@ async def wait_reported(
             return
         await asyncio.sleep(0.2)
     pytest.fail("not every shard was reported\n" + await stuck_state(client, keys, shards[0], logs))
+
+
+def test_an_entry_carries_its_url_parsed_and_a_malformed_url_becomes_a_bad_url_record() -> None:
+    """The URL is parsed once, when the entry is read: the worker's host and the fetcher's
+    request both come from `Item.target`."""
+    url = "http://Example.com:8080/a%20b/c.jpg?x=1"
+    item = parse_entry("1-0", {b"s": b"sh", b"n": b"img.jpg", b"u": url.encode()})
+    assert isinstance(item, Item)
+    assert item.target == URL(url) and item.target.host == "example.com"
+    bad = parse_entry("1-1", {b"s": b"sh", b"n": b"img.jpg", b"u": b"ftp://example.com/x.jpg"})
+    assert isinstance(bad, Poison) and bad.status == "bad_url"

@@ -29,7 +29,7 @@ from core.embedded import EmbeddedRedis
 from core.keys import EMBEDDED_IDENTITY
 from core.session import client_session, guarded_socket
 from core.storage import LocalStorage
-from crawler import images, ingest, store
+from crawler import documents, images, store
 from crawler.images import ImageSettings
 from crawler.pool import ImageJobTimeout, ImagePool
 from testweb import ImageWeb, gif_of_frames
@@ -77,7 +77,7 @@ def test_a_url_naming_a_non_public_address_in_any_spelling_is_refused_at_ingest(
     refused = guard.check_url(f"http://{host}/a.jpg")
     assert refused is not None and refused[0] == status.BLOCKED_ADDRESS
     line = image_doc([f"http://{host}:8080/a.jpg"], ["a.jpg"])
-    entries = ingest.parse_line(orjson.dumps(line)).entries
+    entries = documents.parse_line(orjson.dumps(line)).entries
     assert [e.problem_status for e in entries] == [status.BLOCKED_ADDRESS]
 
 
