@@ -84,22 +84,7 @@ class Shards:
                 log.error("shard %s: %d unreadable records left out of its report",
                           shard, unreadable)  # fmt: skip
             summary = self._summary(shard, meta, records)
-            # gzip of thousands of records: off the event loop
-            try:
-                report = await asyncio.to_thread(
-                    status.write_report, self.storage, shard, [r for r, _ in records], summary
-                )
-                if not self.storage.remote:
-                    # Every image has its record: nobody writes here any more, so leftovers
-                    # of killed writers can go now.
-                    shard_dir = Path(self.storage.location) / shard
-                    await asyncio.to_thread(sweep_temporary, shard_dir, 0)
-            except StorageError as exc:
-                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
-            except OSError as exc:
-                if exc.errno in UNWRITABLE_ERRNOS:
-                    raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
-                raise
+            report = await self._write_report(shard, [r for r, _ in records], summary)
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(records_key, meta_key)
             pipe.srem(self.keys.shards_open, shard)
@@ -121,6 +106,26 @@ class Shards:
         finally:
             with contextlib.suppress(LockNotOwnedError):  # held past its timeout: not ours now
                 await lock.release()
+
+    async def _write_report(self, shard: str, records: list[bytes], summary: dict[str, Any]) -> str:
+        """Write the shard's report (gzip of thousands of records: off the event loop); its
+        key. ReportWriteError when the output cannot be written."""
+        try:
+            report = await asyncio.to_thread(
+                status.write_report, self.storage, shard, records, summary
+            )
+            if not self.storage.remote:
+                # Every image has its record: nobody writes here any more, so leftovers
+                # of killed writers can go now.
+                shard_dir = Path(self.storage.location) / shard
+                await asyncio.to_thread(sweep_temporary, shard_dir, 0)
+        except StorageError as exc:
+            raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno in UNWRITABLE_ERRNOS:
+                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+            raise
+        return report
 
     @staticmethod
     def _summary(
