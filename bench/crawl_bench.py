@@ -593,7 +593,7 @@ def run_crawler(
     names: set[str] = set()
     records = 0
     done_at: list[float] = []  # seconds from the start until each record was made
-    last: list[tuple[float, dict[str, Any]]] = []
+    last: list[tuple[float, cstatus.Record]] = []
     ok_names: set[str] = set()
     retried_ok = 0
     for rec in all_records(output or str(out)):
@@ -602,9 +602,9 @@ def run_crawler(
         by_status[rec.status] += 1
         done_at.append(rec.time - epoch0)
         last.append((done_at[-1], rec))
-        if rec["status"] == cstatus.OK:
-            ok_names.add(rec["image_name"])
-            retried_ok += int(rec["attempts"]) > 1
+        if rec.status == cstatus.OK:
+            ok_names.add(rec.image_name)
+            retried_ok += rec.attempts > 1
     expected = {hashlib.sha256(u.encode()).hexdigest()[:12] + ".jpg" for u in wl.urls}
     note = ""
     if records != n or names != expected:
@@ -645,8 +645,8 @@ def run_crawler(
         ),
         retried_ok=retried_ok,
         last=[
-            f"{t:6.1f}s {r['status']} after {r['attempts']} attempt(s) {r['error'][:70]!r} "
-            f"{r['raw_url'].split('/', 3)[-1][:60]}"
+            f"{t:6.1f}s {r.status} after {r.attempts} attempt(s) {r.error[:70]!r} "
+            f"{r.raw_url.split('/', 3)[-1][:60]}"
             for t, r in sorted(last, key=lambda tr: tr[0])[-6:]
         ],
     )
