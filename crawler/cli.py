@@ -275,7 +275,7 @@ def demo(state: State, port: int, out: str) -> None:
 
 class _AssignCommands(click.Group):
     """The commands of `assign.cli` (installed as `mmc4-assign` too), imported when used: the
-    crawler's own commands do not load numpy, lapjv and msgspec."""
+    crawler's own commands do not load numpy and lapjv."""
 
     def _group(self) -> click.Group:
         from assign.cli import main as assign_main

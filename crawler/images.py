@@ -70,6 +70,7 @@ import magic
 import PIL
 from PIL import Image, ImageFile, UnidentifiedImageError, features
 
+from core import status
 from core.config import RESAMPLE_FILTERS
 from crawler.encode import encode, normalize_mode
 from crawler.heap import keep_freed_memory
@@ -179,12 +180,12 @@ def process_image(data: bytes, settings: ImageSettings) -> ImageResult:
     try:
         mimetype = str(_get_magic().from_buffer(data[:4096])) if data else "application/x-empty"
     except Exception as exc:  # libmagic failing on odd bytes
-        return ImageResult("not_an_image", "application/octet-stream", f"libmagic: {exc}")
+        return ImageResult(status.NOT_AN_IMAGE, "application/octet-stream", f"libmagic: {exc}")
     if not mimetype.startswith("image/") or mimetype == "image/svg+xml":
-        return ImageResult("not_an_image", mimetype, f"not an image ({mimetype})")
+        return ImageResult(status.NOT_AN_IMAGE, mimetype, f"not an image ({mimetype})")
     formats = _OPEN_FORMATS.get(mimetype)
     if formats is None:
-        return ImageResult("unsupported_image", mimetype, f"unsupported image type {mimetype}")
+        return ImageResult(status.UNSUPPORTED_IMAGE, mimetype, f"unsupported image type {mimetype}")
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a stray True elsewhere must never reach us
     try:
@@ -196,13 +197,13 @@ def process_image(data: bytes, settings: ImageSettings) -> ImageResult:
     except _Refused as exc:
         return ImageResult(exc.status, mimetype, str(exc))
     except Image.DecompressionBombError as exc:
-        return ImageResult("too_many_pixels", mimetype, str(exc))
+        return ImageResult(status.TOO_MANY_PIXELS, mimetype, str(exc))
     except UnidentifiedImageError:
-        return ImageResult("decode_error", mimetype, f"cannot identify {mimetype} data")
+        return ImageResult(status.DECODE_ERROR, mimetype, f"cannot identify {mimetype} data")
     except MemoryError:
-        return ImageResult("decode_error", mimetype, "out of memory while decoding")
+        return ImageResult(status.DECODE_ERROR, mimetype, "out of memory while decoding")
     except Exception as exc:
-        return ImageResult("decode_error", mimetype, f"{type(exc).__name__}: {exc}"[:300])
+        return ImageResult(status.DECODE_ERROR, mimetype, f"{type(exc).__name__}: {exc}"[:300])
 
 
 def _process(
@@ -211,9 +212,9 @@ def _process(
     img = Image.open(io.BytesIO(data), formats=formats)
     w, h = img.size
     if w <= 0 or h <= 0:
-        raise _Refused("decode_error", f"bad dimensions {w}x{h}")
+        raise _Refused(status.DECODE_ERROR, f"bad dimensions {w}x{h}")
     if w * h > settings.max_pixels:
-        raise _Refused("too_many_pixels", f"{w}x{h} exceeds {settings.max_pixels} pixels")
+        raise _Refused(status.TOO_MANY_PIXELS, f"{w}x{h} exceeds {settings.max_pixels} pixels")
     fmt = img.format or ""
     target = _UNIFORM.get(settings.format)
     if target is not None and _SAME_FORMAT.get(fmt) != target:
@@ -230,7 +231,7 @@ def _process_to(
     upright, shrunk, alpha composited onto white for JPEG."""
     frames = _frame_count(img, fmt, settings.max_frames)
     if frames > settings.max_frames:
-        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
+        raise _Refused(status.TOO_MANY_FRAMES, f"more than {settings.max_frames} frames")
     img.load()
     orientation = 1 if fmt == "GIF" else _orientation(img)
     out, icc, (disp_w, disp_h) = _upright_within(img, orientation, settings)
@@ -314,7 +315,7 @@ def _process_other(
     w, h = img.size
     frames = _frame_count(img, fmt, settings.max_frames)
     if frames > settings.max_frames:
-        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
+        raise _Refused(status.TOO_MANY_FRAMES, f"more than {settings.max_frames} frames")
     same = _SAME_FORMAT.get(fmt)
     within = w <= settings.max_side and h <= settings.max_side
     img.load()  # first frame, fully decoded: validation and pixels in one go
@@ -362,7 +363,7 @@ def _frame_count(img: ImageFile.ImageFile, fmt: str, limit: int) -> int:
 
 def _kept(data: bytes, mimetype: str, w: int, h: int, frames: int) -> ImageResult:
     return ImageResult(
-        status="ok",
+        status=status.OK,
         mimetype=mimetype,
         keep_original=True,
         stored_mimetype=mimetype,
@@ -384,7 +385,7 @@ def _stored(
     frames: int,
 ) -> ImageResult:
     return ImageResult(
-        status="ok",
+        status=status.OK,
         mimetype=mimetype,
         data=encoded,
         stored_mimetype=_FORMAT_MIME[fmt],
