@@ -140,7 +140,7 @@ def index_shard(output: Tree, shard: str, shard_file: str, *, force: bool = Fals
 
 
 def _build(
-    shard_file: Path, shard: str, images: dict[str, dict[str, Any]], docs: Path, records: Path
+    shard_file: Path, shard: str, images: dict[str, status.Record], docs: Path, records: Path
 ) -> tuple[Records, dict[tuple[int, int, int], int], int, int]:
     """Write the documents and records of a local rewritten shard; returns the records,
     the histogram, the lines that are not documents and the documents' bytes."""
@@ -193,25 +193,17 @@ def read_meta(output: Tree, name: str) -> dict[str, Any] | None:
     return meta
 
 
-def _load_images(output: Tree, report: str) -> dict[str, dict[str, Any]]:
-    """image_name -> its status record's fields the API shows."""
-    out: dict[str, dict[str, Any]] = {}
+def _load_images(output: Tree, report: str) -> dict[str, status.Record]:
+    """image_name -> its status record."""
     try:
         text = gzip.decompress(output.read(report))
     except FileNotFoundError:
-        return out
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        rec = orjson.loads(line)
-        name = rec.get("image_name") if isinstance(rec, dict) else None
-        if isinstance(name, str):
-            out[name] = rec
-    return out
+        return {}
+    return {rec.image_name: rec for rec in status.records_of(text.splitlines())}
 
 
 def _document(
-    raw: bytes, shard: str, line: int, images: dict[str, dict[str, Any]]
+    raw: bytes, shard: str, line: int, images: dict[str, status.Record]
 ) -> tuple[bytes, int, int, int] | None:
     """The API's document for one shard line, or None for a line that is not a document."""
     try:
@@ -231,7 +223,7 @@ def _document(
     for info in infos:
         name = info.get("image_name")
         rec = images.get(name) if isinstance(name, str) else None
-        state = rec.get("status", NOT_RECORDED) if rec is not None else NOT_RECORDED
+        state = rec.status if rec is not None else NOT_RECORDED
         ok = rec is not None and state == status.OK and isinstance(name, str)
         stored += ok
         out_images.append(
@@ -242,9 +234,9 @@ def _document(
                 "matched_text_index": info.get("matched_text_index"),
                 "matched_sim": info.get("matched_sim"),
                 "status": state,
-                "width": rec.get("width") if ok and rec else None,
-                "height": rec.get("height") if ok and rec else None,
-                "mimetype": rec.get("mimetype") if ok and rec else None,
+                "width": rec.width if ok and rec else None,
+                "height": rec.height if ok and rec else None,
+                "mimetype": rec.mimetype if ok and rec else None,
             }
         )
     dup = 1 if doc.get("could_have_url_duplicate") in (1, True) else 0

@@ -1,8 +1,5 @@
-"""The crawler's per-shard status report: which images it stored, and where.
-
-The report is a gzip jsonl file, one record per image, with at least ``image_name``, ``status``
-("ok" means stored), ``path`` (relative to the crawler's output directory), ``mimetype``,
-``bytes``, ``width`` and ``height``.
+"""The crawler's per-shard status report, as the rewrite reads it: which images it stored
+(records with status ok and a path, ``core.status.Record``), and where.
 """
 
 from __future__ import annotations
@@ -14,18 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-STORED = "ok"
+from core.status import OK, records_of
 
 
 @dataclass(frozen=True)
 class StoredImage:
     local_path: str
-    mimetype: Any
-    bytes: Any
-    width: Any
-    height: Any
+    mimetype: str
+    bytes: int
+    width: int
+    height: int
 
     def fields(self) -> dict[str, Any]:
         """The keys added to the image's ``image_info`` entry, in this order."""
@@ -51,7 +46,7 @@ def stored_images(text: bytes, images_dir: str | Path | None) -> dict[str, Store
 
     ``local_path`` is ``images_dir/path`` when ``images_dir`` is given (a directory or an
     s3:// URL), else ``path`` as recorded (relative to the crawler's output directory). Lines
-    that are not JSON objects are skipped: an image without a readable record counts as not
+    that are not records are skipped: an image without a readable record counts as not
     stored.
     """
     return _collect(text.splitlines(), images_dir)
@@ -59,29 +54,15 @@ def stored_images(text: bytes, images_dir: str | Path | None) -> dict[str, Store
 
 def _collect(lines: Iterable[bytes], images_dir: str | Path | None) -> dict[str, StoredImage]:
     stored: dict[str, StoredImage] = {}
-    for line in lines:
-        image = _stored_image(line, images_dir)
-        if image is not None:
-            stored[image[0]] = image[1]
+    for record in records_of(lines):
+        if record.status != OK or not record.path:
+            continue
+        local = os.path.join(images_dir, record.path) if images_dir is not None else record.path
+        stored[record.image_name] = StoredImage(
+            local_path=str(local),
+            mimetype=record.mimetype,
+            bytes=record.bytes,
+            width=record.width,
+            height=record.height,
+        )
     return stored
-
-
-def _stored_image(line: bytes, images_dir: str | Path | None) -> tuple[str, StoredImage] | None:
-    try:
-        record = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(record, dict) or record.get("status") != STORED:
-        return None
-    name, path = record.get("image_name"), record.get("path")
-    if not isinstance(name, str) or not isinstance(path, str) or not path:
-        return None
-    local = os.path.join(images_dir, path) if images_dir is not None else path
-    image = StoredImage(
-        local_path=str(local),
-        mimetype=record.get("mimetype"),
-        bytes=record.get("bytes"),
-        width=record.get("width"),
-        height=record.get("height"),
-    )
-    return name, image

@@ -8,6 +8,7 @@ import io
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import orjson
 from PIL import Image
@@ -86,7 +87,7 @@ def make_corpus(
                               "face_detections": None})  # fmt: skip
                 ok = rng.random() < stored_share
                 state = status.OK if ok else "http_404"
-                rec = status.make_record(name, infos[-1]["raw_url"], state)
+                stored: dict[str, Any] = {}
                 if ok:
                     if with_images:
                         src = samples[(s + d + i) % len(samples)]
@@ -96,9 +97,10 @@ def make_corpus(
                         size = src.stat().st_size
                     else:
                         size = 50_000
-                    rec.update(path=f"{shard}/{name}", mimetype="image/jpeg", bytes=size,
-                               width=800, height=600)  # fmt: skip
-                records.append(orjson.dumps(rec))
+                    stored = dict(path=f"{shard}/{name}", mimetype="image/jpeg", bytes=size,
+                                  width=800, height=600)  # fmt: skip
+                rec = status.make_record(name, infos[-1]["raw_url"], state, **stored)
+                records.append(status.encode(rec))
             doc = {"text_list": text, "url": f"https://www.example.com/page/{s + d}",
                    "image_info": infos,
                    "similarity_matrix": [[round(rng.uniform(0.1, 0.4), 6) for _ in text]

@@ -598,9 +598,9 @@ def run_crawler(
     retried_ok = 0
     for rec in all_records(output or str(out)):
         records += 1
-        names.add(rec["image_name"])
-        by_status[rec["status"]] += 1
-        done_at.append(float(rec["time"]) - epoch0)
+        names.add(rec.image_name)
+        by_status[rec.status] += 1
+        done_at.append(rec.time - epoch0)
         last.append((done_at[-1], rec))
         if rec["status"] == cstatus.OK:
             ok_names.add(rec["image_name"])

@@ -1,14 +1,15 @@
 """Status records: one terminal record per image, live counters, per-shard reports.
 
-A record is a flat JSON object (see :data:`RECORD_FIELDS`). While a shard is in flight its
-records live in the Redis hash ``ns:shard:<shard>:records``; when its last image is recorded,
-the records are written to ``OUTPUT/_status/<shard>.jsonl.gz`` (atomically) with a summary
-beside it, taken out of Redis, and the shard is announced on ``ns:shards:done`` for the
-assignment worker.
+A record is a :class:`Record`, stored as a flat JSON object (its fields, in their order).
+While a shard is in flight its records live in the Redis hash ``ns:shard:<shard>:records``;
+when its last image is recorded, the records are written to
+``OUTPUT/_status/<shard>.jsonl.gz`` (atomically) with a summary beside it, taken out of
+Redis, and the shard is announced on ``ns:shards:done`` for the assignment worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from core import safefs
@@ -62,25 +64,30 @@ def is_failure_status(name: str) -> bool:
     )
 
 
-RECORD_FIELDS = (
-    "image_name",  # as in the shard
-    "raw_url",  # as in the shard
-    "status",  # one of the statuses above
-    "http_code",  # last HTTP status code (0: no response)
-    "error",  # human-readable reason when status != ok
-    "mimetype",  # of the stored file
-    "source_mimetype",  # of the downloaded bytes, by content (python-magic)
-    "bytes",  # stored file size
-    "source_bytes",  # downloaded size
-    "width",  # stored
-    "height",
-    "orig_width",  # as downloaded (after EXIF orientation)
-    "orig_height",
-    "sha256",  # of the stored file
-    "attempts",  # HTTP attempts made
-    "path",  # stored file, relative to the output directory
-    "time",  # unix time of the record
-)
+class Record(msgspec.Struct, kw_only=True):
+    """The terminal record of one image: what the crawl did with it."""
+
+    image_name: str  # as in the shard
+    raw_url: str = ""  # as in the shard
+    status: str  # one of the statuses above
+    http_code: int = 0  # last HTTP status code (0: no response)
+    error: str = ""  # human-readable reason when status != ok
+    mimetype: str = ""  # of the stored file
+    source_mimetype: str = ""  # of the downloaded bytes, by content (python-magic)
+    bytes: int = 0  # stored file size
+    source_bytes: int = 0  # downloaded size
+    width: int = 0  # stored
+    height: int = 0
+    orig_width: int = 0  # as downloaded (after EXIF orientation)
+    orig_height: int = 0
+    sha256: str = ""  # of the stored file
+    attempts: int = 0  # HTTP attempts made
+    path: str = ""  # stored file, relative to the output directory
+    time: float = msgspec.field(default_factory=lambda: round(time.time(), 3))  # unix time
+
+
+RECORD_FIELDS: tuple[str, ...] = Record.__struct_fields__
+_DECODE_RECORD = msgspec.json.Decoder(Record)
 
 STATUS_DIR = "_status"
 SHARDS_DIR = "_shards"
@@ -90,32 +97,20 @@ def http_status(code: int) -> str:
     return f"http_{code}"
 
 
-def make_record(image_name: str, raw_url: str, status: str, **fields: Any) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "image_name": image_name,
-        "raw_url": raw_url,
-        "status": status,
-        "http_code": 0,
-        "error": "",
-        "mimetype": "",
-        "source_mimetype": "",
-        "bytes": 0,
-        "source_bytes": 0,
-        "width": 0,
-        "height": 0,
-        "orig_width": 0,
-        "orig_height": 0,
-        "sha256": "",
-        "attempts": 0,
-        "path": "",
-        "time": round(time.time(), 3),
-    }
-    rec.update(fields)
-    return rec
+def make_record(image_name: str, raw_url: str, status: str, **fields: Any) -> Record:
+    """The record of an image; `fields` are Record's other fields (a TypeError names one
+    that is not)."""
+    return Record(image_name=image_name, raw_url=raw_url, status=status, **fields)
 
 
-def encode(rec: dict[str, Any]) -> bytes:
-    return orjson.dumps(rec)
+def encode(rec: Record) -> bytes:
+    return msgspec.json.encode(rec)
+
+
+def decode(raw: bytes | str) -> Record:
+    """The record of its JSON; msgspec.DecodeError (ValidationError included) for anything
+    that is not one."""
+    return _DECODE_RECORD.decode(raw)
 
 
 @dataclass(frozen=True)
@@ -158,7 +153,7 @@ def write_report(
     problem = safefs.check_part(shard)
     if problem:
         raise safefs.UnsafePath(f"shard {problem}")
-    records = sorted(records, key=lambda r: orjson.loads(r)["image_name"])
+    records = sorted(records, key=lambda r: decode(r).image_name)
     body = b"".join(r + b"\n" for r in records)
     storage.put_sync(
         summary_key(shard), orjson.dumps(summary, option=orjson.OPT_INDENT_2), durable=True
@@ -167,22 +162,22 @@ def write_report(
     return report_key(shard)
 
 
-def read_report(path: Path) -> Iterator[dict[str, Any]]:
+def read_report(path: Path) -> Iterator[Record]:
+    """The records of a report file (lines that are not records are skipped)."""
     with gzip.open(path, "rb") as fh:
-        yield from _lines(fh)
+        yield from records_of(fh)
 
 
-def report_records(data: bytes) -> Iterator[dict[str, Any]]:
-    """The records of a report's bytes (as stored: gzip)."""
-    return _lines(io.BytesIO(gzip.decompress(data)))
+def report_records(data: bytes) -> Iterator[Record]:
+    """The records of a report's bytes (as stored: gzip); lines that are not records are
+    skipped."""
+    return records_of(io.BytesIO(gzip.decompress(data)))
 
 
-def _lines(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+def records_of(lines: Iterable[bytes]) -> Iterator[Record]:
+    """The records among `lines` of JSON (blank lines, and lines that are not records, are
+    skipped: an image without a readable record counts as not recorded)."""
     for line in lines:
         if line.strip():
-            yield orjson.loads(line)
-
-
-def decode(raw: bytes | str) -> dict[str, Any]:
-    out: dict[str, Any] = orjson.loads(raw)
-    return out
+            with contextlib.suppress(msgspec.DecodeError):
+                yield _DECODE_RECORD.decode(line)

@@ -3,45 +3,19 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 import orjson
 
-from core import config as config_mod
-from core import early, heartbeat, logs, runtime, status
+from core import early, heartbeat, logs, runtime
 from core.config import Config
 from core.connection import connected
 from core.errors import CommandError, ReportingGroup
 from core.exitcodes import ExitCode
 from core.keys import Keys
-from crawler import monitor
-
-
-class State:
-    def __init__(self, config_path: str | None, overrides: list[str]) -> None:
-        self.config_path = config_path
-        self.overrides = overrides
-
-    def load(self) -> Config:
-        cfg = config_mod.load(self.config_path, overrides=self.overrides)
-        ctx = click.get_current_context(silent=True)
-        if ctx is not None:  # for the one-line error of a failing command
-            ctx.meta["mmc4.redis_url"] = cfg.redis.url
-        return cfg
-
-    def argv(self) -> list[str]:
-        """The group options, to start worker processes with the same configuration."""
-        out: list[str] = []
-        if self.config_path:
-            out += ["--config", self.config_path]
-        for item in self.overrides:
-            out += ["--set", item]
-        return out
-
-
-pass_state = click.make_pass_decorator(State)
+from crawler import cli_dataset, cli_queue, monitor
+from crawler.cli_common import State, check_bucket, find_redis, pass_state
 
 
 @click.group(
@@ -120,7 +94,7 @@ def run(
         cfg.ingest.shards = list(shards)
     if workers is not None:
         cfg.worker.processes = workers
-    _check_bucket(cfg)
+    check_bucket(cfg)
     argv = state.argv()
     code = runtime.run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
     sys.exit(code)
@@ -145,7 +119,7 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     cfg = state.load()
     if shards:
         cfg.ingest.shards = list(shards)
-    _guard(cfg)
+    find_redis(cfg)
     sources = expand_sources(cfg.ingest.shards)
     missing = missing_message(sources)
     if missing:
@@ -220,10 +194,10 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
     if parent_pid:
         early.stop_with_parent(parent_pid)
     cfg = state.load()
-    _guard(cfg)
+    find_redis(cfg)
     if check:
         sys.exit(runtime.run(_check(cfg, paused_ok=alive)))
-    _check_bucket(cfg)
+    check_bucket(cfg)
     from crawler.worker import run_worker
 
     async def work() -> int:
@@ -249,7 +223,7 @@ async def _check(cfg: Config, *, paused_ok: bool) -> int:
 def status_cmd(state: State, as_json: bool) -> None:
     """Queue depth, leased, done by status, rate, ETA, shards in flight, workers."""
     cfg = state.load()
-    _guard(cfg)
+    find_redis(cfg)
 
     async def go() -> monitor.Snapshot:
         async with connected(cfg) as client:
@@ -272,7 +246,7 @@ def serve(state: State, host: str, port: int) -> None:
     from crawler.statuspage import make_app
 
     cfg = state.load()
-    _guard(cfg)
+    find_redis(cfg)
 
     async def go() -> None:
         async with (
@@ -284,281 +258,6 @@ def serve(state: State, host: str, port: int) -> None:
                 await signals.event.wait()
 
     runtime.run(go())
-
-
-@main.command(name="serve-dataset")
-@click.option("--host", help="Address to listen on (dataset.host).")
-@click.option("--port", type=int, help="Port (dataset.port; 0: any free port).")
-@pass_state
-def serve_dataset(state: State, host: str | None, port: int | None) -> None:
-    """Serve the crawled corpus read-only from OUTPUT: the dataset API (/datasets/mmc4,
-    bearer tokens from dataset.token_hashes) and /openapi.json. No Redis needed; shards
-    appear as the crawl indexes them."""
-    from crawler.dataset.serve import serve
-
-    cfg = state.load()
-    sys.exit(
-        runtime.run(
-            serve(cfg, host or cfg.dataset.host, cfg.dataset.port if port is None else port)
-        )
-    )
-
-
-@main.command(name="dataset-token")
-def dataset_token() -> None:
-    """Print a new bearer token for the dataset API and the hash to put in
-    dataset.token_hashes (the server keeps only hashes)."""
-    from crawler.dataset.auth import new_token, token_hash
-
-    token = new_token()
-    click.echo(f"token: {token}")
-    click.echo(f"hash:  {token_hash(token)}")
-    click.echo("add the hash to dataset.token_hashes; give the token to its user", err=True)
-
-
-@main.command(name="dataset-index")
-@click.option("--shard", "only", multiple=True, help="Only these shards (repeatable).")
-@click.option("--force", is_flag=True, help="Rebuild indexes that are up to date.")
-@pass_state
-def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
-    """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
-    it as each shard's rewrite completes)."""
-    from assign.index import index_shard, shard_files
-    from assign.tree import open_tree
-
-    cfg = state.load()
-    output = open_tree(cfg.paths.output, cfg.storage)
-    shards, where = (
-        (open_tree(cfg.assign.output, cfg.storage), "")
-        if cfg.assign.output
-        else (output, status.SHARDS_DIR)
-    )
-    done = failed = 0
-    for shard, name in shard_files(shards, where):
-        if only and shard not in only:
-            continue
-        try:
-            index_shard(output, shard, shards.url(name), force=force)
-            done += 1
-        except (OSError, ValueError) as exc:
-            failed += 1
-            click.echo(f"{shard}: {exc}", err=True)
-    click.echo(f"{done} shards indexed, {failed} failed")
-    sys.exit(ExitCode.FAILURE if failed else ExitCode.OK)
-
-
-@main.command()
-@click.argument("out")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["webdataset"]),
-    default="webdataset",
-    help="Output format: WebDataset tar shards of whole documents.",
-)
-@click.option(
-    "--images",
-    "layout",
-    type=click.Choice(["base64", "members"]),
-    default="base64",
-    help="base64: inside image_info[i].image_base64 (OpenFlamingo's MMC4 loader); members: "
-    "each image a tar member of its own (smaller, faster).",
-)
-@click.option("--all-stored", is_flag=True, help="Only documents whose images were all stored.")
-@click.option(
-    "--min-stored",
-    type=click.IntRange(0, 0xFFFF),
-    default=1,
-    help="Only documents with at least this many stored images.",
-)
-@click.option(
-    "--min-images",
-    type=click.IntRange(0, 0xFFFF),
-    default=0,
-    help="Only documents naming at least this many images.",
-)
-@click.option(
-    "--max-docs", type=click.IntRange(min=1), default=1000, help="Documents per tar at most."
-)
-@click.option(
-    "--max-tar-mb",
-    type=click.FloatRange(min=0.01),
-    default=1024.0,
-    help="Size of a tar at most, in MB (a single larger document gets a tar alone).",
-)
-@click.option(
-    "--processes",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Shards exported at once (0: one per CPU).",
-)
-@click.option("--shard", "only", multiple=True, help="Only these shards (repeatable).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@pass_state
-def export(
-    state: State,
-    out: str,
-    fmt: str,
-    layout: str,
-    all_stored: bool,
-    min_stored: int,
-    min_images: int,
-    max_docs: int,
-    max_tar_mb: float,
-    processes: int,
-    only: tuple[str, ...],
-    no_progress: bool,
-) -> None:
-    """Write the indexed corpus under OUTPUT as training-ready tar shards in OUT, a directory
-    or s3://bucket/prefix (one sample per document). Resumable: a rerun skips finished tars.
-    corpus.skip_url_duplicates leaves out flagged documents."""
-    from dataclasses import asdict
-
-    from crawler.dataset.export import ExportSettings
-    from crawler.dataset.export import export as run_export
-
-    cfg = state.load()
-    settings = ExportSettings(
-        out=out,
-        layout=layout,
-        min_stored=min_stored,
-        all_stored=all_stored,
-        min_images=min_images,
-        skip_url_duplicates=cfg.corpus.skip_url_duplicates,
-        max_docs=max_docs,
-        max_bytes=int(max_tar_mb * 1e6),
-    )
-    summary = run_export(
-        cfg.paths.output,
-        settings,
-        processes=processes,
-        progress=not no_progress,
-        only=list(only) or None,
-        storage=cfg.storage,
-    )
-    for error in summary.errors:
-        click.echo(f"error: {error}", err=True)
-    click.echo(orjson.dumps(asdict(summary) | {"errors": len(summary.errors)}).decode())
-    sys.exit(ExitCode.FAILURE if summary.failed_shards else ExitCode.OK)
-
-
-@main.command()
-@click.option(
-    "--status", "statuses", required=True,
-    help="Comma-separated statuses to re-queue, e.g. timeout,connection_error,http_503.",
-)  # fmt: skip
-@click.option("--shard", "only", multiple=True, help="Only these shards (repeatable).")
-@pass_state
-def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
-    """Re-queue images of the chosen statuses, from shards in flight and from reports of
-    earlier runs. Workers (or the next `run`) then fetch them again."""
-    from core.embedded import EmbeddedRedis, running_url
-    from core.runtime import StopSignals, failure, until_stopped
-    from core.storage import output_storage
-    from crawler.queue import WorkQueue
-    from crawler.shards import Shards
-
-    cfg = state.load()
-    wanted = {s.strip() for s in statuses.split(",") if s.strip()}
-    unknown = sorted(s for s in wanted if not status.is_failure_status(s))
-    if unknown or not wanted:
-        raise CommandError(
-            ExitCode.NOT_FOUND,
-            f"unknown status {', '.join(unknown) or repr(statuses)}: choose from "
-            f"{', '.join(status.FAILURE_STATUSES)} or http_<code> (e.g. http_503)",
-        )
-    embedded = None
-    if not cfg.redis.url:
-        url = running_url(Path(cfg.paths.data_dir))
-        if url is None:  # no `run` is running: open its Redis (its AOF) for the change
-            embedded = EmbeddedRedis(Path(cfg.paths.data_dir))
-            url = embedded.start()
-        cfg.redis.url = url
-
-    moved: dict[str, int] = {}
-    storage = output_storage(cfg)
-
-    async def requeue(shards: Shards, signals: StopSignals) -> None:
-        await shards.queue.ensure_group()
-        names = set(await shards.open())
-        reports = await storage.names(status.STATUS_DIR)  # one listing
-        names |= {n[: -len(".jsonl.gz")] for n in reports if n.endswith(".jsonl.gz")}
-        for shard in sorted(names):
-            if signals.event.is_set():
-                return  # each shard is re-queued whole or not at all: a rerun goes on
-            if only and shard not in only:
-                continue
-            n = await shards.reopen(shard, wanted)
-            if n:
-                moved[shard] = n
-
-    async def go() -> int:
-        with StopSignals() as signals:
-            async with connected(cfg) as client:
-                keys = Keys(cfg.redis.namespace)
-                queue = WorkQueue(client, keys, cfg.queue)
-                exc = failure(
-                    await until_stopped(
-                        requeue(Shards(client, keys, queue, storage), signals),
-                        signals.event,
-                    )
-                )
-                if exc is not None:
-                    raise exc
-            return signals.code or ExitCode.OK
-
-    try:
-        code = runtime.run(go())
-    finally:
-        if embedded is not None:
-            embedded.stop()
-    total = sum(moved.values())
-    for shard, n in moved.items():
-        click.echo(f"{shard}: {n} re-queued")
-    click.echo(f"{total} images re-queued from {len(moved)} shards")
-    if code:
-        click.echo("stopped by a signal: run the same command again to re-queue the rest", err=True)
-    sys.exit(code)
-
-
-@main.command()
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@pass_state
-def clear(state: State, yes: bool) -> None:
-    """Delete every Redis key of the crawl's namespace (redis.namespace): queue, leases,
-    counters, shards in flight, history. Files in the output directory (images, reports,
-    rewritten shards) stay; a later `run` or `enqueue` skips the shards reported there.
-    Stop the crawl's workers first."""
-    cfg = state.load()
-    _guard(cfg)
-    keys = Keys(cfg.redis.namespace)
-
-    async def count() -> int:
-        async with connected(cfg) as client:
-            return len([k async for k in client.scan_iter(match=keys.all_pattern, count=1000)])
-
-    async def delete() -> int:
-        deleted = 0
-        async with connected(cfg) as client:
-            batch: list[Any] = []
-            async for key in client.scan_iter(match=keys.all_pattern, count=1000):
-                batch.append(key)
-                if len(batch) >= 1000:
-                    deleted += int(await client.unlink(*batch))
-                    batch = []
-            if batch:
-                deleted += int(await client.unlink(*batch))
-        return deleted
-
-    from core.errors import redact
-
-    where = f"namespace {cfg.redis.namespace!r} at {redact(cfg.redis.url)}"
-    n = runtime.run(count())
-    if n == 0:
-        raise CommandError(ExitCode.NOT_FOUND, f"{where} has no keys: nothing to clear")
-    if not yes:
-        click.confirm(f"Delete the {n} keys of {where}?", abort=True, err=True)
-    click.echo(f"deleted {runtime.run(delete())} keys of {where}")
 
 
 @main.command()
@@ -576,7 +275,7 @@ def demo(state: State, port: int, out: str) -> None:
 
 class _AssignCommands(click.Group):
     """The commands of `assign.cli` (installed as `mmc4-assign` too), imported when used: the
-    crawler's own commands do not load numpy, lapjv and msgspec."""
+    crawler's own commands do not load numpy and lapjv."""
 
     def _group(self) -> click.Group:
         from assign.cli import main as assign_main
@@ -600,42 +299,8 @@ main.add_command(
 )
 
 
-def _check_bucket(cfg: Config) -> None:
-    """An output in object storage that cannot be written (a missing bucket, refused
-    credentials, an unreachable endpoint) stops the command before it starts. (A local
-    output that cannot be written pauses the workers until it can: a full disk clears.)"""
-    from core.storage import output_storage
-    from crawler.store import output_problem
-
-    storage = output_storage(cfg)
-    if storage.remote:
-        problem = output_problem(storage)
-        if problem:
-            raise CommandError(
-                ExitCode.OUTPUT_UNAVAILABLE,
-                f"cannot write the output: {problem}; check paths.output, the bucket and "
-                "AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY",
-            )
-
-
-def _guard(cfg: Config) -> None:
-    """Find the crawl's Redis: redis.url, else the private Redis of a `run` that is running
-    with the same paths.data_dir."""
-    if cfg.redis.url:
-        return
-    from core.embedded import running_url
-
-    url = running_url(Path(cfg.paths.data_dir))
-    if url is None:
-        raise CommandError(
-            ExitCode.USAGE,
-            "redis.url is not set (use --redis-url, MMC4_REDIS__URL or config.toml) and no "
-            f"`run` is running with data directory {cfg.paths.data_dir} (paths.data_dir)",
-        )
-    cfg.redis.url = url
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None:
-        ctx.meta["mmc4.redis_url"] = url
+for command in (*cli_dataset.COMMANDS, *cli_queue.COMMANDS):
+    main.add_command(command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,81 +62,25 @@ Process-global state: `init_worker` sets ``Image.MAX_IMAGE_PIXELS``; `process_im
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import warnings
-import zlib
-from dataclasses import dataclass
 
 import magic
 import PIL
 from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-from core.config import RESAMPLE_FILTERS, Config
+from core import status
+from core.config import RESAMPLE_FILTERS
+from crawler.encode import encode, normalize_mode
 from crawler.heap import keep_freed_memory
+from crawler.imagejob import ImageResult, ImageSettings, init_args, settings_from
 
 __all__ = [
     "ImageResult", "ImageSettings", "init_args", "init_worker", "library_versions",
     "process_image", "settings_from", "target_size",
 ]  # fmt: skip
 
-
-@dataclass(frozen=True, slots=True)
-class ImageSettings:
-    max_side: int = 800
-    max_pixels: int = 100_000_000  # decompression-bomb guard
-    max_frames: int = 1000  # an animation with more frames is too_many_frames
-    jpeg_quality: int = 90
-    webp_quality: int = 90
-    # Filter of the final shrinking step: "bilinear", "box", "bicubic" or "lanczos".
-    resample: str = "bilinear"
-    # "keep" (the rules above), or "jpeg" / "webp": every stored image in that format.
-    format: str = "keep"
-
-    def __reduce__(self) -> tuple[type[ImageSettings], tuple[object, ...]]:
-        # Sent with every pool job: positional, as ImageResult (see there).
-        return ImageSettings, tuple(getattr(self, name) for name in _SETTINGS_FIELDS)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageResult:
-    # "ok", "not_an_image", "decode_error", "too_many_pixels", "too_many_frames",
-    # "unsupported_image"
-    # (and "write_error" from the pool job that stores it)
-    status: str
-    # Detected by libmagic from the input bytes (never the HTTP header).
-    mimetype: str
-    # Short human-readable reason when status != "ok".
-    error: str = ""
-    # Bytes to store when re-encoded; None when the input is stored as is, or on failure.
-    data: bytes | None = None
-    # True: store the input bytes unchanged.
-    keep_original: bool = False
-    # Mimetype of what is stored.
-    stored_mimetype: str = ""
-    # Stored dimensions.
-    width: int = 0
-    height: int = 0
-    # Original dimensions, as displayed (after EXIF orientation).
-    orig_width: int = 0
-    orig_height: int = 0
-    # Hex sha256 of the stored bytes.
-    sha256: str = ""
-    # Frames in the original (animated GIF/WebP/PNG).
-    frames: int = 1
-    # Size of what was written to disk (set by the pool job that stores it).
-    stored_bytes: int = 0
-
-    def __reduce__(self) -> tuple[type[ImageResult], tuple[object, ...]]:
-        # Crosses from the image process once per image: positional fields pickle and load
-        # several times faster than the dataclass default (__getstate__/__setstate__ walking
-        # dataclasses.fields() on each side).
-        return ImageResult, tuple(getattr(self, name) for name in _RESULT_FIELDS)
-
-
-_RESULT_FIELDS = tuple(f.name for f in dataclasses.fields(ImageResult))
-_SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(ImageSettings))
 
 # Pillow formats allowed to open each detected mimetype. Anything else that libmagic calls
 # image/* is "unsupported_image" (HEIC, SVG handled as text, EPS needs Ghostscript, TGA has no
@@ -180,11 +124,6 @@ _TRANSPOSE: dict[int, Image.Transpose] = {
     8: Image.Transpose.ROTATE_90,
 }
 _ORIENTATION_TAG = 0x0112
-_PNG_COMPRESS_LEVEL = 1  # zlib level 1: ~9% less CPU per image than 3, ~4% larger PNGs
-# zlib's run-length strategy, meant for filtered PNG rows: 10-30% less CPU than the default
-# strategy at level 1, and smaller files on photographic content (larger on flat gradients).
-_PNG_STRATEGY = zlib.Z_RLE
-_WEBP_METHOD = 2  # libwebp effort 0-6: 2 is ~2× faster than the default 4, same size here
 # The resize is most of the work of shrinking (see docs/performance.md): bilinear and box cost
 # well under bicubic; the names are the `images.resample` setting's.
 _RESAMPLE = {name: Image.Resampling[name.upper()] for name in RESAMPLE_FILTERS}
@@ -198,24 +137,6 @@ def _get_magic() -> magic.Magic:
     if _magic is None:
         _magic = magic.Magic(mime=True)
     return _magic
-
-
-def settings_from(cfg: Config) -> ImageSettings:
-    return ImageSettings(
-        max_side=cfg.images.max_side,
-        max_pixels=cfg.images.max_pixels,
-        max_frames=cfg.images.max_frames,
-        jpeg_quality=cfg.images.jpeg_quality,
-        webp_quality=cfg.images.webp_quality,
-        resample=cfg.images.resample,
-        format=cfg.images.format,
-    )
-
-
-def init_args(cfg: Config) -> tuple[ImageSettings, int]:
-    """`init_worker`'s arguments under `cfg`: how every image process of a crawl starts (and
-    the benchmarks' bare cost, so that it runs the same code path)."""
-    return settings_from(cfg), cfg.worker.image_process_heap_mb
 
 
 def library_versions() -> str:
@@ -259,12 +180,12 @@ def process_image(data: bytes, settings: ImageSettings) -> ImageResult:
     try:
         mimetype = str(_get_magic().from_buffer(data[:4096])) if data else "application/x-empty"
     except Exception as exc:  # libmagic failing on odd bytes
-        return ImageResult("not_an_image", "application/octet-stream", f"libmagic: {exc}")
+        return ImageResult(status.NOT_AN_IMAGE, "application/octet-stream", f"libmagic: {exc}")
     if not mimetype.startswith("image/") or mimetype == "image/svg+xml":
-        return ImageResult("not_an_image", mimetype, f"not an image ({mimetype})")
+        return ImageResult(status.NOT_AN_IMAGE, mimetype, f"not an image ({mimetype})")
     formats = _OPEN_FORMATS.get(mimetype)
     if formats is None:
-        return ImageResult("unsupported_image", mimetype, f"unsupported image type {mimetype}")
+        return ImageResult(status.UNSUPPORTED_IMAGE, mimetype, f"unsupported image type {mimetype}")
 
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a stray True elsewhere must never reach us
     try:
@@ -276,13 +197,13 @@ def process_image(data: bytes, settings: ImageSettings) -> ImageResult:
     except _Refused as exc:
         return ImageResult(exc.status, mimetype, str(exc))
     except Image.DecompressionBombError as exc:
-        return ImageResult("too_many_pixels", mimetype, str(exc))
+        return ImageResult(status.TOO_MANY_PIXELS, mimetype, str(exc))
     except UnidentifiedImageError:
-        return ImageResult("decode_error", mimetype, f"cannot identify {mimetype} data")
+        return ImageResult(status.DECODE_ERROR, mimetype, f"cannot identify {mimetype} data")
     except MemoryError:
-        return ImageResult("decode_error", mimetype, "out of memory while decoding")
+        return ImageResult(status.DECODE_ERROR, mimetype, "out of memory while decoding")
     except Exception as exc:
-        return ImageResult("decode_error", mimetype, f"{type(exc).__name__}: {exc}"[:300])
+        return ImageResult(status.DECODE_ERROR, mimetype, f"{type(exc).__name__}: {exc}"[:300])
 
 
 def _process(
@@ -291,9 +212,9 @@ def _process(
     img = Image.open(io.BytesIO(data), formats=formats)
     w, h = img.size
     if w <= 0 or h <= 0:
-        raise _Refused("decode_error", f"bad dimensions {w}x{h}")
+        raise _Refused(status.DECODE_ERROR, f"bad dimensions {w}x{h}")
     if w * h > settings.max_pixels:
-        raise _Refused("too_many_pixels", f"{w}x{h} exceeds {settings.max_pixels} pixels")
+        raise _Refused(status.TOO_MANY_PIXELS, f"{w}x{h} exceeds {settings.max_pixels} pixels")
     fmt = img.format or ""
     target = _UNIFORM.get(settings.format)
     if target is not None and _SAME_FORMAT.get(fmt) != target:
@@ -310,7 +231,7 @@ def _process_to(
     upright, shrunk, alpha composited onto white for JPEG."""
     frames = _frame_count(img, fmt, settings.max_frames)
     if frames > settings.max_frames:
-        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
+        raise _Refused(status.TOO_MANY_FRAMES, f"more than {settings.max_frames} frames")
     img.load()
     orientation = 1 if fmt == "GIF" else _orientation(img)
     out, icc, (disp_w, disp_h) = _upright_within(img, orientation, settings)
@@ -319,7 +240,7 @@ def _process_to(
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
         out = flat
-    encoded = _encode(out, target, settings, icc)
+    encoded = encode(out, target, icc, settings.jpeg_quality, settings.webp_quality)
     return _stored(encoded, target, mimetype, out.size, (disp_w, disp_h), frames)
 
 
@@ -332,7 +253,7 @@ def _upright_within(
     swapped = orientation in (5, 6, 7, 8)
     disp_w, disp_h = (h, w) if swapped else (w, h)
     tw, th = target_size(disp_w, disp_h, settings.max_side)
-    out, colour_kept = _normalize_mode(img)
+    out, colour_kept = normalize_mode(img)
     icc = img.info.get("icc_profile") if colour_kept else None
     sw, sh = (th, tw) if swapped else (tw, th)
     if out.size != (sw, sh):
@@ -384,7 +305,7 @@ def _process_jpeg(
         icc = None  # a CMYK profile does not describe RGB data
     if orientation != 1:
         out = out.transpose(_TRANSPOSE[orientation])
-    encoded = _encode(out, "JPEG", settings, icc)
+    encoded = encode(out, "JPEG", icc, settings.jpeg_quality, settings.webp_quality)
     return _stored(encoded, "JPEG", mimetype, out.size, (disp_w, disp_h), 1)
 
 
@@ -394,7 +315,7 @@ def _process_other(
     w, h = img.size
     frames = _frame_count(img, fmt, settings.max_frames)
     if frames > settings.max_frames:
-        raise _Refused("too_many_frames", f"more than {settings.max_frames} frames")
+        raise _Refused(status.TOO_MANY_FRAMES, f"more than {settings.max_frames} frames")
     same = _SAME_FORMAT.get(fmt)
     within = w <= settings.max_side and h <= settings.max_side
     img.load()  # first frame, fully decoded: validation and pixels in one go
@@ -419,7 +340,7 @@ def _process_other(
             if isinstance(lo, int) and lo == 255:
                 out = out.convert(out.mode[:-1])
         same = "PNG" if out.mode in ("RGBA", "LA") else "JPEG"
-    encoded = _encode(out, same, settings, icc)
+    encoded = encode(out, same, icc, settings.jpeg_quality, settings.webp_quality)
     return _stored(encoded, same, mimetype, out.size, (disp_w, disp_h), frames)
 
 
@@ -440,84 +361,9 @@ def _frame_count(img: ImageFile.ImageFile, fmt: str, limit: int) -> int:
     return count
 
 
-def _normalize_mode(img: Image.Image) -> tuple[Image.Image, bool]:
-    """Convert to L, LA, RGB or RGBA; also say whether the colour space is unchanged."""
-    mode = img.mode
-    has_trns = "transparency" in img.info
-    if mode in ("RGB", "RGBA", "L", "LA") and not (has_trns and mode in ("RGB", "L")):
-        return img, True
-    if mode in ("RGB", "L", "P", "PA", "1") and (has_trns or mode == "PA"):
-        return img.convert("RGBA"), True
-    if mode == "P":
-        palette_mode = img.palette.mode if img.palette is not None else "RGB"
-        return img.convert("RGBA" if "A" in palette_mode else "RGB"), True
-    if mode == "1":
-        return img.convert("L"), True
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        # 16-bit grey: scale 0..65535 onto 0..255 (Pillow's convert("L") would clip at 255).
-        # numpy is imported here, by the first such image: every process that imports this
-        # module (the crawl worker, `run`, the CLI) would otherwise pay ~0.1 s of CPU for it.
-        import numpy as np
-
-        arr = np.asarray(img)
-        if arr.dtype.itemsize == 2:  # keep the high byte, as libpng's strip_16 does
-            return Image.fromarray((arr >> 8).astype(np.uint8)), False
-        scaled = np.clip(arr.astype(np.float32) / 257.0 + 0.5, 0, 255)  # "I" holding 16-bit
-        return Image.fromarray(scaled.astype(np.uint8)), False
-    if mode in ("La", "RGBa"):
-        return img.convert(mode.upper()), True
-    if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        return img.convert("RGB"), False
-    return img.convert("RGBA" if "A" in mode else "RGB"), False
-
-
-def _encode(img: Image.Image, fmt: str, settings: ImageSettings, icc: object) -> bytes:
-    img.info = {}  # no EXIF (orientation!), comments, durations... leak into the output
-    params: dict[str, object] = {}
-    if isinstance(icc, bytes) and icc:
-        params["icc_profile"] = icc
-    buf = io.BytesIO()
-    if fmt == "JPEG":
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
-        img.save(
-            buf, "JPEG", quality=settings.jpeg_quality, optimize=False, progressive=False, **params
-        )
-    elif fmt == "PNG":
-        img.save(
-            buf, "PNG", compress_level=_PNG_COMPRESS_LEVEL, compress_type=_PNG_STRATEGY, **params
-        )
-    elif fmt == "WEBP":
-        if img.mode not in ("RGB", "RGBA"):
-            img = img.convert("RGBA" if img.mode == "LA" else "RGB")
-        img.save(buf, "WEBP", quality=settings.webp_quality, method=_WEBP_METHOD, **params)
-    else:  # GIF
-        pal, transparency = _to_palette(img)
-        if transparency is not None:
-            params["transparency"] = transparency
-        params.pop("icc_profile", None)
-        pal.save(buf, "GIF", optimize=False, **params)
-    return buf.getvalue()
-
-
-def _to_palette(img: Image.Image) -> tuple[Image.Image, int | None]:
-    """A palette image for GIF: 256 colours, or 255 plus a transparent index 255."""
-    if img.mode == "L":
-        return img, None
-    if img.mode in ("RGBA", "LA"):
-        rgba = img.convert("RGBA") if img.mode == "LA" else img
-        mask = rgba.getchannel("A").point(lambda a: 255 if a < 128 else 0)
-        if mask.getextrema()[1] == 0:  # nothing transparent
-            return rgba.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE), None
-        pal = rgba.convert("RGB").quantize(255, method=Image.Quantize.FASTOCTREE)
-        pal.paste(255, mask=mask)
-        return pal, 255
-    return img.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE), None
-
-
 def _kept(data: bytes, mimetype: str, w: int, h: int, frames: int) -> ImageResult:
     return ImageResult(
-        status="ok",
+        status=status.OK,
         mimetype=mimetype,
         keep_original=True,
         stored_mimetype=mimetype,
@@ -539,7 +385,7 @@ def _stored(
     frames: int,
 ) -> ImageResult:
     return ImageResult(
-        status="ok",
+        status=status.OK,
         mimetype=mimetype,
         data=encoded,
         stored_mimetype=_FORMAT_MIME[fmt],

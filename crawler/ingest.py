@@ -36,7 +36,7 @@ from core.keys import Keys
 from core.shardfiles import ShardMissing, ShardUnreadable, check_shard_id, local_copy
 from core.storage import output_storage
 from crawler.documents import Entry, parse_line, read_lines
-from crawler.queue import WorkQueue, encode_result
+from crawler.queue import Result, WorkQueue, encode_result
 from crawler.sources import ShardSource
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ class Batch:
     def __init__(self, shard: str) -> None:
         self.shard = shard
         self.items: list[Entry] = []
-        self.problems: list[tuple[str, str, str, bytes, str, int]] = []
+        self.problems: list[Result] = []
         self.errors: list[str] = []
         self.error_kinds: dict[str, int] = {}
         self.lines = 0

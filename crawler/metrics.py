@@ -54,6 +54,14 @@ class Metrics:
         Info("mmc4_build", "Version of the crawler and its Python", registry=r).info(
             {"version": _version(), "python": platform.python_version()}
         )  # exported as mmc4_build_info{version=...,python=...} 1
+        self._add_fetch_metrics(r)
+        self._add_queue_metrics(r)
+        self._add_worker_metrics(r)
+        self.last_redis_ok_at = 0.0
+        self._window: list[tuple[float, int]] = []
+        self._done = 0
+
+    def _add_fetch_metrics(self, r: CollectorRegistry) -> None:
         self.fetch_seconds = Histogram(
             "mmc4_fetch_duration_seconds",
             "Time of one HTTP request to a host, from sending it to the end of the body (the "
@@ -89,6 +97,8 @@ class Metrics:
         self.retry_after = Counter(
             "mmc4_host_retry_after_total", "Responses whose Retry-After slowed a host", registry=r
         )
+
+    def _add_queue_metrics(self, r: CollectorRegistry) -> None:
         self.reclaimed = Counter(
             "mmc4_reclaimed_total", "Items claimed after another worker's lease expired", registry=r
         )
@@ -103,6 +113,8 @@ class Metrics:
         self.redis_calls = Counter(
             "mmc4_redis_round_trips_total", "Redis round trips on the hot path", registry=r
         )
+
+    def _add_worker_metrics(self, r: CollectorRegistry) -> None:
         self.loop_lag = Histogram(
             "mmc4_event_loop_lag_seconds",
             "How late the worker's event loop ran a timer (a blocked loop delays every request)",
@@ -116,9 +128,6 @@ class Metrics:
         self.last_redis_ok = Gauge(
             "mmc4_last_redis_success_timestamp_seconds", "Last successful Redis call", registry=r
         )
-        self.last_redis_ok_at = 0.0
-        self._window: list[tuple[float, int]] = []
-        self._done = 0
 
     def image(self, status: str, stored_bytes: int, fetched_bytes: int) -> None:
         self.images.labels(status).inc()

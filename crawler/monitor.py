@@ -76,21 +76,8 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
     pipe.sintercard(2, [keys.shards_reported, keys.shards_open])
     pipe.zrevrange(keys.hosts_failed, 0, 49, withscores=True)
     pipe.zrevrange(keys.hosts_gone, 0, 49, withscores=True)
-    (
-        length,
-        deferred,
-        counts,
-        dead,
-        ingest_errors,
-        open_shards,
-        complete,
-        hist,
-        planned,
-        reported,
-        reopened,
-        failed_hosts,
-        gone_hosts,
-    ) = await pipe.execute()
+    (length, deferred, counts, dead, ingest_errors, open_shards, complete, hist, planned,
+     reported, reopened, failed_hosts, gone_hosts) = await pipe.execute()  # fmt: skip
     in_flight = await leased(client, keys)
     by_status = {_s(k): int(v) for k, v in counts.items() if _s(k) != "bytes" and int(v)}
     done = sum(by_status.values())
@@ -117,22 +104,27 @@ async def snapshot(client: aioredis.Redis, keys: Keys, *, history: int = 360) ->
     )
     snap.shards_open = await _shards(client, keys, sorted(_s(s) for s in open_shards))
     snap.workers = await _workers(client, keys)
+    _progress(snap, remaining)
+    snap.failing_hosts_permanent, snap.failing_hosts_transient = _failing_hosts(
+        failed_hosts, gone_hosts
+    )
+    return snap
+
+
+def _progress(snap: Snapshot, remaining: int) -> None:
+    """The crawl's total, ETA and whether it is finished, from the rest of `snap`."""
     snap.total, snap.total_is_estimate = estimate_total(snap)
-    if snap.total is not None and rate > 0:
-        snap.eta_s = max(0, snap.total - done) / rate
+    if snap.total is not None and snap.rate > 0:
+        snap.eta_s = max(0, snap.total - snap.done) / snap.rate
     snap.finished = (
         remaining == 0
         and not snap.shards_open
         and not snap.shards_complete_pending
         and snap.shards_done >= snap.shards_total
-        and (snap.shards_total > 0 or done > 0)
+        and (snap.shards_total > 0 or snap.done > 0)
     )
     if snap.finished:
         snap.eta_s = 0.0
-    snap.failing_hosts_permanent, snap.failing_hosts_transient = _failing_hosts(
-        failed_hosts, gone_hosts
-    )
-    return snap
 
 
 def estimate_total(snap: Snapshot) -> tuple[int | None, bool]:

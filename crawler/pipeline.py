@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from yarl import URL
 
@@ -53,7 +52,7 @@ class Pipeline:
         self.settings = settings
         self.metrics = metrics
 
-    async def handle(self, item: Item, host: str, on_disk: bool) -> dict[str, Any]:
+    async def handle(self, item: Item, host: str, on_disk: bool) -> status.Record:
         """The item's record; `on_disk`: a file of that name may be there from an earlier run."""
         if on_disk:
             existing = await self._existing(item)
@@ -106,7 +105,7 @@ class Pipeline:
 
     async def _store_image(
         self, item: Item, body: bytes, http_code: int, attempts: int
-    ) -> dict[str, Any]:
+    ) -> status.Record:
         final = self.store.target(item.shard, item.name)
         started = time.monotonic()
         try:
@@ -139,7 +138,7 @@ class Pipeline:
             **common,
         )  # fmt: skip
 
-    async def _existing(self, item: Item) -> dict[str, Any] | None:
+    async def _existing(self, item: Item) -> status.Record | None:
         """A complete file from an earlier run: record it without fetching again."""
         try:
             if self.store.remote:

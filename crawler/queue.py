@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -35,11 +35,20 @@ from core.guard import ANY_ADDRESS, parse_url
 from core.keys import CRAWL_GROUP, Keys
 from core.scripts import Scripts
 from core.shardfiles import check_image_name, check_shard_id
+from core.status import Record
 
 log = logging.getLogger(__name__)
 
-# (stream id, shard, image_name, record JSON, status, stored bytes)
-Result = tuple[str, str, str, bytes, str, int]
+
+class Result(NamedTuple):
+    """An image's record as RECORD takes it (in this order)."""
+
+    id: str  # the item's stream id ("" for a record made at ingest)
+    shard: str
+    name: str
+    record: bytes  # the Record's JSON
+    status: str
+    bytes: int  # stored bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +60,8 @@ class Item:
     target: URL  # `url` parsed (once per item: the worker and the fetcher use this)
 
 
-def encode_result(item_id: str, shard: str, name: str, rec: dict[str, Any]) -> Result:
-    return (item_id, shard, name, status.encode(rec), str(rec["status"]), int(rec["bytes"]))
+def encode_result(item_id: str, shard: str, name: str, rec: Record) -> Result:
+    return Result(item_id, shard, name, status.encode(rec), rec.status, rec.bytes)
 
 
 @dataclass(frozen=True, slots=True)

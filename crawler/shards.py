@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import LockNotOwnedError
@@ -24,6 +25,7 @@ from core import status
 from core.connection import text as _s
 from core.keys import Keys
 from core.shardfiles import check_shard_id
+from core.status import Record
 from core.storage import Storage, StorageError
 from crawler.queue import WorkQueue
 from crawler.store import UNWRITABLE_ERRNOS, sweep_temporary
@@ -82,22 +84,7 @@ class Shards:
                 log.error("shard %s: %d unreadable records left out of its report",
                           shard, unreadable)  # fmt: skip
             summary = self._summary(shard, meta, records)
-            # gzip of thousands of records: off the event loop
-            try:
-                report = await asyncio.to_thread(
-                    status.write_report, self.storage, shard, [r for r, _ in records], summary
-                )
-                if not self.storage.remote:
-                    # Every image has its record: nobody writes here any more, so leftovers
-                    # of killed writers can go now.
-                    shard_dir = Path(self.storage.location) / shard
-                    await asyncio.to_thread(sweep_temporary, shard_dir, 0)
-            except StorageError as exc:
-                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
-            except OSError as exc:
-                if exc.errno in UNWRITABLE_ERRNOS:
-                    raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
-                raise
+            report = await self._write_report(shard, [r for r, _ in records], summary)
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(records_key, meta_key)
             pipe.srem(self.keys.shards_open, shard)
@@ -120,13 +107,33 @@ class Shards:
             with contextlib.suppress(LockNotOwnedError):  # held past its timeout: not ours now
                 await lock.release()
 
+    async def _write_report(self, shard: str, records: list[bytes], summary: dict[str, Any]) -> str:
+        """Write the shard's report (gzip of thousands of records: off the event loop); its
+        key. ReportWriteError when the output cannot be written."""
+        try:
+            report = await asyncio.to_thread(
+                status.write_report, self.storage, shard, records, summary
+            )
+            if not self.storage.remote:
+                # Every image has its record: nobody writes here any more, so leftovers
+                # of killed writers can go now.
+                shard_dir = Path(self.storage.location) / shard
+                await asyncio.to_thread(sweep_temporary, shard_dir, 0)
+        except StorageError as exc:
+            raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno in UNWRITABLE_ERRNOS:
+                raise ReportWriteError(f"report of shard {shard}: {exc}") from exc
+            raise
+        return report
+
     @staticmethod
     def _summary(
-        shard: str, meta: dict[str, str], records: list[tuple[bytes, dict[str, Any]]]
+        shard: str, meta: dict[str, str], records: list[tuple[bytes, Record]]
     ) -> dict[str, Any]:
         by_status: dict[str, int] = {}
         for _raw, rec in records:
-            st = rec["status"]
+            st = rec.status
             by_status[st] = by_status.get(st, 0) + 1
         ints = (
             "lines", "bad_lines", "bad_image_info", "duplicate_names", "flagged_duplicates",
@@ -149,7 +156,7 @@ class Shards:
         names = []
         async for name, raw in self.client.hscan_iter(self.keys.shard_records(shard)):
             rec = _record(raw)
-            if rec is not None and rec["status"] in statuses:
+            if rec is not None and rec.status in statuses:
                 names.append(_s(name))
         moved = 0
         for start in range(0, len(names), 500):
@@ -179,13 +186,11 @@ class Shards:
         report = status.report_key(shard)
         # decompressing and parsing thousands of records: off the event loop
         data = await self.storage.get(report)
-        records = await asyncio.to_thread(
-            lambda: [r for r in status.report_records(data) if _usable(r)]
-        )
-        retry = [r for r in records if r["status"] in statuses]
+        records = await asyncio.to_thread(lambda: list(status.report_records(data)))
+        retry = [r for r in records if r.status in statuses]
         if not retry:
             return 0
-        keep = [r for r in records if r["status"] not in statuses]
+        keep = [r for r in records if r.status not in statuses]
         try:
             summary = orjson.loads(await self.storage.get(status.summary_key(shard)))
         except FileNotFoundError:
@@ -199,12 +204,12 @@ class Shards:
         for chunk in _chunks(keep, 1000):
             pipe.hset(
                 self.keys.shard_records(shard),
-                mapping={r["image_name"]: status.encode(r) for r in chunk},
+                mapping={r.image_name: status.encode(r) for r in chunk},
             )
         pipe.sadd(self.keys.shards_open, shard)
-        await self.queue.add_to(pipe, shard, [(r["image_name"], r["raw_url"]) for r in retry])
+        await self.queue.add_to(pipe, shard, [(r.image_name, r.raw_url) for r in retry])
         for rec in retry:
-            pipe.hincrby(self.keys.counts, rec["status"], -1)
+            pipe.hincrby(self.keys.counts, rec.status, -1)
         await pipe.execute()
         await self.storage.rename(report, f"{report}.superseded")
         return len(retry)
@@ -221,25 +226,17 @@ def _int(value: str | None) -> int:
         return 0
 
 
-def _usable(rec: Any) -> bool:
-    """Whether a decoded record has what reports and retries rely on."""
-    return isinstance(rec, dict) and all(
-        isinstance(rec.get(k), str) for k in ("image_name", "raw_url", "status")
-    )
-
-
-def _record(raw: bytes) -> dict[str, Any] | None:
+def _record(raw: bytes) -> Record | None:
     """A record from Redis, or None for a placeholder or anything that is not a record."""
     if not raw:
         return None
     try:
-        rec = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return status.decode(raw)
+    except msgspec.DecodeError:
         return None
-    return rec if _usable(rec) else None
 
 
-def _readable(raw: list[bytes]) -> tuple[list[tuple[bytes, dict[str, Any]]], int]:
+def _readable(raw: list[bytes]) -> tuple[list[tuple[bytes, Record]], int]:
     """(raw record, decoded) of every usable record, and how many others there were
     (placeholders excepted)."""
     out = []

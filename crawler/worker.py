@@ -304,11 +304,11 @@ class Worker:
             self.held.pop(item.id, None)
             self.room.set()
             return
-        st = rec["status"]
-        self.stats.count(st, rec["bytes"])
-        self.metrics.image(st, rec["bytes"], rec["source_bytes"])
+        st = rec.status
+        self.stats.count(st, rec.bytes)
+        self.metrics.image(st, rec.bytes, rec.source_bytes)
         if st != status.OK:
-            self.failure_log.failure(host, st, str(rec.get("error") or ""))
+            self.failure_log.failure(host, st, rec.error)
         if st not in (status.OK, status.BAD_URL, status.BAD_NAME) and host:
             self.heartbeat.tally(self.keys.hosts_failed, host)
             if st in status.GONE_STATUSES:  # the part of the failures that is 404/410

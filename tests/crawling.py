@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import orjson
 import redis.asyncio as aioredis
 
@@ -101,7 +102,7 @@ async def stuck_state(client: aioredis.Redis, keys: Keys, shard: str, log: Path)
 def report(cfg: Config, shard: str) -> dict[str, dict[str, Any]]:
     """The shard's report as image_name -> record (asserting one record per name)."""
     data = output_storage(cfg).get_sync(status.report_key(shard))
-    records = list(status.report_records(data))
+    records = [msgspec.structs.asdict(r) for r in status.report_records(data)]
     names = [r["image_name"] for r in records]
     assert len(names) == len(set(names)), "more than one record for an image"
     return {r["image_name"]: r for r in records}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import hypothesis
+import msgspec
 import orjson
 import pytest
 import requests
@@ -42,7 +43,7 @@ def records(corpus: Corpus) -> dict[tuple[str, str], dict[str, Any]]:
     out = {}
     for shard in corpus.shards:
         for rec in status.read_report(status.ReportPaths(corpus.output, shard).report):
-            out[(shard, rec["image_name"])] = rec
+            out[(shard, rec.image_name)] = msgspec.structs.asdict(rec)
     return out
 
 

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 import webdataset as wds
@@ -47,9 +48,9 @@ def source_documents(corpus: Corpus) -> dict[str, tuple[dict[str, Any], dict[str
     out = {}
     for shard in corpus.shards:
         recs = {
-            r["image_name"]: r
+            r.image_name: msgspec.structs.asdict(r)
             for r in status.read_report(status.ReportPaths(corpus.output, shard).report)
-            if r["status"] == "ok"
+            if r.status == status.OK
         }
         lines = (corpus.output / status.SHARDS_DIR / f"{shard}.jsonl").read_bytes().splitlines()
         for i, raw in enumerate(lines):

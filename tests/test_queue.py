@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 from crawling import crawl, crawl_config, image_doc, report, write_docs
@@ -98,7 +99,7 @@ async def test_an_item_delivered_too_often_becomes_a_dead_letter_with_a_reason(
     await asyncio.sleep(0.1)
     claimed, buried = await q.reclaim("w2", 10)
     assert claimed == [] and buried == 1
-    rec = status.decode(await aredis.hget(keys.shard_records("s"), "a.jpg"))
+    rec = msgspec.structs.asdict(status.decode(await aredis.hget(keys.shard_records("s"), "a.jpg")))
     assert rec["status"] == "dead_letter"
     assert "3 deliveries" in rec["error"] and "decoder crashed" in rec["error"]
     assert await aredis.xlen(keys.dead) == 1
@@ -122,7 +123,7 @@ async def test_a_second_result_for_the_same_image_is_ignored(
     second = status.make_record("a.jpg", "http://h/a", "timeout")
     assert await q.record([encode_result(item.id, "s", "a.jpg", first)]) == ["s"]
     assert await q.record([encode_result(item.id, "s", "a.jpg", second)]) == []
-    assert status.decode(await aredis.hget(keys.shard_records("s"), "a.jpg"))["status"] == "ok"
+    assert status.decode(await aredis.hget(keys.shard_records("s"), "a.jpg")).status == "ok"
     assert await aredis.hget(keys.shard_meta("s"), "done") == b"1"
     assert await aredis.hget(keys.counts, "timeout") is None
 
