@@ -1,3 +1,5 @@
+# size: one dataclass per settings section and the range of every numeric setting, in one
+# module: every setting is defined, checked and found from here.
 """All settings in one typed place.
 
 Precedence, lowest to highest: the dataclass defaults (mirrored and documented in the shipped

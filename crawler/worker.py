@@ -36,12 +36,13 @@ from core.session import client_session
 from core.storage import output_storage
 from core.tasks import cancel_and_wait
 from crawler import gctimer, images
+from crawler.entries import Item, Result, encode_result
 from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
 from crawler.output import PROBE_EVERY_S, Output
 from crawler.pipeline import OutputUnwritable, Pipeline
 from crawler.pool import image_pool
-from crawler.queue import Item, Result, WorkQueue, encode_result
+from crawler.queue import WorkQueue
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import Store
 
