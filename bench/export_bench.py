@@ -33,7 +33,8 @@ from _corpus import make_corpus
 
 from assign.status import load_stored_images
 from core import status
-from crawler.dataset.export import ExportSettings, export
+from crawler.dataset.export import export
+from crawler.dataset.exportjob import ExportSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 

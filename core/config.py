@@ -1,3 +1,5 @@
+# size: one dataclass per settings section and the range of every numeric setting, in one
+# module: every setting is defined, checked and found from here.
 """All settings in one typed place.
 
 Precedence, lowest to highest: the dataclass defaults (mirrored and documented in the shipped
@@ -29,6 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class RedisConfig:
+    """[redis]: core/connection.py connects with it; the workers, ingest and the commands."""
+
     # redis:// or rediss:// URL (password in the URL). Empty: start a private redis-server
     # with AOF persistence inside paths.data_dir (the `run` command only).
     url: str = ""
@@ -45,6 +49,8 @@ class RedisConfig:
 
 @dataclass
 class PathsConfig:
+    """[paths]: core/storage.py (output); runner.py, cli_common.py (data_dir: the private Redis)."""
+
     # Images land in OUTPUT/<shard>/<image_name>; per-shard reports in OUTPUT/_status/.
     # A local directory or object storage: "s3://bucket/prefix" (see [storage]).
     output: str = "mmc4_output"
@@ -54,6 +60,8 @@ class PathsConfig:
 
 @dataclass
 class StorageConfig:
+    """[storage]: core/storage.py and assign/tree.py (the S3 client: retries, timeouts)."""
+
     # Object storage (paths.output = "s3://bucket/prefix"). Endpoint, region and credentials
     # come from the environment: AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID,
     # AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), or web identity / instance metadata.
@@ -79,6 +87,8 @@ class StorageConfig:
 
 @dataclass
 class IngestConfig:
+    """[ingest]: crawler/ingest.py (batches, backpressure, bounds), core/shardfiles.py."""
+
     # Shard sources: local .jsonl/.jsonl.gz/.jsonl.zip paths, directories, http(s) URLs,
     # with bash brace patterns, e.g. "docs_no_face_shard_{0..23098}_v2.jsonl.zip".
     shards: list[str] = field(default_factory=list)
@@ -103,6 +113,8 @@ class IngestConfig:
 
 @dataclass
 class QueueConfig:
+    """[queue]: crawler/queue.py (leases, deliveries, dead letters), the workers."""
+
     # A leased item not acknowledged (nor renewed) within this many seconds is reclaimed.
     lease_timeout_s: float = 120.0
     # An item delivered this many times without a result goes to the dead letters.
@@ -117,6 +129,8 @@ class QueueConfig:
 
 @dataclass
 class WorkerConfig:
+    """[worker]: crawler/worker.py, pool.py (image processes), core/heartbeat.py."""
+
     # Items one worker process holds at once (fetching, waiting for a host, or processing).
     window: int = 2000
     # Concurrent HTTP connections per worker process.
@@ -151,6 +165,8 @@ class WorkerConfig:
 
 @dataclass
 class FetchConfig:
+    """[fetch]: core/fetch.py, session.py, guard.py, crawler/retries.py, pipeline.py."""
+
     user_agent: str = "Googlebot-Image/1.0"
     x_forwarded_for: str = "64.18.15.200"
     # Extra request headers, e.g. {"Accept" = "image/*"}.
@@ -187,6 +203,8 @@ class FetchConfig:
 
 @dataclass
 class LimitsConfig:
+    """[limits]: crawler/limits.py (per-host rate, concurrency, backlog)."""
+
     # Requests per second per host across the whole fleet (GCRA in Redis). 0 disables.
     host_rate: float = 2.0
     # Requests a host may receive back to back before the rate applies.
@@ -201,6 +219,8 @@ class LimitsConfig:
 
 @dataclass
 class ImagesConfig:
+    """[images]: crawler/imagejob.py (the image job's settings), pool.py."""
+
     # Longest side of a stored image; larger images are shrunk, smaller never enlarged.
     max_side: int = 800
     # Decompression-bomb guard: images with more pixels are refused (too_many_pixels).
@@ -225,6 +245,8 @@ class ImagesConfig:
 
 @dataclass
 class AssignConfig:
+    """[assign]: assign/worker.py; crawler/cli_dataset.py (dataset-index finds the rewrites)."""
+
     # "lapjv": the reference algorithm, identical results. "scipy": exact, faster on large
     # documents, may break ties differently.
     solver: str = "lapjv"
@@ -238,6 +260,8 @@ class AssignConfig:
 
 @dataclass
 class MetricsConfig:
+    """[metrics]: crawler/metrics.py's server, started by worker.py and runner.py."""
+
     # Port of the Prometheus /metrics and status page server (0: disabled).
     port: int = 0
     host: str = "127.0.0.1"
@@ -245,6 +269,8 @@ class MetricsConfig:
 
 @dataclass
 class CorpusConfig:
+    """[corpus]: crawler/ingest.py, the dataset API and export."""
+
     # Leave out documents flagged `could_have_url_duplicate` (about 3 % of MMC4: another
     # snapshot of the same page may be in the corpus). Applies to the crawl (ingest), the
     # dataset API and export; shard summaries count flagged documents either way.
@@ -253,6 +279,8 @@ class CorpusConfig:
 
 @dataclass
 class DatasetConfig:
+    """[dataset]: crawler/dataset/api.py, serve.py and crawler/cli_dataset.py."""
+
     # SHA-256 hashes ("sha256:<hex>") of the bearer tokens the dataset API accepts;
     # `mmc4-crawl dataset-token` prints a new token and its hash. The server refuses to start
     # without one.

@@ -141,8 +141,8 @@ def export(
     corpus.skip_url_duplicates leaves out flagged documents."""
     from dataclasses import asdict
 
-    from crawler.dataset.export import ExportSettings
     from crawler.dataset.export import export as run_export
+    from crawler.dataset.exportjob import ExportSettings
 
     cfg = state.load()
     settings = ExportSettings(

@@ -3,23 +3,19 @@ parsed into the image entries of its document."""
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import io
 import lzma
 import struct
 import zipfile
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import orjson
 
 from core import status
 from core.guard import CLOSED, AddressPolicy, check_url
-from core.shardfiles import READ_CHUNK, ShardUnreadable, check_image_name
+from core.shardfiles import READ_CHUNK, ShardUnreadable, check_image_name, open_lines
 
 
 @dataclass
@@ -82,30 +78,6 @@ _DECODE_ERRORS = (
 )  # fmt: skip
 
 
-class _LineReader(Protocol):
-    def readline(self, size: int = -1, /) -> bytes: ...
-
-
-@contextlib.contextmanager
-def _open_decoded(path: Path) -> Iterator[_LineReader]:
-    name = path.name
-    if name.endswith(".zip"):
-        with zipfile.ZipFile(path) as zf:
-            members = [m for m in zf.namelist() if not m.endswith("/")]
-            if not members:
-                raise ShardUnreadable("unreadable_shard", f"{path}: zip archive has no members")
-            with zf.open(members[0]) as fh:
-                # a zip member's own readline(limit) steps 512 bytes at a time in Python; a
-                # buffer's is C. Small, so that damage loses little of what precedes it.
-                yield io.BufferedReader(fh, buffer_size=1 << 16)  # type: ignore[type-var]
-    elif name.endswith(".gz"):
-        with gzip.open(path, "rb") as fh:
-            yield fh
-    else:
-        with open(path, "rb") as fh:
-            yield fh
-
-
 def read_lines(
     path: Path, max_line_bytes: int, max_shard_bytes: int
 ) -> Generator[bytes | None, None, None]:
@@ -126,7 +98,7 @@ def read_lines(
             )
 
     try:
-        with _open_decoded(path) as reader:
+        with open_lines(path) as reader:
             # readline(limit) never holds more than the limit of one line
             while line := reader.readline(max_line_bytes + 1):
                 count(len(line))

@@ -36,7 +36,8 @@ from core.keys import Keys
 from core.shardfiles import ShardMissing, ShardUnreadable, check_shard_id, local_copy
 from core.storage import output_storage
 from crawler.documents import Entry, parse_line, read_lines
-from crawler.queue import Result, WorkQueue, encode_result
+from crawler.entries import Result, encode_result
+from crawler.queue import WorkQueue
 from crawler.sources import ShardSource
 
 log = logging.getLogger(__name__)

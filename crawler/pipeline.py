@@ -17,11 +17,11 @@ from core import status
 from core.budget import BodyBudget
 from core.config import FetchConfig
 from core.fetch import OTHER_HOST, Fetcher, FetchResult
+from crawler.entries import Item
 from crawler.images import ImageSettings
 from crawler.limits import HostGate
 from crawler.metrics import Metrics
 from crawler.pool import ImageJobTimeout, ImagePool
-from crawler.queue import Item
 from crawler.retries import Retries
 from crawler.store import OUTPUT_UNWRITABLE, Store, verify_bytes, verify_stored
 

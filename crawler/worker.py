@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import socket
 import time
@@ -19,7 +18,6 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
@@ -38,16 +36,17 @@ from core.session import client_session
 from core.storage import output_storage
 from core.tasks import cancel_and_wait
 from crawler import gctimer, images
+from crawler.entries import Item, Result, encode_result
 from crawler.limits import HostGate
 from crawler.metrics import Metrics, metrics_app, start_server
+from crawler.output import PROBE_EVERY_S, Output
 from crawler.pipeline import OutputUnwritable, Pipeline
 from crawler.pool import image_pool
-from crawler.queue import Item, Result, WorkQueue, encode_result
+from crawler.queue import WorkQueue
 from crawler.shards import ReportWriteError, Shards
-from crawler.store import Store, output_problem, sweep_temporary
+from crawler.store import Store
 
 log = logging.getLogger(__name__)
-_OUTPUT_PROBE_S = 5.0  # while the output cannot be written: seconds between probes
 
 
 @dataclass
@@ -83,10 +82,7 @@ class Worker:
         self.held: dict[str, Item] = {}
         self.results: list[Result] = []
         self.to_hand_back: list[Item] = []  # fetched, but the output refused them
-        # Why the output cannot be written ("" when it can): no work is taken meanwhile.
-        self.output_blocked = ""
-        self._output_ok = asyncio.Event()
-        self._output_ok.set()
+        self.output = Output(self.store)  # no work is taken while it cannot be written
         self.stopping = asyncio.Event()  # stop taking work
         self.force_exit = asyncio.Event()  # second signal: stop now
         self.room = asyncio.Event()
@@ -94,8 +90,6 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Bodies being read or waiting for their image work (budget.BodyBudget).
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
-        self._last_sweep = -math.inf  # sweep on the first pass: monotonic time starts at boot
-        self._output_probed = False
         self.client: aioredis.Redis
         self.heartbeat: Heartbeat
         self.queue: WorkQueue
@@ -166,7 +160,7 @@ class Worker:
             self._loop(self._renew_once, maintenance_s),
             self._loop(self._maintain_once, maintenance_s),
             self._loop(self._report_once, maintenance_s),
-            self._loop(self._probe_output, _OUTPUT_PROBE_S),
+            self._loop(self._probe_output, PROBE_EVERY_S),
             # a heartbeat retries within its own interval: a blip must not let it lapse
             self._loop(self._heartbeat, hb, max_backoff_s=hb),
             watch_loop_lag(self.metrics.loop_lag.observe),
@@ -176,8 +170,8 @@ class Worker:
 
     def _ready(self) -> str:
         """Why this worker cannot work now ("" when it can): readiness and status say it."""
-        if self.output_blocked:
-            return f"output cannot be written: {self.output_blocked}"
+        if self.output.blocked:
+            return f"output cannot be written: {self.output.blocked}"
         age = time.time() - self.metrics.last_redis_ok_at
         if age >= 3 * self.cfg.worker.heartbeat_interval_s + 10:
             return "Redis has not answered recently"
@@ -237,9 +231,8 @@ class Worker:
         window = self.cfg.worker.window
         idle_since: float | None = None
         while not self.stopping.is_set():
-            if self.output_blocked:  # take no work the output could not keep
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._output_ok.wait(), 1.0)
+            if self.output.blocked:  # take no work the output could not keep
+                await self.output.wait_writable(1.0)
                 continue
             free = window - len(self.held)
             if free < min(self.cfg.queue.read_batch, window) // 4 + 1:
@@ -298,7 +291,7 @@ class Worker:
         except OutputUnwritable as exc:
             # Nothing is wrong with the item: it goes back to the queue, for a worker whose
             # output takes it (this one once its output is writable again).
-            self._block_output(str(exc))
+            self.output.block(str(exc))
             self.to_hand_back.append(item)
             self.flushed.set()
             return
@@ -370,26 +363,10 @@ class Worker:
         try:
             await self.shards.finalize(shard)
         except ReportWriteError as exc:
-            self._block_output(str(exc))  # the shard stays complete: written once it can be
-
-    def _block_output(self, reason: str) -> None:
-        if not self.output_blocked:
-            log.error("output cannot be written (%s): taking no work until it can", reason)
-        self.output_blocked = reason
-        self._output_ok.clear()
+            self.output.block(str(exc))  # the shard stays complete: written once it can be
 
     async def _probe_output(self) -> None:
-        """While the output is blocked (and once at start): is it writable again?"""
-        if not self.output_blocked and self._output_probed:
-            return
-        self._output_probed = True
-        problem = await asyncio.to_thread(output_problem, self.store.storage)
-        if problem:
-            self._block_output(problem)
-        elif self.output_blocked:
-            log.warning("output can be written again: taking work")
-            self.output_blocked = ""
-            self._output_ok.set()
+        if await self.output.probe():
             self.room.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -406,7 +383,7 @@ class Worker:
         """Reclaim of expired leases (and dead letters), deferred items, temporary files."""
         if not self.stopping.is_set():
             free = self.cfg.worker.window - len(self.held)
-            if free > 0 and not self.output_blocked:
+            if free > 0 and not self.output.blocked:
                 claimed, buried = await self.queue.reclaim(self.id, min(free, 500))
                 self.stats.reclaimed += len(claimed)
                 self.stats.dead_lettered += buried
@@ -416,35 +393,16 @@ class Worker:
                     await self._take(claimed)
             await self.queue.promote()
         self.gate.prune()
-        if time.monotonic() - self._last_sweep > 600:
-            self._last_sweep = time.monotonic()
-            await asyncio.to_thread(self._sweep)
+        await self.output.sweep_when_due()
 
     async def _report_once(self) -> None:
         """Reports of complete shards (a report that cannot be written blocks the output)."""
-        if self.output_blocked:
+        if self.output.blocked:
             return
         try:
             await self.shards.finalize_all()
         except ReportWriteError as exc:
-            self._block_output(str(exc))
-
-    def _sweep(self) -> None:
-        if self.store.remote:
-            return  # (an object is one PUT: no temporary files)
-        out = Path(self.store.output)
-        if out.is_dir():
-            for shard_dir in out.iterdir():
-                if (
-                    shard_dir.is_dir()
-                    and not shard_dir.is_symlink()
-                    and shard_dir.name[:1] not in "_."
-                ):
-                    sweep_temporary(shard_dir)
-            # temporary reports and summaries of writers that were killed or failed
-            # (`.tmp-*` and `.<name>.<pid>.tmp` files)
-            sweep_temporary(out / status.STATUS_DIR)
-            sweep_temporary(out / status.STATUS_DIR, pattern=".*.tmp")
+            self.output.block(str(exc))
 
     async def _summary_loop(self) -> None:
         """The periodic one-line INFO summary (see core.logs)."""
@@ -463,7 +421,7 @@ class Worker:
             "held": len(self.held),
             "rate": round(self.stats.processed / elapsed, 2),
             "stopping": int(self.stopping.is_set()),
-            "paused": self._ready() if self.output_blocked else "",
+            "paused": self._ready() if self.output.blocked else "",
         }
 
     async def _heartbeat(self) -> None:

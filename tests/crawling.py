@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -213,14 +213,22 @@ def alive(pid: int) -> bool:
 
 
 def signalled_after(
-    args: list[str], wait_s: float, sig: int, timeout: float, env: dict[str, str]
+    args: list[str],
+    wait_s: float,
+    sig: int,
+    timeout: float,
+    env: dict[str, str],
+    ready: Callable[[], object] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Start `args`, check it is still running after `wait_s`, send it `sig` and wait up to
-    `timeout` for it to exit (killed after that, and the wait fails)."""
+    """Start `args`, check it is still running after `wait_s` (or once `ready()` returns),
+    send it `sig` and wait up to `timeout` for it to exit (killed after that, and the wait
+    fails)."""
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
+        if ready is not None:
+            ready()
         time.sleep(wait_s)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(sig)

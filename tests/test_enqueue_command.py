@@ -74,20 +74,12 @@ def wait_for(predicate: object, timeout: float = 30.0) -> None:
 def stop_while_waiting(
     args: list[str], client: redis.Redis, keys: Keys, expected_len: int, sig: int
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(
-        args, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    """Stop enqueue with `sig` once it has filled the queue and polls it (0.3 s on)."""
+
+    def filled() -> None:
         wait_for(lambda: client.xlen(keys.queue) >= expected_len)
-        time.sleep(0.3)  # it now polls the full queue
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=STOP_BOUND_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    return signalled_after(args, 0.3, sig, STOP_BOUND_S, clean_env(), ready=filled)
 
 
 def test_sigterm_and_sigint_stop_enqueue_waiting_on_a_full_queue_and_a_rerun_resumes_exactly(

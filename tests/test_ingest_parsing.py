@@ -93,14 +93,16 @@ def test_brace_patterns_and_directories_expand_in_order(tmp_path: Path) -> None:
     ]
 
 
-def test_plain_gzip_and_zip_shards_stream_the_same_lines(tmp_path: Path) -> None:
+def test_plain_gzip_and_zip_shards_stream_the_same_lines_named_or_not(tmp_path: Path) -> None:
     lines = [doc({"image_name": f"{i}.jpg", "raw_url": f"http://h.example/{i}"}) for i in range(5)]
     body = b"\n".join(lines) + b"\n\n"
     (tmp_path / "a.jsonl").write_bytes(body)
     (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(body))
     with zipfile.ZipFile(tmp_path / "c.jsonl.zip", "w") as zf:
         zf.writestr("c.jsonl", body)
-    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zip"):
+    (tmp_path / "d.jsonl").write_bytes(gzip.compress(body))  # compressed, named plain
+    (tmp_path / "e.jsonl").write_bytes((tmp_path / "c.jsonl.zip").read_bytes())
+    for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl.zip", "d.jsonl", "e.jsonl"):
         assert list(documents.read_lines(tmp_path / name, 1 << 20, 1 << 30)) == lines
 
 

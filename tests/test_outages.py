@@ -31,6 +31,7 @@ from crawling import (
 from redis_server import RedisProcess, free_port
 from test_assign_worker import read_docs, write_crawl
 
+from core.config import Config
 from core.keys import Keys
 from crawler.ingest import Ingest
 from crawler.queue import WorkQueue
@@ -94,6 +95,24 @@ async def _exists(path: Path) -> bool:
     return path.exists()
 
 
+def two_workers(
+    ns: str, url: str, output: str, host_rate: int, logs: Path
+) -> tuple[list[str], list[subprocess.Popen[bytes]], list[str]]:
+    """Two worker processes (logging to `logs`) with heartbeats every second: their options,
+    the processes, and the `worker --check` command line."""
+    args = churn_flags(
+        ns, url, output, limits__host_rate=host_rate, limits__local_host_rate=host_rate,
+        worker__heartbeat_interval_s=1,
+    )  # fmt: skip
+    procs = [start_worker(args, logs) for _ in range(2)]
+    return args, procs, [sys.executable, "-m", "crawler", *args, "worker", "--check"]
+
+
+async def enqueue(cfg: Config, client: aioredis.Redis, keys: Keys, shard: Path) -> None:
+    await WorkQueue(client, keys, cfg.queue).ensure_group()
+    await Ingest(cfg, client).run(expand_sources([str(shard)]))
+
+
 async def test_crawl_workers_keep_their_heartbeats_through_outages_and_finish(
     web: ImageWeb, tmp_path: Path
 ) -> None:
@@ -107,18 +126,12 @@ async def test_crawl_workers_keep_their_heartbeats_through_outages_and_finish(
     write_shard(shard, docs)
     cfg = crawl_config(ns, tmp_path)
     cfg.redis.url = server.url
-    args = churn_flags(
-        ns, server.url, cfg.paths.output, limits__host_rate=4, limits__local_host_rate=4,
-        worker__heartbeat_interval_s=1,
-    )  # fmt: skip
     client = aioredis.Redis.from_url(server.url)
     keys = Keys(ns)
     logs = tmp_path / "workers.log"
-    procs = [start_worker(args, logs) for _ in range(2)]
-    check = [sys.executable, "-m", "crawler", *args, "worker", "--check"]
+    _args, procs, check = two_workers(ns, server.url, cfg.paths.output, 4, logs)
     try:
-        await WorkQueue(client, keys, cfg.queue).ensure_group()
-        await Ingest(cfg, client).run(expand_sources([str(shard)]))
+        await enqueue(cfg, client, keys, shard)
 
         async def both_alive() -> bool:
             return len([k async for k in client.scan_iter(match=keys.worker_pattern)]) == 2
@@ -200,17 +213,11 @@ async def test_a_full_output_pauses_the_workers_and_records_nothing_until_it_has
         stale.parent.mkdir()
         stale.write_bytes(b"{partial")
         os.utime(stale, (time.time() - 3600, time.time() - 3600))
-        args = churn_flags(
-            namespace, TEST_REDIS_URL, str(output), limits__host_rate=3,
-            limits__local_host_rate=3, worker__heartbeat_interval_s=1,
-        )  # fmt: skip
         client = aioredis.Redis.from_url(TEST_REDIS_URL)
         logs = tmp_path / "workers.log"
-        procs = [start_worker(args, logs) for _ in range(2)]
-        check = [sys.executable, "-m", "crawler", *args, "worker", "--check"]
+        args, procs, check = two_workers(namespace, TEST_REDIS_URL, str(output), 3, logs)
         try:
-            await WorkQueue(client, keys, cfg.queue).ensure_group()
-            await Ingest(cfg, client).run(expand_sources([str(shard)]))
+            await enqueue(cfg, client, keys, shard)
 
             async def some_stored() -> bool:
                 counts = await client.hgetall(keys.counts)

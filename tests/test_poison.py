@@ -25,8 +25,9 @@ from crawling import (
 from yarl import URL
 
 from core.keys import CRAWL_GROUP, Keys
+from crawler.entries import Item, Poison, parse_entry
 from crawler.ingest import Ingest
-from crawler.queue import Item, Poison, WorkQueue, parse_entry
+from crawler.queue import WorkQueue
 from crawler.sources import expand_sources
 from testweb import ImageWeb
 

@@ -14,8 +14,9 @@ from core import status
 from core.config import Config
 from core.keys import CRAWL_GROUP, Keys
 from core.storage import output_storage
+from crawler.entries import encode_result
 from crawler.ingest import Ingest
-from crawler.queue import WorkQueue, encode_result
+from crawler.queue import WorkQueue
 from crawler.shards import Shards
 from crawler.sources import expand_sources
 from testweb import ImageWeb
