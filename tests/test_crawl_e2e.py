@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import magic
@@ -15,6 +16,7 @@ import pytest
 from crawling import crawl, crawl_config, image_doc, report, write_docs
 from PIL import Image
 
+from core.config import Config
 from testweb import ImageWeb, check_concurrency, check_rate
 
 # path on the web -> expected terminal status
@@ -73,6 +75,15 @@ def cases_shard(web: ImageWeb, tmp_path: Path) -> tuple[Path, dict[str, str], di
     return path, by_name, names
 
 
+async def crawl_cases(
+    namespace: str, tmp_path: Path, path: Path
+) -> tuple[Config, dict[str, dict[str, Any]]]:
+    """Crawl the cases shard (two attempts, 2 s each); its configuration and report."""
+    cfg = crawl_config(namespace, tmp_path, fetch={"max_attempts": 2, "total_timeout_s": 2.0})
+    await crawl(cfg, [str(path)])
+    return cfg, report(cfg, "cases_shard_0")
+
+
 async def test_every_image_gets_exactly_one_correct_terminal_record(
     web: ImageWeb,
     namespace: str,
@@ -80,9 +91,7 @@ async def test_every_image_gets_exactly_one_correct_terminal_record(
     cases_shard: tuple[Path, dict[str, str], dict[str, str]],
 ) -> None:
     path, expected, urls = cases_shard
-    cfg = crawl_config(namespace, tmp_path, fetch={"max_attempts": 2, "total_timeout_s": 2.0})
-    await crawl(cfg, [str(path)])
-    records = report(cfg, "cases_shard_0")
+    cfg, records = await crawl_cases(namespace, tmp_path, path)
     assert set(records) == set(expected)
     got = {name: rec["status"] for name, rec in records.items()}
     assert got == expected
@@ -101,9 +110,7 @@ async def test_stored_files_are_whole_images_within_bounds(
     cases_shard: tuple[Path, dict[str, str], dict[str, str]],
 ) -> None:
     path, _expected, _urls = cases_shard
-    cfg = crawl_config(namespace, tmp_path, fetch={"max_attempts": 2, "total_timeout_s": 2.0})
-    await crawl(cfg, [str(path)])
-    records = report(cfg, "cases_shard_0")
+    cfg, records = await crawl_cases(namespace, tmp_path, path)
     ok = [r for r in records.values() if r["status"] == "ok"]
     assert len(ok) == 13
     for rec in ok:

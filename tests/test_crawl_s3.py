@@ -16,6 +16,7 @@ from crawling import TEST_REDIS_URL, crawl, crawl_config, image_doc, report, wri
 from s3_server import BUCKET, SeaweedFS
 
 from core import status
+from core.config import Config
 from core.keys import Keys
 from core.storage import open_storage
 from crawler.queue import WorkQueue
@@ -38,13 +39,19 @@ def shard_of(web: ImageWeb, tmp_path: Path, name: str) -> tuple[Path, dict[str, 
     return write_docs(tmp_path / f"{name}.jsonl", [doc]), names
 
 
+async def crawl_to(output: str, namespace: str, tmp_path: Path, path: Path) -> Config:
+    """Crawl the shard at `path` into `output` (a bucket prefix); the crawl's configuration."""
+    cfg = crawl_config(namespace, tmp_path)
+    cfg.paths.output = output
+    await crawl(cfg, [str(path)])
+    return cfg
+
+
 async def test_a_crawl_to_a_bucket_stores_one_whole_object_and_one_record_per_image(
     web: ImageWeb, namespace: str, tmp_path: Path, s3_output: str
 ) -> None:
     path, expected = shard_of(web, tmp_path, "s3_shard_0")
-    cfg = crawl_config(namespace, tmp_path)
-    cfg.paths.output = s3_output
-    await crawl(cfg, [str(path)])
+    cfg = await crawl_to(s3_output, namespace, tmp_path, path)
     records = report(cfg, "s3_shard_0")
     assert {n: r["status"] for n, r in records.items()} == expected
     storage = open_storage(s3_output)
@@ -66,9 +73,7 @@ async def test_a_second_crawl_records_what_the_bucket_holds_without_fetching_it(
     web: ImageWeb, namespace: str, tmp_path: Path, s3_output: str
 ) -> None:
     path, expected = shard_of(web, tmp_path, "s3_shard_1")
-    cfg = crawl_config(namespace, tmp_path)
-    cfg.paths.output = s3_output
-    await crawl(cfg, [str(path)])
+    cfg = await crawl_to(s3_output, namespace, tmp_path, path)
     first = report(cfg, "s3_shard_1")
     storage = open_storage(s3_output)
     storage.delete_sync(status.report_key("s3_shard_1"))  # the reports are lost, not images
@@ -94,9 +99,7 @@ async def test_retry_reopens_a_report_in_the_bucket(
     web: ImageWeb, namespace: str, tmp_path: Path, s3_output: str, aredis: aioredis.Redis
 ) -> None:
     path, _ = shard_of(web, tmp_path, "s3_shard_2")
-    cfg = crawl_config(namespace, tmp_path)
-    cfg.paths.output = s3_output
-    await crawl(cfg, [str(path)])
+    cfg = await crawl_to(s3_output, namespace, tmp_path, path)
     storage = open_storage(s3_output)
     keys = Keys(namespace)
     shards = Shards(aredis, keys, WorkQueue(aredis, keys, cfg.queue), storage)

@@ -29,15 +29,21 @@ def short_leases(cfg: Config, lease_s: float) -> Config:
     return cfg
 
 
-async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
-    aredis: aioredis.Redis, namespace: str, tmp_path: Path
-) -> None:
-    cfg = short_leases(crawl_config(namespace, tmp_path), 0.2)
-    q = WorkQueue(aredis, Keys(namespace), cfg.queue)
+async def queue_of_one(aredis: aioredis.Redis, keys: Keys, cfg: Config) -> WorkQueue:
+    """A WorkQueue of shard "s" holding one item, a.jpg."""
+    q = WorkQueue(aredis, keys, cfg.queue)
     await q.ensure_group()
     pipe = aredis.pipeline()
     await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
     await pipe.execute()
+    return q
+
+
+async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    cfg = short_leases(crawl_config(namespace, tmp_path), 0.2)
+    q = await queue_of_one(aredis, Keys(namespace), cfg)
     await q.read("dead-worker", 10, 10)
     assert await q.reclaim("other", 10) == ([], 0)  # lease still fresh
     await asyncio.sleep(0.3)
@@ -68,11 +74,7 @@ async def test_renewed_leases_are_not_reclaimed(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
     cfg = short_leases(crawl_config(namespace, tmp_path), 0.3)
-    q = WorkQueue(aredis, Keys(namespace), cfg.queue)
-    await q.ensure_group()
-    pipe = aredis.pipeline()
-    await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
-    await pipe.execute()
+    q = await queue_of_one(aredis, Keys(namespace), cfg)
     (item,) = await q.read("busy-worker", 10, 10)
     for _ in range(3):
         await asyncio.sleep(0.15)
@@ -85,11 +87,7 @@ async def test_an_item_delivered_too_often_becomes_a_dead_letter_with_a_reason(
 ) -> None:
     keys = Keys(namespace)
     cfg = short_leases(crawl_config(namespace, tmp_path, queue={"max_deliveries": 3}), 0.05)
-    q = WorkQueue(aredis, keys, cfg.queue)
-    await q.ensure_group()
-    pipe = aredis.pipeline()
-    await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
-    await pipe.execute()
+    q = await queue_of_one(aredis, keys, cfg)
     await q.seal("s", 1)
     (item,) = await q.read("w1", 10, 10)
     await q.note_error(item.id, "ValueError: decoder crashed")
@@ -227,11 +225,7 @@ async def test_deferred_items_come_back_by_redis_time_whatever_the_workers_clock
 
     monkeypatch.setattr("crawler.queue.time.time", lambda: real_time.monotonic() + 1e9)
     keys = Keys(namespace)
-    q = WorkQueue(aredis, keys, crawl_config(namespace, tmp_path).queue)
-    await q.ensure_group()
-    pipe = aredis.pipeline()
-    await q.add_to(pipe, "s", [("a.jpg", "http://h.example/a.jpg")])
-    await pipe.execute()
+    q = await queue_of_one(aredis, keys, crawl_config(namespace, tmp_path))
     [item] = await q.read("w", 10, 10)
     await q.defer([item], 0.3)
     assert await aredis.xlen(keys.queue) == 0 and await aredis.zcard(keys.deferred) == 1
