@@ -280,4 +280,7 @@ async def test_a_redirect_to_another_host_is_held_to_that_hosts_limits(
     assert {r["status"] for r in records} == {"ok"}
     at_target = [a for a in web.arrivals if a.path.startswith(f"/img/64x64/{tag}-target-")]
     assert len(at_target) == 10
-    assert check_rate(at_target, rate, burst) == []
+    # Arrivals are stamped by the test web in this test's process: on a loaded machine the time
+    # from a permit to its request's arrival varies by tens of ms. Without the limit, four
+    # requests (host_concurrency) would arrive together and still fail by far.
+    assert check_rate(at_target, rate, burst, tolerance=0.05) == []
