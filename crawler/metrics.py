@@ -1,4 +1,5 @@
-"""Prometheus metrics of one worker process, and the HTTP endpoints that serve them.
+"""Prometheus metrics of one worker process, and the HTTP endpoints that serve them (through
+`core.runtime.serving`, as every command serves HTTP).
 
 Names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``); no ``_created``
 series. A worker exports what it does; facts of the whole crawl (queue depth, leased, dead
@@ -177,10 +178,3 @@ def metrics_app(metrics: Metrics, unready: Callable[[], str]) -> web.Application
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
-
-
-async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner

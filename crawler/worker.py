@@ -31,14 +31,14 @@ from core.fetch import Fetcher
 from core.heartbeat import Heartbeat, sample_history
 from core.keys import Keys
 from core.logs import FailureLog, LogStats
-from core.runtime import StopSignals, watch_loop_lag
+from core.runtime import StopSignals, serving, watch_loop_lag
 from core.session import client_session
 from core.storage import output_storage
 from core.tasks import cancel_and_wait
 from crawler import gctimer, images
 from crawler.entries import Item, Result, encode_result
 from crawler.limits import HostGate
-from crawler.metrics import Metrics, metrics_app, start_server
+from crawler.metrics import Metrics, metrics_app
 from crawler.output import PROBE_EVERY_S, Output
 from crawler.pipeline import OutputUnwritable, Pipeline
 from crawler.pool import image_pool
@@ -147,8 +147,7 @@ class Worker:
         self.metrics.redis_ok()
         if cfg.metrics.port:
             app = metrics_app(self.metrics, self._ready)
-            runner = await start_server(app, cfg.metrics.host, cfg.metrics.port)
-            parts.push_async_callback(runner.cleanup)
+            await parts.enter_async_context(serving(app, cfg.metrics.host, cfg.metrics.port))
         log.info("worker %s started", self.id)
 
     def _background(self) -> list[Coroutine[Any, Any, Any]]:
