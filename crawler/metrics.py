@@ -1,5 +1,5 @@
-"""Prometheus metrics of one worker process, and the HTTP endpoints that serve them (through
-`core.runtime.serving`, as every command serves HTTP).
+"""What one worker process counts: its `WorkerStats` (its heartbeat and summary line) and its
+Prometheus metrics, with the HTTP endpoints that serve them (through `core.runtime.serving`).
 
 Names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``); no ``_created``
 series. A worker exports what it does; facts of the whole crawl (queue depth, leased, dead
@@ -13,6 +13,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from aiohttp import web
@@ -31,6 +32,37 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no _created series
 
 FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.time)
+    processed: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    reclaimed: int = 0
+    dead_lettered: int = 0
+    deferred: int = 0
+    redis_calls: int = 0
+    # Most bytes of response bodies held at once: arriving, or waiting for (or in) image work.
+    peak_waiting_bytes: int = 0
+
+    def count(self, st: str, nbytes: int) -> None:
+        self.processed += 1
+        self.by_status[st] = self.by_status.get(st, 0) + 1
+        self.bytes += nbytes
+
+    def beat(self, *, held: int, stopping: bool, paused: str) -> dict[str, str | int | float]:
+        """The worker's heartbeat fields (see core.heartbeat)."""
+        elapsed = max(1e-6, time.time() - self.started)
+        return {
+            "started": self.started,
+            "processed": self.processed,
+            "held": held,
+            "rate": round(self.processed / elapsed, 2),
+            "stopping": int(stopping),
+            "paused": paused,
+        }
 
 
 def _version() -> str:

@@ -14,6 +14,7 @@ object ever has the final name.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import errno
@@ -67,6 +68,13 @@ class Store:
         """Whether every one of these shards is known to have had nothing stored when first
         looked at: then `on_disk` is all False without asking the storage."""
         return all(shard in self._new_shards for shard in shards)
+
+    async def stored_before(self, items: list[tuple[str, str]]) -> list[bool]:
+        """`on_disk` of a batch, from the event loop: one thread hop per batch, none once every
+        shard of the batch is known to have had nothing stored (`all_new`)."""
+        if self.all_new(shard for shard, _ in items):
+            return [False] * len(items)
+        return await asyncio.to_thread(self.on_disk, items)
 
     def on_disk(self, items: Iterable[tuple[str, str]]) -> list[bool]:
         """For each (shard, name): was it stored before this crawl started? (Blocking: call
