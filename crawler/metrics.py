@@ -29,6 +29,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from core.status import Status
+
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no _created series
 
 FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -47,7 +49,7 @@ class WorkerStats:
     # Most bytes of response bodies held at once: arriving, or waiting for (or in) image work.
     peak_waiting_bytes: int = 0
 
-    def count(self, st: str, nbytes: int) -> None:
+    def count(self, st: Status, nbytes: int) -> None:
         self.processed += 1
         self.by_status[st] = self.by_status.get(st, 0) + 1
         self.bytes += nbytes
@@ -162,7 +164,7 @@ class Metrics:
             "mmc4_last_redis_success_timestamp_seconds", "Last successful Redis call", registry=r
         )
 
-    def image(self, status: str, stored_bytes: int, fetched_bytes: int) -> None:
+    def image(self, status: Status, stored_bytes: int, fetched_bytes: int) -> None:
         self.images.labels(status).inc()
         if stored_bytes:
             self.stored_bytes.inc(stored_bytes)

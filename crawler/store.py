@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from core import safefs
-from core.status import OK, STATUS_DIR, WRITE_ERROR
+from core.status import OK, STATUS_DIR, WRITE_ERROR, Status
 from core.storage import Storage
 from crawler import images
 from crawler.images import ImageResult, ImageSettings
@@ -34,7 +34,7 @@ from crawler.images import ImageResult, ImageSettings
 log = logging.getLogger(__name__)
 TMP_PREFIX = safefs.TMP_PREFIX
 # Not a terminal status: the image was fine but the output refused it (see UNWRITABLE_ERRNOS).
-OUTPUT_UNWRITABLE = "output_unwritable"
+OUTPUT_UNWRITABLE = Status("output_unwritable")
 # Errors that say the output as a whole cannot take files now, whatever the image.
 UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 # Shards whose stored names a bucket-backed Store keeps from its one listing of each.
@@ -172,7 +172,7 @@ def shrink_and_store(data: bytes, settings: ImageSettings, target: Target) -> Im
     """Pool job: check and shrink a downloaded image, then write what is kept to `target`.
 
     The result carries no image bytes (`stored_bytes` says how many were written); a failed
-    write, or a target outside the output (`check_target`), is status "write_error" with
+    write, or a target outside the output (`check_target`), is status WRITE_ERROR with
     the reason.
     """
     img, out = _shrink(data, settings, target)
