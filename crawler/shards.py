@@ -155,7 +155,7 @@ class Shards:
         }
 
     # ---- retry -----------------------------------------------------------------------
-    async def requeue_open(self, shard: str, statuses: set[str]) -> int:
+    async def requeue_open(self, shard: str, statuses: set[status.Status]) -> int:
         """Re-queue the images of an in-flight shard whose records have the given statuses."""
         names = []
         async for name, raw in self.client.hscan_iter(self.keys.shard_records(shard)):
@@ -178,7 +178,7 @@ class Shards:
             )
         return moved
 
-    async def reopen(self, shard: str, statuses: set[str]) -> int:
+    async def reopen(self, shard: str, statuses: set[status.Status]) -> int:
         """Re-queue images of a reported shard; the shard is reported again when done."""
         problem = check_shard_id(shard)
         if problem:
