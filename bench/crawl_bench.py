@@ -46,8 +46,11 @@ log), how many of the faults a retry recovers ended as stored images, and the cr
 records.
 
 ``--s3`` adds, per web, the crawler run again with its output in a bucket of a SeaweedFS
-server on loopback (``tests/s3_server.py``; the server's CPU is measured apart and not
-counted) and prints its images/s and CPU per image against the local-disk run as ratios.
+server on loopback (``tests/s3_server.py``: ``weed server -s3`` with the Go runtime of
+``GO_RUNTIME``, GOMAXPROCS=1 and garbage collection only near a 512 MiB limit, printed before
+the run; ``--s3-go-defaults`` runs it with Go's defaults; the server's CPU is measured apart
+and not counted) and prints its images/s and CPU per image against the local-disk run as
+ratios.
 
 ``--long`` crawls ``--long-images`` URLs (the same pool bytes under many URLs) on the clean web
 with the crawler only, and prints throughput and worker/pool RSS every ``--sample-every`` s.
@@ -677,7 +680,10 @@ def run_crawler_s3(
     counted in the crawler's."""
     from s3_server import SeaweedFS
 
-    server = SeaweedFS(workdir / "seaweedfs", volume_size_mb=4096)
+    server = SeaweedFS(
+        workdir / "seaweedfs", volume_size_mb=4096, go_runtime={} if args.s3_go_defaults else None
+    )
+    say(f"{name}-s3: {server.describe()}")
     server.start()
     try:
         server.create_bucket("crawl-bench")
@@ -1105,6 +1111,10 @@ def parse_args() -> argparse.Namespace:
         help="also crawl each web with the output in a bucket of a SeaweedFS on loopback",
     )  # fmt: skip
     p.add_argument("--bare-reps", type=int, default=3)
+    p.add_argument(
+        "--s3-go-defaults", action="store_true",
+        help="run the S3 server with the Go runtime's defaults (not s3_server.GO_RUNTIME)",
+    )  # fmt: skip
     p.add_argument(
         "--bare-processes",
         type=int,

@@ -118,7 +118,7 @@ class Pipeline:
         finally:
             self.metrics.image_seconds.observe(time.monotonic() - started)
             self.bodies.give_back(len(body))  # taken while it arrived (Fetcher)
-        img = await self.store.finish(item.shard, item.name, img)
+        img = await self.store.finish(item.shard, item.name, img, body)
         if img.status == OUTPUT_UNWRITABLE:
             raise OutputUnwritable(img.error)
         common = {

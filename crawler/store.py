@@ -7,9 +7,10 @@ happen in the same pool process (:func:`shrink_and_store`): image bytes cross be
 processes once (the response body, to the pool) and only the record's fields come back.
 
 In a bucket (`core.storage.S3Storage`), the pool process shrinks (:func:`shrink_for_upload`)
-and hands the bytes back; the worker's event loop uploads them in one PUT (`Store.finish`), at
-most ``storage.max_inflight`` at once, so no image process waits on the network and no half
-object ever has the final name.
+and hands the shrunk bytes back (an image stored as it came stays in the worker, which holds
+its body); the worker's event loop uploads them in one PUT (`Store.finish`), at most
+``storage.max_inflight`` at once, so no image process waits on the network and no half object
+ever has the final name.
 """
 
 from __future__ import annotations
@@ -117,14 +118,16 @@ class Store:
         self._listed.move_to_end(shard)
         return names
 
-    async def finish(self, shard: str, name: str, img: ImageResult) -> ImageResult:
-        """The result of `image_job` once stored: a bucket's upload happens here (a failed
-        one, after its retries, is OUTPUT_UNWRITABLE: the item goes back to the queue and
-        the worker pauses until the output takes a probe again)."""
-        if not self.remote or img.status != OK or img.data is None:
+    async def finish(self, shard: str, name: str, img: ImageResult, body: bytes) -> ImageResult:
+        """The result of `image_job` once stored: a bucket's upload happens here, of the
+        shrunk bytes or, for a kept original, of `body` (a failed one, after its retries, is
+        OUTPUT_UNWRITABLE: the item goes back to the queue and the worker pauses until the
+        output takes a probe again)."""
+        data = body if img.keep_original else img.data
+        if not self.remote or img.status != OK or data is None:
             return img
         try:
-            await self.storage.put(f"{shard}/{name}", img.data)
+            await self.storage.put(f"{shard}/{name}", data)
         except OSError as exc:
             return dataclasses.replace(img, status=OUTPUT_UNWRITABLE, error=str(exc), data=None)
         return dataclasses.replace(img, data=None)
@@ -190,11 +193,12 @@ def shrink_and_store(data: bytes, settings: ImageSettings, target: Target) -> Im
 
 def shrink_for_upload(data: bytes, settings: ImageSettings, target: Target) -> ImageResult:
     """Pool job: check and shrink a downloaded image; `data` of the result is what to
-    upload (`Store.finish`)."""
+    upload (`Store.finish`), or None when that is the downloaded body unchanged
+    (`keep_original`: the worker holds it, so it does not travel back)."""
     img, out = _shrink(data, settings, target)
     if img.status != OK:
         return img
-    return dataclasses.replace(img, data=out, stored_bytes=len(out))
+    return dataclasses.replace(img, data=None if img.keep_original else out, stored_bytes=len(out))
 
 
 def verify_stored(target: Target, settings: ImageSettings) -> ImageResult | None:

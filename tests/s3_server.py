@@ -40,15 +40,25 @@ def weed_binary() -> str:
     return found
 
 
+# The Go runtime of the server: one OS thread running Go code (a PUT's hand-offs between
+# the gateway, filer and volume goroutines stay on one thread instead of waking another) and
+# garbage collection only near a memory limit. Each lowers the server's CPU per PUT on the
+# cores it shares with the crawl (docs/performance.md, "Output to object storage").
+GO_RUNTIME = {"GOMAXPROCS": "1", "GOGC": "off", "GOMEMLIMIT": "512MiB"}
+
+
 class SeaweedFS(ServerProcess):
     """``weed server -s3`` on free loopback ports; `restart` keeps the data and the ports."""
 
-    def __init__(self, directory: Path, volume_size_mb: int = 64) -> None:
+    def __init__(
+        self, directory: Path, volume_size_mb: int = 64, go_runtime: dict[str, str] | None = None
+    ) -> None:
         """`volume_size_mb`: SeaweedFS starts new volumes when one reaches this size (small
         for tests; a benchmark that writes hundreds of MB takes larger ones, as a real
-        deployment would)."""
+        deployment would). `go_runtime`: the Go runtime's variables (GO_RUNTIME)."""
         self.dir = directory
         self.volume_size_mb = volume_size_mb
+        self.go_runtime = GO_RUNTIME if go_runtime is None else go_runtime
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.grpc = {name: free_port() for name in self.ports}
@@ -92,6 +102,7 @@ class SeaweedFS(ServerProcess):
             # (a test process killed before its teardown takes the server with it)
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.go_runtime},
                 preexec_fn=functools.partial(early.stop_with_parent, os.getpid()),
             )  # fmt: skip
         self._wait_ready()
@@ -119,6 +130,19 @@ class SeaweedFS(ServerProcess):
         except OSError:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])
+
+    def describe(self) -> str:
+        """How the server runs, for a benchmark's header."""
+        version = (
+            subprocess.run([weed_binary(), "version"], capture_output=True, text=True, check=False)
+            .stdout.split("\n", 1)[0]
+            .strip()
+        )
+        runtime = " ".join(f"{k}={v}" for k, v in self.go_runtime.items()) or "Go defaults"
+        return (
+            f"SeaweedFS ({version}): `weed server -s3`, master, volume, filer (leveldb2) and S3 "
+            f"gateway in one process, {self.volume_size_mb} MB volumes; {runtime}"
+        )
 
     def create_bucket(self, name: str) -> None:
         """Create a bucket (``weed shell``'s ``s3.bucket.create``; already there is fine)."""

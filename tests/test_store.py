@@ -144,16 +144,29 @@ async def test_an_upload_is_the_whole_shrunk_image_and_a_failed_one_pauses_the_o
 ) -> None:
     store = Store(open_storage(s3_output))
     target = store.target("shard", "a.jpg")
-    img = store.image_job(jpeg(2000, 1000), SETTINGS, target)
+    body = jpeg(2000, 1000)
+    img = store.image_job(body, SETTINGS, target)
     assert img.status == "ok" and img.data is not None
-    done = await store.finish("shard", "a.jpg", img)
+    done = await store.finish("shard", "a.jpg", img, body)
     assert done.status == "ok" and done.data is None
     stored = await store.storage.get("shard/a.jpg")
     assert len(stored) == done.stored_bytes and hashlib.sha256(stored).hexdigest() == img.sha256
     assert verify_bytes(stored, SETTINGS) is not None
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    refused = await Store(open_storage(s3_output)).finish("shard", "b.jpg", img)
+    refused = await Store(open_storage(s3_output)).finish("shard", "b.jpg", img, body)
     assert refused.status == OUTPUT_UNWRITABLE and "SignatureDoesNotMatch" in refused.error
+
+
+async def test_a_kept_original_is_uploaded_from_the_body_the_worker_holds(
+    s3_output: str,
+) -> None:
+    store = Store(open_storage(s3_output))
+    body = jpeg(300, 200)  # small enough to be stored as it came
+    img = store.image_job(body, SETTINGS, store.target("shard", "k.jpg"))
+    assert img.status == "ok" and img.keep_original and img.data is None  # not sent back
+    done = await store.finish("shard", "k.jpg", img, body)
+    assert done.status == "ok" and done.stored_bytes == len(body)
+    assert await store.storage.get("shard/k.jpg") == body
 
 
 async def test_a_bucket_that_cannot_be_read_means_fetch_again_not_a_failed_image(
