@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +87,16 @@ async def within(seconds: float, aw: Awaitable[T]) -> T:
         fut.cancel()
         raise AssertionError(f"not done after {seconds}s; tasks:\n{stacks}")
     return fut.result()
+
+
+async def until(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], every_s: float = 0.05
+) -> T:
+    """Read `read()` every `every_s` until `done` holds for what it returns (bound it with
+    `within`)."""
+    while not done(got := await read()):
+        await asyncio.sleep(every_s)
+    return got
 
 
 async def stuck_state(client: aioredis.Redis, keys: Keys, shard: str, log: Path) -> str:
@@ -210,6 +222,17 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def first_bytes(listener: socket.socket, keep: contextlib.ExitStack, timeout: float = 60) -> bytes:
+    """Accept one connection on `listener` and read the first bytes sent on it (a request
+    under way); the connection stays open, never answered, until `keep` closes."""
+    listener.settimeout(timeout)
+    conn = keep.enter_context(listener.accept()[0])
+    conn.settimeout(timeout)
+    data = conn.recv(4096)
+    assert data, "the connection closed before anything was sent"
+    return data
 
 
 def signalled_after(
