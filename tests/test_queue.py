@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from crawling import crawl, crawl_config, image_doc, report, write_docs
+from crawling import crawl, crawl_config, image_doc, report, until, within, write_docs
 
 from core import status
 from core.config import Config
@@ -138,19 +138,25 @@ async def test_ingest_waits_while_the_queue_is_full(
     cfg = crawl_config(namespace, tmp_path, ingest={"max_queue_depth": 30, "batch_size": 8})
     ingest = Ingest(cfg, aredis)
     task = asyncio.create_task(ingest.run(expand_sources([str(shard)])))
-    await asyncio.sleep(0.5)
+    await within(60, until(lambda: aredis.xlen(keys.queue), lambda n: n >= 30))
+    await asyncio.sleep(0.3)  # room for a batch too many, were ingest to add one
     assert not task.done()
     assert 30 <= await aredis.xlen(keys.queue) < 30 + 8
     peak, drained = 0, 0
     while not task.done():  # act as the workers: take everything now and then
         await asyncio.sleep(0.1)
-        depth = await aredis.xlen(keys.queue)
-        peak = max(peak, depth)
-        drained += depth
-        await aredis.xtrim(keys.queue, maxlen=0)
-    drained += await aredis.xlen(keys.queue)
+        taken = await take_all(aredis, keys)
+        peak = max(peak, taken)
+        drained += taken
+    drained += await take_all(aredis, keys)
     assert peak < 30 + 8
     assert ingest.stats.items == drained == 200
+
+
+async def take_all(aredis: aioredis.Redis, keys: Keys) -> int:
+    """Empty the queue in one step, as the workers would take it: how many it held (a
+    length read apart from the trim could miss a batch that ingest adds in between)."""
+    return int(await aredis.xtrim(keys.queue, maxlen=0, approximate=False))
 
 
 async def test_ingest_resumes_after_the_last_enqueued_batch(
