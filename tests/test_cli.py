@@ -18,6 +18,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 from crawling import TEST_REDIS_URL, alive, children, crawl, crawl_config, report
+from redis_server import free_port
 
 from core.status import read_report
 from crawler.cli import main
@@ -232,18 +233,17 @@ def test_a_shard_rewrite_follows_its_latest_report_after_retry(
     assert kept() == (10, 10)  # the rewrite follows the new report
 
 
+@pytest.mark.timeout(900)  # the two runs' own bounds (a whole crawl of the sample) and more
 def test_the_demo_crawls_on_any_port_and_a_rerun_says_there_is_nothing_to_do(
     tmp_path: Path,
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = str(s.getsockname()[1])
-    first = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=300)
+    port = str(free_port(host="127.0.0.2"))
+    first = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = orjson.loads(
         (tmp_path / "out" / "_status" / "sample_shard.summary.json").read_bytes()
     )
     assert summary["by_status"].get("ok", 0) > summary["records"] * 0.8  # the web answered
-    again = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=120)
+    again = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=240)
     assert again.returncode == 0
     assert "nothing to do" in again.stderr
