@@ -416,7 +416,13 @@ async def test_bodies_count_against_the_budget_while_they_arrive(web: ImageWeb) 
 async def test_a_crawl_with_bombs_records_each_once_and_fetches_everything_else(
     namespace: str, tmp_path: Path, web: ImageWeb
 ) -> None:
-    cfg = crawl_config(namespace, tmp_path)
+    # no deadline is meant to strike (30 s bounds a hang): a bomb ends at the cap, whatever
+    # the time the test web takes to make it on a busy machine
+    cfg = crawl_config(
+        namespace,
+        tmp_path,
+        fetch={"total_timeout_s": 30.0, "min_timeout_s": 30.0, "connect_timeout_s": 30.0},
+    )
     good = [web.url(i % 6, f"/img/48x32/bombs{i}.jpg") for i in range(8)]
     bombs = {
         "gzip.jpg": (web.url(0, "/fault/zip-bomb/60000000"), status.TOO_LARGE),
