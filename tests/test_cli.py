@@ -243,7 +243,11 @@ def test_the_demo_crawls_on_any_port_and_a_rerun_says_there_is_nothing_to_do(
     summary = orjson.loads(
         (tmp_path / "out" / "_status" / "sample_shard.summary.json").read_bytes()
     )
-    assert summary["by_status"].get("ok", 0) > summary["records"] * 0.8  # the web answered
+    # the web answered on that port (every image would be a refused connection on another);
+    # how many are ok depends on how busy the machine is (timeouts)
+    by_status = summary["by_status"]
+    assert summary["records"] == 1007 and by_status.get("ok", 0) > 0
+    assert by_status.get("connection_error", 0) < summary["records"] * 0.05, by_status
     again = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=240)
     assert again.returncode == 0
     assert "nothing to do" in again.stderr
