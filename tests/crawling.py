@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from core import status
 from core.config import Config
@@ -97,6 +98,25 @@ async def until(
     while not done(got := await read()):
         await asyncio.sleep(every_s)
     return got
+
+
+async def started(
+    client: aioredis.Redis, keys: Keys, procs: list[subprocess.Popen[bytes]], timeout: float = 120
+) -> None:
+    """Wait until each worker process of `procs` has written its heartbeat (a worker's id holds
+    its pid): it has started, its signal handlers in place, and a SIGTERM drains it."""
+
+    async def beating() -> bool:
+        try:
+            for proc in procs:
+                pattern = keys.worker(f"*-{proc.pid}-*")
+                if not [k async for k in client.scan_iter(match=pattern, count=1000)]:
+                    return False
+        except (OSError, RedisError):
+            return False  # Redis restarting
+        return True
+
+    await within(timeout, until(beating, bool))
 
 
 async def stuck_state(client: aioredis.Redis, keys: Keys, shard: str, log: Path) -> str:
