@@ -262,16 +262,23 @@ def signalled_after(
     timeout: float,
     env: dict[str, str],
     ready: Callable[[], object] | None = None,
+    ready_line: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Start `args`, check it is still running after `wait_s` (or once `ready()` returns),
-    send it `sig` and wait up to `timeout` for it to exit (killed after that, and the wait
-    fails)."""
+    """Start `args`, check it is still running `wait_s` after it is ready (once `ready()`
+    returns, and once it has written a line containing `ready_line` to stderr), send it `sig`
+    and wait up to `timeout` for it to exit (killed after that, and the wait fails)."""
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    said: list[str] = []
     try:
         if ready is not None:
             ready()
+        while ready_line is not None and proc.stderr is not None:
+            said.append(line := proc.stderr.readline())
+            assert line, f"it ended without saying {ready_line!r}: {''.join(said)}"
+            if ready_line in line:
+                break
         time.sleep(wait_s)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(sig)
@@ -280,4 +287,4 @@ def signalled_after(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(said) + err)

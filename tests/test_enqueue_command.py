@@ -373,6 +373,8 @@ def test_sigterm_stops_enqueue_waiting_for_an_unreachable_redis(
     args = enqueue_args(
         namespace, tmp_path, "--set", "ingest.redis_wait_s=0", "enqueue", str(shard), url=url
     )  # 0: it would wait for Redis forever
-    done = signalled_after(args, 1.5, signal.SIGTERM, STOP_BOUND_S, clean_env())
+    done = signalled_after(
+        args, 0.3, signal.SIGTERM, STOP_BOUND_S, clean_env(), ready_line="Redis unavailable"
+    )
     assert done.returncode == ExitCode.TERMINATED
     assert "Traceback" not in done.stderr
