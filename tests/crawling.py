@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import orjson
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -242,6 +243,12 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def heartbeats(client: redis.Redis, namespace: str) -> int:
+    """How many workers of `namespace` have a heartbeat (a worker writes its first once it has
+    started: its signal handlers in place, its metrics port, if any, bound)."""
+    return sum(1 for _ in client.scan_iter(match=Keys(namespace).worker_pattern, count=1000))
 
 
 def first_bytes(listener: socket.socket, keep: contextlib.ExitStack, timeout: float = 60) -> bytes:

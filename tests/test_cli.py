@@ -17,7 +17,15 @@ import orjson
 import pytest
 import redis
 from click.testing import CliRunner
-from crawling import TEST_REDIS_URL, alive, children, crawl, crawl_config, report
+from crawling import (
+    TEST_REDIS_URL,
+    alive,
+    children,
+    crawl,
+    crawl_config,
+    heartbeats,
+    report,
+)
 from redis_server import free_port
 
 from core.status import read_report
@@ -83,12 +91,12 @@ def test_workers_of_a_killed_run_stop_instead_of_living_on(
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     workers: list[int] = []
+    client = redis.Redis.from_url(TEST_REDIS_URL)
     try:
-        deadline = time.monotonic() + 60
-        while len(workers := children(run.pid)) < 2:
-            assert time.monotonic() < deadline, "run started no workers"
+        deadline = time.monotonic() + 120  # a bound for a hang, not for a start on a busy machine
+        while len(workers := children(run.pid)) < 2 or heartbeats(client, namespace) < 2:
+            assert time.monotonic() < deadline, f"run's workers did not start: {workers}"
             time.sleep(0.1)
-        time.sleep(3)  # the workers are crawling
         assert all(alive(w) for w in workers)
         run.kill()
         run.wait()
@@ -97,6 +105,7 @@ def test_workers_of_a_killed_run_stop_instead_of_living_on(
             time.sleep(0.2)
         assert not any(alive(w) for w in workers), "workers outlived their run"
     finally:
+        client.close()
         run.kill()
         for w in workers:
             with contextlib.suppress(ProcessLookupError):

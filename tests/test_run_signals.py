@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from crawling import alive, children, first_bytes, signalled_after
+from crawling import alive, children, first_bytes, heartbeats, signalled_after
 from redis_server import RedisProcess, free_port
 
 from core.exitcodes import ExitCode
-from core.keys import Keys
 from testweb import ImageWeb, write_shard
 
 GRACE_S = 3
@@ -61,7 +60,7 @@ def running(
     client = redis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + 120  # a bound for a hang, not for a start on a busy machine
-        while len(workers := children(run.pid)) < 2 or _beating(client, namespace) < 2:
+        while len(workers := children(run.pid)) < 2 or heartbeats(client, namespace) < 2:
             assert run.poll() is None, run.communicate()[1][-3000:]
             assert time.monotonic() < deadline, f"run's workers did not start: {workers}"
             time.sleep(0.1)
@@ -73,11 +72,6 @@ def running(
         for w in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w, signal.SIGKILL)
-
-
-def _beating(client: redis.Redis, namespace: str) -> int:
-    """How many workers of `namespace` have a heartbeat."""
-    return sum(1 for _ in client.scan_iter(match=Keys(namespace).worker_pattern, count=1000))
 
 
 def _ended(run: subprocess.Popen[str], within_s: float) -> str:
