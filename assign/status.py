@@ -34,14 +34,14 @@ class StoredImage:
 
 
 def load_stored_images(report: str | Path, images_dir: str | Path | None) -> dict[str, StoredImage]:
-    """image_name -> stored image, for every record with status "ok" and a path, of the
+    """image_name -> stored image, for every record with status OK and a path, of the
     report file ``report`` (see ``stored_images``)."""
     with gzip.open(report, "rb") as lines:
         return _collect(lines, images_dir)
 
 
 def stored_images(text: bytes, images_dir: str | Path | None) -> dict[str, StoredImage]:
-    """image_name -> stored image, for every record with status "ok" and a path, of a
+    """image_name -> stored image, for every record with status OK and a path, of a
     report's (decompressed) ``text``.
 
     ``local_path`` is ``images_dir/path`` when ``images_dir`` is given (a directory or an

@@ -28,7 +28,7 @@ from core.responses import opted_out, parse_retry_after, read_capped
 
 # Not a terminal status: the response redirects to another host (`final_url`), whose own
 # limits the caller must respect before calling `fetch` again with the result's `hops`.
-OTHER_HOST = "redirect_to_other_host"
+OTHER_HOST = status.Status("redirect_to_other_host")
 
 REDIRECTS = frozenset((301, 302, 303, 307, 308))
 
@@ -45,7 +45,7 @@ class Hops:
 
 @dataclass(slots=True)
 class FetchResult:
-    status: str  # status.OK when a body was read, else a terminal or transient status
+    status: status.Status  # OK when a body was read, else a terminal or transient status
     http_code: int = 0
     error: str = ""
     body: bytes = b""

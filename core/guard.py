@@ -137,7 +137,7 @@ CLOSED = AddressPolicy()  # the default: public addresses only
 ANY_ADDRESS = AddressPolicy(allow_private=True)  # `check_url` of the URL's shape only
 
 
-def check_url(url: Any, policy: AddressPolicy = CLOSED) -> tuple[str, str] | None:
+def check_url(url: Any, policy: AddressPolicy = CLOSED) -> tuple[status.Status, str] | None:
     """Why `url` cannot be fetched, as (status, reason), or None when it may be.
 
     `status.BAD_URL` for its shape; `status.BLOCKED_ADDRESS` for a host written as a
@@ -146,7 +146,7 @@ def check_url(url: Any, policy: AddressPolicy = CLOSED) -> tuple[str, str] | Non
     return got if isinstance(got, tuple) else None
 
 
-def parse_url(url: Any, policy: AddressPolicy = CLOSED) -> URL | tuple[str, str]:
+def parse_url(url: Any, policy: AddressPolicy = CLOSED) -> URL | tuple[status.Status, str]:
     """`url` parsed, or why it cannot be fetched (see `check_url`)."""
     if not isinstance(url, str) or not url:
         return status.BAD_URL, f"raw_url is not a non-empty string: {url!r}"
@@ -161,7 +161,7 @@ def parse_url(url: Any, policy: AddressPolicy = CLOSED) -> URL | tuple[str, str]
     return check_parsed(parsed, policy) or parsed
 
 
-def check_parsed(url: URL, policy: AddressPolicy = CLOSED) -> tuple[str, str] | None:
+def check_parsed(url: URL, policy: AddressPolicy = CLOSED) -> tuple[status.Status, str] | None:
     """`check_url` for a parsed URL (a redirect's target)."""
     if url.scheme not in ("http", "https"):
         return status.BAD_URL, f"scheme {url.scheme!r} is not http or https"

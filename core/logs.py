@@ -126,5 +126,5 @@ class LogStats:
         self._last_time, self._last = now, dict(by_status)
         return (
             f"{done} images done (+{new} in {elapsed:.0f} s, {new / elapsed:.1f}/s): "
-            f"ok {delta.get('ok', 0)}, failures {failed}; holding {held}"
+            f"ok {delta.get(OK, 0)}, failures {failed}; holding {held}"
         )

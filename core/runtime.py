@@ -10,6 +10,8 @@
   restored when the command is done with its own.
 - Watchdog: a stop that overruns its deadline ends the process with every thread's and every
   task's stack in the log (`exit_after`); `watch_loop_lag` measures how late the loop wakes.
+- HTTP: `serving` is how a command serves an aiohttp app (`worker`'s /metrics, `serve`,
+  `serve-dataset`) for as long as it runs.
 
 The exit code of a command stopped by a signal follows the first signal: ``INTERRUPTED``
 (130) for SIGINT, ``TERMINATED`` (143) for SIGTERM. A command that ends by a stop as its normal

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NewType, TypeGuard
 
 import msgspec
 import orjson
@@ -24,39 +24,48 @@ import orjson
 from core import safefs
 from core.storage import Storage
 
+Status = NewType("Status", str)
+"""The name of what became of an image (`Record.status`): one of the terminal statuses below,
+or http_<code> (`http_status`). On the wire and on disk it is the plain string; the type makes
+the checker hold every status to these names."""
+
 # Terminal statuses. HTTP failures are recorded as http_<code> (http_404, http_503, ...).
-OK = "ok"
-TIMEOUT = "timeout"
-CONNECTION_ERROR = "connection_error"
-DNS_ERROR = "dns_error"
-BLOCKED_ADDRESS = "blocked_address"
-TOO_MANY_REDIRECTS = "too_many_redirects"
-TOO_LARGE = "too_large"
-OPTED_OUT = "opted_out"
-NOT_AN_IMAGE = "not_an_image"
-DECODE_ERROR = "decode_error"
-TOO_MANY_PIXELS = "too_many_pixels"
-TOO_MANY_FRAMES = "too_many_frames"
-IMAGE_TIMEOUT = "image_timeout"  # the image's processing ran past images.job_timeout_s
-UNSUPPORTED_IMAGE = "unsupported_image"
-BAD_URL = "bad_url"
-BAD_NAME = "bad_name"
-DEAD_LETTER = "dead_letter"
-WRITE_ERROR = "write_error"
+OK = Status("ok")
+TIMEOUT = Status("timeout")
+CONNECTION_ERROR = Status("connection_error")
+DNS_ERROR = Status("dns_error")
+BLOCKED_ADDRESS = Status("blocked_address")
+TOO_MANY_REDIRECTS = Status("too_many_redirects")
+TOO_LARGE = Status("too_large")
+OPTED_OUT = Status("opted_out")
+NOT_AN_IMAGE = Status("not_an_image")
+DECODE_ERROR = Status("decode_error")
+TOO_MANY_PIXELS = Status("too_many_pixels")
+TOO_MANY_FRAMES = Status("too_many_frames")
+IMAGE_TIMEOUT = Status("image_timeout")  # the image's processing ran past images.job_timeout_s
+UNSUPPORTED_IMAGE = Status("unsupported_image")
+BAD_URL = Status("bad_url")
+BAD_NAME = Status("bad_name")
+DEAD_LETTER = Status("dead_letter")
+WRITE_ERROR = Status("write_error")
 
 # Every terminal status but ok, in the order `retry --status` lists them.
-FAILURE_STATUSES = (
+FAILURE_STATUSES: tuple[Status, ...] = (
     TIMEOUT, CONNECTION_ERROR, DNS_ERROR, BLOCKED_ADDRESS, TOO_MANY_REDIRECTS, TOO_LARGE,
     OPTED_OUT, NOT_AN_IMAGE, DECODE_ERROR, TOO_MANY_PIXELS, TOO_MANY_FRAMES, IMAGE_TIMEOUT,
     UNSUPPORTED_IMAGE, BAD_URL, BAD_NAME, DEAD_LETTER, WRITE_ERROR,
 )  # fmt: skip
 
 
+def http_status(code: int) -> Status:
+    return Status(f"http_{code}")
+
+
 # Failures that another try will not change: the image is gone (HTTP 404 Not Found, 410 Gone).
-GONE_STATUSES = ("http_404", "http_410")
+GONE_STATUSES = (http_status(404), http_status(410))
 
 
-def is_failure_status(name: str) -> bool:
+def is_failure_status(name: str) -> TypeGuard[Status]:
     """A status a failed image can have: one of FAILURE_STATUSES or http_<code>."""
     code = name.removeprefix("http_")
     return name in FAILURE_STATUSES or (
@@ -69,7 +78,7 @@ class Record(msgspec.Struct, kw_only=True):
 
     image_name: str  # as in the shard
     raw_url: str = ""  # as in the shard
-    status: str  # one of the statuses above
+    status: Status
     http_code: int = 0  # last HTTP status code (0: no response)
     error: str = ""  # human-readable reason when status != ok
     mimetype: str = ""  # of the stored file
@@ -93,11 +102,7 @@ STATUS_DIR = "_status"
 SHARDS_DIR = "_shards"
 
 
-def http_status(code: int) -> str:
-    return f"http_{code}"
-
-
-def make_record(image_name: str, raw_url: str, status: str, **fields: Any) -> Record:
+def make_record(image_name: str, raw_url: str, status: Status, **fields: Any) -> Record:
     """The record of an image; `fields` are Record's other fields (a TypeError names one
     that is not)."""
     return Record(image_name=image_name, raw_url=raw_url, status=status, **fields)

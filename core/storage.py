@@ -1,3 +1,4 @@
+# size: the local and the S3 back end of one Storage interface, and the rules both keep
 """Where the corpus lives: a local directory or an S3 bucket prefix, behind one interface.
 
 `open_storage(location, settings)` gives a `Storage` for ``paths.output`` (or any place the

@@ -86,10 +86,11 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
     sys.exit(code)
 
 
-def _wanted(statuses: str) -> set[str]:
+def _wanted(statuses: str) -> set[status.Status]:
     """The statuses named by --status; a name that is not a failure status is an error."""
-    wanted = {s.strip() for s in statuses.split(",") if s.strip()}
-    unknown = sorted(s for s in wanted if not status.is_failure_status(s))
+    named = {s.strip() for s in statuses.split(",") if s.strip()}
+    wanted = {s for s in named if status.is_failure_status(s)}
+    unknown = sorted(named - wanted)
     if unknown or not wanted:
         raise CommandError(
             ExitCode.NOT_FOUND,

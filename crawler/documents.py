@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import orjson
 
@@ -24,7 +25,8 @@ class Entry:
 
     name: str
     url: str
-    problem_status: str = ""  # bad_url, bad_name, blocked_address: recorded at ingest
+    # BAD_URL, BAD_NAME, BLOCKED_ADDRESS: recorded at ingest ("": the entry is a work item)
+    problem_status: status.Status | Literal[""] = ""
     problem: str = ""
 
 

@@ -11,7 +11,7 @@ from yarl import URL
 from core import status
 from core.guard import ANY_ADDRESS, parse_url
 from core.shardfiles import check_image_name, check_shard_id
-from core.status import Record
+from core.status import Record, Status
 
 
 class Result(NamedTuple):
@@ -21,7 +21,7 @@ class Result(NamedTuple):
     shard: str
     name: str
     record: bytes  # the Record's JSON
-    status: str
+    status: Status
     bytes: int  # stored bytes
 
 
@@ -49,7 +49,7 @@ class Poison:
     """
 
     id: str
-    status: str
+    status: Status
     reason: str
     fields: dict[str, str]
     shard: str = ""

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from core.config import Config
+from core.status import Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,13 +29,12 @@ class ImageSettings:
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
-    # "ok", "not_an_image", "decode_error", "too_many_pixels", "too_many_frames",
-    # "unsupported_image"
-    # (and "write_error" from the pool job that stores it)
-    status: str
+    # OK, NOT_AN_IMAGE, DECODE_ERROR, TOO_MANY_PIXELS, TOO_MANY_FRAMES, UNSUPPORTED_IMAGE
+    # (core.status), and WRITE_ERROR or store.OUTPUT_UNWRITABLE from the pool job that stores it
+    status: Status
     # Detected by libmagic from the input bytes (never the HTTP header).
     mimetype: str
-    # Short human-readable reason when status != "ok".
+    # Short human-readable reason when status is not OK.
     error: str = ""
     # Bytes to store when re-encoded; None when the input is stored as is, or on failure.
     data: bytes | None = None

@@ -72,6 +72,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError, features
 
 from core import status
 from core.config import RESAMPLE_FILTERS
+from core.status import Status
 from crawler.encode import encode, normalize_mode
 from crawler.heap import keep_freed_memory
 from crawler.imagejob import ImageResult, ImageSettings, init_args, settings_from
@@ -83,7 +84,7 @@ __all__ = [
 
 
 # Pillow formats allowed to open each detected mimetype. Anything else that libmagic calls
-# image/* is "unsupported_image" (HEIC, SVG handled as text, EPS needs Ghostscript, TGA has no
+# image/* is UNSUPPORTED_IMAGE (HEIC, SVG handled as text, EPS needs Ghostscript, TGA has no
 # magic number so libmagic reports random binary as image/x-tga, ...).
 _OPEN_FORMATS: dict[str, tuple[str, ...]] = {
     "image/jpeg": ("JPEG",),
@@ -170,7 +171,7 @@ def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 class _Refused(Exception):
     """A non-ok outcome decided by this module (status, message)."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: Status, message: str) -> None:
         super().__init__(message)
         self.status = status
 

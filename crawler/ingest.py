@@ -26,13 +26,13 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
-from redis.exceptions import RedisError
 
 from core import status
 from core.config import Config
 from core.connection import RedisRetry
 from core.guard import AddressPolicy
 from core.keys import Keys
+from core.locks import kept
 from core.shardfiles import ShardMissing, ShardUnreadable, check_shard_id, local_copy
 from core.storage import output_storage
 from crawler.documents import Entry, parse_line, read_lines
@@ -136,26 +136,21 @@ class Ingest:
             log.warning("shard %s is being ingested by another process", source.shard)
             self.stats.shards_skipped += 1
             return
-        keeper = asyncio.create_task(self._keep_lock(lock))
-        try:
-            start_line = int(meta.get(b"ingest_line", b"0"))
-            async with local_copy(source.location, self.cfg) as path:
-                await self._ingest_file(source, path, start_line)
-            self.stats.shards += 1
-        except ShardMissing as exc:
-            await self._missing(source, exc)
-        except ShardUnreadable as exc:
-            log.error("shard %s unreadable (%s): %s", source.shard, exc.kind, exc)
-            self.stats.shards_unreadable += 1
-            self.stats.unreadable.append(f"{source.shard}: {exc}")
-            await self._count_error(exc.kind)
-            if not exc.sealed:  # a sealed shard completes with the images read before
-                await self._unplan(source.shard)
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):  # a stopping process does not wait on Redis
-                    await lock.release()
+        async with kept(lock, LOCK_TTL_S):
+            try:
+                start_line = int(meta.get(b"ingest_line", b"0"))
+                async with local_copy(source.location, self.cfg) as path:
+                    await self._ingest_file(source, path, start_line)
+                self.stats.shards += 1
+            except ShardMissing as exc:
+                await self._missing(source, exc)
+            except ShardUnreadable as exc:
+                log.error("shard %s unreadable (%s): %s", source.shard, exc.kind, exc)
+                self.stats.shards_unreadable += 1
+                self.stats.unreadable.append(f"{source.shard}: {exc}")
+                await self._count_error(exc.kind)
+                if not exc.sealed:  # a sealed shard completes with the images read before
+                    await self._unplan(source.shard)
 
     async def _skip(self, source: ShardSource) -> bool:
         """True for a shard not to ingest: a bad id (counted) or one already reported."""
@@ -195,15 +190,6 @@ class Ingest:
             self.stats.shards_missing += 1
             await self._count_error("missing_shard")
         await self._unplan(source.shard)
-
-    async def _keep_lock(self, lock: Lock) -> None:
-        """Renew the shard's ingest lock while this process holds the shard."""
-        while True:
-            await asyncio.sleep(LOCK_TTL_S / 3)
-            try:
-                await lock.extend(LOCK_TTL_S, replace_ttl=True)
-            except (RedisError, OSError) as exc:  # LockNotOwnedError is a RedisError
-                log.warning("ingest lock %r not renewed: %s", lock.name, exc)
 
     async def _unplan(self, shard: str) -> None:
         """A shard that yields no images leaves the crawl's plan (progress, ETA)."""

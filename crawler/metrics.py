@@ -1,4 +1,5 @@
-"""Prometheus metrics of one worker process, and the HTTP endpoints that serve them.
+"""What one worker process counts: its `WorkerStats` (its heartbeat and summary line) and its
+Prometheus metrics, with the HTTP endpoints that serve them (through `core.runtime.serving`).
 
 Names follow Prometheus conventions (``_total``, ``_seconds``, ``_bytes``); no ``_created``
 series. A worker exports what it does; facts of the whole crawl (queue depth, leased, dead
@@ -12,6 +13,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import metadata
 
 from aiohttp import web
@@ -27,9 +29,42 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from core.status import Status
+
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no _created series
 
 FETCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.time)
+    processed: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    reclaimed: int = 0
+    dead_lettered: int = 0
+    deferred: int = 0
+    redis_calls: int = 0
+    # Most bytes of response bodies held at once: arriving, or waiting for (or in) image work.
+    peak_waiting_bytes: int = 0
+
+    def count(self, st: Status, nbytes: int) -> None:
+        self.processed += 1
+        self.by_status[st] = self.by_status.get(st, 0) + 1
+        self.bytes += nbytes
+
+    def beat(self, *, held: int, stopping: bool, paused: str) -> dict[str, str | int | float]:
+        """The worker's heartbeat fields (see core.heartbeat)."""
+        elapsed = max(1e-6, time.time() - self.started)
+        return {
+            "started": self.started,
+            "processed": self.processed,
+            "held": held,
+            "rate": round(self.processed / elapsed, 2),
+            "stopping": int(stopping),
+            "paused": paused,
+        }
 
 
 def _version() -> str:
@@ -129,7 +164,7 @@ class Metrics:
             "mmc4_last_redis_success_timestamp_seconds", "Last successful Redis call", registry=r
         )
 
-    def image(self, status: str, stored_bytes: int, fetched_bytes: int) -> None:
+    def image(self, status: Status, stored_bytes: int, fetched_bytes: int) -> None:
         self.images.labels(status).inc()
         if stored_bytes:
             self.stored_bytes.inc(stored_bytes)
@@ -177,10 +212,3 @@ def metrics_app(metrics: Metrics, unready: Callable[[], str]) -> web.Application
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
-
-
-async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner

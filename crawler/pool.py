@@ -1,3 +1,4 @@
+# size: both ends of the image processes' socket protocol (loop and child) share its framing
 """The image processes: CPU-heavy jobs run off the event loop, fed by the loop itself.
 
 `ImagePool` keeps one socket pair per child process. The event loop writes each job (a

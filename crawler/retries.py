@@ -18,6 +18,7 @@ the host back for that Retry-After as well, for every URL of it.
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 from core import status
 from core.config import FetchConfig
@@ -33,7 +34,8 @@ class Retries:
         self.cfg = cfg
         self.rng = rng or random.Random()
         self.attempts = 0  # made so far
-        self.suspect = ""  # the status of the last failure, when its host served others
+        # the status of the last failure, when its host served others
+        self.suspect: status.Status | Literal[""] = ""
 
     def after(self, res: FetchResult) -> float | None:
         """Seconds to wait before the next attempt, or None: the image ends with `res`."""

@@ -9,7 +9,6 @@ command) loads its report back into Redis and re-queues the chosen images.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -19,11 +18,11 @@ from typing import Any
 import msgspec
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import LockNotOwnedError
 
 from core import status
 from core.connection import text as _s
 from core.keys import Keys
+from core.locks import kept
 from core.shardfiles import check_shard_id
 from core.status import Record
 from core.storage import Storage, StorageError
@@ -65,47 +64,52 @@ class Shards:
             log.error("dropping unusable shard id %r from the complete set", shard)
             await self.client.srem(self.keys.shards_complete, shard)
             return False
-        lock = self.client.lock(self.keys.shard_finalize_lock(shard), timeout=300, blocking=False)
+        # The lock lapses one lease after its holder dies (as the holder's items do), so a
+        # finalizer killed mid-report delays the shard by one lease, not longer.
+        ttl_s = self.queue.cfg.lease_timeout_s
+        lock = self.client.lock(
+            self.keys.shard_finalize_lock(shard), timeout=ttl_s, blocking=False, thread_local=False
+        )
         if not await lock.acquire():
             return False
-        try:
-            meta_key, records_key = self.keys.shard_meta(shard), self.keys.shard_records(shard)
-            meta = {_s(k): _s(v) for k, v in (await self.client.hgetall(meta_key)).items()}
-            if (
-                "total" not in meta
-                or _int(meta.get("pending")) > 0
-                or ("pending" not in meta and _int(meta.get("done")) < _int(meta["total"]))
-            ):  # (a shard enqueued without placeholders completes by count)
-                await self.client.srem(self.keys.shards_complete, shard)
-                return False
-            raw = [v async for _k, v in self.client.hscan_iter(records_key, count=2000)]
-            records, unreadable = _readable(raw)
-            if unreadable:
-                log.error("shard %s: %d unreadable records left out of its report",
-                          shard, unreadable)  # fmt: skip
-            summary = self._summary(shard, meta, records)
-            report = await self._write_report(shard, [r for r, _ in records], summary)
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(records_key, meta_key)
-            pipe.srem(self.keys.shards_open, shard)
-            pipe.srem(self.keys.shards_complete, shard)
-            pipe.sadd(self.keys.shards_reported, shard)
-            pipe.xadd(
-                self.keys.shards_done,
-                {
-                    "shard": shard,
-                    "source": meta.get("source", ""),
-                    "report": self.storage.url(report),
-                    "output": self.storage.location,
-                },
-            )
-            await pipe.execute()
-            log.info("shard %s complete: %d records -> %s", shard, len(records),
-                     self.storage.url(report))  # fmt: skip
-            return True
-        finally:
-            with contextlib.suppress(LockNotOwnedError):  # held past its timeout: not ours now
-                await lock.release()
+        async with kept(lock, ttl_s):
+            return await self._finalize_held(shard)
+
+    async def _finalize_held(self, shard: str) -> bool:
+        meta_key, records_key = self.keys.shard_meta(shard), self.keys.shard_records(shard)
+        meta = {_s(k): _s(v) for k, v in (await self.client.hgetall(meta_key)).items()}
+        if (
+            "total" not in meta
+            or _int(meta.get("pending")) > 0
+            or ("pending" not in meta and _int(meta.get("done")) < _int(meta["total"]))
+        ):  # (a shard enqueued without placeholders completes by count)
+            await self.client.srem(self.keys.shards_complete, shard)
+            return False
+        raw = [v async for _k, v in self.client.hscan_iter(records_key, count=2000)]
+        records, unreadable = _readable(raw)
+        if unreadable:
+            log.error("shard %s: %d unreadable records left out of its report",
+                      shard, unreadable)  # fmt: skip
+        summary = self._summary(shard, meta, records)
+        report = await self._write_report(shard, [r for r, _ in records], summary)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(records_key, meta_key)
+        pipe.srem(self.keys.shards_open, shard)
+        pipe.srem(self.keys.shards_complete, shard)
+        pipe.sadd(self.keys.shards_reported, shard)
+        pipe.xadd(
+            self.keys.shards_done,
+            {
+                "shard": shard,
+                "source": meta.get("source", ""),
+                "report": self.storage.url(report),
+                "output": self.storage.location,
+            },
+        )
+        await pipe.execute()
+        log.info("shard %s complete: %d records -> %s", shard, len(records),
+                 self.storage.url(report))  # fmt: skip
+        return True
 
     async def _write_report(self, shard: str, records: list[bytes], summary: dict[str, Any]) -> str:
         """Write the shard's report (gzip of thousands of records: off the event loop); its
@@ -151,7 +155,7 @@ class Shards:
         }
 
     # ---- retry -----------------------------------------------------------------------
-    async def requeue_open(self, shard: str, statuses: set[str]) -> int:
+    async def requeue_open(self, shard: str, statuses: set[status.Status]) -> int:
         """Re-queue the images of an in-flight shard whose records have the given statuses."""
         names = []
         async for name, raw in self.client.hscan_iter(self.keys.shard_records(shard)):
@@ -174,7 +178,7 @@ class Shards:
             )
         return moved
 
-    async def reopen(self, shard: str, statuses: set[str]) -> int:
+    async def reopen(self, shard: str, statuses: set[status.Status]) -> int:
         """Re-queue images of a reported shard; the shard is reported again when done."""
         problem = check_shard_id(shard)
         if problem:

@@ -14,6 +14,7 @@ object ever has the final name.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import errno
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from core import safefs
-from core.status import OK, STATUS_DIR, WRITE_ERROR
+from core.status import OK, STATUS_DIR, WRITE_ERROR, Status
 from core.storage import Storage
 from crawler import images
 from crawler.images import ImageResult, ImageSettings
@@ -33,7 +34,7 @@ from crawler.images import ImageResult, ImageSettings
 log = logging.getLogger(__name__)
 TMP_PREFIX = safefs.TMP_PREFIX
 # Not a terminal status: the image was fine but the output refused it (see UNWRITABLE_ERRNOS).
-OUTPUT_UNWRITABLE = "output_unwritable"
+OUTPUT_UNWRITABLE = Status("output_unwritable")
 # Errors that say the output as a whole cannot take files now, whatever the image.
 UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 # Shards whose stored names a bucket-backed Store keeps from its one listing of each.
@@ -67,6 +68,13 @@ class Store:
         """Whether every one of these shards is known to have had nothing stored when first
         looked at: then `on_disk` is all False without asking the storage."""
         return all(shard in self._new_shards for shard in shards)
+
+    async def stored_before(self, items: list[tuple[str, str]]) -> list[bool]:
+        """`on_disk` of a batch, from the event loop: one thread hop per batch, none once every
+        shard of the batch is known to have had nothing stored (`all_new`)."""
+        if self.all_new(shard for shard, _ in items):
+            return [False] * len(items)
+        return await asyncio.to_thread(self.on_disk, items)
 
     def on_disk(self, items: Iterable[tuple[str, str]]) -> list[bool]:
         """For each (shard, name): was it stored before this crawl started? (Blocking: call
@@ -164,7 +172,7 @@ def shrink_and_store(data: bytes, settings: ImageSettings, target: Target) -> Im
     """Pool job: check and shrink a downloaded image, then write what is kept to `target`.
 
     The result carries no image bytes (`stored_bytes` says how many were written); a failed
-    write, or a target outside the output (`check_target`), is status "write_error" with
+    write, or a target outside the output (`check_target`), is status WRITE_ERROR with
     the reason.
     """
     img, out = _shrink(data, settings, target)

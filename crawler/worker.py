@@ -1,23 +1,23 @@
-"""The crawl worker: lease items, fetch politely, process images off the loop, record results.
+"""The crawl worker: a loop that leases items and wires the parts that work on them.
 
-Per item the hot path is: host slot -> HTTP -> image process pool -> atomic write -> result
-buffered in memory. Redis sees batches only: XREADGROUP of many items, one RECORD script call
-per flush, lease renewals and fleet permits per tick. Results stay in memory until Redis has
-taken them, so a Redis restart loses nothing.
+Per item the hot path is: host slot -> HTTP -> image process pool -> atomic write
+(`crawler.pipeline`) -> result buffered in memory (`crawler.results`). Redis sees batches
+only: XREADGROUP of many items, one RECORD script call per flush, lease renewals and fleet
+permits per tick. Beside the reading loop run the flush, lease renewal, reclaim, report,
+output probe and heartbeat loops, each retried as `core.connection.RedisRetry.every` retries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
-import traceback
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, NoReturn
 
 import redis.asyncio as aioredis
@@ -31,41 +31,23 @@ from core.fetch import Fetcher
 from core.heartbeat import Heartbeat, sample_history
 from core.keys import Keys
 from core.logs import FailureLog, LogStats
-from core.runtime import StopSignals, watch_loop_lag
+from core.runtime import StopSignals, serving, watch_loop_lag
 from core.session import client_session
 from core.storage import output_storage
 from core.tasks import cancel_and_wait
 from crawler import gctimer, images
-from crawler.entries import Item, Result, encode_result
+from crawler.entries import Item, encode_result
 from crawler.limits import HostGate
-from crawler.metrics import Metrics, metrics_app, start_server
+from crawler.metrics import Metrics, WorkerStats, metrics_app
 from crawler.output import PROBE_EVERY_S, Output
 from crawler.pipeline import OutputUnwritable, Pipeline
 from crawler.pool import image_pool
 from crawler.queue import WorkQueue
+from crawler.results import Results
 from crawler.shards import ReportWriteError, Shards
 from crawler.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerStats:
-    started: float = field(default_factory=time.time)
-    processed: int = 0
-    by_status: dict[str, int] = field(default_factory=dict)
-    bytes: int = 0
-    reclaimed: int = 0
-    dead_lettered: int = 0
-    deferred: int = 0
-    redis_calls: int = 0
-    # Most bytes of response bodies held at once: arriving, or waiting for (or in) image work.
-    peak_waiting_bytes: int = 0
-
-    def count(self, st: str, nbytes: int) -> None:
-        self.processed += 1
-        self.by_status[st] = self.by_status.get(st, 0) + 1
-        self.bytes += nbytes
 
 
 class Worker:
@@ -80,13 +62,10 @@ class Worker:
         self.failure_log = FailureLog(log, cfg.worker.log_interval_s)
         self.log_stats = LogStats()
         self.held: dict[str, Item] = {}
-        self.results: list[Result] = []
-        self.to_hand_back: list[Item] = []  # fetched, but the output refused them
         self.output = Output(self.store)  # no work is taken while it cannot be written
         self.stopping = asyncio.Event()  # stop taking work
         self.force_exit = asyncio.Event()  # second signal: stop now
         self.room = asyncio.Event()
-        self.flushed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Bodies being read or waiting for their image work (budget.BodyBudget).
         self.bodies = BodyBudget(cfg.worker.max_waiting_image_mb << 20)
@@ -96,6 +75,7 @@ class Worker:
         self.gate: HostGate
         self.pipeline: Pipeline
         self.shards: Shards
+        self.results: Results
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self, *, until_idle: bool = False) -> None:
@@ -125,6 +105,10 @@ class Worker:
         parts.push_async_callback(self.heartbeat.remove)
         self.queue = WorkQueue(self.client, self.keys, cfg.queue)
         self.shards = Shards(self.client, self.keys, self.queue, self.store.storage)
+        self.results = Results(
+            cfg.worker, self.queue, self.shards, self.output,
+            settled=self._settled, on_redis_call=self._redis_call,
+        )  # fmt: skip
         pool = image_pool(cfg)
         parts.push_async_callback(pool.close)
         await pool.start()
@@ -147,8 +131,7 @@ class Worker:
         self.metrics.redis_ok()
         if cfg.metrics.port:
             app = metrics_app(self.metrics, self._ready)
-            runner = await start_server(app, cfg.metrics.host, cfg.metrics.port)
-            parts.push_async_callback(runner.cleanup)
+            await parts.enter_async_context(serving(app, cfg.metrics.host, cfg.metrics.port))
         log.info("worker %s started", self.id)
 
     def _background(self) -> list[Coroutine[Any, Any, Any]]:
@@ -156,7 +139,7 @@ class Worker:
         q, hb = self.cfg.queue, self.cfg.worker.heartbeat_interval_s
         maintenance_s = min(q.reclaim_interval_s, q.lease_timeout_s / 3)
         return [
-            self._loop(self._flush_once),
+            self._loop(self.results.flush_once),
             self._loop(self._renew_once, maintenance_s),
             self._loop(self._maintain_once, maintenance_s),
             self._loop(self._report_once, maintenance_s),
@@ -230,6 +213,8 @@ class Worker:
     async def _read_loop(self, until_idle: bool) -> None:
         window = self.cfg.worker.window
         idle_since: float | None = None
+        # a failed read is tried again after redis.reconnect_backoff_s, or at once on a stop
+        retry = RedisRetry.from_config(self.cfg, "read", cap_s=self.cfg.redis.reconnect_backoff_s)
         while not self.stopping.is_set():
             if self.output.blocked:  # take no work the output could not keep
                 await self.output.wait_writable(1.0)
@@ -240,13 +225,11 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.room.wait(), 1.0)
                 continue
+            count = min(free, self.cfg.queue.read_batch)
             try:
-                items = await self.queue.read(self.id, min(free, self.cfg.queue.read_batch), 500)
-                self._redis_call()
-            except (RedisError, OSError) as exc:
-                log.warning("read: Redis unavailable (%s)", exc)
-                await asyncio.sleep(self.cfg.redis.reconnect_backoff_s)
-                continue
+                items = await retry.call(functools.partial(self._read, count), stop=self.stopping)
+            except (RedisError, OSError):
+                continue  # failed as the worker stops
             if items:
                 idle_since = None
                 await self._take(items)
@@ -254,6 +237,13 @@ class Worker:
                 idle_since = idle_since or time.monotonic()
                 if time.monotonic() - idle_since > 1.0 and await self._nothing_left():
                     return
+
+    async def _read(self, count: int) -> list[Item]:
+        if self.stopping.is_set():
+            return []  # the stop came while Redis was away: take no more work
+        items = await self.queue.read(self.id, count, 500)
+        self._redis_call()
+        return items
 
     async def _nothing_left(self) -> bool:
         info = await self.client.xinfo_groups(self.keys.queue)
@@ -265,13 +255,7 @@ class Worker:
         taken = admitted.taken
         for item, _ in taken:
             self.held[item.id] = item
-        # Which of these a previous run already stored: one thread hop per batch, none once
-        # every shard of the batch is known to have started with no directory.
-        wanted = [(i.shard, i.name) for i, _ in taken]
-        if self.store.all_new(shard for shard, _ in wanted):
-            on_disk = [False] * len(wanted)
-        else:
-            on_disk = await asyncio.to_thread(self.store.on_disk, wanted)
+        on_disk = await self.store.stored_before([(i.shard, i.name) for i, _ in taken])
         for (item, host), stored in zip(taken, on_disk, strict=True):
             task = asyncio.create_task(self._process(item, host, stored))
             self._tasks.add(task)
@@ -292,8 +276,7 @@ class Worker:
             # Nothing is wrong with the item: it goes back to the queue, for a worker whose
             # output takes it (this one once its output is writable again).
             self.output.block(str(exc))
-            self.to_hand_back.append(item)
-            self.flushed.set()
+            self.results.hand_back(item)
             return
         except Exception as exc:
             # Not recorded: the item stays leased and is redelivered; after max_deliveries
@@ -314,64 +297,21 @@ class Worker:
             self.heartbeat.tally(self.keys.hosts_failed, host)
             if st in status.GONE_STATUSES:  # the part of the failures that is 404/410
                 self.heartbeat.tally(self.keys.hosts_gone, host)
-        self.results.append(result)
-        if len(self.results) >= self.cfg.worker.flush_batch:
-            self.flushed.set()
+        self.results.add(result)
 
     # ---- background ------------------------------------------------------------------
-    async def _flush_once(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.flushed.wait(), self.cfg.worker.flush_interval_s)
-        self.flushed.clear()
-        await self._flush()
-
-    async def _flush(self) -> None:
-        if self.to_hand_back:
-            back = list(self.to_hand_back)
-            await self.queue.hand_back(back)
-            del self.to_hand_back[: len(back)]
-            for item in back:
-                self.held.pop(item.id, None)
-            log.warning("handed back %d items: the output cannot be written", len(back))
-            self.room.set()
-        while self.results:
-            batch = self.results[: self.cfg.worker.flush_batch]
-            completed = await self.queue.record(batch)  # raises while Redis is away
-            self._redis_call()
-            del self.results[: len(batch)]
-            for item_id, *_ in batch:
-                self.held.pop(item_id, None)
-            self.room.set()
-            for shard in completed:
-                self._spawn(self._finalize(shard))
-
     async def _final_flush(self) -> None:
-        deadline = time.monotonic() + self._final_flush_s()
-        while self.results and time.monotonic() < deadline:
-            try:
-                await self._flush()
-            except (RedisError, OSError) as exc:
-                if self.force_exit.is_set():
-                    break
-                log.warning("final flush: Redis unavailable (%s)", exc)
-                await asyncio.sleep(0.5)
-        if self.results:
-            log.error("%d results not recorded (Redis unreachable); items will be redelivered",
-                      len(self.results))  # fmt: skip
+        await self.results.final_flush(self._final_flush_s(), self.force_exit)
 
-    async def _finalize(self, shard: str) -> None:
-        try:
-            await self.shards.finalize(shard)
-        except ReportWriteError as exc:
-            self.output.block(str(exc))  # the shard stays complete: written once it can be
+    def _settled(self, item_ids: Iterable[str]) -> None:
+        """Redis has taken these items (recorded or handed back): room for more."""
+        for item_id in item_ids:
+            self.held.pop(item_id, None)
+        self.room.set()
 
     async def _probe_output(self) -> None:
         if await self.output.probe():
             self.room.set()
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        task.add_done_callback(_log_task_error)
 
     async def _renew_once(self) -> None:
         """Reset the lease clock of every held item."""
@@ -413,16 +353,8 @@ class Worker:
             )
 
     def _beat(self) -> dict[str, str | int | float]:
-        """This worker's heartbeat fields (see core.heartbeat)."""
-        elapsed = max(1e-6, time.time() - self.stats.started)
-        return {
-            "started": self.stats.started,
-            "processed": self.stats.processed,
-            "held": len(self.held),
-            "rate": round(self.stats.processed / elapsed, 2),
-            "stopping": int(self.stopping.is_set()),
-            "paused": self._ready() if self.output.blocked else "",
-        }
+        paused = self._ready() if self.output.blocked else ""
+        return self.stats.beat(held=len(self.held), stopping=self.stopping.is_set(), paused=paused)
 
     async def _heartbeat(self) -> None:
         await self.heartbeat.beat()
@@ -439,12 +371,6 @@ class Worker:
 
 def _host(item: Item) -> str:
     return item.target.host or ""
-
-
-def _log_task_error(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        log.warning("background task failed: %s", "".join(traceback.format_exception(exc)[-3:]))
 
 
 async def run_worker(

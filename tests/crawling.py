@@ -62,6 +62,18 @@ def write_docs(path: Path, docs: list[dict[str, Any]]) -> Path:
     return path
 
 
+def write_slow_shard(web: ImageWeb, path: Path, n: int) -> Path:
+    """A shard of `n` one-image documents whose every image waits 2 s for its headers: a crawl
+    of it is still going seconds after it starts."""
+    docs = [
+        {"image_info": [{"image_name": f"s{i}.jpg",
+                         "raw_url": web.url(i % 6, f"/fault/slow/2000/x{i}.jpg")}],
+         "text_list": ["t"], "similarity_matrix": [[0.5]]}
+        for i in range(n)
+    ]  # fmt: skip
+    return write_docs(path, docs)
+
+
 async def crawl(cfg: Config, shard_paths: list[str], *, workers: int = 1) -> list[Worker]:
     """Ingest the shards and run in-process workers until the queue is empty."""
     client = aioredis.Redis.from_url(cfg.redis.url)

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from assign.solve import assign
 from assign.worker import AssignWorker, run_assign_worker
+from core import runtime
 from core.config import Config
 from core.keys import ASSIGN_GROUP, Keys
 
@@ -79,6 +81,33 @@ async def announce(
     return entry_id
 
 
+@dataclass(frozen=True)
+class Crawl:
+    """A crawl's output (``tmp_path/crawl``) holding one shard and its status report
+    (`write_crawl`), announced to the assignment worker as the crawler announces it."""
+
+    output: Path
+    shard: str
+    source: Path
+    report: Path
+
+    @classmethod
+    def of(cls, tmp_path: Path, shard: str, stored_every: int = 1) -> Crawl:
+        output = tmp_path / "crawl"
+        return cls(output, shard, *write_crawl(output, shard, stored_every))
+
+    @property
+    def rewritten(self) -> Path:
+        return self.output / "_shards" / f"{self.shard}.jsonl"
+
+    async def announce(
+        self, client: aioredis.Redis, namespace: str, source: str | None = None
+    ) -> bytes:
+        """Announce the shard, its source at `source` (a URL) when given."""
+        where = source or str(self.source)
+        return await announce(client, namespace, self.shard, where, self.report, self.output)
+
+
 async def pending_count(client: aioredis.Redis, namespace: str) -> int:
     summary: Any = await client.xpending(Keys(namespace).shards_done, ASSIGN_GROUP)
     return int(summary["pending"])
@@ -96,24 +125,23 @@ def assert_assigned(doc: dict[str, Any]) -> None:
 async def test_worker_rewrites_an_announced_shard_and_acknowledges_it(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    output = tmp_path / "crawl"
-    source, report = write_crawl(output, "shard0")
-    await announce(aredis, namespace, "shard0", str(source), report, output)
-    await run_assign_worker(make_config(namespace, output), once=True)
-    docs = read_docs(output / "_shards" / "shard0.jsonl")
+    crawl = Crawl.of(tmp_path, "shard0")
+    await crawl.announce(aredis, namespace)
+    await run_assign_worker(make_config(namespace, crawl.output), once=True)
+    docs = read_docs(crawl.rewritten)
     assert len(docs) == 6
     for doc in docs:
         assert_assigned(doc)
-    assert (output / "_shards" / "shard0.report.json").is_file()
+    assert (crawl.output / "_shards" / "shard0.report.json").is_file()
     assert await pending_count(aredis, namespace) == 0
 
 
 async def test_downloaded_only_worker_keeps_stored_images_with_local_paths(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    output = tmp_path / "crawl"
-    source, report = write_crawl(output, "shard1", stored_every=2)
-    await announce(aredis, namespace, "shard1", str(source), report, output)
+    crawl = Crawl.of(tmp_path, "shard1", stored_every=2)
+    output = crawl.output
+    await crawl.announce(aredis, namespace)
     cfg = make_config(namespace, output, downloaded_only=True, output=str(tmp_path / "final"))
     await run_assign_worker(cfg, once=True)
     docs = read_docs(tmp_path / "final" / "shard1.jsonl")
@@ -136,76 +164,66 @@ async def serving(path: Path) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get(f"/{path.name}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/{path.name}"
-    finally:
-        await runner.cleanup()
+    async with runtime.serving(app, "127.0.0.1", 0) as port:
+        yield f"http://127.0.0.1:{port}/{path.name}"
 
 
 async def test_remote_source_is_downloaded_first(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    output = tmp_path / "crawl"
-    source, report = write_crawl(output, "shard2")
-    cfg = make_config(namespace, output)
+    crawl = Crawl.of(tmp_path, "shard2")
+    cfg = make_config(namespace, crawl.output)
     cfg.fetch.allow_private_addresses = True  # the source is served on loopback
-    async with serving(source) as url:
-        await announce(aredis, namespace, "shard2", url, report, output)
+    async with serving(crawl.source) as url:
+        await crawl.announce(aredis, namespace, url)
         await run_assign_worker(cfg, once=True)
-    assert len(read_docs(output / "_shards" / "shard2.jsonl")) == 6
-    assert not list((output / "_shards").glob(".*.tmp"))
+    assert len(read_docs(crawl.rewritten)) == 6
+    assert not list((crawl.output / "_shards").glob(".*.tmp"))
 
 
 async def test_a_remote_source_is_downloaded_through_the_crawls_address_guard(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    output = tmp_path / "crawl"
-    source, report = write_crawl(output, "shard4")
-    cfg = make_config(namespace, output)  # loopback is not a public address: refused
+    crawl = Crawl.of(tmp_path, "shard4")
+    cfg = make_config(namespace, crawl.output)  # loopback is not a public address: refused
     cfg.queue.max_deliveries = 1
-    async with serving(source) as url:
-        await announce(aredis, namespace, "shard4", url, report, output)
+    async with serving(crawl.source) as url:
+        await crawl.announce(aredis, namespace, url)
         await run_assign_worker(cfg, once=True)
-    assert not (output / "_shards" / "shard4.jsonl").exists()
-    error = orjson.loads((output / "_shards" / "shard4.error.json").read_bytes())
+    assert not crawl.rewritten.exists()
+    error = orjson.loads((crawl.output / "_shards" / "shard4.error.json").read_bytes())
     assert "127.0.0.1" in error["error"]
 
 
 async def test_entry_left_pending_by_a_dead_worker_is_claimed_after_the_lease(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    output = tmp_path / "crawl"
-    source, report = write_crawl(output, "shard3")
-    cfg = make_config(namespace, output)
+    crawl = Crawl.of(tmp_path, "shard3")
+    cfg = make_config(namespace, crawl.output)
     cfg.queue.lease_timeout_s = 0.2
     dead = AssignWorker(cfg, aredis, consumer="dead-worker")
     await dead.ensure_group()
-    await announce(aredis, namespace, "shard3", str(source), report, output)
+    await crawl.announce(aredis, namespace)
     assert await dead.next_entry(block=False) is not None  # read, then "crashes"
     await run_assign_worker(cfg, once=True)  # too early: the lease still runs
-    assert not (output / "_shards" / "shard3.jsonl").exists()
+    assert not crawl.rewritten.exists()
     await asyncio.sleep(0.3)
     await run_assign_worker(cfg, once=True)
-    assert len(read_docs(output / "_shards" / "shard3.jsonl")) == 6
+    assert len(read_docs(crawl.rewritten)) == 6
     assert await pending_count(aredis, namespace) == 0
 
 
 async def test_already_complete_shard_is_acknowledged_without_rewriting(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    output = tmp_path / "crawl"
-    source, report = write_crawl(output, "shard4")
-    cfg = make_config(namespace, output)
-    await announce(aredis, namespace, "shard4", str(source), report, output)
+    crawl = Crawl.of(tmp_path, "shard4")
+    cfg = make_config(namespace, crawl.output)
+    await crawl.announce(aredis, namespace)
     await run_assign_worker(cfg, once=True)
-    target = output / "_shards" / "shard4.jsonl"
-    mtime = target.stat().st_mtime_ns
-    await announce(aredis, namespace, "shard4", str(source), report, output)
+    mtime = crawl.rewritten.stat().st_mtime_ns
+    await crawl.announce(aredis, namespace)
     await run_assign_worker(cfg, once=True)
-    assert target.stat().st_mtime_ns == mtime
+    assert crawl.rewritten.stat().st_mtime_ns == mtime
     assert await pending_count(aredis, namespace) == 0
 
 
@@ -265,8 +283,8 @@ async def test_a_running_worker_passes_its_health_check_and_a_stopped_one_does_n
 async def test_an_entry_naming_paths_outside_the_output_is_dropped_and_nothing_written_there(
     tmp_path: Path, namespace: str, aredis: aioredis.Redis
 ) -> None:
-    output = tmp_path / "crawl"
-    source, report = write_crawl(output, "shard0")
+    crawl = Crawl.of(tmp_path, "shard0")
+    output, source, report = crawl.output, crawl.source, crawl.report
     elsewhere = tmp_path / "elsewhere"
     foreign_report = tmp_path / "stolen" / "_status" / "shard0.jsonl.gz"
     foreign_report.parent.mkdir(parents=True)

@@ -25,6 +25,7 @@ from crawling import (
     crawl_config,
     heartbeats,
     report,
+    write_slow_shard,
 )
 from redis_server import free_port
 
@@ -74,13 +75,7 @@ def test_run_crawls_shards_to_the_end_on_its_own_embedded_redis(
 def test_workers_of_a_killed_run_stop_instead_of_living_on(
     web: ImageWeb, namespace: str, tmp_path: Path
 ) -> None:
-    slow = [  # every image waits 2 s for its headers: the crawl is still going when killed
-        {"image_info": [{"image_name": f"s{i}.jpg",
-                         "raw_url": web.url(i % 6, f"/fault/slow/2000/x{i}.jpg")}],
-         "text_list": ["t"], "similarity_matrix": [[0.5]]}
-        for i in range(40)
-    ]  # fmt: skip
-    write_shard(tmp_path / "slow_shard.jsonl", slow)
+    write_slow_shard(web, tmp_path / "slow_shard.jsonl", 40)  # still crawling when killed
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
     run = subprocess.Popen(
         [sys.executable, "-m", "crawler", "--redis-url", TEST_REDIS_URL,

@@ -53,6 +53,17 @@ def enqueue_args(
     ]  # fmt: skip
 
 
+def enqueue_without_redis(
+    namespace: str, tmp_path: Path, shard_name: str, *settings: str
+) -> tuple[list[str], str]:
+    """`enqueue` of a five-document shard `shard_name` against a Redis URL where nothing
+    listens, with `settings` (--set flags); the arguments and that URL."""
+    shard = tmp_path / shard_name
+    write_shard(shard, 5)
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    return enqueue_args(namespace, tmp_path, *settings, "enqueue", str(shard), url=url), url
+
+
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
 
@@ -135,13 +146,11 @@ def test_a_signal_before_the_command_starts_work_is_honoured(
 def test_enqueue_waits_for_redis_then_gives_up_with_one_line_and_exit_code_3(
     namespace: str, tmp_path: Path
 ) -> None:
-    shard = tmp_path / "docs_shard_3_v2.jsonl"
-    write_shard(shard, 5)
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    done = run_enqueue(
-        enqueue_args(namespace, tmp_path, "--set", "ingest.redis_wait_s=2", "--set",
-                     "redis.reconnect_backoff_s=0.2", "enqueue", str(shard), url=url)
+    args, url = enqueue_without_redis(
+        namespace, tmp_path, "docs_shard_3_v2.jsonl",
+        "--set", "ingest.redis_wait_s=2", "--set", "redis.reconnect_backoff_s=0.2",
     )  # fmt: skip
+    done = run_enqueue(args)
     assert done.returncode == ExitCode.REDIS_UNAVAILABLE
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -367,12 +376,9 @@ def test_run_on_a_missing_local_shard_is_the_same_error_before_anything_starts(
 def test_sigterm_stops_enqueue_waiting_for_an_unreachable_redis(
     namespace: str, tmp_path: Path
 ) -> None:
-    shard = tmp_path / "docs_shard_7_v2.jsonl"
-    write_shard(shard, 5)
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    args = enqueue_args(
-        namespace, tmp_path, "--set", "ingest.redis_wait_s=0", "enqueue", str(shard), url=url
-    )  # 0: it would wait for Redis forever
+    args, _ = enqueue_without_redis(  # redis_wait_s 0: it would wait for Redis forever
+        namespace, tmp_path, "docs_shard_7_v2.jsonl", "--set", "ingest.redis_wait_s=0"
+    )
     done = signalled_after(
         args, 0.3, signal.SIGTERM, STOP_BOUND_S, clean_env(), ready_line="Redis unavailable"
     )

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from crawling import crawl, crawl_config, image_doc, own_names, report
 
-from core import status
+from core import runtime, status
 from core.keys import Keys
 from crawler.ingest import Ingest
 from crawler.sources import expand_sources
@@ -31,13 +31,8 @@ def shard_bytes(n: int, tag: str) -> bytes:
 @contextlib.asynccontextmanager
 async def serving(app: web.Application) -> AsyncIterator[str]:
     """`app` on an ephemeral loopback port; yields its base URL."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with runtime.serving(app, "127.0.0.1", 0) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

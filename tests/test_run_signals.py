@@ -16,26 +16,18 @@ from pathlib import Path
 
 import pytest
 import redis
-from crawling import alive, children, first_bytes, heartbeats, signalled_after
+from crawling import alive, children, first_bytes, heartbeats, signalled_after, write_slow_shard
 from redis_server import RedisProcess, free_port
 
 from core.exitcodes import ExitCode
-from testweb import ImageWeb, write_shard
+from testweb import ImageWeb
 
 GRACE_S = 3
 
 
 @pytest.fixture
 def slow_shard(web: ImageWeb, tmp_path: Path) -> Path:
-    docs = [  # every image waits 2 s for its headers: the crawl is still going when signalled
-        {"image_info": [{"image_name": f"s{i}.jpg",
-                         "raw_url": web.url(i % 6, f"/fault/slow/2000/x{i}.jpg")}],
-         "text_list": ["t"], "similarity_matrix": [[0.5]]}
-        for i in range(60)
-    ]  # fmt: skip
-    path = tmp_path / "slow_shard.jsonl"
-    write_shard(path, docs)
-    return path
+    return write_slow_shard(web, tmp_path / "slow_shard.jsonl", 60)  # crawling when signalled
 
 
 @contextlib.contextmanager

@@ -26,14 +26,8 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from assign.index import (
-    IMAGE_ROUTE,
-    SHARD_ID,
-    DatasetIndex,
-    Filter,
-    Page,
-    ShardChanged,
-)
+from assign.index import IMAGE_ROUTE, SHARD_ID
+from assign.lookup import DatasetIndex, Filter, Page, ShardChanged
 from assign.tree import Tree, open_tree
 from core.config import Config
 from crawler.dataset import openapi

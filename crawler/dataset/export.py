@@ -34,7 +34,8 @@ from typing import IO, Any
 import numpy as np
 import orjson
 
-from assign.index import RECORD, DatasetIndex, Filter, IndexPaths
+from assign.index import RECORD, IndexPaths
+from assign.lookup import DatasetIndex, Filter
 from assign.status import StoredImage, stored_images
 from assign.tree import Tree, open_file, open_tree
 from core import status

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from assign.index import Filter
+from assign.lookup import Filter
 
 LAYOUTS = ("base64", "members")
 
