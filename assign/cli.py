@@ -11,6 +11,7 @@ import click
 import orjson
 
 from assign.document import AssignOptions
+from assign.index import INDEX_DIR
 from assign.rewrite import ShardReport, describe, rewrite_shard
 from assign.solve import SOLVERS, Solver
 from assign.status import load_stored_images
@@ -18,6 +19,7 @@ from core import logs, runtime
 from core.config import Config
 from core.errors import ReportingGroup
 from core.exitcodes import ExitCode
+from core.preflight import check_bucket
 from core.shardfiles import is_shard_file, output_name
 
 log = logging.getLogger("assign.worker")
@@ -118,6 +120,8 @@ def worker_command(
         raise click.UsageError(str(exc)) from None
     if check:
         sys.exit(runtime.run(_check(cfg)))
+    check_bucket(cfg.paths.output, cfg.storage, directory=INDEX_DIR)
+    check_bucket(cfg.assign.output, cfg.storage, setting="assign.output")
     runtime.run_and_exit(_work(cfg, once=once))
 
 

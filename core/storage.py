@@ -142,12 +142,23 @@ class Storage(ABC):
     async def rename(self, src: str, dst: str) -> None:
         await asyncio.to_thread(self.rename_sync, src, dst)
 
-    def problem_sync(self, directory: str, probe_bytes: int = 64 << 10) -> str:
+    def peek_sync(self, directory: str) -> None:
+        """Read the listing of `directory` (S3: its first page only); raises what a read of
+        the place raises."""
+        self.names_sync(directory)
+
+    def problem_sync(
+        self, directory: str, probe_bytes: int = 64 << 10, *, write: bool = True
+    ) -> str:
         """Why files cannot be written under `directory` now ("" when they can): a probe of
-        `probe_bytes` is written (durably) and removed. Bad credentials, a missing bucket,
-        a full or read-only disk show here, before anything is crawled."""
+        `probe_bytes` is written (durably) and removed; with `write` false, why they cannot
+        be read (one listing). Bad credentials, a missing bucket, an unreachable endpoint, a
+        full or read-only disk show here, before anything is crawled."""
         key = f"{directory}/probe-{safefs.process_tag()}.tmp"
         try:
+            if not write:
+                self.peek_sync(directory)
+                return ""
             self.put_sync(key, bytes(probe_bytes), durable=True)
             self.delete_sync(key)
         except OSError as exc:
@@ -346,6 +357,15 @@ class S3Storage(Storage):
         except Exception as exc:
             raise self._fail(exc, directory) from None
         return {n for n in out if n and "/" not in n}
+
+    def peek_sync(self, directory: str) -> None:
+        import obstore
+
+        check_key(f"{directory}/x")
+        try:
+            next(iter(obstore.list(self.store, f"{directory}/", chunk_size=1)), None)
+        except Exception as exc:
+            raise self._fail(exc, directory) from None
 
     def delete_sync(self, key: str) -> None:
         import obstore

@@ -14,8 +14,9 @@ from core.connection import connected
 from core.errors import CommandError, ReportingGroup
 from core.exitcodes import ExitCode
 from core.keys import Keys
+from core.preflight import check_bucket
 from crawler import cli_dataset, cli_queue, monitor
-from crawler.cli_common import State, check_bucket, find_redis, pass_state
+from crawler.cli_common import State, find_redis, pass_state
 
 
 @click.group(
@@ -94,7 +95,7 @@ def run(
         cfg.ingest.shards = list(shards)
     if workers is not None:
         cfg.worker.processes = workers
-    check_bucket(cfg)
+    check_bucket(cfg.paths.output, cfg.storage)
     argv = state.argv()
     code = runtime.run(run_all(cfg, argv, progress=not no_progress, with_assign=not no_assign))
     sys.exit(code)
@@ -120,6 +121,7 @@ def enqueue(state: State, shards: tuple[str, ...]) -> None:
     if shards:
         cfg.ingest.shards = list(shards)
     find_redis(cfg)
+    check_bucket(cfg.paths.output, cfg.storage, write=False)  # (ingest only reads reports)
     sources = expand_sources(cfg.ingest.shards)
     missing = missing_message(sources)
     if missing:
@@ -197,7 +199,7 @@ def worker(state: State, check: bool, alive: bool, until_idle: bool, parent_pid:
     find_redis(cfg)
     if check:
         sys.exit(runtime.run(_check(cfg, paused_ok=alive)))
-    check_bucket(cfg)
+    check_bucket(cfg.paths.output, cfg.storage)
     from crawler.worker import run_worker
 
     async def work() -> int:

@@ -1,5 +1,5 @@
-"""What the `mmc4-crawl` commands share: the configuration they load (group options), the
-crawl's Redis they find, and the check that an output bucket can be written."""
+"""What the `mmc4-crawl` commands share: the configuration they load (group options) and the
+crawl's Redis they find."""
 
 from __future__ import annotations
 
@@ -36,24 +36,6 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State)
-
-
-def check_bucket(cfg: Config) -> None:
-    """An output in object storage that cannot be written (a missing bucket, refused
-    credentials, an unreachable endpoint) stops the command before it starts. (A local
-    output that cannot be written pauses the workers until it can: a full disk clears.)"""
-    from core.storage import output_storage
-    from crawler.store import output_problem
-
-    storage = output_storage(cfg)
-    if storage.remote:
-        problem = output_problem(storage)
-        if problem:
-            raise CommandError(
-                ExitCode.OUTPUT_UNAVAILABLE,
-                f"cannot write the output: {problem}; check paths.output, the bucket and "
-                "AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY",
-            )
 
 
 def find_redis(cfg: Config) -> None:

@@ -10,6 +10,7 @@ import orjson
 
 from core import runtime, status
 from core.exitcodes import ExitCode
+from core.preflight import check_bucket
 from crawler.cli_common import State, pass_state
 
 
@@ -21,9 +22,11 @@ def serve_dataset(state: State, host: str | None, port: int | None) -> None:
     """Serve the crawled corpus read-only from OUTPUT: the dataset API (/datasets/mmc4,
     bearer tokens from dataset.token_hashes) and /openapi.json. No Redis needed; shards
     appear as the crawl indexes them."""
+    from assign.index import INDEX_DIR
     from crawler.dataset.serve import serve
 
     cfg = state.load()
+    check_bucket(cfg.paths.output, cfg.storage, write=False, directory=INDEX_DIR)
     sys.exit(
         runtime.run(
             serve(cfg, host or cfg.dataset.host, cfg.dataset.port if port is None else port)
@@ -50,10 +53,12 @@ def dataset_token() -> None:
 def dataset_index(state: State, only: tuple[str, ...], force: bool) -> None:
     """(Re)build the dataset index of every rewritten shard under OUTPUT (the crawl builds
     it as each shard's rewrite completes)."""
-    from assign.index import index_shard, shard_files
+    from assign.index import INDEX_DIR, index_shard, shard_files
     from assign.tree import open_tree
 
     cfg = state.load()
+    check_bucket(cfg.paths.output, cfg.storage, directory=INDEX_DIR)
+    check_bucket(cfg.assign.output, cfg.storage, write=False, setting="assign.output")
     output = open_tree(cfg.paths.output, cfg.storage)
     shards, where = (
         (open_tree(cfg.assign.output, cfg.storage), "")
@@ -141,10 +146,14 @@ def export(
     corpus.skip_url_duplicates leaves out flagged documents."""
     from dataclasses import asdict
 
+    from assign.index import INDEX_DIR
+    from crawler.dataset.export import PROGRESS_DIR
     from crawler.dataset.export import export as run_export
     from crawler.dataset.exportjob import ExportSettings
 
     cfg = state.load()
+    check_bucket(cfg.paths.output, cfg.storage, write=False, directory=INDEX_DIR)
+    check_bucket(out, cfg.storage, directory=PROGRESS_DIR, setting="OUT")
     settings = ExportSettings(
         out=out,
         layout=layout,

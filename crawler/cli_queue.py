@@ -15,6 +15,7 @@ from core.connection import connected
 from core.errors import CommandError
 from core.exitcodes import ExitCode
 from core.keys import Keys
+from core.preflight import check_bucket
 from crawler.cli_common import State, find_redis, pass_state
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ def retry(state: State, statuses: str, only: tuple[str, ...]) -> None:
 
     cfg = state.load()
     wanted = _wanted(statuses)
+    check_bucket(cfg.paths.output, cfg.storage)
     embedded = _open_redis(cfg)
 
     moved: dict[str, int] = {}

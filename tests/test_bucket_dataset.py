@@ -237,7 +237,7 @@ def test_dataset_index_rebuilds_the_index_in_the_bucket(local: Corpus, bucket: s
         assert orjson.loads(tree.read(f"_dataset/{shard}.meta.json")) == orjson.loads(before[shard])
 
 
-def test_a_missing_bucket_or_prefix_is_an_empty_dataset_not_a_crash(
+def test_a_missing_prefix_is_an_empty_dataset_not_a_crash(
     s3_server: SeaweedFS, tmp_path: Path
 ) -> None:
     with pytest.MonkeyPatch.context() as env:

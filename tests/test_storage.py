@@ -73,11 +73,13 @@ def test_keys_are_two_plain_names(storage: Storage, key: str) -> None:
 def test_a_writable_output_has_no_problem(storage: Storage) -> None:
     assert storage.problem_sync("_status") == ""
     assert storage.names_sync("_status") == set()  # the probe is removed
+    assert storage.problem_sync("_status", write=False) == ""  # a reader's check: a listing
 
 
-def test_a_missing_bucket_is_one_clear_line(s3_output: str) -> None:
-    problem = open_storage("s3://no-such-bucket/x").problem_sync("_status")
-    assert "s3://no-such-bucket/x/_status/" in problem
+@pytest.mark.parametrize("write", [True, False])
+def test_a_missing_bucket_is_one_clear_line(s3_output: str, write: bool) -> None:
+    problem = open_storage("s3://no-such-bucket/x").problem_sync("_status", write=write)
+    assert "s3://no-such-bucket/x/_status" in problem
     assert "the bucket does not exist (NoSuchBucket)" in problem
     assert "\n" not in problem
 
