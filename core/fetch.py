@@ -23,7 +23,7 @@ from core import status
 from core.budget import BodyBudget, Slots
 from core.config import FetchConfig
 from core.deadlines import Judge, Progress, ResponseTimes
-from core.guard import AddressPolicy, BlockedAddress, check_parsed
+from core.guard import AddressPolicy, BlockedAddress, canonical, check_parsed
 from core.responses import opted_out, parse_retry_after, read_capped
 
 # Not a terminal status: the response redirects to another host (`final_url`), whose own
@@ -169,12 +169,13 @@ class Fetcher:
         and headers read), or the result that ends the chain there: a refused target, a
         loop, too many hops, or OTHER_HOST for a hop to another host unless `any_host`.
         Each URL is checked once: the first before it is requested, every redirect target
-        when it arrives."""
+        when it arrives; each is requested in its canonical spelling (`guard.canonical`)."""
         if hops.count == 0:
             refused = check_parsed(url, self.policy)
             if refused is not None:
                 yield FetchResult(refused[0], error=refused[1], final_url=str(url))
                 return
+        url = canonical(url)
         while True:
             hops.seen.add(str(url))
             progress.headers, progress.host = False, url.host or ""
@@ -185,7 +186,7 @@ class Fetcher:
                 if not location:
                     yield resp
                     return
-                code, nxt = resp.status, url.join(URL(location))
+                code, nxt = resp.status, canonical(url.join(URL(location)))
             self.times.observe(progress.host, time.monotonic() - progress.paused_s - progress.sent)
             ended = self._hop(url, nxt, code, hops, any_host)
             if ended is not None:

@@ -5,6 +5,7 @@ One policy, applied in three places that must agree:
 * `check_url` at ingest and again before every request and redirect hop: the URL's shape, and
   a host written as an address (in any spelling the C library accepts: ``127.1``, ``0``,
   ``2130706433``, ``0177.0.0.1``, ``0x7f.1``, ``[::ffff:127.0.0.1]`` ...) must be public.
+  A URL that passes is requested with its host in the address's usual spelling (`canonical`).
 * `session.GuardedResolver`: a name resolves to the permitted addresses among its answers, or
   fails.
 * `session.guarded_socket`: the connector's socket factory judges the address each socket is
@@ -65,6 +66,21 @@ def literal_address(host: str) -> IPAddress | None:
     except (socket.gaierror, UnicodeError, ValueError):
         return None
     return ipaddress.ip_address(str(info[0][4][0]).split("%", 1)[0])
+
+
+def canonical(url: URL) -> URL:
+    """`url` with a host that spells an IPv4 address in another way than its four decimal
+    parts (``127.1``, ``0x7f.1``, ``0177.0.0.1``, ``2130706433``) written as those parts
+    (``127.0.0.1``), as a browser's URL parser does. The request then goes to the address
+    `check_url` judged, whatever the HTTP client's own rules for such hosts (aiohttp 3.14
+    refuses them as invalid URLs; 3.13 passes them to the C library)."""
+    host = url.raw_host
+    if not host or not host[0].isdigit() or ":" in host:
+        return url  # a name (or IPv6, which the URL parser already writes in one way)
+    addr = literal_address(host)
+    if addr is None or str(addr) == host:
+        return url
+    return url.with_host(str(addr))
 
 
 def is_public_address(ip: str | IPAddress) -> bool:

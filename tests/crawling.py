@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +16,9 @@ from typing import Any, TypeVar
 
 import msgspec
 import orjson
+import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from core import status
 from core.config import Config
@@ -97,6 +101,35 @@ async def within(seconds: float, aw: Awaitable[T]) -> T:
         fut.cancel()
         raise AssertionError(f"not done after {seconds}s; tasks:\n{stacks}")
     return fut.result()
+
+
+async def until(
+    read: Callable[[], Awaitable[T]], done: Callable[[T], bool], every_s: float = 0.05
+) -> T:
+    """Read `read()` every `every_s` until `done` holds for what it returns (bound it with
+    `within`)."""
+    while not done(got := await read()):
+        await asyncio.sleep(every_s)
+    return got
+
+
+async def started(
+    client: aioredis.Redis, keys: Keys, procs: list[subprocess.Popen[bytes]], timeout: float = 120
+) -> None:
+    """Wait until each worker process of `procs` has written its heartbeat (a worker's id holds
+    its pid): it has started, its signal handlers in place, and a SIGTERM drains it."""
+
+    async def beating() -> bool:
+        try:
+            for proc in procs:
+                pattern = keys.worker(f"*-{proc.pid}-*")
+                if not [k async for k in client.scan_iter(match=pattern, count=1000)]:
+                    return False
+        except (OSError, RedisError):
+            return False  # Redis restarting
+        return True
+
+    await within(timeout, until(beating, bool))
 
 
 async def stuck_state(client: aioredis.Redis, keys: Keys, shard: str, log: Path) -> str:
@@ -224,6 +257,23 @@ def alive(pid: int) -> bool:
         return False
 
 
+def heartbeats(client: redis.Redis, namespace: str) -> int:
+    """How many workers of `namespace` have a heartbeat (a worker writes its first once it has
+    started: its signal handlers in place, its metrics port, if any, bound)."""
+    return sum(1 for _ in client.scan_iter(match=Keys(namespace).worker_pattern, count=1000))
+
+
+def first_bytes(listener: socket.socket, keep: contextlib.ExitStack, timeout: float = 60) -> bytes:
+    """Accept one connection on `listener` and read the first bytes sent on it (a request
+    under way); the connection stays open, never answered, until `keep` closes."""
+    listener.settimeout(timeout)
+    conn = keep.enter_context(listener.accept()[0])
+    conn.settimeout(timeout)
+    data = conn.recv(4096)
+    assert data, "the connection closed before anything was sent"
+    return data
+
+
 def signalled_after(
     args: list[str],
     wait_s: float,
@@ -231,16 +281,23 @@ def signalled_after(
     timeout: float,
     env: dict[str, str],
     ready: Callable[[], object] | None = None,
+    ready_line: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Start `args`, check it is still running after `wait_s` (or once `ready()` returns),
-    send it `sig` and wait up to `timeout` for it to exit (killed after that, and the wait
-    fails)."""
+    """Start `args`, check it is still running `wait_s` after it is ready (once `ready()`
+    returns, and once it has written a line containing `ready_line` to stderr), send it `sig`
+    and wait up to `timeout` for it to exit (killed after that, and the wait fails)."""
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    said: list[str] = []
     try:
         if ready is not None:
             ready()
+        while ready_line is not None and proc.stderr is not None:
+            said.append(line := proc.stderr.readline())
+            assert line, f"it ended without saying {ready_line!r}: {''.join(said)}"
+            if ready_line in line:
+                break
         time.sleep(wait_s)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(sig)
@@ -249,4 +306,4 @@ def signalled_after(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(said) + err)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -10,11 +12,39 @@ from pathlib import Path
 
 import redis
 
+LOWEST_PORT = 10000
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def _ephemeral_ports() -> range:
+    """The kernel's range for the local ports of outgoing connections (and of bind to 0)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def free_port(count: int = 1, host: str = "127.0.0.1") -> int:
+    """A port P with P .. P + count - 1 free on `host`, for a server a test starts (or
+    restarts) later: P lies outside the kernel's ephemeral range, so no outgoing connection
+    of any process can take it as its local port meanwhile, as it can take a port that
+    bind(host, 0) handed out and the test released."""
+    ephemeral = _ephemeral_ports()
+    candidates = [
+        r for r in (range(LOWEST_PORT, ephemeral.start), range(ephemeral.stop, 65536)) if r
+    ]
+    for _ in range(200):
+        span = random.choice(candidates)
+        port = random.randrange(span.start, span.stop - count + 1)
+        with contextlib.ExitStack() as held:
+            try:
+                for p in range(port, port + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind((host, p))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no {count} consecutive free ports on {host}")
 
 
 class ServerProcess:

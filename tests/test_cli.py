@@ -23,9 +23,11 @@ from crawling import (
     children,
     crawl,
     crawl_config,
+    heartbeats,
     report,
     write_slow_shard,
 )
+from redis_server import free_port
 
 from core.status import read_report
 from crawler.cli import main
@@ -84,12 +86,12 @@ def test_workers_of_a_killed_run_stop_instead_of_living_on(
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     workers: list[int] = []
+    client = redis.Redis.from_url(TEST_REDIS_URL)
     try:
-        deadline = time.monotonic() + 60
-        while len(workers := children(run.pid)) < 2:
-            assert time.monotonic() < deadline, "run started no workers"
+        deadline = time.monotonic() + 120  # a bound for a hang, not for a start on a busy machine
+        while len(workers := children(run.pid)) < 2 or heartbeats(client, namespace) < 2:
+            assert time.monotonic() < deadline, f"run's workers did not start: {workers}"
             time.sleep(0.1)
-        time.sleep(3)  # the workers are crawling
         assert all(alive(w) for w in workers)
         run.kill()
         run.wait()
@@ -98,6 +100,7 @@ def test_workers_of_a_killed_run_stop_instead_of_living_on(
             time.sleep(0.2)
         assert not any(alive(w) for w in workers), "workers outlived their run"
     finally:
+        client.close()
         run.kill()
         for w in workers:
             with contextlib.suppress(ProcessLookupError):
@@ -234,18 +237,21 @@ def test_a_shard_rewrite_follows_its_latest_report_after_retry(
     assert kept() == (10, 10)  # the rewrite follows the new report
 
 
+@pytest.mark.timeout(900)  # the two runs' own bounds (a whole crawl of the sample) and more
 def test_the_demo_crawls_on_any_port_and_a_rerun_says_there_is_nothing_to_do(
     tmp_path: Path,
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.2", 0))
-        port = str(s.getsockname()[1])
-    first = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=300)
+    port = str(free_port(host="127.0.0.2"))
+    first = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     summary = orjson.loads(
         (tmp_path / "out" / "_status" / "sample_shard.summary.json").read_bytes()
     )
-    assert summary["by_status"].get("ok", 0) > summary["records"] * 0.8  # the web answered
-    again = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=120)
+    # the web answered on that port (every image would be a refused connection on another);
+    # how many are ok depends on how busy the machine is (timeouts)
+    by_status = summary["by_status"]
+    assert summary["records"] == 1007 and by_status.get("ok", 0) > 0
+    assert by_status.get("connection_error", 0) < summary["records"] * 0.05, by_status
+    again = mmc4("demo", "--port", port, "--output", "out", cwd=tmp_path, timeout=240)
     assert again.returncode == 0
     assert "nothing to do" in again.stderr

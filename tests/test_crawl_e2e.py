@@ -47,7 +47,6 @@ CASES: dict[str, str] = {
     "/fault/bomb": "too_many_pixels",
     "/fault/huge/3000000": "too_large",
     "/fault/huge/3000000?cl=0": "too_large",
-    "/fault/trickle/2000/1200x900/slow.jpg": "timeout",
     "/fault/redirect-loop": "too_many_redirects",
     "/fault/redirect/9": "too_many_redirects",
     "/fault/optout/noai/300x300/a.jpg": "opted_out",
@@ -78,8 +77,10 @@ def cases_shard(web: ImageWeb, tmp_path: Path) -> tuple[Path, dict[str, str], di
 async def crawl_cases(
     namespace: str, tmp_path: Path, path: Path
 ) -> tuple[Config, dict[str, dict[str, Any]]]:
-    """Crawl the cases shard (two attempts, 2 s each); its configuration and report."""
-    cfg = crawl_config(namespace, tmp_path, fetch={"max_attempts": 2, "total_timeout_s": 2.0})
+    """Crawl the cases shard (two attempts); its configuration and report. No case waits for
+    a deadline: theirs (30 s) only bounds a hang, however busy the machine."""
+    deadline = {"total_timeout_s": 30.0, "min_timeout_s": 30.0, "connect_timeout_s": 30.0}
+    cfg = crawl_config(namespace, tmp_path, fetch={"max_attempts": 2, **deadline})
     await crawl(cfg, [str(path)])
     return cfg, report(cfg, "cases_shard_0")
 
@@ -101,6 +102,19 @@ async def test_every_image_gets_exactly_one_correct_terminal_record(
         if rec["status"] != "ok":
             assert rec["path"] == "" and not (cfg.output_dir / "cases_shard_0" / name).exists()
             assert rec["error"], name
+
+
+async def test_a_body_that_trickles_past_the_deadline_gets_one_timeout_record(
+    web: ImageWeb, namespace: str, tmp_path: Path
+) -> None:
+    url = web.url(2, f"/fault/trickle/2000/1200x900/{namespace}.jpg")  # a minute's worth
+    shard = write_docs(tmp_path / "trickle_shard.jsonl", [image_doc([url], ["t.jpg"])])
+    cfg = crawl_config(namespace, tmp_path, fetch={"max_attempts": 2, "total_timeout_s": 1.0})
+    await crawl(cfg, [str(shard)])
+    (rec,) = report(cfg, "trickle_shard").values()
+    assert rec["status"] == "timeout" and rec["path"] == ""
+    assert rec["error"].startswith("deadline exceeded (") and "body bytes read" in rec["error"]
+    assert not (cfg.output_dir / "trickle_shard" / "t.jpg").exists()
 
 
 async def test_stored_files_are_whole_images_within_bounds(

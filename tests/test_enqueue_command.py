@@ -3,6 +3,7 @@ broken and missing shards, exit codes and the summary it prints."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import secrets
@@ -17,7 +18,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from crawling import TEST_REDIS_URL, image_doc, signalled_after
+from crawling import TEST_REDIS_URL, first_bytes, image_doc, signalled_after
 from redis_server import RedisProcess, free_port
 
 from core.exitcodes import ExitCode
@@ -307,15 +308,18 @@ def test_documents_flagged_as_url_duplicates_are_counted_and_left_out_only_when_
 def test_sigterm_stops_enqueue_waiting_on_a_stalled_shard_download(
     namespace: str, tmp_path: Path
 ) -> None:
-    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+    with socket.socket() as silent, contextlib.ExitStack() as accepted:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/docs_shard_6_v2.jsonl"
         args = enqueue_args(
             namespace, tmp_path, "--set", "fetch.allow_private_addresses=true", "enqueue", url
         )
-        # 2 s: started, connected, waiting for a response
-        done = signalled_after(args, 2.0, signal.SIGTERM, STOP_BOUND_S, clean_env())
+        # signalled once its request has arrived: it waits for a response that never comes
+        done = signalled_after(
+            args, 0.3, signal.SIGTERM, STOP_BOUND_S, clean_env(),
+            ready=lambda: first_bytes(silent, accepted),
+        )  # fmt: skip
     assert done.returncode == ExitCode.TERMINATED
     assert orjson.loads(done.stdout)["stopped"] is True
     assert not list((tmp_path / "data" / "downloads").iterdir())  # no partial copy left
@@ -375,6 +379,8 @@ def test_sigterm_stops_enqueue_waiting_for_an_unreachable_redis(
     args, _ = enqueue_without_redis(  # redis_wait_s 0: it would wait for Redis forever
         namespace, tmp_path, "docs_shard_7_v2.jsonl", "--set", "ingest.redis_wait_s=0"
     )
-    done = signalled_after(args, 1.5, signal.SIGTERM, STOP_BOUND_S, clean_env())
+    done = signalled_after(
+        args, 0.3, signal.SIGTERM, STOP_BOUND_S, clean_env(), ready_line="Redis unavailable"
+    )
     assert done.returncode == ExitCode.TERMINATED
     assert "Traceback" not in done.stderr

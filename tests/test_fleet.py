@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from crawling import churn_flags, crawl_config, flags, report, start_worker, stuck_state
+from crawling import churn_flags, crawl_config, flags, report, start_worker, started, stuck_state
 from redis_server import RedisProcess
 
 from core.exitcodes import ExitCode
@@ -55,8 +55,9 @@ async def test_a_fleet_keeps_host_limits_and_accounts_for_every_image_through_ch
             if len(events) < 6:
                 i = rng.randrange(len(procs))
                 if len(events) % 2 == 0:
+                    await started(client, keys, [procs[i]])  # a SIGTERM drains a started worker
                     procs[i].send_signal(signal.SIGTERM)
-                    graceful_exits.append(await asyncio.to_thread(procs[i].wait, 20))
+                    graceful_exits.append(await asyncio.to_thread(procs[i].wait, 60))
                     events.append("term")
                 else:
                     procs[i].send_signal(signal.SIGKILL)
@@ -77,9 +78,10 @@ async def test_a_fleet_keeps_host_limits_and_accounts_for_every_image_through_ch
         else:
             state = await stuck_state(client, keys, "fleet_shard_0", logs)
             raise AssertionError(f"the fleet did not finish\n{state}")
+        await started(client, keys, procs)
         for p in procs:
             p.send_signal(signal.SIGTERM)
-        codes = [await asyncio.to_thread(p.wait, 30) for p in procs]
+        codes = [await asyncio.to_thread(p.wait, 60) for p in procs]
         await ingest_task
         await Shards(
             client, keys, WorkQueue(client, keys, cfg.queue), cfg.output_dir

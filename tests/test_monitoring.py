@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import redis
 from crawling import TEST_REDIS_URL, crawl_config, image_doc, write_docs
 from PIL import Image
+from redis_server import free_port
 
 from core.keys import Keys
 from crawler.ingest import Ingest
@@ -23,12 +23,6 @@ from crawler.queue import WorkQueue
 from crawler.sources import expand_sources
 from crawler.worker import Worker
 from testweb import ImageWeb
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_worker_serves_prometheus_metrics_and_health(
@@ -52,7 +46,8 @@ async def test_a_worker_serves_prometheus_metrics_and_health(
     try:
         async with aiohttp.ClientSession() as http:
             text = ""
-            for _ in range(100):
+            deadline = time.monotonic() + 90  # a bound for a hang, not for a busy machine
+            while time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
                 try:
                     async with http.get(base + "/metrics") as resp:

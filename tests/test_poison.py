@@ -120,7 +120,7 @@ async def wait_reported(
     client: aioredis.Redis, keys: Keys, output: Path, shards: list[str], logs: Path
 ) -> None:
     """Until every shard's report is written and nothing is queued, leased or complete."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a bound for a hang, not for a busy machine
     while time.monotonic() < deadline:
         reported = all((output / "_status" / f"{s}.jsonl.gz").exists() for s in shards)
         settled = reported and not await client.xlen(keys.queue)

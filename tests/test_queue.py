@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from crawling import crawl, crawl_config, image_doc, report, write_docs
+from crawling import crawl, crawl_config, image_doc, report, until, within, write_docs
 
 from core import status
 from core.config import Config
@@ -42,11 +42,11 @@ async def queue_of_one(aredis: aioredis.Redis, keys: Keys, cfg: Config) -> WorkQ
 async def test_an_unacknowledged_item_is_reclaimed_after_its_lease_expires(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
-    cfg = short_leases(crawl_config(namespace, tmp_path), 0.2)
+    cfg = short_leases(crawl_config(namespace, tmp_path), 1.0)  # a stall of the test < 1 s
     q = await queue_of_one(aredis, Keys(namespace), cfg)
     await q.read("dead-worker", 10, 10)
     assert await q.reclaim("other", 10) == ([], 0)  # lease still fresh
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(1.1)
     claimed, buried = await q.reclaim("other", 10)
     assert [c.name for c in claimed] == ["a.jpg"] and buried == 0
     pending = await aredis.xpending_range(Keys(namespace).queue, CRAWL_GROUP, "-", "+", 10)
@@ -73,11 +73,11 @@ async def test_items_enqueued_in_batches_read_back_in_order(
 async def test_renewed_leases_are_not_reclaimed(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
-    cfg = short_leases(crawl_config(namespace, tmp_path), 0.3)
+    cfg = short_leases(crawl_config(namespace, tmp_path), 1.5)
     q = await queue_of_one(aredis, Keys(namespace), cfg)
     (item,) = await q.read("busy-worker", 10, 10)
-    for _ in range(3):
-        await asyncio.sleep(0.15)
+    for _ in range(4):  # 2 s in all, renewed every 0.5 s: a stall of the test < 1 s
+        await asyncio.sleep(0.5)
         await q.renew("busy-worker", [item.id])
     assert await q.reclaim("other", 10) == ([], 0)
 
@@ -138,19 +138,25 @@ async def test_ingest_waits_while_the_queue_is_full(
     cfg = crawl_config(namespace, tmp_path, ingest={"max_queue_depth": 30, "batch_size": 8})
     ingest = Ingest(cfg, aredis)
     task = asyncio.create_task(ingest.run(expand_sources([str(shard)])))
-    await asyncio.sleep(0.5)
+    await within(60, until(lambda: aredis.xlen(keys.queue), lambda n: n >= 30))
+    await asyncio.sleep(0.3)  # room for a batch too many, were ingest to add one
     assert not task.done()
     assert 30 <= await aredis.xlen(keys.queue) < 30 + 8
     peak, drained = 0, 0
     while not task.done():  # act as the workers: take everything now and then
         await asyncio.sleep(0.1)
-        depth = await aredis.xlen(keys.queue)
-        peak = max(peak, depth)
-        drained += depth
-        await aredis.xtrim(keys.queue, maxlen=0)
-    drained += await aredis.xlen(keys.queue)
+        taken = await take_all(aredis, keys)
+        peak = max(peak, taken)
+        drained += taken
+    drained += await take_all(aredis, keys)
     assert peak < 30 + 8
     assert ingest.stats.items == drained == 200
+
+
+async def take_all(aredis: aioredis.Redis, keys: Keys) -> int:
+    """Empty the queue in one step, as the workers would take it: how many it held (a
+    length read apart from the trim could miss a batch that ingest adds in between)."""
+    return int(await aredis.xtrim(keys.queue, maxlen=0, approximate=False))
 
 
 async def test_ingest_resumes_after_the_last_enqueued_batch(
@@ -219,19 +225,19 @@ async def test_retry_requeues_chosen_statuses_of_a_reported_shard(
 async def test_deferred_items_come_back_by_redis_time_whatever_the_workers_clock(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker whose clock runs an hour ahead defers an item for 0.3 s: it is back in the
-    queue after 0.3 s of Redis time, not after an hour."""
+    """A worker whose clock runs an hour ahead defers an item for 1 s: it is back in the
+    queue after 1 s of Redis time, not after an hour."""
     import time as real_time
 
     monkeypatch.setattr("crawler.queue.time.time", lambda: real_time.monotonic() + 1e9)
     keys = Keys(namespace)
     q = await queue_of_one(aredis, keys, crawl_config(namespace, tmp_path))
     [item] = await q.read("w", 10, 10)
-    await q.defer([item], 0.3)
+    await q.defer([item], 1.0)
     assert await aredis.xlen(keys.queue) == 0 and await aredis.zcard(keys.deferred) == 1
     assert (await aredis.xpending(keys.queue, CRAWL_GROUP))["pending"] == 0
     assert await q.promote() == 0  # not due yet
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.1)
     assert await q.promote() == 1
     [back] = await q.read("w", 10, 10)
     assert (back.shard, back.name, back.url) == ("s", "a.jpg", "http://h.example/a.jpg")

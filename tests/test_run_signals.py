@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from crawling import alive, children, signalled_after, write_slow_shard
-from redis_server import RedisProcess
+import redis
+from crawling import alive, children, first_bytes, heartbeats, signalled_after, write_slow_shard
+from redis_server import RedisProcess, free_port
 
 from core.exitcodes import ExitCode
 from testweb import ImageWeb
@@ -34,7 +35,8 @@ def running(
     redis_url: str, namespace: str, cwd: Path, *extra: str
 ) -> Iterator[tuple[subprocess.Popen[str], list[int]]]:
     """`run` with two workers in its own session, as a terminal starts it; yields it and its
-    workers once they crawl."""
+    workers once both have started (each writes its heartbeat once its signal handlers are
+    in place and its metrics port, if any, is bound)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMC4_")}
     run = subprocess.Popen(
         [sys.executable, "-m", "crawler", "-v", "--redis-url", redis_url,
@@ -47,15 +49,16 @@ def running(
         start_new_session=True,
     )  # fmt: skip
     workers: list[int] = []
+    client = redis.Redis.from_url(redis_url)
     try:
-        deadline = time.monotonic() + 60
-        while len(workers := children(run.pid)) < 2:
+        deadline = time.monotonic() + 120  # a bound for a hang, not for a start on a busy machine
+        while len(workers := children(run.pid)) < 2 or heartbeats(client, namespace) < 2:
             assert run.poll() is None, run.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "run started no workers"
+            assert time.monotonic() < deadline, f"run's workers did not start: {workers}"
             time.sleep(0.1)
-        time.sleep(3)  # the workers are crawling
         yield run, workers
     finally:
+        client.close()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
         for w in workers:
@@ -118,27 +121,12 @@ def test_sigterm_is_honoured_within_the_grace_period_while_redis_is_down(
         server.stop()
 
 
-def _two_free_ports() -> int:
-    """A port P with P and P + 1 both free."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = int(a.getsockname()[1])
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise AssertionError("no two consecutive free ports")
-
-
 def test_each_worker_of_run_serves_metrics_on_its_own_port(
     slow_shard: Path, namespace: str, tmp_path: Path
 ) -> None:
     from crawling import TEST_REDIS_URL
 
-    port = _two_free_ports()
+    port = free_port(2)
     with running(TEST_REDIS_URL, namespace, tmp_path, "--set", f"metrics.port={port}") as (
         run,
         _workers,
@@ -156,7 +144,7 @@ def test_a_worker_that_cannot_bind_its_metrics_port_ends_run_instead_of_restarti
 ) -> None:
     from crawling import TEST_REDIS_URL
 
-    port = _two_free_ports()
+    port = free_port(2)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port + 1))  # worker 1's port
         busy.listen()
@@ -176,7 +164,7 @@ def test_a_worker_that_cannot_bind_its_metrics_port_ends_run_instead_of_restarti
 
 
 def test_sigterm_stops_retry_waiting_on_a_redis_that_does_not_answer(tmp_path: Path) -> None:
-    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+    with socket.socket() as silent, contextlib.ExitStack() as accepted:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
@@ -185,8 +173,11 @@ def test_sigterm_stops_retry_waiting_on_a_redis_that_does_not_answer(tmp_path: P
             sys.executable, "-m", "crawler", "--redis-url", url, "--output", str(tmp_path),
             "retry", "--status", "timeout",
         ]  # fmt: skip
-        # 2 s: connected, waiting for an answer (redis.socket_timeout_s: 15 s)
-        done = signalled_after(args, 2.0, signal.SIGTERM, 8, env)
+        # signalled once it has connected and sent a command: it waits for an answer that
+        # never comes (redis.socket_timeout_s: 15 s)
+        done = signalled_after(
+            args, 0.3, signal.SIGTERM, 8, env, ready=lambda: first_bytes(silent, accepted)
+        )
     assert done.returncode == ExitCode.TERMINATED, done.stderr
     assert "Traceback" not in done.stderr
     assert "run the same command again" in done.stderr
