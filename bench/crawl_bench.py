@@ -50,7 +50,9 @@ server on loopback (``tests/s3_server.py``: ``weed server -s3`` with the Go runt
 ``GO_RUNTIME``, GOMAXPROCS=1 and garbage collection only near a 512 MiB limit, printed before
 the run; ``--s3-go-defaults`` runs it with Go's defaults; the server's CPU is measured apart
 and not counted) and prints its images/s and CPU per image against the local-disk run as
-ratios.
+ratios. ``--s3-apart`` measures the crawler as a fleet sees it, with the S3 server on other
+cores: this bench, its Redis and both crawler runs (disk and bucket) on CPU 0, the web and the
+S3 server on the other CPUs (``on_cpus``: processes inherit the affinity they start with).
 
 ``--long`` crawls ``--long-images`` URLs (the same pool bytes under many URLs) on the clean web
 with the crawler only, and prints throughput and worker/pool RSS every ``--sample-every`` s.
@@ -80,6 +82,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -665,6 +668,26 @@ def all_records(output: str) -> Any:
             yield from cstatus.report_records(storage.get_sync(f"{cstatus.STATUS_DIR}/{name}"))
 
 
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """Processes started in the body run on `cpus` (they inherit this process's affinity);
+    None leaves the affinity as it is."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def apart_cpus(args: argparse.Namespace) -> set[int] | None:
+    """The CPUs of the web and the S3 server under --s3-apart (all but CPU 0), else None."""
+    return set(range(1, os.cpu_count() or 1)) if args.s3_apart else None
+
+
 def run_crawler_s3(
     name: str,
     args: argparse.Namespace,
@@ -684,7 +707,8 @@ def run_crawler_s3(
         workdir / "seaweedfs", volume_size_mb=4096, go_runtime={} if args.s3_go_defaults else None
     )
     say(f"{name}-s3: {server.describe()}")
-    server.start()
+    with on_cpus(apart_cpus(args)):
+        server.start()
     try:
         server.create_bucket("crawl-bench")
         os.environ.update(server.env())  # for the crawler (clean_env) and all_records
@@ -1112,6 +1136,10 @@ def parse_args() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--bare-reps", type=int, default=3)
     p.add_argument(
+        "--s3-apart", action="store_true",
+        help="crawler and its Redis on CPU 0, the web and the S3 server on the others",
+    )  # fmt: skip
+    p.add_argument(
         "--s3-go-defaults", action="store_true",
         help="run the S3 server with the Go runtime's defaults (not s3_server.GO_RUNTIME)",
     )  # fmt: skip
@@ -1184,6 +1212,12 @@ def main() -> int:
     if meta["file_create_ms"] > 0.1:
         say("warning: file creation is slow here (on an ext4 without journal, right after many "
             "files were deleted nearby); both tools pay it per file: see --workdir")  # fmt: skip
+    if args.s3_apart:
+        if (os.cpu_count() or 1) < 2:
+            raise SystemExit("--s3-apart needs 2 CPUs or more")
+        os.sched_setaffinity(0, {0})  # everything started from here on inherits it
+        say(f"--s3-apart: this bench, its Redis and the crawler on CPU 0; the web and the S3 "
+            f"server on CPUs {sorted(apart_cpus(args) or [])}")  # fmt: skip
     webs = ["clean"] if args.long else [w.strip() for w in args.webs.split(",") if w.strip()]
     n = args.long_images if args.long else args.images
     shard_images = max(args.shard_images, 10_000) if args.long else args.shard_images
@@ -1201,7 +1235,8 @@ def main() -> int:
                 web.stop()
                 web = None
                 continue
-            web = start_web(name, args, first_host=2 + i * 64)
+            with on_cpus(apart_cpus(args)):
+                web = start_web(name, args, first_host=2 + i * 64)
             keep = [web.pid, rds.proc.pid]
             say(f"{name} web: {len(web.bases)} hosts, pid {web.pid}, slow hosts {web.slow}")
             t = time.monotonic()
