@@ -4,6 +4,7 @@ by hand or as a worker."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -30,12 +31,27 @@ def main() -> None:
     """Recompute MMC4 image-to-sentence assignments (lapjv, as the reference does)."""
 
 
+URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # Path("s3://b/p") is "s3:/b/p"
+
+
+def _local(_ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """`assign shard` works on local files: a URL (s3://…) would become a local directory."""
+    if value is not None and URL_SCHEME.match(str(value)):
+        raise click.BadParameter(
+            f"{value} is a URL; `assign shard` reads and writes local paths (a bucket's shards "
+            "are rewritten by `mmc4-crawl assign worker`)",
+            param=param,
+        )
+    return value
+
+
 @main.command("shard")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--output",
     "-o",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=_local,
     help="Directory for rewritten shards (default: beside each input; a .jsonl input is "
     "replaced atomically).",
 )
@@ -50,6 +66,7 @@ def main() -> None:
 @click.option(
     "--images-dir",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=_local,
     help="Crawler output directory, prefixed to each stored image's path in local_path.",
 )
 @click.option(

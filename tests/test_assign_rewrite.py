@@ -380,3 +380,14 @@ def test_python_dash_m_assign_runs_the_cli(tmp_path: Path) -> None:
         check=True,
     )
     assert json.loads(done.stdout)["rewritten"] == 2
+
+
+@pytest.mark.parametrize("option", ["--output", "--images-dir"])
+def test_cli_refuses_a_bucket_url_where_it_takes_a_local_directory(
+    tmp_path: Path, option: str
+) -> None:
+    source = write_shard(tmp_path / "a.jsonl.gz", shard_lines(2, seed=1))
+    result = CliRunner().invoke(main, ["shard", str(source), option, "s3://bucket/prefix"])
+    assert result.exit_code == 2
+    assert "is a URL" in result.output and "assign worker" in result.output
+    assert not (Path.cwd() / "s3:").exists() and not list(tmp_path.glob("*.jsonl"))
