@@ -175,7 +175,10 @@ async def test_a_worker_that_cannot_stop_gracefully_still_exits_by_its_deadline(
     finally:
         if proc.poll() is None:
             proc.kill()
+        for writer in silent:
+            writer.close()
         server.close()
+        await server.wait_closed()
     assert code == ExitCode.STOP_OVERRAN
     text = log.read_text()
     assert "graceful stop took longer than" in text
