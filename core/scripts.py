@@ -46,14 +46,15 @@ return added
 # image and it completes when `done` reaches `total`.
 # KEYS: 1 queue stream, 2 counts hash, 3 errors hash, 4 shards:complete set, 5 dead stream,
 #       then for result i: meta hash, records hash (2 keys each)
-# ARGV: 1 consumer group, 2 dead stream max length, then for result i: stream id ("" when
-#       not from the queue), shard, image_name, record JSON, status, stored bytes (6 each)
+# ARGV: 1 consumer group, 2 dead stream max length, 3 the dead-letter status, then for result
+#       i: stream id ("" when not from the queue), shard, image_name, record JSON, status,
+#       stored bytes (6 each)
 # Returns: the shards this call completed (sealed, and none of their images pending).
 RECORD = """
 local completed = {}
-local n = (#ARGV - 2) / 6
+local n = (#ARGV - 3) / 6
 for i = 0, n - 1 do
-  local a = 3 + i * 6
+  local a = 4 + i * 6
   local id, shard, name, rec, status, nbytes =
     ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local meta, records = KEYS[6 + i * 2], KEYS[7 + i * 2]
@@ -88,7 +89,7 @@ for i = 0, n - 1 do
         redis.call('SADD', KEYS[4], shard)
         completed[#completed + 1] = shard
       end
-    elseif not cur and status ~= 'dead_letter' then
+    elseif not cur and status ~= ARGV[3] then
       local url, err = '', ''
       local ok, decoded = pcall(cjson.decode, rec)
       if ok and type(decoded) == 'table' then

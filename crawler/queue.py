@@ -84,7 +84,7 @@ class WorkQueue:
     def _record_call(self, results: Sequence[Result]) -> tuple[list[str], list[Any]]:
         keys = [self.keys.queue, self.keys.counts, self.keys.errors, self.keys.shards_complete,
                 self.keys.dead]  # fmt: skip
-        args: list[Any] = [CRAWL_GROUP, self.cfg.dead_letter_maxlen]
+        args: list[Any] = [CRAWL_GROUP, self.cfg.dead_letter_maxlen, status.DEAD_LETTER]
         for item_id, shard, name, rec, st, nbytes in results:
             keys += [self.keys.shard_meta(shard), self.keys.shard_records(shard)]
             args += [item_id, shard, name, rec, st, nbytes]

@@ -127,6 +127,31 @@ async def test_a_second_result_for_the_same_image_is_ignored(
     assert await aredis.hget(keys.counts, "timeout") is None
 
 
+async def test_a_result_for_an_image_not_of_its_shard_leaves_a_dead_letter_unless_it_is_one(
+    aredis: aioredis.Redis, namespace: str, tmp_path: Path
+) -> None:
+    """A stray's result is not recorded: it leaves a dead-letter entry naming it, except a
+    dead_letter result, whose caller writes that entry itself (one entry, never two)."""
+    keys = Keys(namespace)
+    q = WorkQueue(aredis, keys, crawl_config(namespace, tmp_path).queue)
+    await q.ensure_group()
+    for name in ("a.jpg", "b.jpg"):
+        await aredis.xadd(keys.queue, {"s": "nowhere", "n": name, "u": f"http://h/{name}"})
+    ((_, entries),) = await aredis.xreadgroup(CRAWL_GROUP, "w1", {keys.queue: ">"}, count=10)
+    (a_id, _), (b_id, _) = entries
+    ok = status.make_record("a.jpg", "http://h/a.jpg", status.OK, bytes=10)
+    dead = status.make_record("b.jpg", "http://h/b.jpg", status.DEAD_LETTER, error="3 deliveries")
+    await q.record([
+        encode_result(a_id.decode(), "nowhere", "a.jpg", ok),
+        encode_result(b_id.decode(), "nowhere", "b.jpg", dead),
+    ])  # fmt: skip
+    ((_, fields),) = await aredis.xrange(keys.dead)
+    assert fields[b"n"] == b"a.jpg" and b"not an image of this shard" in fields[b"reason"]
+    assert b"its result: ok" in fields[b"reason"]
+    assert await aredis.xlen(keys.queue) == 0
+    assert await aredis.exists(keys.shard_records("nowhere")) == 0
+
+
 async def test_ingest_waits_while_the_queue_is_full(
     aredis: aioredis.Redis, namespace: str, tmp_path: Path
 ) -> None:
