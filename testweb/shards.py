@@ -180,16 +180,7 @@ def make_docs(
     )
     if not bases:
         raise ValueError("no hosts")
-    if isinstance(faults, Mapping):
-        unknown = set(faults) - set(FAULT_KINDS)
-        if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}")
-        fault_rates = {k: float(v) for k, v in faults.items() if v > 0}
-    elif faults:
-        total = sum(FAULT_KINDS.values())
-        fault_rates = {k: float(faults) * w / total for k, w in FAULT_KINDS.items() if w > 0}
-    else:
-        fault_rates = {}
+    fault_rates = _fault_rates(faults)
     lo, hi = (images_per_doc, images_per_doc) if isinstance(images_per_doc, int) else images_per_doc
     rng = random.Random(seed_of("docs", seed))
     docs: list[dict[str, Any]] = []
@@ -204,31 +195,11 @@ def make_docs(
         for j in range(rng.randint(lo, hi)):
             host = rng.randrange(len(bases))
             name = f"d{seed}-{d:05d}-{j}-{rng.getrandbits(24):06x}"
-            path = None
-            u = rng.random()
-            for kind, p in fault_rates.items():
-                if u < p:
-                    other = bases[(host + 1) % len(bases)]
-                    path = fault_path(kind, rng, name, other)
-                    break
-                u -= p
-            if path is None:
-                path = _pick_image_path(rng, name, sizes, variants)
-            raw_url = bases[host] + path
-            matched = rng.randrange(n_text)
-            matched_sim = round(rng.uniform(0.22, 0.36), 6)
-            row = [round(rng.uniform(0.08, matched_sim - 0.01), 6) for _ in range(n_text)]
-            row[matched] = matched_sim
+            other = bases[(host + 1) % len(bases)]
+            path = _fault_or_image_path(rng, name, fault_rates, other, sizes, variants)
+            info, row = _image_entry(rng, bases[host] + path, n_text)
+            image_info.append(info)
             sim_matrix.append(row)
-            image_info.append(
-                {
-                    "image_name": hashlib.sha256(raw_url.encode()).hexdigest()[:12] + ".jpg",
-                    "raw_url": raw_url,
-                    "matched_text_index": matched,
-                    "matched_sim": matched_sim,
-                    "face_detections": None,
-                }
-            )
         docs.append(
             {
                 "text_list": text_list,
@@ -239,6 +210,54 @@ def make_docs(
             }
         )
     return docs
+
+
+def _fault_rates(faults: float | Mapping[str, float] | None) -> dict[str, float]:
+    """Per-image probability of each fault kind."""
+    if isinstance(faults, Mapping):
+        unknown = set(faults) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}")
+        return {k: float(v) for k, v in faults.items() if v > 0}
+    if faults:
+        total = sum(FAULT_KINDS.values())
+        return {k: float(faults) * w / total for k, w in FAULT_KINDS.items() if w > 0}
+    return {}
+
+
+def _fault_or_image_path(
+    rng: random.Random,
+    name: str,
+    fault_rates: Mapping[str, float],
+    other_host: str,
+    sizes: Literal["realistic", "small"],
+    variants: bool,
+) -> str:
+    """A fault's path (drawn by ``fault_rates``), else an image's."""
+    u = rng.random()
+    for kind, p in fault_rates.items():
+        if u < p:
+            return fault_path(kind, rng, name, other_host)
+        u -= p
+    return _pick_image_path(rng, name, sizes, variants)
+
+
+def _image_entry(
+    rng: random.Random, raw_url: str, n_text: int
+) -> tuple[dict[str, Any], list[float]]:
+    """An ``image_info`` entry for ``raw_url`` and its row of the similarity matrix."""
+    matched = rng.randrange(n_text)
+    matched_sim = round(rng.uniform(0.22, 0.36), 6)
+    row = [round(rng.uniform(0.08, matched_sim - 0.01), 6) for _ in range(n_text)]
+    row[matched] = matched_sim
+    info = {
+        "image_name": hashlib.sha256(raw_url.encode()).hexdigest()[:12] + ".jpg",
+        "raw_url": raw_url,
+        "matched_text_index": matched,
+        "matched_sim": matched_sim,
+        "face_detections": None,
+    }
+    return info, row
 
 
 def write_shard(path: str | os.PathLike[str], docs: Iterable[Mapping[str, Any]]) -> int:
